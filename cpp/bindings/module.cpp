@@ -1,0 +1,240 @@
+// The only pybind11 file: exposes the core to aqua_offload (Python) as aqua_offload._core.
+//  - C++ exceptions become the Python classes of aqua_offload/errors.py, which that module hands
+//    down through _register_errors() at import (so this file never imports upward).
+//  - Every call that can block (copies, waits, locks, allocation) releases the GIL.
+//  - Pointers and streams cross as integers (tensor.data_ptr(), stream.cuda_stream).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "aqua/backend.hpp"
+#include "aqua/error.hpp"
+#include "aqua/pool.hpp"
+#include "aqua/store.hpp"
+
+namespace py = pybind11;
+using aqua::store;
+
+namespace {
+
+struct error_classes {
+  py::object base, oom, invalid_handle, invalid_argument, backend;
+};
+error_classes& errors() {
+  // Leaked on purpose: Python objects must not be destroyed after the interpreter is gone.
+  static auto* e = new error_classes();
+  return *e;
+}
+
+void raise(const py::object& cls, py::object instance, PyObject* fallback, const char* what) {
+  if (cls) {
+    PyErr_SetObject(cls.ptr(), instance.ptr());
+  } else {
+    PyErr_SetString(fallback, what);
+  }
+}
+
+void translate(std::exception_ptr p) {
+  auto& e = errors();
+  try {
+    if (p) std::rethrow_exception(p);
+  } catch (const aqua::out_of_memory_error& x) {
+    raise(e.oom, e.oom ? e.oom(x.what(), py::arg("requested") = x.requested()) : py::object(),
+          PyExc_MemoryError, x.what());
+  } catch (const aqua::invalid_handle_error& x) {
+    raise(e.invalid_handle, e.invalid_handle ? e.invalid_handle(x.what()) : py::object(),
+          PyExc_KeyError, x.what());
+  } catch (const aqua::invalid_argument_error& x) {
+    raise(e.invalid_argument, e.invalid_argument ? e.invalid_argument(x.what()) : py::object(),
+          PyExc_ValueError, x.what());
+  } catch (const aqua::backend_error& x) {
+    raise(e.backend,
+          e.backend ? e.backend(x.what(), py::arg("error_name") = x.error_name()) : py::object(),
+          PyExc_RuntimeError, x.what());
+  } catch (const aqua::error& x) {
+    raise(e.base, e.base ? e.base(x.what()) : py::object(), PyExc_RuntimeError, x.what());
+  }
+}
+
+py::dict pool_stats_dict(const aqua::pool_stats& s) {
+  py::dict d;
+  d["capacity"] = s.capacity;
+  d["used"] = s.used;
+  d["peak"] = s.peak;
+  d["free"] = s.free;
+  d["largest_free"] = s.largest_free;
+  d["blocks"] = s.blocks;
+  d["free_ranges"] = s.free_ranges;
+  d["fragmentation"] = s.fragmentation;
+  return d;
+}
+
+py::dict store_stats_dict(const aqua::store_stats& s) {
+  py::list tiers;
+  for (const auto& t : s.tiers) {
+    py::dict d = pool_stats_dict(t.pool);
+    d["tier"] = t.kind;
+    d["location"] = t.location;
+    d["pending"] = t.pending_bytes;
+    d["handles"] = t.handles;
+    tiers.append(d);
+  }
+  py::dict d;
+  d["tiers"] = tiers;
+  d["offloads"] = s.offloads;
+  d["fetches"] = s.fetches;
+  d["frees"] = s.frees;
+  d["bytes_offloaded"] = s.bytes_offloaded;
+  d["bytes_fetched"] = s.bytes_fetched;
+  d["live_handles"] = s.live_handles;
+  d["events_created"] = s.events_created;
+  return d;
+}
+
+py::dict backend_info(const std::string& name) {
+  std::shared_ptr<aqua::backend> b;
+  {
+    py::gil_scoped_release release;
+    b = aqua::make_backend(name);
+  }
+  py::dict d;
+  d["name"] = b->name();
+  d["emulation"] = b->is_emulation();
+  const int n = b->device_count();
+  d["device_count"] = n;
+  py::list devices;
+  py::list access;
+  for (int i = 0; i < n; ++i) {
+    py::dict dev;
+    dev["index"] = i;
+    dev["label"] = b->device_label(i);
+    dev["name"] = b->device_name(i);
+    devices.append(dev);
+    py::list row;
+    for (int j = 0; j < n; ++j) row.append(b->can_access_peer(i, j));
+    access.append(row);
+  }
+  d["devices"] = devices;
+  d["peer_access"] = access;
+  return d;
+}
+
+aqua::direction parse_direction(const std::string& d) {
+  if (d == "to_tier") return aqua::direction::to_tier;
+  if (d == "from_tier") return aqua::direction::from_tier;
+  throw aqua::invalid_argument_error("direction must be 'to_tier' or 'from_tier', got '" + d + "'");
+}
+
+void* as_ptr(std::uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "aqua_offload C++ core (pools, handle store, copy engine, backends).";
+  py::register_exception_translator(&translate);
+
+  m.def(
+      "_register_errors",
+      [](py::object base, py::object oom, py::object handle, py::object argument,
+         py::object backend) {
+        auto& e = errors();
+        e.base = std::move(base);
+        e.oom = std::move(oom);
+        e.invalid_handle = std::move(handle);
+        e.invalid_argument = std::move(argument);
+        e.backend = std::move(backend);
+      },
+      "Installs the Python exception classes core errors are raised as.");
+  m.def("cuda_compiled", &aqua::cuda_compiled, "Whether the CUDA backend is in this build.");
+  m.def("backend_info", &backend_info, py::arg("name"),
+        "Devices and peer-access matrix of a backend ('cuda' or 'emulation').");
+  m.def("format_bytes", &aqua::format_bytes, py::arg("nbytes"));
+  m.attr("block_alignment") = aqua::block_alignment;
+
+  py::class_<aqua::pool>(m, "Pool", "Best-fit suballocator over offsets (fake memory), for tests.")
+      .def(py::init<std::size_t>(), py::arg("capacity"))
+      .def("allocate", &aqua::pool::allocate, py::arg("nbytes"))
+      .def("release", &aqua::pool::release, py::arg("offset"))
+      .def("block_size", &aqua::pool::block_size, py::arg("offset"))
+      .def_property_readonly("capacity", &aqua::pool::capacity)
+      .def_property_readonly("used", &aqua::pool::used)
+      .def("stats", [](const aqua::pool& p) { return pool_stats_dict(p.stats()); });
+
+  using release_gil = py::call_guard<py::gil_scoped_release>;
+  py::class_<store, std::shared_ptr<store>>(m, "Store", "Handle table, pools and copy engine.")
+      .def(py::init([](const std::string& backend, int device,
+                       const std::vector<std::pair<int, std::size_t>>& peers,
+                       std::size_t host_bytes, std::size_t chunk_bytes) {
+             aqua::store_config cfg;
+             cfg.device = device;
+             for (const auto& [dev, bytes] : peers) cfg.peers.push_back({dev, bytes});
+             cfg.host_bytes = host_bytes;
+             cfg.chunk_bytes = chunk_bytes;
+             return std::make_shared<store>(aqua::make_backend(backend), std::move(cfg));
+           }),
+           py::arg("backend"), py::arg("device"), py::arg("peers"), py::arg("host_bytes"),
+           py::arg("chunk_bytes") = std::size_t{32} << 20, release_gil())
+      .def(
+          "offload",
+          [](store& s, std::uintptr_t src, std::size_t n, std::uintptr_t stream, bool fence) {
+            return s.offload(as_ptr(src), n, stream, fence);
+          },
+          py::arg("src"), py::arg("nbytes"), py::arg("stream"), py::arg("fence_user"), release_gil())
+      .def(
+          "fetch",
+          [](store& s, std::uint64_t id, std::uintptr_t dst, std::uintptr_t stream) {
+            s.fetch(id, as_ptr(dst), stream);
+          },
+          py::arg("handle"), py::arg("dst"), py::arg("stream"), release_gil())
+      .def("free", &store::free, py::arg("handle"), release_gil())
+      .def("ready", &store::ready, py::arg("handle"), release_gil())
+      .def("wait", &store::wait, py::arg("handle"), release_gil())
+      .def("contains", &store::contains, py::arg("handle"), release_gil())
+      .def(
+          "info",
+          [](const store& s, std::uint64_t id) {
+            aqua::handle_info i;
+            {
+              py::gil_scoped_release release;
+              i = s.info(id);
+            }
+            return py::make_tuple(aqua::to_string(i.state), i.tier, i.nbytes);
+          },
+          py::arg("handle"))
+      .def("synchronize", &store::synchronize, release_gil())
+      .def("close", &store::close, release_gil())
+      .def_property_readonly("closed", &store::closed)
+      .def("stats",
+           [](store& s) {
+             aqua::store_stats st;
+             {
+               py::gil_scoped_release release;
+               st = s.stats();
+             }
+             return store_stats_dict(st);
+           })
+      .def_property_readonly("tier_count", &store::tier_count)
+      .def("tier_kind", &store::tier_kind, py::arg("tier"))
+      .def("tier_location", &store::tier_location, py::arg("tier"))
+      .def(
+          "copy_stream",
+          [](const store& s, std::size_t tier, const std::string& d) {
+            return static_cast<std::uintptr_t>(s.copy_stream(tier, parse_direction(d)));
+          },
+          py::arg("tier"), py::arg("direction"))
+      .def(
+          "raw_copy",
+          [](store& s, std::uintptr_t dst, std::uintptr_t src, std::size_t n, std::uintptr_t stream) {
+            s.raw_copy(as_ptr(dst), as_ptr(src), n, stream);
+          },
+          py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("stream"), release_gil())
+      .def_property_readonly("backend", [](const store& s) { return s.get_backend().name(); })
+      .def_property_readonly("emulation", [](const store& s) { return s.get_backend().is_emulation(); })
+      .def_property_readonly("device", &store::device)
+      .def_property_readonly("chunk_bytes", [](const store& s) { return s.config().chunk_bytes; });
+}

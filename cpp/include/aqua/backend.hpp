@@ -1,0 +1,93 @@
+// The backend interface: everything the core needs from a device runtime, and nothing more.
+// Two implementations, chosen at run time by make_backend(): "cuda" (cpp/src/cuda) and
+// "emulation" (cpp/src/host). Core logic never tests which one it has.
+//
+// Contract (both backends):
+//  - allocate_*/free_* and create_* are setup-time calls; the hot path only records events,
+//    makes streams wait and enqueues copies.
+//  - record(e, s) then query(e) reflects the most recent record only, as cudaEventRecord does;
+//    stream_wait(s, e) captures the event's state at the time of the call, so an event can be
+//    re-recorded afterwards without affecting waits already enqueued.
+//  - Stream 0 is the user's default stream: on the emulation backend it is the calling host
+//    thread itself (recording completes at once, waiting blocks the caller).
+//  - Destructors and free_* never throw.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "aqua/types.hpp"
+
+namespace aqua {
+
+class backend {
+ public:
+  virtual ~backend() = default;
+  backend() = default;
+  backend(const backend&) = delete;
+  backend& operator=(const backend&) = delete;
+
+  // --- identity and capabilities ---
+  virtual std::string name() const = 0;  ///< "cuda" or "emulation"
+  virtual bool is_emulation() const noexcept = 0;
+  virtual int device_count() const = 0;
+  virtual std::string device_name(int device) const = 0;
+  /// Location label of a device as users see it ("cuda:1", "emu:1").
+  virtual std::string device_label(int device) const = 0;
+  virtual bool can_access_peer(int device, int peer) const = 0;
+  /// Idempotent; called once per pair at setup.
+  virtual void enable_peer_access(int device, int peer) = 0;
+  /// Makes `device` current for the calling thread and returns the previous one.
+  virtual int exchange_device(int device) = 0;
+
+  // --- memory (setup time only) ---
+  virtual void* allocate_device(int device, std::size_t bytes) = 0;
+  virtual void free_device(int device, void* ptr) noexcept = 0;
+  /// Pinned host memory of exactly `bytes`, resident (pre-faulted) on return.
+  virtual void* allocate_pinned_host(std::size_t bytes) = 0;
+  virtual void free_pinned_host(void* ptr, std::size_t bytes) noexcept = 0;
+
+  // --- streams and events ---
+  virtual stream_t create_stream(int device) = 0;
+  virtual void destroy_stream(stream_t stream) noexcept = 0;
+  virtual void synchronize_stream(stream_t stream) = 0;
+  virtual event_t create_event(int device) = 0;
+  virtual void destroy_event(event_t event) noexcept = 0;
+  virtual void record(event_t event, stream_t stream) = 0;
+  virtual bool query(event_t event) = 0;
+  virtual void wait(event_t event) = 0;  ///< blocks the calling thread
+  virtual void stream_wait(stream_t stream, event_t event) = 0;
+
+  // --- copies ---
+  /// Enqueues a copy of `bytes` on `stream`. Large copies may be split into chunks.
+  virtual void copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) = 0;
+};
+
+/// Restores the calling thread's current device on scope exit (no-op on emulation).
+class device_guard {
+ public:
+  device_guard(backend& b, int device) : backend_(b), previous_(b.exchange_device(device)) {}
+  ~device_guard() {
+    try {
+      backend_.exchange_device(previous_);
+    } catch (...) {  // never throw from a destructor (the runtime may be shutting down)
+    }
+  }
+  device_guard(const device_guard&) = delete;
+  device_guard& operator=(const device_guard&) = delete;
+
+ private:
+  backend& backend_;
+  int previous_;
+};
+
+/// Whether the CUDA backend was compiled into this build.
+bool cuda_compiled() noexcept;
+
+/// The process-wide backend of that name ("cuda" or "emulation"), created on first use and
+/// shared by every store; destroyed when the last store using it goes.
+std::shared_ptr<backend> make_backend(const std::string& name);
+
+}  // namespace aqua

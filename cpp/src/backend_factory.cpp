@@ -1,0 +1,63 @@
+// The one place that knows which backends were compiled in (no #ifdef anywhere else).
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "aqua/backend.hpp"
+#include "aqua/error.hpp"
+#include "host/emulation_backend.hpp"
+#ifdef AQUA_HAVE_CUDA
+#include "cuda/cuda_backend.hpp"
+#endif
+
+namespace aqua {
+
+bool cuda_compiled() noexcept {
+#ifdef AQUA_HAVE_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+namespace {
+int emulated_devices() {
+  // Device 0 plays the compute device; the rest play peers. AQUA_EMULATED_DEVICES overrides.
+  if (const char* env = std::getenv("AQUA_EMULATED_DEVICES")) {
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    if (end != env && *end == '\0' && n >= 1 && n <= 64) return static_cast<int>(n);
+    throw invalid_argument_error(std::string("AQUA_EMULATED_DEVICES must be an integer in [1, 64], got '") +
+                                 env + "'");
+  }
+  return 2;
+}
+}  // namespace
+
+std::shared_ptr<backend> make_backend(const std::string& name) {
+  // Weak cache: one instance per backend while any store uses it, so the CUDA runtime objects
+  // are gone before the runtime itself is torn down at exit.
+  static std::mutex mutex;
+  static std::weak_ptr<backend> emulation, cuda;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (name == "emulation") {
+    auto b = emulation.lock();
+    if (!b) emulation = b = std::make_shared<host::emulation_backend>(emulated_devices());
+    return b;
+  }
+  if (name == "cuda") {
+#ifdef AQUA_HAVE_CUDA
+    auto b = cuda.lock();
+    if (!b) cuda = b = std::make_shared<cuda::cuda_backend>();
+    return b;
+#else
+    throw backend_error("the CUDA backend was not compiled into this build of aqua_offload "
+                        "(no CUDA toolkit at build time, or AQUA_CUDA=OFF)",
+                        "cudaBackendNotCompiled");
+#endif
+  }
+  throw invalid_argument_error("unknown backend '" + name + "' (expected 'cuda' or 'emulation')");
+}
+
+}  // namespace aqua

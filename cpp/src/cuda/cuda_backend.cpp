@@ -1,0 +1,174 @@
+#include "cuda/cuda_backend.hpp"
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "aqua/error.hpp"
+
+#define AQUA_CUDA_TRY(call)                                                                    \
+  do {                                                                                          \
+    const cudaError_t aqua_err_ = (call);                                                       \
+    if (aqua_err_ != cudaSuccess) ::aqua::cuda::throw_cuda_error(aqua_err_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+namespace aqua::cuda {
+
+[[noreturn]] void throw_cuda_error(cudaError_t err, const char* call, const char* file, int line) {
+  cudaGetLastError();  // clear a sticky-free error so the next call starts clean
+  const std::string name = cudaGetErrorName(err);
+  const std::string what = std::string(call) + " failed: " + name + ": " + cudaGetErrorString(err);
+  if (err == cudaErrorMemoryAllocation)
+    throw out_of_memory_error(with_location(what, file, line), 0);
+  throw backend_error(with_location(what, file, line), name);
+}
+
+namespace {
+// Destructors and free_* must not throw, and at interpreter exit the runtime may already be
+// unloading (cudaErrorCudartUnloading): ignore errors there.
+void ignore(cudaError_t) noexcept { cudaGetLastError(); }
+
+stream_t to_handle(cudaStream_t s) { return reinterpret_cast<stream_t>(s); }
+cudaStream_t to_stream(stream_t s) { return reinterpret_cast<cudaStream_t>(s); }
+cudaEvent_t to_event(event_t e) { return reinterpret_cast<cudaEvent_t>(e); }
+}  // namespace
+
+cuda_backend::cuda_backend() {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  // No driver or no device is not an error here: the backend simply has no devices.
+  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver) {
+    cudaGetLastError();
+    n = 0;
+  } else if (err != cudaSuccess) {
+    throw_cuda_error(err, "cudaGetDeviceCount", __FILE__, __LINE__);
+  }
+  devices_ = n;
+}
+
+void cuda_backend::check_device(int device, const char* what) const {
+  AQUA_EXPECTS(device >= 0 && device < devices_, invalid_argument_error,
+               std::string(what) + ": cuda:" + std::to_string(device) + " does not exist (" +
+                   std::to_string(devices_) + " CUDA device(s))");
+}
+
+std::string cuda_backend::device_name(int device) const {
+  check_device(device, "device_name");
+  cudaDeviceProp prop{};
+  AQUA_CUDA_TRY(cudaGetDeviceProperties(&prop, device));
+  return prop.name;
+}
+
+std::string cuda_backend::device_label(int device) const { return "cuda:" + std::to_string(device); }
+
+bool cuda_backend::can_access_peer(int device, int peer) const {
+  check_device(device, "can_access_peer");
+  check_device(peer, "can_access_peer");
+  if (device == peer) return true;
+  int ok = 0;
+  AQUA_CUDA_TRY(cudaDeviceCanAccessPeer(&ok, device, peer));
+  return ok != 0;
+}
+
+void cuda_backend::enable_peer_access(int device, int peer) {
+  if (device == peer) return;
+  device_guard guard(*this, device);
+  const cudaError_t err = cudaDeviceEnablePeerAccess(peer, 0);
+  if (err == cudaErrorPeerAccessAlreadyEnabled) {
+    cudaGetLastError();
+    return;
+  }
+  AQUA_CUDA_TRY(err);
+}
+
+int cuda_backend::exchange_device(int device) {
+  int current = 0;
+  AQUA_CUDA_TRY(cudaGetDevice(&current));
+  if (current != device) AQUA_CUDA_TRY(cudaSetDevice(device));
+  return current;
+}
+
+void* cuda_backend::allocate_device(int device, std::size_t bytes) {
+  check_device(device, "allocate_device");
+  device_guard guard(*this, device);
+  void* p = nullptr;
+  AQUA_CUDA_TRY(cudaMalloc(&p, bytes));
+  return p;
+}
+
+void cuda_backend::free_device(int device, void* ptr) noexcept {
+  if (!ptr) return;
+  int current = 0;
+  if (cudaGetDevice(&current) != cudaSuccess) return ignore(cudaErrorCudartUnloading);
+  ignore(cudaSetDevice(device));
+  ignore(cudaFree(ptr));
+  ignore(cudaSetDevice(current));
+}
+
+void* cuda_backend::allocate_pinned_host(std::size_t bytes) {
+  // Portable: usable by copy streams of every device. Page-locked memory is resident on
+  // return, so there is nothing left to pre-fault.
+  void* p = nullptr;
+  AQUA_CUDA_TRY(cudaHostAlloc(&p, bytes, cudaHostAllocPortable));
+  return p;
+}
+
+void cuda_backend::free_pinned_host(void* ptr, std::size_t) noexcept {
+  if (ptr) ignore(cudaFreeHost(ptr));
+}
+
+stream_t cuda_backend::create_stream(int device) {
+  check_device(device, "create_stream");
+  device_guard guard(*this, device);
+  cudaStream_t s = nullptr;
+  AQUA_CUDA_TRY(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return to_handle(s);
+}
+
+void cuda_backend::destroy_stream(stream_t stream) noexcept {
+  if (stream) ignore(cudaStreamDestroy(to_stream(stream)));
+}
+
+void cuda_backend::synchronize_stream(stream_t stream) {
+  AQUA_CUDA_TRY(cudaStreamSynchronize(to_stream(stream)));
+}
+
+event_t cuda_backend::create_event(int device) {
+  check_device(device, "create_event");
+  device_guard guard(*this, device);
+  cudaEvent_t e = nullptr;
+  AQUA_CUDA_TRY(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  return reinterpret_cast<event_t>(e);
+}
+
+void cuda_backend::destroy_event(event_t event) noexcept {
+  if (event) ignore(cudaEventDestroy(to_event(event)));
+}
+
+void cuda_backend::record(event_t event, stream_t stream) {
+  AQUA_CUDA_TRY(cudaEventRecord(to_event(event), to_stream(stream)));
+}
+
+bool cuda_backend::query(event_t event) {
+  const cudaError_t err = cudaEventQuery(to_event(event));
+  if (err == cudaSuccess) return true;
+  if (err == cudaErrorNotReady) {
+    cudaGetLastError();
+    return false;
+  }
+  throw_cuda_error(err, "cudaEventQuery", __FILE__, __LINE__);
+}
+
+void cuda_backend::wait(event_t event) { AQUA_CUDA_TRY(cudaEventSynchronize(to_event(event))); }
+
+void cuda_backend::stream_wait(stream_t stream, event_t event) {
+  AQUA_CUDA_TRY(cudaStreamWaitEvent(to_stream(stream), to_event(event), 0));
+}
+
+void cuda_backend::copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) {
+  if (bytes == 0) return;
+  // cudaMemcpyDefault: unified addressing infers the kind (D2H, H2D, D2D, peer over NVLink).
+  AQUA_CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, to_stream(stream)));
+}
+
+}  // namespace aqua::cuda

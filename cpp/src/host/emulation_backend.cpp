@@ -1,0 +1,164 @@
+#include "host/emulation_backend.hpp"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <string>
+
+#include "aqua/error.hpp"
+#include "aqua/types.hpp"
+#include "host/worker_stream.hpp"
+
+namespace aqua::host {
+
+namespace {
+constexpr std::size_t page = 4096;
+worker_stream& as_stream(stream_t s) { return *reinterpret_cast<worker_stream*>(s); }
+}  // namespace
+
+emulation_backend::emulation_backend(int devices) : devices_(devices) {
+  AQUA_EXPECTS(devices >= 1 && devices <= 64, invalid_argument_error,
+               "emulation backend: device count must be in [1, 64], got " + std::to_string(devices));
+}
+
+std::string emulation_backend::device_name(int device) const {
+  check_device(device, "device_name");
+  return device == 0 ? "emulated compute device (host memory)" : "emulated peer (host memory arena)";
+}
+
+std::string emulation_backend::device_label(int device) const {
+  return "emu:" + std::to_string(device);
+}
+
+bool emulation_backend::can_access_peer(int device, int peer) const {
+  check_device(device, "can_access_peer");
+  check_device(peer, "can_access_peer");
+  return true;
+}
+
+void emulation_backend::enable_peer_access(int device, int peer) {
+  check_device(device, "enable_peer_access");
+  check_device(peer, "enable_peer_access");
+}
+
+void emulation_backend::check_device(int device, const char* what) const {
+  AQUA_EXPECTS(device >= 0 && device < devices_, invalid_argument_error,
+               std::string(what) + ": emulated device " + std::to_string(device) +
+                   " does not exist (" + std::to_string(devices_) + " emulated devices)");
+}
+
+void* emulation_backend::allocate_arena(std::size_t bytes) {
+  void* p = std::aligned_alloc(page, align_up(bytes, page));
+  if (!p)
+    throw out_of_memory_error("emulation backend: host allocation of " + format_bytes(bytes) +
+                                  " failed",
+                              bytes);
+  // Pre-fault every page now, so no page fault lands on the hot path (as pinned memory).
+  auto* b = static_cast<unsigned char*>(p);
+  for (std::size_t i = 0; i < bytes; i += page) b[i] = 0;
+  return p;
+}
+
+void* emulation_backend::allocate_device(int device, std::size_t bytes) {
+  check_device(device, "allocate_device");
+  return allocate_arena(bytes);
+}
+
+void emulation_backend::free_device(int, void* ptr) noexcept { std::free(ptr); }
+
+void* emulation_backend::allocate_pinned_host(std::size_t bytes) { return allocate_arena(bytes); }
+
+void emulation_backend::free_pinned_host(void* ptr, std::size_t) noexcept { std::free(ptr); }
+
+stream_t emulation_backend::create_stream(int device) {
+  check_device(device, "create_stream");
+  return reinterpret_cast<stream_t>(new worker_stream());
+}
+
+void emulation_backend::destroy_stream(stream_t stream) noexcept {
+  if (stream) delete &as_stream(stream);
+}
+
+void emulation_backend::synchronize_stream(stream_t stream) {
+  if (stream) as_stream(stream).synchronize();
+}
+
+emulation_backend::flag_event& emulation_backend::as_event(event_t e) {
+  return *reinterpret_cast<flag_event*>(e);
+}
+
+event_t emulation_backend::create_event(int device) {
+  check_device(device, "create_event");
+  return reinterpret_cast<event_t>(new flag_event());
+}
+
+void emulation_backend::destroy_event(event_t event) noexcept {
+  if (event) delete &as_event(event);
+}
+
+void emulation_backend::record(event_t event, stream_t stream) {
+  flag_event& ev = as_event(event);
+  std::uint64_t generation = 0;
+  {
+    std::lock_guard<std::mutex> lock(ev.mutex);
+    generation = ++ev.recorded;
+    if (stream == 0) ev.completed = generation;  // the host "stream" is already there
+  }
+  if (stream == 0) {
+    ev.cv.notify_all();
+    return;
+  }
+  as_stream(stream).enqueue([&ev, generation] {
+    {
+      std::lock_guard<std::mutex> lock(ev.mutex);
+      if (generation > ev.completed) ev.completed = generation;
+    }
+    ev.cv.notify_all();
+  });
+}
+
+bool emulation_backend::query(event_t event) {
+  flag_event& ev = as_event(event);
+  std::lock_guard<std::mutex> lock(ev.mutex);
+  return ev.completed >= ev.recorded;
+}
+
+void emulation_backend::wait_for(flag_event& ev, std::uint64_t generation) {
+  std::unique_lock<std::mutex> lock(ev.mutex);
+  ev.cv.wait(lock, [&] { return ev.completed >= generation; });
+}
+
+void emulation_backend::wait(event_t event) {
+  flag_event& ev = as_event(event);
+  std::uint64_t generation = 0;
+  {
+    std::lock_guard<std::mutex> lock(ev.mutex);
+    generation = ev.recorded;
+  }
+  wait_for(ev, generation);
+}
+
+void emulation_backend::stream_wait(stream_t stream, event_t event) {
+  flag_event& ev = as_event(event);
+  std::uint64_t generation = 0;
+  {
+    std::lock_guard<std::mutex> lock(ev.mutex);
+    generation = ev.recorded;  // captured now: later records do not move this wait
+  }
+  if (stream == 0) {
+    wait_for(ev, generation);
+    return;
+  }
+  as_stream(stream).enqueue([&ev, generation] { wait_for(ev, generation); });
+}
+
+void emulation_backend::copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) {
+  if (bytes == 0) return;
+  if (stream == 0) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+  as_stream(stream).enqueue([dst, src, bytes] { std::memcpy(dst, src, bytes); });
+}
+
+}  // namespace aqua::host

@@ -1,0 +1,71 @@
+// The emulation backend: what CI and machines without a GPU run.
+//
+// Devices are host-memory arenas (device 0 plays the compute device, whose tensors are CPU
+// tensors; 1..N-1 play peers), streams are worker_stream FIFOs, events are completion flags
+// with generations. It keeps the asynchrony of the real thing, so races in the core show up in
+// CPU tests: a copy runs on a worker thread after the call returned.
+//
+// Note [Emulated events]
+// An event holds `recorded` (bumped by each record) and `completed` (the highest generation
+// whose record ran). query() is completed >= recorded: like cudaEventQuery it reflects the most
+// recent record only. stream_wait() captures the generation current at the call, so re-recording
+// an event later never affects waits already enqueued. Stream 0 is the calling thread: recording
+// on it completes at once and waiting on it blocks the caller.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "aqua/backend.hpp"
+
+namespace aqua::host {
+
+class emulation_backend final : public backend {
+ public:
+  explicit emulation_backend(int devices);
+  ~emulation_backend() override = default;
+
+  std::string name() const override { return "emulation"; }
+  bool is_emulation() const noexcept override { return true; }
+  int device_count() const override { return devices_; }
+  std::string device_name(int device) const override;
+  std::string device_label(int device) const override;
+  bool can_access_peer(int device, int peer) const override;
+  void enable_peer_access(int device, int peer) override;
+  int exchange_device(int device) override { return device; }
+
+  void* allocate_device(int device, std::size_t bytes) override;
+  void free_device(int device, void* ptr) noexcept override;
+  void* allocate_pinned_host(std::size_t bytes) override;
+  void free_pinned_host(void* ptr, std::size_t bytes) noexcept override;
+
+  stream_t create_stream(int device) override;
+  void destroy_stream(stream_t stream) noexcept override;
+  void synchronize_stream(stream_t stream) override;
+  event_t create_event(int device) override;
+  void destroy_event(event_t event) noexcept override;
+  void record(event_t event, stream_t stream) override;
+  bool query(event_t event) override;
+  void wait(event_t event) override;
+  void stream_wait(stream_t stream, event_t event) override;
+  void copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) override;
+
+ private:
+  struct flag_event {
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::uint64_t recorded = 0;   // LOCK: mutex
+    std::uint64_t completed = 0;  // LOCK: mutex
+  };
+  static flag_event& as_event(event_t e);
+  void check_device(int device, const char* what) const;
+  static void* allocate_arena(std::size_t bytes);
+  static void wait_for(flag_event& ev, std::uint64_t generation);
+
+  int devices_;
+};
+
+}  // namespace aqua::host

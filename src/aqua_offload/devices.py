@@ -1,0 +1,148 @@
+"""Device and backend resolution: which backend serves a torch device, which peers it lends to,
+the user's current stream, and :func:`info`."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Union
+
+import torch
+
+from . import _core
+from .errors import BackendError, InvalidArgumentError
+
+__all__ = ["info", "DeviceLike"]
+
+DeviceLike = Union[str, int, torch.device]
+_LABEL = re.compile(r"^(cuda|emu)(?::(\d+))?$")
+
+
+def cuda_usable() -> bool:
+    """Whether this build has the CUDA backend and torch sees a GPU."""
+    return _core.cuda_compiled() and torch.cuda.is_available()
+
+
+def resolve_device(device: DeviceLike | None) -> tuple[str, int, torch.device]:
+    """Map a user device to ``(backend, backend device index, torch device of tensors)``.
+
+    ``None`` picks the current CUDA device when usable, else the emulation backend on the CPU.
+    ``"cpu"`` always selects emulation.
+    """
+    if device is None:
+        if cuda_usable():
+            index = torch.cuda.current_device()
+            return "cuda", index, torch.device("cuda", index)
+        return "emulation", 0, torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidArgumentError(f"not a device: {device!r} ({exc})") from None
+    if dev.type == "cpu":
+        return "emulation", 0, torch.device("cpu")
+    if dev.type != "cuda":
+        raise InvalidArgumentError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if not _core.cuda_compiled():
+        raise BackendError(
+            f"{device!r} needs the CUDA backend, which this build of aqua_offload lacks "
+            "(built without a CUDA toolkit or with AQUA_CUDA=OFF); use device='cpu' for emulation",
+            error_name="cudaBackendNotCompiled")
+    if not torch.cuda.is_available():
+        raise BackendError(f"{device!r}: torch sees no CUDA device", error_name="cudaErrorNoDevice")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise InvalidArgumentError(
+            f"{device!r} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    return "cuda", index, torch.device("cuda", index)
+
+
+def parse_peer(peer: DeviceLike, backend: str) -> int:
+    """A peer given as an int, ``"cuda:N"``, ``"emu:N"`` or a torch device -> device index.
+    On the emulation backend ``"cuda:N"`` names emulated device N, so GPU scripts run as is."""
+    if isinstance(peer, bool):
+        raise InvalidArgumentError(f"not a peer device: {peer!r}")
+    if isinstance(peer, int):
+        index = peer
+    elif isinstance(peer, torch.device) and peer.type == "cuda" and peer.index is not None:
+        index = peer.index
+    elif isinstance(peer, str) and (m := _LABEL.match(peer.strip())) and m.group(2) is not None:
+        if m.group(1) == "emu" and backend != "emulation":
+            raise InvalidArgumentError(f"{peer!r} names an emulated device, but the backend is {backend}")
+        index = int(m.group(2))
+    else:
+        raise InvalidArgumentError(
+            f"not a peer device: {peer!r} (expected an index, 'cuda:N' or 'emu:N')")
+    count = device_count(backend)
+    if not 0 <= index < count:
+        raise InvalidArgumentError(f"peer {peer!r} does not exist ({count} {backend} device(s))")
+    return index
+
+
+def resolve_peers(peers: str | DeviceLike | Iterable[DeviceLike] | None, backend: str,
+                  device: int) -> list[int]:
+    """``"auto"``: every other device the compute device can reach as a peer (on emulation,
+    every emulated peer). ``None``/``"none"``/``[]``: no peer tier. Otherwise the given ones,
+    in order (fastest first). The compute device itself may be named: a same-device "peer",
+    which exercises the peer code path on a single GPU."""
+    if peers is None or (isinstance(peers, str) and peers.lower() == "none"):
+        return []
+    if isinstance(peers, str) and peers.lower() == "auto":
+        info_ = _core.backend_info(backend)
+        return [j for j in range(info_["device_count"])
+                if j != device and info_["peer_access"][device][j]]
+    if isinstance(peers, (str, int, torch.device)):
+        peers = [peers]
+    result = [parse_peer(p, backend) for p in peers]
+    if len(set(result)) != len(result):
+        raise InvalidArgumentError(f"a peer is listed twice in {peers!r}")
+    return result
+
+
+def device_count(backend: str) -> int:
+    return int(_core.backend_info(backend)["device_count"])
+
+
+def current_stream(device: torch.device) -> int:
+    """The user's current stream as a backend stream handle (0 = the host on emulation)."""
+    if device.type == "cuda":
+        return int(torch.cuda.current_stream(device).cuda_stream)
+    return 0
+
+
+def info() -> dict[str, Any]:
+    """Describe the backend, its devices, the peer-access matrix and the live managers' pools.
+
+    Returns
+    -------
+    dict
+        ``backend`` ("cuda" or "emulation", the one ``OffloadManager()`` would pick),
+        ``emulation`` (bool), ``cuda_compiled``, ``devices`` (index, label, name),
+        ``peer_access`` (matrix of bools), ``managers`` (device and per-tier capacity/used of
+        each live manager), ``versions``.
+    """
+    from . import __version__
+    from .manager import live_managers
+
+    backend = "cuda" if cuda_usable() else "emulation"
+    binfo = _core.backend_info(backend)
+    managers = []
+    for m in live_managers():
+        stats = m.stats()
+        managers.append({
+            "device": str(m.device),
+            "backend": stats["backend"],
+            "tiers": [{k: t[k] for k in ("tier", "location", "capacity", "used")}
+                      for t in stats["tiers"]],
+        })
+    return {
+        "backend": backend,
+        "emulation": binfo["emulation"],
+        "cuda_compiled": _core.cuda_compiled(),
+        "devices": binfo["devices"],
+        "peer_access": binfo["peer_access"],
+        "managers": managers,
+        "versions": {
+            "aqua_offload": __version__,
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+        },
+    }

@@ -1,0 +1,111 @@
+"""Handle: what ``OffloadManager.offload`` returns, and the only way back to the bytes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import InvalidHandleError
+
+if TYPE_CHECKING:
+    from .manager import OffloadManager
+
+__all__ = ["Handle"]
+
+_TERMINAL = ("fetched", "freed")
+
+
+class Handle:
+    """An offloaded tensor (``release=True``: its whole storage) or snapshot (``release=False``).
+
+    Attributes
+    ----------
+    nbytes : int
+        Bytes held in the tier: the whole storage for a release, the tensor's bytes for a snapshot.
+    shape, dtype : torch.Size, torch.dtype
+        Of the offloaded tensor.
+    release : bool
+        Whether the source storage was paged out (and ``fetch`` restores it in place).
+    """
+
+    __slots__ = ("_manager", "_id", "nbytes", "shape", "dtype", "release", "_tensor", "_key",
+                 "_holder", "_terminal", "_tier", "_location", "__weakref__")
+
+    def __init__(self, manager: "OffloadManager", core_id: int, *, nbytes: int,
+                 shape: torch.Size, dtype: torch.dtype, release: bool,
+                 tensor: torch.Tensor | None, key: int | None, tier: str, location: str) -> None:
+        self._manager = manager
+        self._id = core_id
+        self.nbytes = nbytes
+        self.shape = shape
+        self.dtype = dtype
+        self.release = release
+        self._tensor = tensor  # release=True: the tensor fetch restores and returns
+        self._key = key  # release=True: registry key of its storage
+        self._holder: Any = None  # emulation: the paged-out memory, kept until the copy completes
+        self._terminal: str | None = None
+        self._tier = tier
+        self._location = location
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """``"in_flight"`` (copy running), ``"offloaded"``, ``"fetching"``, ``"fetched"`` or
+        ``"freed"``."""
+        if self._terminal is not None:
+            return self._terminal
+        store = self._manager._store
+        try:
+            state = store.info(self._id)[0]
+            if state == "in_flight" and store.ready(self._id):  # non-blocking refresh
+                state = "offloaded"
+        except InvalidHandleError:  # finished in another thread a moment ago
+            return self._terminal or "freed"
+        return "in_flight" if state == "submitting" else state
+
+    @property
+    def tier(self) -> str:
+        """``"peer"`` (another GPU's memory) or ``"host"`` (pinned host memory)."""
+        return self._tier
+
+    @property
+    def location(self) -> str:
+        """Where the bytes live: ``"cuda:N"`` for a peer GPU, ``"emu:N"`` for an emulated peer,
+        ``"cpu"`` for pinned host memory."""
+        return self._location
+
+    @property
+    def manager(self) -> "OffloadManager":
+        return self._manager
+
+    def ready(self) -> bool:
+        """Whether the offload copy has completed (never blocks). True once fetched."""
+        return self._manager._ready(self)
+
+    def wait(self) -> None:
+        """Block (GIL released) until the offload copy has completed."""
+        self._manager._wait(self)
+
+    def free(self) -> None:
+        """Drop the offloaded bytes (see :meth:`OffloadManager.free`)."""
+        self._manager.free(self)
+
+    def _finish(self, state: str) -> None:
+        self._terminal = state
+        self._tensor = None
+        self._holder = None
+
+    def __del__(self) -> None:
+        # A snapshot nobody can reach any more can never be fetched: give its block back.
+        # (Released storages stay registered, so their handles are never collected while live.)
+        try:
+            if self._terminal is None and not self.release:
+                self._manager._discard(self)
+        except Exception:  # interpreter shutdown, closed manager: nothing to give back to
+            pass
+
+    def __repr__(self) -> str:
+        kind = "release" if self.release else "snapshot"
+        return (f"<aqua_offload.Handle {self.state} {kind} {tuple(self.shape)} {self.dtype} "
+                f"{self.nbytes} B on {self.tier} {self.location}>")
