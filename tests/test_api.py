@@ -1,0 +1,291 @@
+"""Round trips through the public API on the emulation backend."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import aqua_offload as aq
+from conftest import random_tensor, same_bytes
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int16,
+          torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128]
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _name):
+        DTYPES.append(getattr(torch, _name))
+SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 0, 4), (4, 33, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_release_round_trip_restores_same_object(manager, dtype, shape):
+    t = random_tensor(shape, dtype)
+    ref = t.clone()
+    h = manager.offload(t)
+    assert aq.is_offloaded(t)
+    assert t.untyped_storage().nbytes() == 0
+    assert h.nbytes == ref.numel() * ref.element_size()
+    assert h.shape == ref.shape and h.dtype == dtype and h.release
+    out = manager.fetch(h)
+    assert out is t
+    assert not aq.is_offloaded(t)
+    assert same_bytes(t, ref)
+    assert h.state == "fetched"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_snapshot_round_trip_returns_new_tensor(manager, dtype):
+    t = random_tensor((5, 6), dtype)
+    ref = t.clone()
+    h = manager.offload(t, release=False)
+    assert not aq.is_offloaded(t)
+    t.view(torch.uint8).fill_(0) if dtype != torch.bool else t.fill_(False)  # source stays usable
+    out = manager.fetch(h)
+    assert out is not t
+    assert same_bytes(out, ref)
+
+
+def test_release_pages_out_every_view_of_the_storage(manager):
+    base = random_tensor((64, 16), torch.float32)
+    ref = base.clone()
+    row, col, flat = base[3], base[:, 2], base.view(-1)
+    storage_bytes = base.untyped_storage().nbytes()
+    h = manager.offload(col)  # offloading one view pages out the whole storage
+    assert h.nbytes == storage_bytes
+    for v in (base, row, col, flat):
+        assert aq.is_offloaded(v)
+        assert v.untyped_storage().nbytes() == 0
+    assert manager.fetch(h) is col
+    assert same_bytes(base, ref) and same_bytes(row, ref[3]) and same_bytes(col, ref[:, 2])
+    assert flat.data_ptr() == base.data_ptr()  # views share the restored memory
+
+
+def test_snapshot_of_non_contiguous_and_conjugate_views(manager):
+    base = random_tensor((8, 10), torch.complex64)
+    for view in (base[:, ::3], base.t(), base[2:5, 1:9:2], base.conj(), base.t().conj()):
+        ref = view.resolve_conj().clone()
+        h = manager.offload(view, release=False)
+        out = manager.fetch(h)
+        assert out.shape == view.shape
+        assert torch.equal(out, ref)
+
+
+def test_snapshot_with_storage_offset_copies_only_the_tensor(manager):
+    base = random_tensor((1000,), torch.int32)
+    part = base[100:150]
+    h = manager.offload(part, release=False)
+    assert h.nbytes == 50 * 4
+    assert torch.equal(manager.fetch(h), base[100:150])
+
+
+def test_fetch_into_out(manager):
+    t = random_tensor((16, 4), torch.float64)
+    h = manager.offload(t, release=False)
+    out = torch.empty_like(t)
+    assert manager.fetch(h, out=out) is out
+    assert same_bytes(out, t)
+
+
+def test_repeated_release_cycles_carry_modifications(manager):
+    t = random_tensor((128,), torch.int32)
+    for i in range(5):
+        t.add_(i + 1)  # the restored storage is ordinary, writable memory
+        ref = t.clone()
+        h = manager.offload(t)
+        assert manager.fetch(h) is t
+        assert same_bytes(t, ref)
+
+
+def test_handle_attributes_and_states(manager):
+    t = random_tensor((256, 256), torch.float32)
+    h = manager.offload(t)
+    assert h.state in ("in_flight", "offloaded")
+    h.wait()
+    assert h.ready() and h.state == "offloaded"
+    assert h.tier == "peer" and h.location == "emu:1"
+    assert "Handle" in repr(h)
+    manager.fetch(h)
+    assert h.state == "fetched" and h.ready()
+    s = manager.offload(t, release=False)
+    s.free()
+    assert s.state == "freed"
+
+
+def test_tier_placement_peer_first_then_host(manager):
+    # peer tier is 1 MiB: three 400 KiB tensors -> two on the peer, the third on the host
+    ts = [random_tensor((100_000,), torch.float32) for _ in range(3)]
+    hs = [manager.offload(t, release=False) for t in ts]
+    assert [h.tier for h in hs] == ["peer", "peer", "host"]
+    assert hs[2].location == "cpu"
+    st = manager.stats()
+    assert [t["handles"] for t in st["tiers"]] == [2, 1]
+    for h, t in zip(hs, ts):
+        assert same_bytes(manager.fetch(h), t)
+
+
+def test_host_only_manager():
+    with aq.OffloadManager("cpu", peers=None, host_bytes="1MiB") as m:
+        t = random_tensor((1000,), torch.int64)
+        h = m.offload(t, release=False)
+        assert h.tier == "host" and h.location == "cpu"
+        assert same_bytes(m.fetch(h), t)
+
+
+def test_peer_budget_mapping_selects_peers():
+    with aq.OffloadManager("cpu", peer_bytes={"emu:1": "512KiB"}, host_bytes=0) as m:
+        st = m.stats()
+        assert [(t["tier"], t["location"], t["capacity"]) for t in st["tiers"]] == [
+            ("peer", "emu:1", 512 << 10)]
+
+
+def test_offload_many_fetch_many(manager):
+    ts = [random_tensor((n,), torch.float16) for n in (1, 100, 1000, 0)]
+    refs = [t.clone() for t in ts]
+    hs = manager.offload_many(ts)
+    assert all(aq.is_offloaded(t) for t in ts)
+    outs = manager.fetch_many(hs)
+    assert all(o is t for o, t in zip(outs, ts))
+    assert all(same_bytes(t, r) for t, r in zip(ts, refs))
+
+
+def test_offload_many_is_all_or_nothing(manager):
+    small = [random_tensor((1000,), torch.float32) for _ in range(3)]
+    refs = [t.clone() for t in small]
+    huge = random_tensor((2_000_000,), torch.float32)  # 8 MB: fits no tier
+    before = manager.stats()
+    with pytest.raises(aq.OutOfMemoryError):
+        manager.offload_many(small + [huge])
+    assert not any(aq.is_offloaded(t) for t in small + [huge])
+    assert all(same_bytes(t, r) for t, r in zip(small, refs))
+    manager.synchronize()
+    after = manager.stats()
+    assert after["live_handles"] == before["live_handles"] == 0
+    assert [t["used"] for t in after["tiers"]] == [0, 0]
+
+
+def test_fetch_by_tensor_and_module_level_helpers():
+    t = random_tensor((300,), torch.float32)
+    ref = t.clone()
+    h = aq.offload(t)
+    assert aq.is_offloaded(t)
+    assert h.manager is aq.default_manager("cpu")
+    assert aq.fetch(t) is t  # a paged-out tensor finds its own handle
+    assert same_bytes(t, ref)
+    s = aq.offload(t, release=False)
+    assert same_bytes(aq.fetch(s), ref)
+
+
+def test_dropped_handle_of_released_tensor_is_still_recoverable(manager):
+    t = random_tensor((100,), torch.int16)
+    ref = t.clone()
+    manager.offload(t)  # the handle is dropped at once
+    assert aq.is_offloaded(t)
+    assert aq.fetch(t) is t and same_bytes(t, ref)
+
+
+def test_dropped_snapshot_handle_returns_its_block(manager):
+    t = random_tensor((1000,), torch.float32)
+    h = manager.offload(t, release=False)
+    del h
+    manager.synchronize()
+    st = manager.stats()
+    assert st["live_handles"] == 0 and st["tiers"][0]["used"] == 0
+
+
+def test_deferred_reuse_blocks_reused_after_completion(manager):
+    # Fill the peer tier, free everything, fill it again: blocks come back once copies completed.
+    for _ in range(3):
+        hs = [manager.offload(random_tensor((60_000,), torch.float32), release=False)
+              for _ in range(4)]
+        assert [h.tier for h in hs] == ["peer"] * 4
+        for h in hs:
+            h.free()
+    manager.synchronize()
+    st = manager.stats()
+    assert st["tiers"][0]["used"] == 0 and st["tiers"][0]["pending"] == 0
+    assert st["tiers"][0]["peak"] >= 4 * 240_000
+
+
+def test_stats_counters(manager):
+    t = random_tensor((1024,), torch.float32)
+    h = manager.offload(t)
+    manager.fetch(h)
+    s = manager.offload(t, release=False)
+    s.free()
+    st = manager.stats()
+    assert st["offloads"] == 2 and st["fetches"] == 1 and st["frees"] == 1
+    assert st["bytes_offloaded"] == 8192 and st["bytes_fetched"] == 4096
+    assert st["backend"] == "emulation" and st["device"] == "cpu"
+    for tier in st["tiers"]:
+        assert tier["used"] + tier["free"] == tier["capacity"]
+        assert 0.0 <= tier["fragmentation"] <= 1.0
+
+
+def test_info_reports_emulation_and_managers(manager):
+    i = aq.info()
+    if not torch.cuda.is_available():
+        assert i["backend"] == "emulation" and i["emulation"] is True
+    assert any(m["device"] == "cpu" for m in i["managers"])
+    n = len(i["devices"])
+    assert len(i["peer_access"]) == n and all(len(r) == n for r in i["peer_access"])
+
+
+def test_close_restores_released_tensors():
+    m = aq.OffloadManager("cpu", peer_bytes="1MiB", host_bytes="1MiB")
+    t = random_tensor((5000,), torch.float64)
+    ref = t.clone()
+    m.offload(t)
+    m.close()
+    assert not aq.is_offloaded(t) and same_bytes(t, ref)
+    assert m.closed
+    with pytest.raises(aq.OffloadError, match="closed"):
+        m.offload(t)
+    m.close()  # idempotent
+
+
+def test_context_manager_and_repr():
+    with aq.OffloadManager("cpu", peers=None, host_bytes="64KiB") as m:
+        assert "OffloadManager" in repr(m)
+    assert m.closed
+
+
+@pytest.mark.parametrize("text,expected", [
+    (4096, 4096), ("4096", 4096), ("8GiB", 8 << 30), ("512 MiB", 512 << 20), ("1.5GB", 1_500_000_000),
+    ("0.5KiB", 512), ("2kb", 2000), ("3TiB", 3 << 40), ("0", 0)])
+def test_parse_size(text, expected):
+    assert aq.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", [-1, "-3GiB", "12 parsecs", "GiB", "0.3B", 1.5, True, None, "1e3"])
+def test_parse_size_rejects(bad):
+    with pytest.raises(aq.InvalidArgumentError):
+        aq.parse_size(bad)
+
+
+def test_errors_pickle_with_attributes():
+    for exc in (aq.OutOfMemoryError("no room", requested=123),
+                aq.BackendError("boom", error_name="cudaErrorInvalidValue"),
+                aq.InvalidHandleError("gone"), aq.InvalidArgumentError("bad"),
+                aq.OffloadError("base"), aq.PagedOutError("touch")):
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc)
+    assert pickle.loads(pickle.dumps(aq.OutOfMemoryError("x", requested=7))).requested == 7
+    assert pickle.loads(pickle.dumps(aq.BackendError("x", error_name="e"))).error_name == "e"
+    assert issubclass(aq.OutOfMemoryError, MemoryError)
+    assert issubclass(aq.BackendError, RuntimeError)
+    for cls in (aq.OutOfMemoryError, aq.InvalidHandleError, aq.InvalidArgumentError,
+                aq.BackendError, aq.PagedOutError):
+        assert issubclass(cls, aq.OffloadError)
+
+
+def test_no_event_creation_in_steady_state(manager):
+    t = random_tensor((4096,), torch.float32)
+    for _ in range(3):
+        manager.fetch(manager.offload(t))
+    created = manager.stats()["events_created"]
+    for i in range(300):
+        h = manager.offload(t, release=bool(i % 2))
+        manager.fetch(h)
+    assert manager.stats()["events_created"] == created

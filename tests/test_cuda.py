@@ -1,0 +1,152 @@
+"""The same API on a real GPU, plus stream-ordering stress. Marked `cuda`: skipped with a reason
+when no GPU is usable (see conftest.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import aqua_offload as aq
+from conftest import random_tensor, same_bytes
+
+pytestmark = pytest.mark.cuda
+
+DEV = "cuda:0"
+
+
+@pytest.fixture(params=["host", "same-device-peer"])
+def gpu_manager(request):
+    peers = None if request.param == "host" else [0]
+    m = aq.OffloadManager(DEV, peers=peers, peer_bytes="512MiB", host_bytes="512MiB")
+    yield m
+    m.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool,
+                                   torch.complex64, getattr(torch, "float8_e4m3fn", torch.uint8)],
+                         ids=str)
+@pytest.mark.parametrize("shape", [(), (0,), (3, 1000), (257, 129)], ids=str)
+def test_round_trips(gpu_manager, dtype, shape):
+    t = random_tensor(shape, dtype, device=DEV)
+    ref = t.clone()
+    s = gpu_manager.offload(t, release=False)
+    h = gpu_manager.offload(t)
+    assert aq.is_offloaded(t) and t.untyped_storage().nbytes() == 0
+    assert same_bytes(gpu_manager.fetch(s), ref)
+    assert gpu_manager.fetch(h) is t and same_bytes(t, ref)
+    assert t.device == torch.device(DEV)
+
+
+def test_tier_and_location(gpu_manager):
+    h = gpu_manager.offload(random_tensor((1024,), torch.float32, device=DEV))
+    if gpu_manager.stats()["tiers"][0]["tier"] == "peer":
+        assert (h.tier, h.location) == ("peer", "cuda:0")
+    else:
+        assert (h.tier, h.location) == ("host", "cpu")
+    gpu_manager.fetch(h)
+
+
+def _busy(n: int = 4) -> torch.Tensor:
+    """Enqueue some long kernels on the current stream, to widen any race window."""
+    a = torch.randn(2048, 2048, device=DEV)
+    for _ in range(n):
+        a = a @ a
+        a = a / a.norm()
+    return a
+
+
+def test_offload_waits_for_the_producing_kernel_and_release_defers_reuse(gpu_manager):
+    side = torch.cuda.Stream()
+    for i in range(20):
+        with torch.cuda.stream(side):
+            _busy()
+            x = torch.full((16 << 20,), float(i + 1), device=DEV)  # written by a kernel...
+            x.mul_(3).add_(torch.arange(x.numel(), device=DEV, dtype=torch.float32) % 7)
+            ref = x.clone()
+            h = gpu_manager.offload(x)  # ...that the copy must wait for (no host sync here)
+            # New allocations on the stream would reuse x's block if it were freed too early.
+            junk = [torch.full((16 << 20,), -1.0, device=DEV) for _ in range(3)]
+            del junk
+            gpu_manager.fetch(h)
+            assert torch.equal(x, ref)
+        side.synchronize()
+
+
+def test_snapshot_is_fenced_before_later_writes(gpu_manager):
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        for _ in range(10):
+            t = torch.randn(8 << 20, device=DEV)
+            ref = t.clone()
+            h = gpu_manager.offload(t, release=False)
+            t.mul_(-2)  # must not race the snapshot's copy
+            assert torch.equal(gpu_manager.fetch(h), ref)
+
+
+def test_fetch_orders_the_current_stream(gpu_manager):
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        t = torch.randn(32 << 20, device=DEV)
+        ref_sum = t.double().sum()
+        for _ in range(5):
+            h = gpu_manager.offload(t)
+            out = gpu_manager.fetch(h)
+            assert out.double().sum() == ref_sum  # kernel on s reads after the copy
+
+
+def test_offload_on_one_stream_fetch_on_another(gpu_manager):
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(a):
+        t = torch.randn(16 << 20, device=DEV)
+        ref = t.clone()
+        h = gpu_manager.offload(t, release=False)
+    with torch.cuda.stream(b):
+        out = gpu_manager.fetch(h)  # the copy back must wait for the offload's completion
+    torch.cuda.synchronize()  # only for comparing ref (written on a) on the host side
+    assert torch.equal(out, ref)
+
+
+def test_threads_with_their_own_streams(gpu_manager):
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            g = torch.Generator().manual_seed(seed)
+            with torch.cuda.stream(torch.cuda.Stream()):
+                for _ in range(30):
+                    t = random_tensor((1 << 18,), torch.int32, device=DEV, generator=g)
+                    ref = t.clone()
+                    h = gpu_manager.offload(t, release=bool(seed % 2))
+                    out = gpu_manager.fetch(h)
+                    assert torch.equal(out, ref)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not any(th.is_alive() for th in threads)
+    assert not errors, errors
+
+
+def test_wrong_device_and_steady_state_allocations(gpu_manager):
+    with pytest.raises(aq.InvalidArgumentError):
+        gpu_manager.offload(torch.ones(4))
+    t = torch.randn(1 << 20, device=DEV)
+    for _ in range(5):
+        gpu_manager.fetch(gpu_manager.offload(t))
+    created = gpu_manager.stats()["events_created"]
+    for _ in range(200):
+        gpu_manager.fetch(gpu_manager.offload(t))
+    assert gpu_manager.stats()["events_created"] == created  # no event creation on the hot path
+
+
+def test_info_on_gpu():
+    i = aq.info()
+    assert i["backend"] == "cuda" and i["emulation"] is False
+    assert len(i["devices"]) == torch.cuda.device_count()
+    assert i["devices"][0]["label"] == "cuda:0"
