@@ -39,6 +39,10 @@ POLICIES = ("lru",)
 # Defaults sized for the backend: a GPU server lends GiBs; emulation arenas are pre-faulted host
 # memory on small machines, so they stay small unless asked for.
 _DEFAULT_BYTES = {"cuda": ("8GiB", "16GiB"), "emulation": ("64MiB", "256MiB")}
+# CUDA: chunk copies so a fetch can overtake a long offload on a shared copy engine. Emulation
+# has no shared engine (one worker thread per stream), and glibc's memcpy switches to its faster
+# non-temporal path only for copies of hundreds of MiB, so whole copies are the fast choice.
+_DEFAULT_CHUNK = {"cuda": 32 << 20, "emulation": 1 << 40}
 _live: "weakref.WeakSet[OffloadManager]" = weakref.WeakSet()
 
 
@@ -67,8 +71,9 @@ class OffloadManager:
         Default 16 GiB (256 MiB on emulation).
     policy : str
         Eviction policy name (``"lru"``).
-    chunk_bytes : int or str
-        Copies larger than this are enqueued in pieces (default 32 MiB).
+    chunk_bytes : int or str, optional
+        Copies larger than this are enqueued in pieces of this size: 32 MiB by default on CUDA;
+        whole copies by default on emulation.
 
     Notes
     -----
@@ -80,7 +85,7 @@ class OffloadManager:
     def __init__(self, device: DeviceLike | None = None, peers: Any = "auto",
                  peer_bytes: int | str | Mapping[Any, int | str] | None = None,
                  host_bytes: int | str | None = None, policy: str = "lru",
-                 chunk_bytes: int | str = "32MiB") -> None:
+                 chunk_bytes: int | str | None = None) -> None:
         backend, index, tdevice = resolve_device(device)
         if not isinstance(policy, str) or policy not in POLICIES:
             raise InvalidArgumentError(f"unknown eviction policy {policy!r} (available: {', '.join(POLICIES)})")
@@ -98,8 +103,8 @@ class OffloadManager:
             size = parse_size(default_peer if peer_bytes is None else peer_bytes, name="peer_bytes")
             peer_specs = [(p, size) for p in resolve_peers(peers, backend, index)]
         host = parse_size(default_host if host_bytes is None else host_bytes, name="host_bytes")
-        self._store = _core.Store(backend, index, peer_specs, host,
-                                  parse_size(chunk_bytes, name="chunk_bytes"))
+        chunk = _DEFAULT_CHUNK[backend] if chunk_bytes is None else parse_size(chunk_bytes, name="chunk_bytes")
+        self._store = _core.Store(backend, index, peer_specs, host, chunk)
         self.device = tdevice
         self.policy = policy
         self._cuda = backend == "cuda"

@@ -6,13 +6,14 @@ or call :func:`main` with the same arguments. See docs/benchmarks.md.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 __all__ = ["main"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str | os.PathLike[str]] | None = None, prog: str | None = None) -> int:
     """Run a benchmark subcommand (``["copy", "--quick"]``); return the exit status."""
     from .__main__ import main as _main  # imported late: ``-m aqua_offload.bench`` runs it itself
 
-    return _main(argv)
+    return _main(argv, prog)

@@ -1,32 +1,109 @@
-"""Command line of the benchmarks: ``python -m aqua_offload.bench copy [--quick] [--json PATH]``."""
+"""Command line of the benchmarks: ``python -m aqua_offload.bench copy [--quick] [--json PATH]``.
+
+One subcommand per benchmark; each prints a table on stdout and can write its rows as JSON.
+:func:`main` takes the arguments as a list, so a console script or a test can call it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
+from ..devices import cuda_usable
+from ..sizes import parse_size
 from . import copy
 
 __all__ = ["build_parser", "main"]
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return int(text)
+    return parse
+
+
+def _size_arg(text: str) -> int:
+    try:
+        n = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if n > 0:
+        return n
+    raise argparse.ArgumentTypeError("sizes must be positive")
+
+
+def _add_copy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("copy", help="copy bandwidth of offload/fetch vs the raw copy",
+                       description=(copy.__doc__ or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="a few sizes up to 64 MiB and fewer samples")
+    p.add_argument("--sizes", nargs="+", type=_size_arg, metavar="SIZE",
+                   help="copy sizes, e.g. 4KiB 1MiB 256MiB (default: a sweep)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    p.add_argument("--backend", choices=("auto", "emulation", "cuda"), default="auto",
+                   help="default: cuda when a GPU is usable, else emulation")
+    p.add_argument("--samples", type=_int_at_least(3),
+                   help="timed samples per point (>= 3; default 7, 5 with --quick)")
+    p.add_argument("--warmup", type=_int_at_least(0), default=1,
+                   help="untimed batches first (default 1)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   default=sys.stderr.isatty(), help="progress on stderr")
+    p.set_defaults(func=_run_copy)
+
+
+def _run_copy(args: argparse.Namespace) -> int:
+    if args.backend == "cuda" and not cuda_usable():
+        print("aqua_offload.bench copy: --backend cuda needs a GPU and a CUDA build",
+              file=sys.stderr)
+        return 2
+    try:
+        result = copy.run_copy_benchmark(args.sizes, backend=args.backend, quick=args.quick,
+                                         samples=args.samples, warmup=args.warmup,
+                                         progress=args.progress)
+    except copy.VerificationError as exc:
+        print(f"aqua_offload.bench copy: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(copy.format_table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The argument parser, one subcommand per benchmark."""
     parser = argparse.ArgumentParser(
         prog=prog or "python -m aqua_offload.bench",
-        description="aqua_offload benchmarks (method: docs/benchmarks.md).")
+        description="aqua_offload benchmarks (method and results: docs/benchmarks.md).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("copy", help="copy bandwidth of offload/fetch vs the raw copy",
-                       description=(copy.__doc__ or "").split("\n\n")[0])
-    copy.add_arguments(p)
-    p.set_defaults(func=copy.run_from_args)
+    _add_copy(sub)
     return parser
 
 
 def main(argv: Sequence[str | os.PathLike[str]] | None = None, prog: str | None = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return the exit status."""
+    """Run a benchmark subcommand.
+
+    Parameters
+    ----------
+    argv : sequence of str or path-like, optional
+        The arguments, e.g. ``["copy", "--quick", "--json", "out.json"]``; default
+        ``sys.argv[1:]``.
+    prog : str, optional
+        Program name shown in usage messages (a console script passes its own).
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 1 when a copy produced wrong bytes, 2 for a usage error
+        (argparse exits with 2 itself on bad arguments).
+    """
     args = build_parser(prog).parse_args(None if argv is None else [os.fspath(a) for a in argv])
     return int(args.func(args))
 

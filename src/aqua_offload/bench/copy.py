@@ -1,37 +1,30 @@
 """Copy microbenchmark: aqua_offload's copies against the raw copy of the same bytes.
 
-Method (DESIGN.md section 8, after NVIDIA nvbandwidth): sources hold random bytes, never zeros;
-each method is warmed up, then timed ``samples`` times; a sample is a batch of ``inner`` copies
-(many for small sizes, so the timer's resolution does not matter) divided by ``inner``; rows
-report the median sample and its min/max; after timing, the destination is compared bitwise
-with the source and a mismatch raises :class:`VerificationError`.
+Method (DESIGN.md section 8, after NVIDIA nvbandwidth): sources hold random bytes; each method
+is warmed up, then timed ``samples`` times, a sample being a batch of copies (many for small
+sizes) divided by their count; rows report the median sample and its min/max; afterwards the
+output is compared bitwise with the source (a mismatch raises :class:`VerificationError`).
+``ratio = baseline median / median`` against the row's ``baseline`` method (same direction and
+size, same run): above 1 is faster than the baseline, 0.95 is 95% of its bandwidth.
 
-Each row names the ``baseline`` method of its direction and size, measured in the same run, and
-``ratio = baseline median / median``: above 1 the method is faster than the baseline, 0.95 means
-it reaches 95% of the baseline's bandwidth.
-
-Backends:
-  - emulation (no GPU): timed with ``time.perf_counter``; snapshot offloads and fetches return
-    complete there. Directions ``offload``, ``fetch`` and ``roundtrip`` (offload then fetch, two
-    copies), each against ``numpy_copy`` (one ``np.copyto`` of the same bytes).
-  - cuda: timed with ``torch.cuda.Event`` pairs on the current stream, on which the library
-    orders its copies. ``device_to_host``/``host_to_device`` (pinned host tier) against
-    ``raw_memcpy`` (the core's unchunked copy on the current stream between a device tensor and
-    a pinned tensor), plus ``torch_to_nonblocking``; ``device_to_peer``/``peer_to_device`` on a
-    same-device peer (the code path only, not NVLink) against a raw device-to-device copy.
+- emulation: ``time.perf_counter`` (snapshot offloads and fetches return complete there);
+  ``offload`` and ``fetch`` vs one ``numpy_copy`` of the same bytes; ``roundtrip`` (offload then
+  fetch: two copies) vs ``numpy_copy_x2`` (the same bytes copied there and back by numpy).
+- cuda: ``torch.cuda.Event`` pairs on the current stream, which the library orders its copies
+  on; ``device_to_host``/``host_to_device`` (pinned host tier) vs ``raw_memcpy`` (the core's
+  unchunked copy on the current stream, device <-> pinned tensor), with ``torch_to_nonblocking``
+  too; ``device_to_peer``/``peer_to_device`` on a same-device peer (the code path, not NVLink)
+  vs a raw device-to-device copy.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -42,8 +35,8 @@ from ..handle import Handle
 from ..manager import OffloadManager
 from ..sizes import format_size, parse_size
 
-__all__ = ["run_copy_benchmark", "format_table", "add_arguments", "run_from_args",
-           "VerificationError", "EMULATION_LABEL", "PEER_LABEL"]
+__all__ = ["run_copy_benchmark", "format_table", "VerificationError", "EMULATION_LABEL",
+           "PEER_LABEL"]
 
 EMULATION_LABEL = "EMULATION backend (host memory, not a GPU)"
 PEER_LABEL = "peer (same device: emulates the code path, not NVLink)"
@@ -146,15 +139,6 @@ def _fetch_case(m: OffloadManager, src: torch.Tensor, out: torch.Tensor,
                  finish=pending.clear, verify=lambda: _check(out, src, what))
 
 
-def _roundtrip_case(m: OffloadManager, src: torch.Tensor, out: torch.Tensor, baseline: str,
-                    what: str) -> _Case:
-    def issue(k: int) -> None:
-        for _ in range(k):
-            m.fetch(m.offload(src, release=False), out=out)
-    return _Case("aqua_offload", ("roundtrip",), baseline, issue, reset=out.zero_,
-                 verify=lambda: _check(out, src, what))
-
-
 def _random_bytes(n: int, seed: int) -> torch.Tensor:
     # Allocated by torch, like the tensors users offload (numpy's allocator differs: huge pages).
     t = torch.empty(n, dtype=torch.uint8)
@@ -167,12 +151,22 @@ def _emulation_cases(n: int, m: OffloadManager) -> list[_Case]:
     out = torch.empty(n, dtype=torch.uint8)
     src_np, out_np = src.numpy(), out.numpy()
     size = format_size(n)
+    tmp_np = np.empty_like(src_np)
+
+    def there_and_back() -> None:
+        np.copyto(tmp_np, src_np)
+        np.copyto(out_np, tmp_np)
+
     return [
-        _copy_case("numpy_copy", ("offload", "fetch", "roundtrip"), "numpy_copy",
+        _copy_case("numpy_copy", ("offload", "fetch"), "numpy_copy",
                    lambda: np.copyto(out_np, src_np), out, src, f"numpy_copy {size}"),
+        _copy_case("numpy_copy_x2", ("roundtrip",), "numpy_copy_x2", there_and_back, out, src,
+                   f"numpy_copy_x2 {size}"),
         _offload_case(m, src, out, ("offload",), "numpy_copy", "peer", f"offload {size}"),
         _fetch_case(m, src, out, ("fetch",), "numpy_copy", "peer", f"fetch {size}"),
-        _roundtrip_case(m, src, out, "numpy_copy", f"roundtrip {size}"),
+        _copy_case("aqua_offload", ("roundtrip",), "numpy_copy_x2",
+                   lambda: m.fetch(m.offload(src, release=False), out=out), out, src,
+                   f"roundtrip {size}"),
     ]
 
 
@@ -257,19 +251,18 @@ class _Progress:
 
     def __init__(self, total: int, enabled: bool) -> None:
         self._total, self._done, self._enabled, self._bar = total, 0, enabled, None
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self._bar = tqdm(total=total, file=sys.stderr, leave=False, unit="case")
-            except ImportError:
-                pass
+        try:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, file=sys.stderr, leave=False, disable=not enabled)
+        except ImportError:
+            pass
 
     def begin(self, label: str) -> None:
         if self._bar is not None:
             self._bar.set_description(label)
         elif self._enabled:
-            sys.stderr.write(f"\r[{self._done + 1}/{self._total}] {label:<56}")
-            sys.stderr.flush()
+            print(f"\r[{self._done + 1}/{self._total}] {label:<56}", end="", file=sys.stderr,
+                  flush=True)
 
     def end(self) -> None:
         self._done += 1
@@ -281,7 +274,6 @@ class _Progress:
             self._bar.close()
         elif self._enabled:
             sys.stderr.write("\r" + " " * 72 + "\r")
-            sys.stderr.flush()
 
 
 def run_copy_benchmark(sizes: Sequence[int | str] | None = None, *, backend: str = "auto",
@@ -296,19 +288,15 @@ def run_copy_benchmark(sizes: Sequence[int | str] | None = None, *, backend: str
         in powers of 4; with ``quick``, 4 KiB, 256 KiB, 4 MiB and 64 MiB.
     backend : {"auto", "emulation", "cuda"}
         ``"auto"``: cuda when a GPU is usable, else emulation.
-    quick : bool
-        Fewer sizes and samples.
-    samples : int, optional
-        Timed samples per method and size, at least 3 (default 7, or 5 with ``quick``).
-    warmup : int
-        Untimed batches before the samples.
-    progress : bool
-        Show progress on stderr.
+    quick, samples, warmup, progress
+        Fewer sizes and samples; timed samples per point (>= 3, default 7, 5 with ``quick``);
+        untimed batches first; progress on stderr.
 
     Returns
     -------
     dict
-        ``{"device", "backend", "rows", "notes", "config"}``; each row has ``method``,
+        ``{"device", "backend", "label", "rows", "notes", "config"}`` (``label``: the
+        emulation label or None; ``notes``: labels per direction); each row has ``method``,
         ``direction``, ``bytes``, ``median_s``, ``min_s``, ``max_s``, ``gbps``
         (bytes / median_s / 1e9), ``baseline``, ``ratio`` (baseline median_s / median_s),
         ``device``, ``backend``.
@@ -323,62 +311,74 @@ def run_copy_benchmark(sizes: Sequence[int | str] | None = None, *, backend: str
     if backend not in FULL_SIZES:
         raise ValueError(f"backend must be 'auto', 'emulation' or 'cuda', got {backend!r}")
     samples = (5 if quick else 7) if samples is None else samples
-    if samples < 3 or warmup < 0:
-        raise ValueError(f"need samples >= 3 and warmup >= 0, got {samples} and {warmup}")
-    nbytes = [parse_size(s, name="size") for s in (sizes or (QUICK_SIZES if quick
-                                                               else FULL_SIZES[backend]))]
-    if any(n <= 0 for n in nbytes):
-        raise ValueError("sizes must be positive")
+    nbytes = [parse_size(s, name="size") for s in sizes or (QUICK_SIZES if quick
+                                                            else FULL_SIZES[backend])]
+    if samples < 3 or warmup < 0 or min(nbytes) <= 0:
+        raise ValueError(f"need samples >= 3, warmup >= 0 and sizes > 0, got {samples}, "
+                         f"{warmup} and {nbytes}")
     # Room for the largest batch of live blocks, so no copy ever spills to another tier.
     pool = max(_inner(n) * -(-n // _ALIGN) * _ALIGN for n in nbytes) + (1 << 20)
-    if backend == "cuda":
-        managers = [OffloadManager(device=torch.cuda.current_device(), peers=None,
-                                   host_bytes=pool),
-                    OffloadManager(device=torch.cuda.current_device(),
-                                   peers=[torch.cuda.current_device()], peer_bytes=pool,
-                                   host_bytes=0)]
-        device = torch.cuda.get_device_name(managers[0].device)
-        timer, notes = _cuda_timer, {"device_to_peer": PEER_LABEL, "peer_to_device": PEER_LABEL}
-    else:
-        managers = [OffloadManager(device="cpu", peers="auto", peer_bytes=pool, host_bytes=pool)]
-        device = f"{platform.machine() or 'cpu'} CPU x{os.cpu_count()} (emulation)"
-        timer, notes = _host_timer, {"*": EMULATION_LABEL}
+    managers: list[OffloadManager] = []
+    try:
+        if backend == "cuda":
+            index = torch.cuda.current_device()
+            managers.append(OffloadManager(device=index, peers=None, host_bytes=pool))
+            managers.append(OffloadManager(device=index, peers=[index], peer_bytes=pool,
+                                           host_bytes=0))
+            device = torch.cuda.get_device_name(index)
+        else:
+            managers.append(OffloadManager(device="cpu", peers="auto", peer_bytes=pool,
+                                           host_bytes=pool))
+            device = f"{platform.machine() or 'cpu'} CPU x{os.cpu_count()} (emulation)"
+        rows = _run_sizes(backend, managers, device, nbytes, samples, warmup, progress)
+    finally:
+        for m in managers:
+            m.close()
+    return {"device": device, "backend": backend,
+            "label": EMULATION_LABEL if backend == "emulation" else None, "rows": rows,
+            "notes": {"device_to_peer": PEER_LABEL, "peer_to_device": PEER_LABEL}
+            if backend == "cuda" else {},
+            "config": {"sizes": nbytes, "samples": samples, "warmup": warmup}}
+
+
+def _run_sizes(backend: str, managers: list[OffloadManager], device: str, nbytes: list[int],
+               samples: int, warmup: int, progress: bool) -> list[dict[str, Any]]:
+    timer = _cuda_timer if backend == "cuda" else _host_timer
     rows: list[dict[str, Any]] = []
     bar = _Progress(len(nbytes) * (9 if backend == "cuda" else 4), progress)
     try:
         for n in nbytes:
             cases = _cuda_cases(n, *managers) if backend == "cuda" else \
                 _emulation_cases(n, managers[0])
-            medians: dict[tuple[str, str], float] = {}
-            measured = []
-            for case in cases:
-                bar.begin(f"{format_size(n)} {'/'.join(case.directions)} {case.method}")
-                times = _measure(case, timer, n, samples, warmup)
-                bar.end()
-                for d in case.directions:
-                    medians[d, case.method] = statistics.median(times)
-                    measured.append((d, case, times))
-            for d, case, times in measured:
-                med = statistics.median(times)
-                rows.append({"method": case.method, "direction": d, "bytes": n, "median_s": med,
-                             "min_s": min(times), "max_s": max(times), "gbps": n / med / 1e9,
-                             "baseline": case.baseline,
-                             "ratio": medians[d, case.baseline] / med,
-                             "device": device, "backend": backend})
-            del cases
+            rows += _measure_size(n, cases, timer, samples, warmup, device, backend, bar)
+            del cases  # drop this size's buffers before allocating the next
     finally:
         bar.close()
-        for m in managers:
-            m.close()
-    return {"device": device, "backend": backend, "rows": rows, "notes": notes,
-            "config": {"sizes": nbytes, "samples": samples, "warmup": warmup}}
+    return rows
+
+
+def _measure_size(n: int, cases: list[_Case], timer: Callable[[Callable[[], None]], float],
+                  samples: int, warmup: int, device: str, backend: str,
+                  bar: _Progress) -> list[dict[str, Any]]:
+    """Measure every case at size ``n``; one row per case and direction."""
+    measured = []
+    for case in cases:
+        bar.begin(f"{format_size(n)} {'/'.join(case.directions)} {case.method}")
+        measured.append((case, _measure(case, timer, n, samples, warmup)))
+        bar.end()
+    median = {(d, c.method): statistics.median(t) for c, t in measured for d in c.directions}
+    return [{"method": c.method, "direction": d, "bytes": n, "median_s": median[d, c.method],
+             "min_s": min(t), "max_s": max(t), "gbps": n / median[d, c.method] / 1e9,
+             "baseline": c.baseline, "ratio": median[d, c.baseline] / median[d, c.method],
+             "device": device, "backend": backend}
+            for c, t in measured for d in c.directions]
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The result as a readable table, grouped by direction."""
     lines = []
-    if result["backend"] == "emulation":
-        lines.append(f"*** {EMULATION_LABEL} ***")
+    if result.get("label"):
+        lines.append(f"*** {result['label']} ***")
     lines.append(f"device: {result['device']}   backend: {result['backend']}   "
                  "ratio = baseline median / median (>1: faster than the baseline)")
     header = (f"{'size':>10} {'method':<22} {'median':>10} {'min':>10} {'max':>10} "
@@ -398,35 +398,3 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _us(seconds: float) -> str:
     return f"{seconds * 1e6:>8.1f}us"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``copy`` subcommand's options to ``parser``."""
-    parser.add_argument("--quick", action="store_true",
-                        help="a few sizes up to 64 MiB and fewer samples")
-    parser.add_argument("--sizes", nargs="+", metavar="SIZE",
-                        help="copy sizes, e.g. 4KiB 1MiB 256MiB (default: a sweep)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
-    parser.add_argument("--backend", choices=("auto", "emulation", "cuda"), default="auto",
-                        help="default: cuda when a GPU is usable, else emulation")
-    parser.add_argument("--samples", type=int, help="timed samples per point (>= 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed batches first")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                        default=sys.stderr.isatty(), help="progress on stderr")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run ``copy`` with parsed options: print the table, write JSON; return the exit status."""
-    try:
-        result = run_copy_benchmark(args.sizes, backend=args.backend, quick=args.quick,
-                                    samples=args.samples, warmup=args.warmup,
-                                    progress=args.progress)
-    except VerificationError as exc:
-        print(f"aqua_offload.bench copy: FAILED: {exc}", file=sys.stderr)
-        return 1
-    print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
-    return 0
