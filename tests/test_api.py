@@ -113,14 +113,18 @@ def test_handle_attributes_and_states(manager):
     assert s.state == "freed"
 
 
-def test_tier_placement_peer_first_then_host(manager):
-    # peer tier is 1 MiB: three 400 KiB tensors -> two on the peer, the third on the host
+def test_tier_placement_peer_first_then_cascade(manager):
+    # peer tier is 1 MiB: two 400 KB tensors fit; the third evicts the least recently used
+    # one down to the host tier and takes its place on the peer.
     ts = [random_tensor((100_000,), torch.float32) for _ in range(3)]
-    hs = [manager.offload(t, release=False) for t in ts]
-    assert [h.tier for h in hs] == ["peer", "peer", "host"]
-    assert hs[2].location == "cpu"
+    hs = [manager.offload(t, release=False) for t in ts[:2]]
+    assert [h.tier for h in hs] == ["peer", "peer"]
+    hs.append(manager.offload(ts[2], release=False))
+    assert [h.tier for h in hs] == ["host", "peer", "peer"]
+    assert hs[0].location == "cpu"
     st = manager.stats()
     assert [t["handles"] for t in st["tiers"]] == [2, 1]
+    assert st["evictions"] == 1 and st["migrations"] == 1 and st["bytes_migrated"] == 400_000
     for h, t in zip(hs, ts):
         assert same_bytes(manager.fetch(h), t)
 
@@ -204,7 +208,7 @@ def test_deferred_reuse_blocks_reused_after_completion(manager):
             h.free()
     manager.synchronize()
     st = manager.stats()
-    assert st["tiers"][0]["used"] == 0 and st["tiers"][0]["pending"] == 0
+    assert st["tiers"][0]["used"] == 0 and st["tiers"][0]["fenced"] == 0
     assert st["tiers"][0]["peak"] >= 4 * 240_000
 
 

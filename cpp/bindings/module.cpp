@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -71,6 +72,8 @@ py::dict pool_stats_dict(const aqua::pool_stats& s) {
   d["blocks"] = s.blocks;
   d["free_ranges"] = s.free_ranges;
   d["fragmentation"] = s.fragmentation;
+  d["segments"] = s.segments;
+  d["fenced"] = s.fenced;
   return d;
 }
 
@@ -80,8 +83,8 @@ py::dict store_stats_dict(const aqua::store_stats& s) {
     py::dict d = pool_stats_dict(t.pool);
     d["tier"] = t.kind;
     d["location"] = t.location;
-    d["pending"] = t.pending_bytes;
     d["handles"] = t.handles;
+    d["lent_segments"] = t.lent_segments;
     tiers.append(d);
   }
   py::dict d;
@@ -89,8 +92,23 @@ py::dict store_stats_dict(const aqua::store_stats& s) {
   d["offloads"] = s.offloads;
   d["fetches"] = s.fetches;
   d["frees"] = s.frees;
+  d["prefetches"] = s.prefetches;
   d["bytes_offloaded"] = s.bytes_offloaded;
   d["bytes_fetched"] = s.bytes_fetched;
+  d["bytes_migrated"] = s.bytes_migrated;
+  d["incremental_offloads"] = s.incremental_offloads;
+  d["incremental_bytes_saved"] = s.incremental_bytes_saved;
+  d["evictions"] = s.evictions;
+  d["migrations"] = s.migrations;
+  d["migration_failures"] = s.migration_failures;
+  d["lends"] = s.lends;
+  d["reclaims"] = s.reclaims;
+  d["bytes_lent"] = s.bytes_lent;
+  d["bytes_reclaimed"] = s.bytes_reclaimed;
+  d["reclaim_last_s"] = s.reclaim_last_s;
+  d["reclaim_max_s"] = s.reclaim_max_s;
+  d["reclaim_total_s"] = s.reclaim_total_s;
+  d["reclaim_last_bytes_moved"] = s.reclaim_last_bytes_moved;
   d["live_handles"] = s.live_handles;
   d["events_created"] = s.events_created;
   return d;
@@ -156,11 +174,34 @@ PYBIND11_MODULE(_core, m) {
   m.def("format_bytes", &aqua::format_bytes, py::arg("nbytes"));
   m.attr("block_alignment") = aqua::block_alignment;
 
+  m.def("eviction_policies", &aqua::eviction_policy_names, "Names of the eviction policies.");
+  m.def(
+      "inject_copy_faults",
+      [](int count) { aqua::make_backend("emulation")->inject_copy_faults(count); },
+      py::arg("count"),
+      "Emulation backend: make the next `count` copy submissions fail (tests of failure paths).");
+
   py::class_<aqua::pool>(m, "Pool", "Best-fit suballocator over offsets (fake memory), for tests.")
-      .def(py::init<std::size_t>(), py::arg("capacity"))
-      .def("allocate", &aqua::pool::allocate, py::arg("nbytes"))
-      .def("release", &aqua::pool::release, py::arg("offset"))
+      .def(py::init<std::size_t>(), py::arg("capacity") = 0)
+      .def("allocate", [](aqua::pool& p, std::size_t n) { return p.allocate(n); }, py::arg("nbytes"))
+      .def(
+          "allocate_fenced",
+          [](aqua::pool& p, std::size_t n) {
+            std::vector<std::uint64_t> fences;
+            auto off = p.allocate(n, &fences);
+            return std::make_pair(off, fences);
+          },
+          py::arg("nbytes"), "Like allocate, also returning the fence tokens the block inherits.")
+      .def("release", &aqua::pool::release, py::arg("offset"), py::arg("fence") = 0)
+      .def("clear_fence", &aqua::pool::clear_fence, py::arg("fence"))
       .def("block_size", &aqua::pool::block_size, py::arg("offset"))
+      .def("add_segment", &aqua::pool::add_segment, py::arg("nbytes"))
+      .def("drain_segment", &aqua::pool::drain_segment, py::arg("base"))
+      .def("undrain_segment", &aqua::pool::undrain_segment, py::arg("base"))
+      .def("remove_segment", &aqua::pool::remove_segment, py::arg("base"))
+      .def("segments", &aqua::pool::segments)
+      .def("blocks_in", &aqua::pool::blocks_in, py::arg("base"))
+      .def("fenced", &aqua::pool::fenced, py::arg("base"))
       .def_property_readonly("capacity", &aqua::pool::capacity)
       .def_property_readonly("used", &aqua::pool::used)
       .def("stats", [](const aqua::pool& p) { return pool_stats_dict(p.stats()); });
@@ -169,28 +210,65 @@ PYBIND11_MODULE(_core, m) {
   py::class_<store, std::shared_ptr<store>>(m, "Store", "Handle table, pools and copy engine.")
       .def(py::init([](const std::string& backend, int device,
                        const std::vector<std::pair<int, std::size_t>>& peers,
-                       std::size_t host_bytes, std::size_t chunk_bytes) {
+                       std::size_t host_bytes, std::size_t chunk_bytes, const std::string& policy) {
              aqua::store_config cfg;
              cfg.device = device;
              for (const auto& [dev, bytes] : peers) cfg.peers.push_back({dev, bytes});
              cfg.host_bytes = host_bytes;
              cfg.chunk_bytes = chunk_bytes;
+             cfg.policy = policy;
              return std::make_shared<store>(aqua::make_backend(backend), std::move(cfg));
            }),
            py::arg("backend"), py::arg("device"), py::arg("peers"), py::arg("host_bytes"),
-           py::arg("chunk_bytes") = std::size_t{32} << 20, release_gil())
+           py::arg("chunk_bytes") = std::size_t{32} << 20, py::arg("policy") = "lru",
+           release_gil())
       .def(
           "offload",
-          [](store& s, std::uintptr_t src, std::size_t n, std::uintptr_t stream, bool fence) {
-            return s.offload(as_ptr(src), n, stream, fence);
+          [](store& s, std::uintptr_t src, std::size_t n, std::uintptr_t stream, bool fence,
+             double priority, std::uint64_t base) {
+            std::size_t tier = 0;
+            const auto id = s.offload(as_ptr(src), n, stream, fence, priority, base, &tier);
+            return std::make_pair(id, tier);
           },
-          py::arg("src"), py::arg("nbytes"), py::arg("stream"), py::arg("fence_user"), release_gil())
+          py::arg("src"), py::arg("nbytes"), py::arg("stream"), py::arg("fence_user"),
+          py::arg("priority") = 0.0, py::arg("base") = 0, release_gil())
+      .def(
+          "offload_many",
+          [](store& s, const std::vector<std::tuple<std::uintptr_t, std::size_t, double>>& items,
+             std::uintptr_t stream, bool fence) {
+            std::vector<aqua::offload_item> v;
+            v.reserve(items.size());
+            for (const auto& [src, n, prio] : items) v.push_back({as_ptr(src), n, prio});
+            return s.offload_many(v, stream, fence);
+          },
+          py::arg("items"), py::arg("stream"), py::arg("fence_user"), release_gil())
       .def(
           "fetch",
+          [](store& s, std::uint64_t id, std::uintptr_t dst, std::uintptr_t stream, bool keep) {
+            s.fetch(id, as_ptr(dst), stream, keep);
+          },
+          py::arg("handle"), py::arg("dst"), py::arg("stream"), py::arg("keep") = false,
+          release_gil())
+      .def(
+          "fetch_many",
+          [](store& s, const std::vector<std::uint64_t>& ids, const std::vector<std::uintptr_t>& dsts,
+             std::uintptr_t stream, bool keep) {
+            std::vector<void*> d;
+            d.reserve(dsts.size());
+            for (auto p : dsts) d.push_back(as_ptr(p));
+            s.fetch_many(ids, d, stream, keep);
+          },
+          py::arg("handles"), py::arg("dsts"), py::arg("stream"), py::arg("keep") = false,
+          release_gil())
+      .def(
+          "prefetch",
           [](store& s, std::uint64_t id, std::uintptr_t dst, std::uintptr_t stream) {
-            s.fetch(id, as_ptr(dst), stream);
+            return s.prefetch(id, as_ptr(dst), stream);
           },
           py::arg("handle"), py::arg("dst"), py::arg("stream"), release_gil())
+      .def("lend", &store::lend, py::arg("device"), py::arg("nbytes"), release_gil())
+      .def("reclaim", &store::reclaim, py::arg("device"), py::arg("nbytes") = py::none(),
+           release_gil())
       .def("free", &store::free, py::arg("handle"), release_gil())
       .def("ready", &store::ready, py::arg("handle"), release_gil())
       .def("wait", &store::wait, py::arg("handle"), release_gil())
@@ -203,7 +281,7 @@ PYBIND11_MODULE(_core, m) {
               py::gil_scoped_release release;
               i = s.info(id);
             }
-            return py::make_tuple(aqua::to_string(i.state), i.tier, i.nbytes);
+            return py::make_tuple(aqua::to_string(i.state), i.tier, i.nbytes, i.prefetched);
           },
           py::arg("handle"))
       .def("synchronize", &store::synchronize, release_gil())
@@ -236,5 +314,6 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("backend", [](const store& s) { return s.get_backend().name(); })
       .def_property_readonly("emulation", [](const store& s) { return s.get_backend().is_emulation(); })
       .def_property_readonly("device", &store::device)
+      .def_property_readonly("policy", &store::policy)
       .def_property_readonly("chunk_bytes", [](const store& s) { return s.config().chunk_bytes; });
 }

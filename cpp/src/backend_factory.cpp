@@ -13,6 +13,10 @@
 
 namespace aqua {
 
+void backend::inject_copy_faults(int) {
+  throw invalid_argument_error("fault injection is supported by the emulation backend only");
+}
+
 bool cuda_compiled() noexcept {
 #ifdef AQUA_HAVE_CUDA
   return true;

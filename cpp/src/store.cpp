@@ -2,28 +2,34 @@
 // Every copy is fenced by events on both sides; nothing on the fast path waits on the host.
 //
 //  offload(src, user):   e0 := record(user)           -- after the work that produced src
-//                        to_tier waits e0; copy src -> block on to_tier
-//                        done := record(to_tier)
+//                        to_tier waits e0 and the block's fences (Note [Ordered reuse], pool.hpp)
+//                        copy src -> block on to_tier; done := record(to_tier)
 //                        [fence_user] user waits done -- later writes to src cannot race the copy
 //  fetch(id, dst, user): e2 := record(user)           -- after the caller allocated dst on user
 //                        from_tier waits e2 and done  -- the offload copy may still be running
 //                        copy block -> dst on from_tier; e3 := record(from_tier)
 //                        user waits e3                -- later kernels see the bytes
+//  prefetch:             the same copy, but user does not wait; fetch later makes user wait e3.
+//  migrate (store_tiers.cpp): migrate stream waits done, last_read, prefetched and the new
+//                        block's fences; copy; m := record; the handle's done becomes m.
 //  Releasing the *source* of an offload (release=True) is the caller's side: the Python layer
 //  keeps the storage alive until `done` (record_stream on CUDA, a holder on emulation).
 //
-// Note [Deferred reuse]
-// A block leaves its pool for good only through defer_release_locked(), which parks it in
-// pending_ with the event of the last copy that touched it. reap() returns parked blocks to
-// their pool once their event completed; allocation never hands out a block a copy may still
-// read or write. When no tier has room, place() waits for parked blocks before giving up.
+// Note [Block release]
+// A handle's block is released with a fence: the event of the last copy touching it, which is
+// `prefetched`, else `last_read`, else `done` (reads wait on done; reads of one tier share its
+// from_tier stream, so the last submitted is the last to finish). The next owner of those bytes
+// orders its copy after the fence; reap() drops fences whose event completed.
 //
 // Note [Locking]
-// mutex_ guards the handle table, the pools, pending_ and the counters. No backend call (CUDA
-// runtime or emulation worker) is ever made while holding it: calls that need the lock take
-// what they need, drop it, talk to the backend, and re-take it to publish the result. An entry
-// in state `submitting` or `fetching` belongs to the thread that set it; others refuse it.
-// event_pool has its own lock and also calls the backend outside it.
+// mutex_ guards the handle table, the tiers' pools and segments, event refcounts, fences and
+// counters. No backend call (CUDA runtime or emulation worker) is ever made while holding it:
+// an operation takes what it needs, marks the entry as owned (state submitting or fetching, or
+// busy for a migration or prefetch), drops the lock, talks to the backend, and re-takes the
+// lock to publish. Others wait on `changed_` for an owned entry, or refuse it (a second fetch).
+// Events are reference counted (event_refs_): an entry, a fence or a batch may share one, and
+// it returns to the event pool at zero. event_pool has its own lock and calls the backend
+// outside it.
 #include "aqua/store.hpp"
 
 #include <algorithm>
@@ -37,6 +43,10 @@ namespace aqua {
 namespace {
 constexpr std::size_t no_offset = static_cast<std::size_t>(-1);
 constexpr std::size_t prealloc_events = 64;
+
+event_t last_touch(event_t prefetched, event_t last_read, event_t done) {
+  return prefetched ? prefetched : (last_read ? last_read : done);
+}
 }  // namespace
 
 const char* to_string(handle_state s) noexcept {
@@ -54,6 +64,7 @@ const char* to_string(handle_state s) noexcept {
 store::store(std::shared_ptr<backend> b, store_config cfg)
     : backend_(std::move(b)), config_(std::move(cfg)) {
   AQUA_EXPECTS(backend_ != nullptr, invalid_argument_error, "store: no backend");
+  policy_ = make_eviction_policy(config_.policy);
   const int n = backend_->device_count();
   AQUA_EXPECTS(config_.device >= 0 && config_.device < n, invalid_argument_error,
                "device " + std::to_string(config_.device) + " does not exist on the " +
@@ -65,7 +76,7 @@ store::store(std::shared_ptr<backend> b, store_config cfg)
     AQUA_EXPECTS(p.device >= 0 && p.device < n, invalid_argument_error,
                  "peer device " + std::to_string(p.device) + " does not exist on the " +
                      backend_->name() + " backend (" + std::to_string(n) + " device(s))");
-    AQUA_EXPECTS(p.bytes >= block_alignment, invalid_argument_error,
+    AQUA_EXPECTS(p.bytes == 0 || p.bytes >= block_alignment, invalid_argument_error,
                  "peer " + backend_->device_label(p.device) + ": " + format_bytes(p.bytes) +
                      " is smaller than one 256-byte block");
     for (std::size_t j = 0; j < i; ++j)
@@ -78,30 +89,32 @@ store::store(std::shared_ptr<backend> b, store_config cfg)
   }
   AQUA_EXPECTS(config_.host_bytes == 0 || config_.host_bytes >= block_alignment,
                invalid_argument_error, "host tier smaller than one 256-byte block");
+  AQUA_EXPECTS(!config_.peers.empty() || config_.host_bytes > 0, invalid_argument_error,
+               "no tier to offload to: give at least one peer or a host tier");
 
-  // Everything below is allocated once, here: the hot path makes no allocation call.
+  // Everything below is allocated once, here (and in lend): the hot path allocates nothing.
+  tiers_.reserve(config_.peers.size() + 1);
   try {
     device_guard guard(*backend_, config_.device);
     for (const auto& p : config_.peers) {
       if (p.device != config_.device) backend_->enable_peer_access(config_.device, p.device);
-      tier t{"peer", backend_->device_label(p.device), p.device, nullptr, 0, pool(p.bytes)};
-      tiers_.push_back(std::move(t));
-      auto& back = tiers_.back();
-      back.base = static_cast<std::byte*>(backend_->allocate_device(p.device, p.bytes));
-      back.reserved = p.bytes;
+      tiers_.push_back(tier{"peer", backend_->device_label(p.device), p.device, pool(), {}, {}});
+      if (p.bytes > 0) {
+        auto* mem = static_cast<std::byte*>(backend_->allocate_device(p.device, p.bytes));
+        const std::size_t base = tiers_.back().blocks.add_segment(p.bytes);
+        tiers_.back().segments.emplace(base, segment_memory{mem, p.bytes, false});
+      }
     }
     if (config_.host_bytes > 0) {
-      tier t{"host", "cpu", -1, nullptr, 0, pool(config_.host_bytes)};
-      tiers_.push_back(std::move(t));
-      auto& back = tiers_.back();
-      back.base = static_cast<std::byte*>(backend_->allocate_pinned_host(config_.host_bytes));
-      back.reserved = config_.host_bytes;
+      tiers_.push_back(tier{"host", "cpu", -1, pool(), {}, {}});
+      auto* mem = static_cast<std::byte*>(backend_->allocate_pinned_host(config_.host_bytes));
+      const std::size_t base = tiers_.back().blocks.add_segment(config_.host_bytes);
+      tiers_.back().segments.emplace(base, segment_memory{mem, config_.host_bytes, false});
     }
-    AQUA_EXPECTS(!tiers_.empty(), invalid_argument_error,
-                 "no tier to offload to: give at least one peer or a host tier");
     for (auto& t : tiers_) {
       t.to_tier = backend_->create_stream(config_.device);
       t.from_tier = backend_->create_stream(config_.device);
+      t.migrate = backend_->create_stream(config_.device);
     }
     events_ = std::make_unique<event_pool>(backend_, config_.device, prealloc_events);
   } catch (...) {
@@ -119,25 +132,25 @@ void store::release_resources() noexcept {
   // Called only once no copy can be running (after close(), or from a failed constructor).
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& kv : pending_)
-      if (events_) events_->release(kv.second.event);
-    pending_.clear();
-    for (auto& kv : entries_)
-      if (kv.second.done && events_) events_->release(kv.second.done);
+    if (events_)
+      for (auto& kv : event_refs_) events_->release(kv.first);
+    event_refs_.clear();
+    fences_.clear();
     entries_.clear();
   }
   events_.reset();
   for (auto& t : tiers_) {
-    if (t.to_tier) backend_->destroy_stream(t.to_tier);
-    if (t.from_tier) backend_->destroy_stream(t.from_tier);
-    t.to_tier = t.from_tier = 0;
-    if (t.base) {
-      if (t.device < 0)
-        backend_->free_pinned_host(t.base, t.reserved);
-      else
-        backend_->free_device(t.device, t.base);
-      t.base = nullptr;
+    for (stream_t* s : {&t.to_tier, &t.from_tier, &t.migrate}) {
+      if (*s) backend_->destroy_stream(*s);
+      *s = 0;
     }
+    for (auto& kv : t.segments) {
+      if (t.device < 0)
+        backend_->free_pinned_host(kv.second.ptr, kv.second.bytes);
+      else
+        backend_->free_device(t.device, kv.second.ptr);
+    }
+    t.segments.clear();
   }
 }
 
@@ -153,6 +166,58 @@ store::entry& store::find_locked(std::uint64_t id, const char* op) {
   return it->second;
 }
 
+store::entry& store::claim_locked(std::unique_lock<std::mutex>& lock, std::uint64_t id,
+                                  const char* op) {
+  for (;;) {
+    entry& e = find_locked(id, op);
+    if (e.busy || e.state == handle_state::submitting) {  // owned for a moment by another thread
+      changed_.wait(lock);
+      continue;
+    }
+    if (e.state != handle_state::in_flight && e.state != handle_state::offloaded)
+      throw invalid_handle_error(std::string(op) + ": handle " + std::to_string(id) + " is " +
+                                 to_string(e.state) + " in another call");
+    return e;
+  }
+}
+
+void store::ref_locked(event_t e) {
+  if (e) ++event_refs_[e];
+}
+
+void store::unref_locked(event_t e) {
+  if (!e) return;
+  auto it = event_refs_.find(e);
+  if (it == event_refs_.end()) return;
+  if (--it->second == 0) {
+    event_refs_.erase(it);
+    events_->release(e);
+  }
+}
+
+void store::release_block_locked(std::size_t t, std::size_t offset, event_t fence) {
+  tier& tr = tiers_[t];
+  tr.owner.erase(offset);
+  if (!fence) {
+    tr.blocks.release(offset);
+    return;
+  }
+  const std::uint64_t token = next_token_++;
+  ref_locked(fence);
+  fences_.emplace(token, fence);
+  tr.blocks.release(offset, token);
+}
+
+void store::retire_entry_locked(std::uint64_t id, entry& e, event_t fence) {
+  if (e.offset != no_offset) release_block_locked(e.tier, e.offset, fence);
+  unref_locked(e.done);
+  unref_locked(e.last_read);
+  unref_locked(e.prefetched);
+  --tiers_[e.tier].handles;
+  entries_.erase(id);
+  changed_.notify_all();
+}
+
 void store::enqueue_copy(void* dst, const void* src, std::size_t bytes, stream_t s) {
   auto* d = static_cast<std::byte*>(dst);
   const auto* p = static_cast<const std::byte*>(src);
@@ -160,208 +225,195 @@ void store::enqueue_copy(void* dst, const void* src, std::size_t bytes, stream_t
     backend_->copy_async(d + done, p + done, std::min(config_.chunk_bytes, bytes - done), s);
 }
 
-void store::defer_release_locked(std::size_t t, std::size_t offset, event_t e) {
-  const std::size_t bytes = tiers_[t].blocks.block_size(offset);
-  pending_.emplace(next_seq_++, pending_block{t, offset, bytes, e});
-  tiers_[t].pending_bytes += bytes;
-}
-
 void store::reap() {
   std::vector<std::pair<std::uint64_t, event_t>> parked;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (pending_.empty()) return;
-    parked.reserve(pending_.size());
-    for (const auto& kv : pending_) parked.emplace_back(kv.first, kv.second.event);
+    if (fences_.empty()) return;
+    parked.assign(fences_.begin(), fences_.end());
+    for (auto& kv : parked) ref_locked(kv.second);  // keep them from being recycled meanwhile
   }
-  std::vector<std::uint64_t> completed;
-  for (const auto& [seq, ev] : parked)
-    if (backend_->query(ev)) completed.push_back(seq);
-  if (completed.empty()) return;
+  std::vector<bool> completed(parked.size());
+  for (std::size_t i = 0; i < parked.size(); ++i) completed[i] = backend_->query(parked[i].second);
   std::lock_guard<std::mutex> lock(mutex_);
-  for (std::uint64_t seq : completed) {
-    auto it = pending_.find(seq);
-    if (it == pending_.end()) continue;  // another thread reaped it first
-    auto& t = tiers_[it->second.tier];
-    t.blocks.release(it->second.offset);
-    t.pending_bytes -= it->second.bytes;
-    events_->release(it->second.event);
-    pending_.erase(it);
+  for (std::size_t i = 0; i < parked.size(); ++i) {
+    if (completed[i] && fences_.erase(parked[i].first)) {  // another reaper may have been first
+      for (auto& t : tiers_) t.blocks.clear_fence(parked[i].first);
+      unref_locked(parked[i].second);
+    }
+    unref_locked(parked[i].second);
   }
 }
 
-void store::wait_pending() {
-  std::vector<event_t> parked;
+std::uint64_t store::offload(const void* src, std::size_t nbytes, stream_t user, bool fence_user,
+                             double priority, std::uint64_t base, std::size_t* copy_tier) {
+  std::size_t ignored = 0;
+  if (!copy_tier) copy_tier = &ignored;
+  require_open();
+  std::uint64_t id = 0;
+  std::size_t alloc = nbytes;
+  entry based{};
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (const auto& kv : pending_) parked.push_back(kv.second.event);
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (base != 0) {  // Note [Incremental offload] in store_tiers.cpp
+      entry& b = claim_locked(lock, base, "offload(base=)");
+      AQUA_EXPECTS(b.nbytes <= nbytes, invalid_argument_error,
+                   "offload(base=): the base handle holds " + format_bytes(b.nbytes) +
+                       ", more than the " + format_bytes(nbytes) + " offloaded now");
+      b.busy = true;  // ours until this call ends
+      based = b;
+    }
+    id = next_id_++;
+    entries_.emplace(id, entry{handle_state::submitting, 0, no_offset, nullptr, nbytes, 0, 0,
+                               priority, clock_, clock_});
+    ++clock_;
   }
-  for (event_t e : parked) backend_->wait(e);
-  reap();
-}
-
-std::uint64_t store::place_locked(std::size_t nbytes) {
-  for (std::size_t t = 0; t < tiers_.size(); ++t) {
-    auto offset = tiers_[t].blocks.allocate(nbytes);
-    if (!offset) continue;
-    const std::uint64_t id = next_id_++;
-    entries_.emplace(id, entry{handle_state::submitting, t, *offset, nbytes, 0});
-    ++tiers_[t].handles;
+  if (base != 0) {
+    *copy_tier = offload_incremental(id, base, based, src, nbytes, user, fence_user);
     return id;
   }
-  return 0;
-}
-
-std::string store::oom_message_locked(std::size_t nbytes) const {
-  std::string msg = "cannot offload " + format_bytes(nbytes) + ": no tier has a free block that large (";
-  for (std::size_t t = 0; t < tiers_.size(); ++t) {
-    const auto s = tiers_[t].blocks.stats();
-    if (t) msg += "; ";
-    msg += tiers_[t].kind + " " + tiers_[t].location + ": " + format_bytes(s.free) + " free of " +
-           format_bytes(s.capacity) + ", largest free block " + format_bytes(s.largest_free);
-  }
-  return msg + ")";
-}
-
-std::uint64_t store::offload(const void* src, std::size_t nbytes, stream_t user, bool fence_user) {
-  require_open();
   if (nbytes == 0) {  // nothing to copy: a handle with no block, already complete
     std::lock_guard<std::mutex> lock(mutex_);
-    const std::uint64_t id = next_id_++;
-    entries_.emplace(id, entry{handle_state::offloaded, 0, no_offset, 0, 0});
+    entry& e = entries_.at(id);
+    e.state = handle_state::offloaded;
     ++tiers_[0].handles;
     ++counters_.offloads;
+    changed_.notify_all();
+    *copy_tier = 0;
     return id;
   }
   AQUA_EXPECTS(src != nullptr, invalid_argument_error, "offload: null source pointer");
-
   reap();
-  std::uint64_t id = 0;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    id = place_locked(nbytes);
-  }
-  if (id == 0) {  // full: blocks awaiting deferred reuse may free enough room
-    wait_pending();
-    std::lock_guard<std::mutex> lock(mutex_);
-    id = place_locked(nbytes);
-    if (id == 0) throw out_of_memory_error(oom_message_locked(nbytes), nbytes);
-  }
+  *copy_tier = submit_offload(id, src, nbytes, alloc, user, fence_user);
+  return id;
+}
 
-  std::size_t t = 0, offset = 0;
-  {
+std::size_t store::submit_offload(std::uint64_t id, const void* src, std::size_t nbytes,
+                                  std::size_t alloc, stream_t user, bool fence_user) {
+  std::optional<placement> got;
+  try {
+    try {
+      got = place(alloc, 0, id);
+    } catch (const out_of_memory_error&) {
+      if (alloc == nbytes) throw;
+      got = place(nbytes, 0, id);  // no room for headroom: the exact size then
+    }
+  } catch (...) {
     std::lock_guard<std::mutex> lock(mutex_);
-    const entry& e = entries_.at(id);
-    t = e.tier;
-    offset = e.offset;
+    entries_.erase(id);
+    changed_.notify_all();
+    throw;
   }
-  tier& tr = tiers_[t];  // the vector never changes size; streams and base are immutable
+  const placement& p = *got;
+  tier& tr = tiers_[p.tier];  // streams are immutable; the pool is only touched under the lock
   const event_t ready_src = events_->acquire();
   const event_t done = events_->acquire();
-  bool done_recorded = false;
+  bool recorded = false;
   try {
     device_guard guard(*backend_, config_.device);
     backend_->record(ready_src, user);
     backend_->stream_wait(tr.to_tier, ready_src);
-    enqueue_copy(tr.base + offset, src, nbytes, tr.to_tier);
+    for (event_t f : p.fences) backend_->stream_wait(tr.to_tier, f);
+    enqueue_copy(p.ptr, src, nbytes, tr.to_tier);
     backend_->record(done, tr.to_tier);
-    done_recorded = true;
+    recorded = true;
     if (fence_user) backend_->stream_wait(user, done);
   } catch (...) {
-    // Part of the copy may be enqueued: park the block behind an event recorded after it.
-    bool parked = done_recorded;
-    if (!parked) {
+    // Part of the copy may be enqueued: fence the block behind an event recorded after it.
+    if (!recorded) {
       try {
         backend_->record(done, tr.to_tier);
-        parked = true;
-      } catch (...) {
+        recorded = true;
+      } catch (...) {  // the stream is unusable; nothing more will run on it
       }
     }
     std::lock_guard<std::mutex> lock(mutex_);
-    entries_.erase(id);
-    --tr.handles;
-    if (parked) {
-      defer_release_locked(t, offset, done);
-    } else {  // the stream is unusable; nothing more will run on it
-      tr.blocks.release(offset);
-      events_->release(done);
-    }
+    for (event_t f : p.fences) unref_locked(f);
+    release_block_locked(p.tier, p.offset, recorded ? done : 0);
+    if (!recorded) events_->release(done);
     events_->release(ready_src);
+    entries_.erase(id);
+    changed_.notify_all();
     throw;
   }
   events_->release(ready_src);  // the wait on it is already captured
   std::lock_guard<std::mutex> lock(mutex_);
+  for (event_t f : p.fences) unref_locked(f);
   entry& e = entries_.at(id);
   e.state = handle_state::in_flight;
+  e.tier = p.tier;
+  e.offset = p.offset;
+  e.ptr = p.ptr;
   e.done = done;
+  ref_locked(done);
+  ++tr.handles;
   ++counters_.offloads;
   counters_.bytes_offloaded += nbytes;
-  return id;
+  changed_.notify_all();
+  return p.tier;
 }
 
-void store::fetch(std::uint64_t id, void* dst, stream_t user) {
+void store::fetch(std::uint64_t id, void* dst, stream_t user, bool keep) {
+  fetch_many({id}, {dst}, user, keep);
+}
+
+std::size_t store::prefetch(std::uint64_t id, void* dst, stream_t user) {
   require_open();
-  entry snapshot{};
+  std::size_t t = 0;
+  std::byte* src = nullptr;
+  std::size_t nbytes = 0;
+  event_t done = 0;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    entry& e = find_locked(id, "fetch");
-    if (e.state != handle_state::in_flight && e.state != handle_state::offloaded)
-      throw invalid_handle_error("fetch: handle " + std::to_string(id) + " is " +
-                                 to_string(e.state) + " in another call");
-    snapshot = e;
-    e.state = handle_state::fetching;
+    std::unique_lock<std::mutex> lock(mutex_);
+    entry& e = claim_locked(lock, id, "prefetch");
+    if (e.prefetched || e.nbytes == 0) return e.tier;  // already on its way, or nothing to move
+    AQUA_EXPECTS(dst != nullptr, invalid_argument_error, "prefetch: null destination pointer");
+    e.busy = true;
+    t = e.tier;
+    src = e.ptr;
+    nbytes = e.nbytes;
+    done = e.done;
   }
-  if (snapshot.nbytes == 0) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    --tiers_[snapshot.tier].handles;
-    entries_.erase(id);
-    ++counters_.fetches;
-    return;
-  }
-  AQUA_EXPECTS(dst != nullptr, invalid_argument_error, "fetch: null destination pointer");
-  tier& tr = tiers_[snapshot.tier];
+  const stream_t stream = tiers_[t].from_tier;
   const event_t dst_ready = events_->acquire();
-  const event_t copied = events_->acquire();
+  const event_t landed = events_->acquire();
   try {
     device_guard guard(*backend_, config_.device);
     backend_->record(dst_ready, user);
-    backend_->stream_wait(tr.from_tier, dst_ready);
-    backend_->stream_wait(tr.from_tier, snapshot.done);
-    enqueue_copy(dst, tr.base + snapshot.offset, snapshot.nbytes, tr.from_tier);
-    backend_->record(copied, tr.from_tier);
-    backend_->stream_wait(user, copied);
+    backend_->stream_wait(stream, dst_ready);
+    backend_->stream_wait(stream, done);
+    enqueue_copy(dst, src, nbytes, stream);
+    backend_->record(landed, stream);
   } catch (...) {
-    // The caller frees dst when we throw: make sure no enqueued piece can still write it.
     try {
-      backend_->synchronize_stream(tr.from_tier);
+      backend_->synchronize_stream(stream);
     } catch (...) {
     }
     events_->release(dst_ready);
-    events_->release(copied);
+    events_->release(landed);
     std::lock_guard<std::mutex> lock(mutex_);
-    entries_.at(id).state = snapshot.state;  // the handle stays valid: the block was only read
+    entries_.at(id).busy = false;
+    changed_.notify_all();
     throw;
   }
   events_->release(dst_ready);
   std::lock_guard<std::mutex> lock(mutex_);
-  events_->release(snapshot.done);  // waits on it are captured; nothing else uses it
-  defer_release_locked(snapshot.tier, snapshot.offset, copied);
-  --tr.handles;
-  entries_.erase(id);
-  ++counters_.fetches;
-  counters_.bytes_fetched += snapshot.nbytes;
+  entry& e = entries_.at(id);
+  e.prefetched = landed;
+  ref_locked(landed);
+  e.busy = false;
+  e.last_use = clock_++;
+  ++counters_.prefetches;
+  counters_.bytes_fetched += nbytes;
+  changed_.notify_all();
+  return t;
 }
 
 void store::free(std::uint64_t id) {
   require_open();
-  std::lock_guard<std::mutex> lock(mutex_);
-  entry& e = find_locked(id, "free");
-  if (e.state != handle_state::in_flight && e.state != handle_state::offloaded)
-    throw invalid_handle_error("free: handle " + std::to_string(id) + " is " + to_string(e.state) +
-                               " in another call");
-  if (e.nbytes > 0) defer_release_locked(e.tier, e.offset, e.done);
-  --tiers_[e.tier].handles;
-  entries_.erase(id);
+  std::unique_lock<std::mutex> lock(mutex_);
+  entry& e = claim_locked(lock, id, "free");
+  retire_entry_locked(id, e, last_touch(e.prefetched, e.last_read, e.done));
   ++counters_.frees;
 }
 
@@ -373,27 +425,36 @@ bool store::ready(std::uint64_t id) {
     if (e.state == handle_state::offloaded) return true;
     if (e.state != handle_state::in_flight) return false;
     ev = e.done;
+    ref_locked(ev);
   }
-  if (!backend_->query(ev)) return false;
+  const bool done = backend_->query(ev);
   std::lock_guard<std::mutex> lock(mutex_);
+  unref_locked(ev);
   auto it = entries_.find(id);
-  if (it != entries_.end() && it->second.state == handle_state::in_flight && it->second.done == ev)
+  if (done && it != entries_.end() && it->second.state == handle_state::in_flight &&
+      it->second.done == ev)
     it->second.state = handle_state::offloaded;
-  return true;
+  return done;
 }
 
 void store::wait(std::uint64_t id) {
-  event_t ev = 0;
+  std::vector<event_t> evs;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
     entry& e = find_locked(id, "wait");
-    if (e.state != handle_state::in_flight) return;
-    ev = e.done;
+    while (e.busy) changed_.wait(lock);
+    for (event_t ev : {e.state == handle_state::in_flight ? e.done : 0, e.prefetched})
+      if (ev) {
+        ref_locked(ev);
+        evs.push_back(ev);
+      }
   }
-  backend_->wait(ev);
+  for (event_t ev : evs) backend_->wait(ev);
   std::lock_guard<std::mutex> lock(mutex_);
+  for (event_t ev : evs) unref_locked(ev);
   auto it = entries_.find(id);
-  if (it != entries_.end() && it->second.state == handle_state::in_flight && it->second.done == ev)
+  if (it != entries_.end() && it->second.state == handle_state::in_flight && !evs.empty() &&
+      it->second.done == evs.front())
     it->second.state = handle_state::offloaded;
 }
 
@@ -402,7 +463,8 @@ handle_info store::info(std::uint64_t id) const {
   auto it = entries_.find(id);
   if (it == entries_.end())
     throw invalid_handle_error("handle " + std::to_string(id) + " is not live");
-  return {it->second.state, it->second.tier, it->second.nbytes};
+  const entry& e = it->second;
+  return {e.state, e.tier, e.nbytes, e.prefetched != 0};
 }
 
 bool store::contains(std::uint64_t id) const {
@@ -412,10 +474,8 @@ bool store::contains(std::uint64_t id) const {
 
 void store::synchronize() {
   require_open();
-  for (auto& t : tiers_) {
-    backend_->synchronize_stream(t.to_tier);
-    backend_->synchronize_stream(t.from_tier);
-  }
+  for (auto& t : tiers_)
+    for (stream_t s : {t.to_tier, t.from_tier, t.migrate}) backend_->synchronize_stream(s);
   reap();
   std::lock_guard<std::mutex> lock(mutex_);
   for (auto& kv : entries_)
@@ -425,10 +485,11 @@ void store::synchronize() {
 void store::close() noexcept {
   if (closed_.exchange(true)) return;
   for (auto& t : tiers_) {
-    try {
-      if (t.to_tier) backend_->synchronize_stream(t.to_tier);
-      if (t.from_tier) backend_->synchronize_stream(t.from_tier);
-    } catch (...) {  // a dying runtime (cudaErrorCudartUnloading at exit): nothing left to wait on
+    for (stream_t s : {t.to_tier, t.from_tier, t.migrate}) {
+      try {
+        if (s) backend_->synchronize_stream(s);
+      } catch (...) {  // a dying runtime (cudaErrorCudartUnloading at exit): nothing to wait on
+      }
     }
   }
 }
@@ -438,9 +499,13 @@ store_stats store::stats() {
   std::lock_guard<std::mutex> lock(mutex_);
   store_stats s = counters_;
   s.tiers.clear();
-  for (const auto& t : tiers_)
-    s.tiers.push_back(tier_stats{t.kind, t.location, t.blocks.stats(), t.pending_bytes, t.handles});
-  s.live_handles = entries_.size();
+  for (const auto& t : tiers_) {
+    std::size_t lent = 0;
+    for (const auto& kv : t.segments) lent += kv.second.lent ? 1 : 0;
+    s.tiers.push_back(tier_stats{t.kind, t.location, t.device, t.blocks.stats(), t.handles, lent});
+  }
+  s.live_handles = 0;  // handles being submitted are not live yet (nor counted in a tier)
+  for (const auto& kv : entries_) s.live_handles += kv.second.state != handle_state::submitting;
   s.events_created = events_ ? events_->created() : 0;
   return s;
 }

@@ -108,6 +108,19 @@ def current_stream(device: torch.device) -> int:
     return 0
 
 
+def external_stream(ptr: int, device: torch.device) -> Any:
+    """A torch stream object for a raw cudaStream_t owned by the core."""
+    return torch.cuda.ExternalStream(ptr, device=device)
+
+
+def record_stream(memory: torch.Tensor | torch.UntypedStorage, stream: Any) -> None:
+    """Tell torch's caching allocator that ``stream`` uses ``memory``: once freed, it is handed
+    to new work only after what ``stream`` has enqueued so far completed."""
+    if isinstance(memory, torch.UntypedStorage):
+        memory = torch.empty(0, dtype=torch.uint8, device=memory.device).set_(memory)
+    memory.record_stream(stream)
+
+
 def info() -> dict[str, Any]:
     """Describe the backend, its devices, the peer-access matrix and the live managers' pools.
 

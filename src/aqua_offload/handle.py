@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import InvalidHandleError
+from .errors import InvalidArgumentError, InvalidHandleError
 
 if TYPE_CHECKING:
     from .manager import OffloadManager
@@ -29,12 +29,14 @@ class Handle:
         Whether the source storage was paged out (and ``fetch`` restores it in place).
     """
 
-    __slots__ = ("_manager", "_id", "nbytes", "shape", "dtype", "release", "_tensor", "_key",
-                 "_holder", "_terminal", "_tier", "_location", "__weakref__")
+    __slots__ = ("_manager", "_id", "nbytes", "shape", "dtype", "release", "priority", "_tensor",
+                 "_key", "_holder", "_terminal", "_tier", "_location", "_prefetch",
+                 "_prefetch_tier", "_kept", "__weakref__")
 
     def __init__(self, manager: "OffloadManager", core_id: int, *, nbytes: int,
                  shape: torch.Size, dtype: torch.dtype, release: bool,
-                 tensor: torch.Tensor | None, key: int | None, tier: str, location: str) -> None:
+                 tensor: torch.Tensor | None, key: int | None, tier: str, location: str,
+                 priority: float = 0.0) -> None:
         self._manager = manager
         self._id = core_id
         self.nbytes = nbytes
@@ -47,6 +49,10 @@ class Handle:
         self._terminal: str | None = None
         self._tier = tier
         self._location = location
+        self.priority = priority
+        self._prefetch: torch.Tensor | None = None  # destination of a prefetch in flight
+        self._prefetch_tier = 0
+        self._kept = False  # a release fetched with keep=True: the tier copy outlives it
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -66,14 +72,25 @@ class Handle:
 
     @property
     def tier(self) -> str:
-        """``"peer"`` (another GPU's memory) or ``"host"`` (pinned host memory)."""
+        """``"peer"`` (another GPU's memory) or ``"host"`` (pinned host memory). A handle can
+        move down the cascade (eviction, reclaim) while it lives."""
+        self._refresh_tier()
         return self._tier
 
     @property
     def location(self) -> str:
         """Where the bytes live: ``"cuda:N"`` for a peer GPU, ``"emu:N"`` for an emulated peer,
         ``"cpu"`` for pinned host memory."""
+        self._refresh_tier()
         return self._location
+
+    def _refresh_tier(self) -> None:
+        if self._terminal is None:
+            try:
+                tier = self._manager._store.info(self._id)[1]
+            except InvalidHandleError:
+                return
+            self._tier, self._location = self._manager._tiers[tier]
 
     @property
     def manager(self) -> "OffloadManager":
@@ -91,10 +108,15 @@ class Handle:
         """Drop the offloaded bytes (see :meth:`OffloadManager.free`)."""
         self._manager.free(self)
 
+    def prefetch(self) -> "Handle":
+        """Start the copy back now (see :meth:`OffloadManager.prefetch`)."""
+        return self._manager.prefetch(self)
+
     def _finish(self, state: str) -> None:
         self._terminal = state
         self._tensor = None
         self._holder = None
+        self._prefetch = None
 
     def __del__(self) -> None:
         # A snapshot nobody can reach any more can never be fetched: give its block back.
@@ -106,6 +128,16 @@ class Handle:
             pass
 
     def __repr__(self) -> str:
-        kind = "release" if self.release else "snapshot"
+        kind = "kept copy" if self._kept else ("release" if self.release else "snapshot")
         return (f"<aqua_offload.Handle {self.state} {kind} {tuple(self.shape)} {self.dtype} "
                 f"{self.nbytes} B on {self.tier} {self.location}>")
+
+
+def check_priority(priority: Any) -> float:
+    """An eviction priority: any real number (lower is evicted first), not NaN, not a bool."""
+    if isinstance(priority, bool) or not isinstance(priority, (int, float)):
+        raise InvalidArgumentError(f"priority must be a number, got {priority!r}")
+    value = float(priority)
+    if value != value:
+        raise InvalidArgumentError("priority must not be NaN")
+    return value

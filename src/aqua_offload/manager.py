@@ -28,14 +28,16 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from . import _core, storage
-from .devices import DeviceLike, current_stream, parse_peer, resolve_device, resolve_peers
+from .storage import snapshot_source as _snapshot_source
+from .devices import (DeviceLike, current_stream, external_stream, parse_peer, record_stream,
+                      resolve_device, resolve_peers)
 from .errors import InvalidArgumentError, InvalidHandleError, OffloadError
-from .handle import Handle
+from .handle import Handle, check_priority as _check_priority
 from .sizes import parse_size
 
 __all__ = ["OffloadManager", "live_managers"]
 
-POLICIES = ("lru",)
+POLICIES = tuple(_core.eviction_policies())
 # Defaults sized for the backend: a GPU server lends GiBs; emulation arenas are pre-faulted host
 # memory on small machines, so they stay small unless asked for.
 _DEFAULT_BYTES = {"cuda": ("8GiB", "16GiB"), "emulation": ("64MiB", "256MiB")}
@@ -70,7 +72,10 @@ class OffloadManager:
         Pinned host pool size, allocated once at exactly this size. 0 disables the host tier.
         Default 16 GiB (256 MiB on emulation).
     policy : str
-        Eviction policy name (``"lru"``).
+        Which handles leave a full tier first (they move down the cascade, never lost):
+        ``"lru"`` (default: least recently offloaded or prefetched), ``"fifo"`` (first
+        offloaded), ``"largest"`` (fewest migrations to free a large range). A handle's
+        ``priority`` comes first: lower priority is evicted first.
     chunk_bytes : int or str, optional
         Copies larger than this are enqueued in pieces of this size: 32 MiB by default on CUDA;
         whole copies by default on emulation.
@@ -104,7 +109,7 @@ class OffloadManager:
             peer_specs = [(p, size) for p in resolve_peers(peers, backend, index)]
         host = parse_size(default_host if host_bytes is None else host_bytes, name="host_bytes")
         chunk = _DEFAULT_CHUNK[backend] if chunk_bytes is None else parse_size(chunk_bytes, name="chunk_bytes")
-        self._store = _core.Store(backend, index, peer_specs, host, chunk)
+        self._store = _core.Store(backend, index, peer_specs, host, chunk, policy)
         self.device = tdevice
         self.policy = policy
         self._cuda = backend == "cuda"
@@ -115,11 +120,13 @@ class OffloadManager:
         self._holders_lock = threading.Lock()
         self._released: dict[int, Handle] = {}  # core id -> live release=True handle
         self._released_lock = threading.Lock()
+        self._prefetched_bytes = 0
         self._closed = False
         _live.add(self)
 
     # -- offload -------------------------------------------------------------------------
-    def offload(self, tensor: torch.Tensor, release: bool = True) -> Handle:
+    def offload(self, tensor: torch.Tensor, release: bool = True, *, priority: float = 0.0,
+                base: Handle | None = None) -> Handle:
         """Start copying ``tensor`` to the fastest tier with room; return at once.
 
         Parameters
@@ -130,91 +137,123 @@ class OffloadManager:
             True: page out the tensor's whole storage (every view of it); the tensor must not
             be touched until fetched (see :func:`is_offloaded`, :func:`debug_guard`).
             False: take a snapshot; the tensor stays valid and ``fetch`` returns a new one.
+        priority : float
+            Eviction priority: when a tier is full, lower priorities move down first.
+        base : Handle, optional
+            Incremental offload of append-only state: a live handle (e.g. kept by
+            ``fetch(h, keep=True)``) whose bytes are a prefix of this offload's bytes. Only the
+            new suffix is copied when ``base``'s block has room; ``base`` is consumed.
 
         Raises
         ------
         OutOfMemoryError
-            No tier has room; the tensor is untouched.
+            No tier has room, even after eviction; the tensor is untouched.
         InvalidArgumentError
-            Wrong device or layout, or the storage is already paged out.
+            Wrong device or layout, the storage is already paged out, a bad priority or base.
         """
         self._check_open()
         self._check_tensor(tensor, "offload")
+        prio = _check_priority(priority)
+        base_id = 0 if base is None else self._own(base, "offload(base=)")._id
         self._reap_holders()
         if release:
-            return self._offload_release(tensor)
-        return self._offload_snapshot(tensor)
+            src = tensor.untyped_storage()
+            if not src.resizable():
+                raise InvalidArgumentError(
+                    "offload(release=True): this storage is not owned by torch's allocator (e.g. "
+                    "made by torch.from_numpy or from a buffer), so it cannot be paged out in "
+                    "place; use release=False")
+            key, token = storage.reserve(tensor, "offload(release=True)")
+            try:
+                core_id, tier = self._store.offload(src.data_ptr(), src.nbytes(),
+                                                    current_stream(self.device), False, prio,
+                                                    base_id)
+            except BaseException:
+                storage.unregister(key, token)
+                raise
+            return self._paged_out(core_id, tier, tensor, key, token, prio, base)
+        src_bytes = _snapshot_source(tensor)
+        nbytes = src_bytes.numel() * src_bytes.element_size()
+        # A temporary source may be dropped after the call: the current stream (its allocation
+        # stream) waits for the copy, so its memory is reused only after the copy read it.
+        core_id, _ = self._store.offload(src_bytes.data_ptr() if nbytes else 0, nbytes,
+                                         current_stream(self.device), True, prio, base_id)
+        if base is not None:
+            self._consumed(base)
+        return self._new_handle(core_id, tensor, nbytes=nbytes, release=False, key=None,
+                                priority=prio)
 
-    def _offload_release(self, tensor: torch.Tensor) -> Handle:
-        store = tensor.untyped_storage()
-        if not store.resizable():
-            raise InvalidArgumentError(
-                "offload(release=True): this storage is not owned by torch's allocator (e.g. made "
-                "by torch.from_numpy or from a buffer), so it cannot be paged out in place; use "
-                "release=False")
-        key, token = storage.reserve(tensor, "offload(release=True)")
-        try:
-            core_id = self._store.offload(store.data_ptr(), store.nbytes(),
-                                          current_stream(self.device), False)
-        except BaseException:
-            storage.unregister(key, token)
-            raise
-        handle = self._new_handle(core_id, tensor, nbytes=store.nbytes(), release=True, key=key)
-        holder = storage.swap_out(store)
+    def _paged_out(self, core_id: int, tier: int, tensor: torch.Tensor, key: int, token: Any,
+                   prio: float, base: Handle | None) -> Handle:
+        """After the store accepted a release: page the storage out and protect its memory."""
+        if base is not None:
+            self._consumed(base)
+        src = tensor.untyped_storage()
+        handle = self._new_handle(core_id, tensor, nbytes=src.nbytes(), release=True, key=key,
+                                  priority=prio)
+        holder = storage.swap_out(src)
         storage.commit(key, token, handle)
         with self._released_lock:
             self._released[core_id] = handle
-        if self._cuda:
-            if holder.nbytes():
-                stream = self._copy_stream(self._store.info(core_id)[1])
-                torch.empty(0, dtype=torch.uint8, device=self.device).set_(holder).record_stream(stream)
-        elif holder.nbytes():
+        if not holder.nbytes():
+            return handle
+        if self._cuda:  # the allocator reuses the memory only after the copy stream passed here
+            self._record_stream(holder, self._stream(tier, "to_tier"))
+        else:
             handle._holder = holder
             with self._holders_lock:
                 self._holders.append(handle)
         return handle
 
-    def _offload_snapshot(self, tensor: torch.Tensor) -> Handle:
-        if storage.is_offloaded(tensor):
-            raise InvalidArgumentError("offload(release=False): the tensor's storage is paged out; "
-                                       "fetch its handle first")
-        # Materialise lazy conjugate/negative views and strides: the tier holds plain bytes.
-        src = tensor.resolve_conj().resolve_neg().contiguous()
-        nbytes = src.numel() * src.element_size()
-        core_id = self._store.offload(src.data_ptr() if nbytes else 0, nbytes,
-                                      current_stream(self.device), True)
-        # `src`, if a temporary, may be dropped now: the current stream (its allocation stream)
-        # waits for the copy, so its memory is reused only after the copy read it.
-        return self._new_handle(core_id, tensor, nbytes=nbytes, release=False, key=None)
-
     def _new_handle(self, core_id: int, tensor: torch.Tensor, *, nbytes: int, release: bool,
-                    key: int | None) -> Handle:
-        _, tier, _ = self._store.info(core_id)
+                    key: int | None, priority: float) -> Handle:
+        tier = self._store.info(core_id)[1]
         kind, location = self._tiers[tier]
         return Handle(self, core_id, nbytes=nbytes, shape=tensor.shape, dtype=tensor.dtype,
                       release=release, tensor=tensor if release else None, key=key,
-                      tier=kind, location=location)
+                      tier=kind, location=location, priority=priority)
 
-    def offload_many(self, tensors: Sequence[torch.Tensor], release: bool = True) -> list[Handle]:
-        """Offload each tensor; all or nothing: on an error, those already offloaded are
-        fetched back (release) or freed (snapshots) before the error propagates."""
+    def offload_many(self, tensors: Sequence[torch.Tensor], release: bool = True, *,
+                     priority: float = 0.0) -> list[Handle]:
+        """Offload every tensor in one call into the core: one event on the current stream and
+        one batched submission per tier, so many small tensors cost about one copy of their
+        total size. All or nothing: on an error nothing is offloaded."""
+        self._check_open()
         tensors = list(tensors)
         for t in tensors:
             self._check_tensor(t, "offload_many")
-        done: list[Handle] = []
+        prio = _check_priority(priority)
+        self._reap_holders()
+        stream = current_stream(self.device)
+        if not release:
+            srcs = [_snapshot_source(t) for t in tensors]
+            sizes = [s.numel() * s.element_size() for s in srcs]
+            got = self._store.offload_many(
+                [(s.data_ptr() if n else 0, n, prio) for s, n in zip(srcs, sizes)], stream, True)
+            return [self._new_handle(cid, t, nbytes=n, release=False, key=None, priority=prio)
+                    for (cid, _), t, n in zip(got, tensors, sizes)]
+        reserved: list[tuple[int, Any]] = []
         try:
             for t in tensors:
-                done.append(self.offload(t, release=release))
+                if not t.untyped_storage().resizable():
+                    raise InvalidArgumentError("offload_many(release=True): a storage not owned by "
+                                               "torch's allocator cannot be paged out in place")
+                reserved.append(storage.reserve(t, "offload_many(release=True)"))
+            stores = [t.untyped_storage() for t in tensors]
+            got = self._store.offload_many([(s.data_ptr(), s.nbytes(), prio) for s in stores],
+                                           stream, False)
         except BaseException:
-            for h in reversed(done):
-                (self.fetch if release else self.free)(h)
+            for key, token in reserved:
+                storage.unregister(key, token)
             raise
-        return done
+        return [self._paged_out(cid, tier, t, key, token, prio, None)
+                for (cid, tier), t, (key, token) in zip(got, tensors, reserved)]
 
     # -- fetch ---------------------------------------------------------------------------
-    def fetch(self, handle: Handle | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def fetch(self, handle: Handle | torch.Tensor, out: torch.Tensor | None = None, *,
+              keep: bool = False) -> torch.Tensor:
         """Copy the handle's bytes back to this device, ordered before later work on the
-        current stream; consumes the handle.
+        current stream.
 
         Parameters
         ----------
@@ -222,6 +261,10 @@ class OffloadManager:
             A handle of this manager, or a paged-out tensor (its handle is looked up).
         out : torch.Tensor, optional
             Snapshots only: a contiguous tensor of the same shape and dtype to fetch into.
+        keep : bool
+            Keep the tier's copy: the handle stays live, e.g. as the ``base`` of the next
+            incremental offload. A kept snapshot can be fetched again; a kept release can
+            serve as ``base`` or be freed.
 
         Returns
         -------
@@ -231,49 +274,132 @@ class OffloadManager:
         """
         self._check_open()
         handle = self._own(handle, "fetch")
+        if handle._kept:
+            raise InvalidHandleError("fetch: this handle is the kept copy of a tensor already "
+                                     "restored; use it as offload(..., base=h) or free it")
         stream = current_stream(self.device)
         if handle.release:
             if out is not None:
                 raise InvalidArgumentError("fetch: out= is for snapshots; a released tensor is "
                                            "restored in place")
             tensor = handle._tensor
-            store = tensor.untyped_storage()
-            if store.nbytes() != 0:
-                raise InvalidArgumentError("fetch: the paged-out storage was resized meanwhile; "
-                                           "refusing to overwrite it")
-            fresh = torch.empty(handle.nbytes, dtype=torch.uint8, device=self.device)
-            self._store.fetch(handle._id, fresh.data_ptr() if handle.nbytes else 0, stream)
-            storage.swap_in(store, fresh.untyped_storage())
-            self._retire(handle, "fetched")
+            dest = self._release_destination(handle, tensor)
+            self._store.fetch(handle._id, 0 if handle._prefetch is not None else
+                              (dest.data_ptr() if handle.nbytes else 0), stream, keep)
+            storage.swap_in(tensor.untyped_storage(), dest.untyped_storage())
+            self._drop_prefetch(handle)
+            if keep:
+                self._unpage(handle)
+                handle._kept = True
+            else:
+                self._retire(handle, "fetched")
             return tensor
-        if out is None:
-            out = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
+        if handle._prefetch is not None:
+            buf = handle._prefetch
+            if out is not None:
+                self._check_out(out, handle)
+            self._store.fetch(handle._id, 0, stream, keep)
+            self._drop_prefetch(handle)
+            result = out.copy_(buf) if out is not None else buf
         else:
-            self._check_out(out, handle)
-        self._store.fetch(handle._id, out.data_ptr() if handle.nbytes else 0, stream)
-        handle._finish("fetched")
-        return out
+            if out is None:
+                out = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
+            else:
+                self._check_out(out, handle)
+            self._store.fetch(handle._id, out.data_ptr() if handle.nbytes else 0, stream, keep)
+            result = out
+        if not keep:
+            handle._finish("fetched")
+        return result
 
     def fetch_many(self, handles: Iterable[Handle | torch.Tensor]) -> list[torch.Tensor]:
-        """Fetch each handle, in order. All handles are checked before any is fetched."""
+        """Fetch every handle in one call into the core (one event, one batched submission per
+        tier). All handles are checked before any is fetched."""
+        self._check_open()
         handles = [self._own(h, "fetch_many") for h in handles]
         if len({id(h) for h in handles}) != len(handles):
             raise InvalidArgumentError("fetch_many: a handle is listed twice")
-        return [self.fetch(h) for h in handles]
+        for h in handles:
+            if h._kept:
+                raise InvalidHandleError("fetch_many: a kept copy of a restored tensor")
+        dests = []
+        for h in handles:
+            if h.release:
+                dests.append(self._release_destination(h, h._tensor))
+            else:
+                dests.append(h._prefetch if h._prefetch is not None else
+                             torch.empty(h.shape, dtype=h.dtype, device=self.device))
+        ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
+                for h, d in zip(handles, dests)]
+        self._store.fetch_many([h._id for h in handles], ptrs, current_stream(self.device))
+        results = []
+        for h, d in zip(handles, dests):
+            self._drop_prefetch(h)
+            if h.release:
+                tensor = h._tensor
+                storage.swap_in(tensor.untyped_storage(), d.untyped_storage())
+                self._retire(h, "fetched")
+                results.append(tensor)
+            else:
+                h._finish("fetched")
+                results.append(d)
+        return results
 
-    # -- free, waits, stats --------------------------------------------------------------
+    def prefetch(self, handle: Handle | torch.Tensor) -> Handle:
+        """Start copying the handle back now, into memory allocated on the current stream, and
+        return at once; a later ``fetch`` only waits for it (no second copy). The destination
+        is counted in ``stats()["prefetched_bytes"]`` and given back if the handle is freed."""
+        self._check_open()
+        handle = self._own(handle, "prefetch")
+        if handle._prefetch is not None:
+            return handle
+        if handle._kept:
+            raise InvalidHandleError("prefetch: a kept copy of a restored tensor")
+        if handle.release:
+            buf = torch.empty(handle.nbytes, dtype=torch.uint8, device=self.device)
+        else:
+            buf = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
+        tier = self._store.prefetch(handle._id, buf.data_ptr() if handle.nbytes else 0,
+                                    current_stream(self.device))
+        handle._prefetch = buf
+        handle._prefetch_tier = tier
+        with self._holders_lock:
+            self._prefetched_bytes += handle.nbytes
+        return handle
+
+    def _release_destination(self, handle: Handle, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().nbytes() != 0:
+            if not self._store.contains(handle._id):  # fetched a moment ago by another thread
+                raise InvalidHandleError("fetch: the handle was already fetched")
+            raise InvalidArgumentError("fetch: the paged-out storage was resized meanwhile; "
+                                       "refusing to overwrite it")
+        if handle._prefetch is not None:
+            return handle._prefetch
+        return torch.empty(handle.nbytes, dtype=torch.uint8, device=self.device)
+
+    def _drop_prefetch(self, handle: Handle) -> None:
+        if handle._prefetch is None:
+            return
+        handle._prefetch = None
+        with self._holders_lock:
+            self._prefetched_bytes -= handle.nbytes
+
+    # -- free, waits, lending, stats -----------------------------------------------------
     def free(self, handle: Handle | torch.Tensor) -> None:
         """Drop the handle's offloaded bytes without fetching them. For a release, the tensor
         keeps its empty storage: its data is gone."""
         self._check_open()
         handle = self._own(handle, "free")
-        if handle._holder is not None:  # emulation: the copy may still read the holder
-            self._store.wait(handle._id)
+        if handle._holder is not None or (handle._prefetch is not None and not self._cuda):
+            self._store.wait(handle._id)  # emulation: a copy may still use the holder/buffer
+        elif handle._prefetch is not None:
+            self._record_stream(handle._prefetch, self._stream(handle._prefetch_tier, "from_tier"))
+        self._drop_prefetch(handle)
         self._store.free(handle._id)
         self._retire(handle, "freed")
 
     def _discard(self, handle: Handle) -> None:
-        if not self._closed and handle._terminal is None:
+        if not self._closed and handle._terminal is None and handle._prefetch is None:
             self._store.free(handle._id)
             handle._finish("freed")
 
@@ -290,6 +416,42 @@ class OffloadManager:
         self._store.wait(handle._id)
         handle._holder = None
 
+    def lend(self, device: DeviceLike, nbytes: int | str) -> int:
+        """Grow the pool on peer ``device`` by ``nbytes`` (a new segment, allocated now).
+
+        Returns
+        -------
+        int
+            The peer tier's capacity afterwards, in bytes.
+        """
+        self._check_open()
+        n = parse_size(nbytes, name="lend nbytes")
+        if n == 0:
+            raise InvalidArgumentError("lend: 0 bytes")
+        return int(self._store.lend(parse_peer(device, self._store.backend), n))
+
+    def reclaim(self, device: DeviceLike, nbytes: int | str | None = None) -> int:
+        """Take memory back from the pool on peer ``device``: whole segments, newest first,
+        covering at least ``nbytes`` (everything when None). Every handle living there first
+        moves down the cascade; nothing is lost. Blocks until the memory is freed; safe while
+        other threads offload and fetch. The latency is reported in ``stats()``.
+
+        Returns
+        -------
+        int
+            Bytes handed back (whole segments: possibly more than asked).
+
+        Raises
+        ------
+        InvalidArgumentError
+            More than is lent, an unknown device, or a reclaim of it already in progress.
+        OutOfMemoryError
+            The lower tiers cannot take the handles; nothing was reclaimed.
+        """
+        self._check_open()
+        n = None if nbytes is None else parse_size(nbytes, name="reclaim nbytes")
+        return int(self._store.reclaim(parse_peer(device, self._store.backend), n))
+
     def synchronize(self) -> None:
         """Block until every copy issued by this manager has completed."""
         self._check_open()
@@ -297,20 +459,22 @@ class OffloadManager:
         self._reap_holders()
 
     def stats(self) -> dict[str, Any]:
-        """Counters and per-tier pool statistics.
+        """Counters and per-tier pool statistics; see docs/stats.md for every key.
 
         Returns
         -------
         dict
-            ``backend``, ``device``, ``tiers`` (per tier: ``tier``, ``location``, ``capacity``,
-            ``used``, ``peak``, ``free``, ``largest_free``, ``fragmentation``, ``blocks``,
-            ``free_ranges``, ``pending`` (bytes awaiting deferred reuse), ``handles``),
-            ``offloads``, ``fetches``, ``frees``, ``bytes_offloaded``, ``bytes_fetched``,
-            ``live_handles``, ``events_created``. All sizes in bytes.
+            ``backend``, ``device``, ``policy``, ``tiers`` (per tier: ``tier``, ``location``,
+            ``capacity``, ``used``, ``peak``, ``free``, ``largest_free``, ``fragmentation``,
+            ``blocks``, ``free_ranges``, ``segments``, ``lent_segments``, ``fenced``,
+            ``handles``), operation counters, bytes moved per direction, evictions,
+            migrations, lending and reclaim latency, ``prefetched_bytes``. Sizes in bytes.
         """
         s = self._store.stats()
         s["backend"] = self._store.backend
         s["device"] = str(self.device)
+        s["policy"] = self.policy
+        s["prefetched_bytes"] = self._prefetched_bytes
         return s
 
     # -- lifetime ------------------------------------------------------------------------
@@ -320,7 +484,7 @@ class OffloadManager:
 
     def close(self, restore: bool = True) -> None:
         """Release the pools. With ``restore`` (default), every tensor paged out by this
-        manager is fetched back first, so no data is lost; snapshot handles become invalid."""
+        manager is fetched back first, so no data is lost; other handles become invalid."""
         if self._closed:
             return
         if restore:
@@ -330,7 +494,7 @@ class OffloadManager:
                 if h._terminal is None:
                     self.fetch(h)
         self._closed = True
-        self._store.close()
+        self._store.close()  # waits for every copy: holders and prefetch buffers are free now
         with self._released_lock:
             for h in self._released.values():
                 storage.unregister(h._key, h)
@@ -338,6 +502,7 @@ class OffloadManager:
             self._released.clear()
         with self._holders_lock:
             self._holders.clear()
+            self._prefetched_bytes = 0
 
     def __enter__(self) -> "OffloadManager":
         return self
@@ -387,13 +552,30 @@ class OffloadManager:
             raise InvalidHandleError(f"{what}: the handle belongs to another OffloadManager")
         if handle._terminal is not None:
             raise InvalidHandleError(f"{what}: the handle was already {handle._terminal}")
+        if what == "offload(base=)":
+            if handle.release and not handle._kept:
+                raise InvalidArgumentError(
+                    "offload(base=): the base still holds a paged-out tensor; pass a snapshot "
+                    "or a copy kept by fetch(h, keep=True)")
+            if handle._prefetch is not None:
+                raise InvalidArgumentError("offload(base=): the base has a prefetch in flight; "
+                                           "fetch or free it first")
         return handle
 
+    def _consumed(self, base: Handle) -> None:
+        """``base`` was taken over by an incremental offload."""
+        base._finish("freed")
+
+    def _unpage(self, handle: Handle) -> None:
+        """A released tensor is back in place; its handle may live on as a kept copy."""
+        storage.unregister(handle._key, handle)
+        with self._released_lock:
+            self._released.pop(handle._id, None)
+        handle._tensor = None
+
     def _retire(self, handle: Handle, state: str) -> None:
-        if handle.release:
-            storage.unregister(handle._key, handle)
-            with self._released_lock:
-                self._released.pop(handle._id, None)
+        if handle.release and not handle._kept:
+            self._unpage(handle)
         handle._finish(state)
 
     def _reap_holders(self) -> None:
@@ -403,18 +585,25 @@ class OffloadManager:
         with self._holders_lock:
             while self._holders:
                 h = self._holders[0]
-                if h._holder is not None and h._terminal is None and not self._store.ready(h._id):
-                    break
+                if h._holder is not None and h._terminal is None:
+                    try:
+                        if not self._store.ready(h._id):
+                            break
+                    except InvalidHandleError:
+                        pass  # fetched or freed by another thread a moment ago: copy is done
                 h._holder = None
                 self._holders.popleft()
 
-    def _copy_stream(self, tier: int) -> Any:
-        stream = self._ext_streams.get(tier)
+    def _stream(self, tier: int, direction: str) -> Any:
+        """A torch view of one of the core's copy streams (CUDA only), for record_stream."""
+        key = (tier, direction)
+        stream = self._ext_streams.get(key)
         if stream is None:
-            ptr = self._store.copy_stream(tier, "to_tier")
-            stream = torch.cuda.ExternalStream(ptr, device=self.device)
-            self._ext_streams[tier] = stream
+            stream = self._ext_streams[key] = external_stream(
+                self._store.copy_stream(tier, direction), self.device)
         return stream
+
+    _record_stream = staticmethod(record_stream)
 
 
 @atexit.register

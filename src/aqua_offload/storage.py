@@ -99,3 +99,11 @@ def swap_out(storage: torch.UntypedStorage) -> torch.UntypedStorage:
 def swap_in(storage: torch.UntypedStorage, filled: torch.UntypedStorage) -> None:
     """Give the empty ``storage`` the memory of ``filled`` (which is left with 0 bytes)."""
     storage._swap_data_ptr_(filled)
+
+
+def snapshot_source(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes a snapshot copies: lazy conjugate/negative views and strides materialised."""
+    if is_offloaded(tensor):
+        raise InvalidArgumentError("offload(release=False): the tensor's storage is paged out; "
+                                   "fetch its handle first")
+    return tensor.resolve_conj().resolve_neg().contiguous()

@@ -61,8 +61,19 @@ class backend {
   virtual void stream_wait(stream_t stream, event_t event) = 0;
 
   // --- copies ---
-  /// Enqueues a copy of `bytes` on `stream`. Large copies may be split into chunks.
+  /// Enqueues one copy of `bytes` on `stream` (the store does any chunking).
   virtual void copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) = 0;
+  /// Enqueues `count` independent copies on `stream`. The default loops over copy_async; CUDA
+  /// submits them in one cudaMemcpyBatchAsync where the runtime has it (CUDA >= 12.8).
+  virtual void copy_batch_async(void* const* dsts, const void* const* srcs,
+                                const std::size_t* sizes, std::size_t count, stream_t stream) {
+    for (std::size_t i = 0; i < count; ++i) copy_async(dsts[i], srcs[i], sizes[i], stream);
+  }
+
+  // --- testing ---
+  /// Makes the next `count` copy submissions fail with a backend_error, to exercise failure
+  /// paths (migration, reclaim). Only the emulation backend supports it.
+  virtual void inject_copy_faults(int count);
 };
 
 /// Restores the calling thread's current device on scope exit (no-op on emulation).

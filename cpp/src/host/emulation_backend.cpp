@@ -1,9 +1,12 @@
 #include "host/emulation_backend.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <new>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "aqua/error.hpp"
 #include "aqua/types.hpp"
@@ -102,7 +105,7 @@ void emulation_backend::record(event_t event, stream_t stream) {
   {
     std::lock_guard<std::mutex> lock(ev.mutex);
     generation = ++ev.recorded;
-    if (stream == 0) ev.completed = generation;  // the host "stream" is already there
+    if (stream != 0) ev.pending.push_back(generation);  // the host "stream" is already there
   }
   if (stream == 0) {
     ev.cv.notify_all();
@@ -111,7 +114,7 @@ void emulation_backend::record(event_t event, stream_t stream) {
   as_stream(stream).enqueue([&ev, generation] {
     {
       std::lock_guard<std::mutex> lock(ev.mutex);
-      if (generation > ev.completed) ev.completed = generation;
+      ev.pending.erase(std::find(ev.pending.begin(), ev.pending.end(), generation));
     }
     ev.cv.notify_all();
   });
@@ -120,12 +123,12 @@ void emulation_backend::record(event_t event, stream_t stream) {
 bool emulation_backend::query(event_t event) {
   flag_event& ev = as_event(event);
   std::lock_guard<std::mutex> lock(ev.mutex);
-  return ev.completed >= ev.recorded;
+  return ev.done(ev.recorded);
 }
 
 void emulation_backend::wait_for(flag_event& ev, std::uint64_t generation) {
   std::unique_lock<std::mutex> lock(ev.mutex);
-  ev.cv.wait(lock, [&] { return ev.completed >= generation; });
+  ev.cv.wait(lock, [&] { return ev.done(generation); });
 }
 
 void emulation_backend::wait(event_t event) {
@@ -152,7 +155,37 @@ void emulation_backend::stream_wait(stream_t stream, event_t event) {
   as_stream(stream).enqueue([&ev, generation] { wait_for(ev, generation); });
 }
 
+void emulation_backend::inject_copy_faults(int count) {
+  AQUA_EXPECTS(count >= 0, invalid_argument_error, "inject_copy_faults: count must be >= 0");
+  faults_.store(count);
+}
+
+void emulation_backend::take_fault() {
+  int left = faults_.load();
+  while (left > 0)
+    if (faults_.compare_exchange_weak(left, left - 1))
+      throw backend_error("emulation: injected copy fault", "emulationInjectedFault");
+}
+
+void emulation_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
+                                         const std::size_t* sizes, std::size_t count,
+                                         stream_t stream) {
+  take_fault();
+  if (stream == 0) {
+    for (std::size_t i = 0; i < count; ++i) std::memcpy(dsts[i], srcs[i], sizes[i]);
+    return;
+  }
+  // One task for the whole batch, as one DMA descriptor list would be.
+  std::vector<std::tuple<void*, const void*, std::size_t>> ops;
+  ops.reserve(count);
+  for (std::size_t i = 0; i < count; ++i) ops.emplace_back(dsts[i], srcs[i], sizes[i]);
+  as_stream(stream).enqueue([ops = std::move(ops)] {
+    for (const auto& [d, s, n] : ops) std::memcpy(d, s, n);
+  });
+}
+
 void emulation_backend::copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) {
+  take_fault();
   if (bytes == 0) return;
   if (stream == 0) {
     std::memcpy(dst, src, bytes);

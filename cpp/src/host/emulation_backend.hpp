@@ -6,13 +6,17 @@
 // CPU tests: a copy runs on a worker thread after the call returned.
 //
 // Note [Emulated events]
-// An event holds `recorded` (bumped by each record) and `completed` (the highest generation
-// whose record ran). query() is completed >= recorded: like cudaEventQuery it reflects the most
-// recent record only. stream_wait() captures the generation current at the call, so re-recording
-// an event later never affects waits already enqueued. Stream 0 is the calling thread: recording
-// on it completes at once and waiting on it blocks the caller.
+// An event counts its records (`recorded`, the generation of the latest) and keeps the
+// generations still queued on some stream (`pending`). query() asks whether the latest record
+// ran: like cudaEventQuery it reflects the most recent record only. stream_wait() and wait()
+// capture the generation current at the call and wait for *that* record, however often the
+// event is re-recorded later, on whatever stream: a recycled event must never release an
+// earlier waiter (records on different streams complete out of order). Stream 0 is the calling
+// thread: recording on it completes at once and waiting on it blocks the caller.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -52,13 +56,21 @@ class emulation_backend final : public backend {
   void wait(event_t event) override;
   void stream_wait(stream_t stream, event_t event) override;
   void copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) override;
+  void copy_batch_async(void* const* dsts, const void* const* srcs, const std::size_t* sizes,
+                        std::size_t count, stream_t stream) override;
+  void inject_copy_faults(int count) override;
 
  private:
+  void take_fault();
+
   struct flag_event {
     std::mutex mutex;
     std::condition_variable cv;
-    std::uint64_t recorded = 0;   // LOCK: mutex
-    std::uint64_t completed = 0;  // LOCK: mutex
+    std::uint64_t recorded = 0;          // LOCK: mutex
+    std::vector<std::uint64_t> pending;  // LOCK: mutex (records not yet reached by their stream)
+    bool done(std::uint64_t generation) const {  // LOCK: mutex
+      return std::find(pending.begin(), pending.end(), generation) == pending.end();
+    }
   };
   static flag_event& as_event(event_t e);
   void check_device(int device, const char* what) const;
@@ -66,6 +78,7 @@ class emulation_backend final : public backend {
   static void wait_for(flag_event& ev, std::uint64_t generation);
 
   int devices_;
+  std::atomic<int> faults_{0};
 };
 
 }  // namespace aqua::host

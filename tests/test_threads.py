@@ -1,0 +1,417 @@
+"""Thread stress on one shared OffloadManager (emulation backend).
+
+Every thread checks its own data bitwise after each fetch; the pools are small enough that
+OutOfMemoryError happens now and then, and then the tensor must be untouched. Joins have a
+timeout, so a deadlock fails the test instead of hanging it (the threads are daemons).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+import aqua_offload as aq
+
+JOIN_TIMEOUT_S = 60.0
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8,
+          torch.complex64, torch.int32]
+
+
+def random_tensor(rng: random.Random, gen: torch.Generator, max_bytes: int) -> torch.Tensor:
+    dtype = rng.choice(DTYPES)
+    es = torch.empty(0, dtype=dtype).element_size()
+    n = rng.randrange(0, max_bytes // es + 1)
+    raw = torch.randint(0, 256, (n * es,), dtype=torch.uint8, generator=gen)
+    t = raw.view(dtype)
+    if n >= 6 and rng.random() < 0.5:
+        t = t[: n - n % 6].view(-1, 6)
+    return t
+
+
+def storage_bytes(t: torch.Tensor) -> torch.Tensor:
+    s = t.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,)).clone()
+
+
+def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1).view(torch.uint8)
+
+
+def run_threads(targets, timeout: float = JOIN_TIMEOUT_S) -> list[BaseException]:
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def wrap(fn):
+        def body():
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - reported to the main thread
+                with lock:
+                    errors.append(e)
+        return body
+
+    threads = [threading.Thread(target=wrap(fn), daemon=True) for fn in targets]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"threads did not finish within {timeout} s (deadlock?): {stuck}"
+    return errors
+
+
+def assert_drained(m: aq.OffloadManager) -> dict:
+    m.synchronize()
+    s = m.stats()
+    assert s["live_handles"] == 0
+    for t in s["tiers"]:
+        assert t["used"] == 0, t
+        assert t.get("pending", 0) == 0, t
+        assert t["blocks"] == 0 and t["handles"] == 0, t
+        assert t["used"] + t["free"] == t["capacity"]
+        assert t["free_ranges"] == 1 and t["largest_free"] == t["capacity"], t
+    return s
+
+
+def test_thread_stress_shared_manager():
+    n_threads, iters = 8, 200
+    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="16KiB", host_bytes="48KiB")
+    counts = [dict(offloads=0, fetches=0, frees=0, ooms=0, reap_races=0)
+              for _ in range(n_threads)]
+    stop = threading.Event()
+
+    def worker(k: int) -> None:
+        rng = random.Random(1000 + k)
+        gen = torch.Generator().manual_seed(2000 + k)
+        c = counts[k]
+        live: list[tuple] = []  # (handle, tensor, reference bytes)
+
+        def finish(entry, how: str) -> None:
+            h, t, ref = entry
+            if how == "free":
+                m.free(h)
+                c["frees"] += 1
+                if h.release:
+                    assert not aq.is_offloaded(t)
+                    assert t.untyped_storage().nbytes() == 0
+                return
+            out = m.fetch(h)
+            c["fetches"] += 1
+            if h.release:
+                assert out is t
+                assert not aq.is_offloaded(t)
+                assert torch.equal(storage_bytes(t), ref)
+            else:
+                assert out.shape == t.shape and out.dtype == t.dtype
+                assert torch.equal(tensor_bytes(out), ref)
+                assert torch.equal(tensor_bytes(t), ref)  # the source was left alone
+            assert h.state == "fetched"
+
+        for _ in range(iters):
+            r = rng.random()
+            if len(live) < 3 and r < 0.55:
+                t = random_tensor(rng, gen, 8 << 10)
+                release = rng.random() < 0.5
+                if not release and t.dim() == 2 and rng.random() < 0.5:
+                    t = t[:, 1::2]  # non-contiguous snapshot
+                ref = storage_bytes(t) if release else tensor_bytes(t)
+                want = t.untyped_storage().nbytes() if release else t.numel() * t.element_size()
+                try:
+                    h = m.offload(t, release=release)
+                except aq.OutOfMemoryError as e:
+                    c["ooms"] += 1
+                    assert e.requested == want
+                    assert not aq.is_offloaded(t)
+                    now = storage_bytes(t) if release else tensor_bytes(t)
+                    assert torch.equal(now, ref)
+                    continue
+                c["offloads"] += 1
+                assert h.nbytes == want
+                if release:
+                    assert aq.is_offloaded(t)
+                live.append((h, t, ref))
+            elif live:
+                entry = live.pop(rng.randrange(len(live)))
+                r = rng.random()
+                if r < 0.2:
+                    entry[0].wait()
+                    assert entry[0].ready()
+                finish(entry, "free" if r > 0.8 else "fetch")
+        for entry in live:
+            finish(entry, "fetch")
+
+    def monitor() -> None:
+        while not stop.is_set():
+            s = m.stats()
+            for t in s["tiers"]:
+                assert t["used"] + t["free"] == t["capacity"]
+                assert t["used"] >= t.get("pending", 0)
+            assert sum(t["handles"] for t in s["tiers"]) == s["live_handles"]
+            if random.random() < 0.1:
+                m.synchronize()
+            time.sleep(0.001)
+
+    mon_errors: list[BaseException] = []
+
+    def mon_body():
+        try:
+            monitor()
+        except BaseException as e:  # noqa: BLE001 - reported to the main thread
+            mon_errors.append(e)
+
+    mon = threading.Thread(target=mon_body, daemon=True)
+    mon.start()
+    try:
+        errors = run_threads([lambda k=k: worker(k) for k in range(n_threads)])
+    finally:
+        stop.set()
+        mon.join(JOIN_TIMEOUT_S)
+    assert not mon.is_alive()
+    assert not errors, errors[:3]
+    assert not mon_errors, mon_errors
+    s = assert_drained(m)
+    total = {k: sum(c[k] for c in counts) for k in counts[0]}
+    assert s["offloads"] == total["offloads"]
+    assert s["fetches"] == total["fetches"]
+    assert s["frees"] == total["frees"]
+    assert total["offloads"] == total["fetches"] + total["frees"]
+    assert total["offloads"] >= n_threads * iters // 10  # real work, not just errors
+    # the pools were small enough to run out at times, and large enough to mostly work
+    assert total["ooms"] > 0
+    assert total["ooms"] < total["offloads"]
+    m.close()
+
+
+def test_offload_while_another_thread_fetches_a_released_tensor(monkeypatch):
+    """Regression test (a race once found here): holder reaping must not trip on a handle
+    another thread is retiring.
+
+    Thread B fetches a released tensor and is paused right after the store consumed the
+    handle (inside storage.swap_in, before the manager retires the handle). Meanwhile thread A
+    offloads an unrelated tensor: that must succeed, and B's fetch must complete intact."""
+    from aqua_offload import storage
+
+    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="64KiB", host_bytes="64KiB")
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=gen)
+    ref = t.clone()
+    h = m.offload(t)  # release=True: the emulation backend parks a holder on the manager
+
+    in_window, resume = threading.Event(), threading.Event()
+    real_swap_in = storage.swap_in
+
+    def paused_swap_in(store, filled):
+        in_window.set()
+        assert resume.wait(JOIN_TIMEOUT_S)
+        real_swap_in(store, filled)
+
+    monkeypatch.setattr(storage, "swap_in", paused_swap_in)
+    fetched: list = []
+    b = threading.Thread(target=lambda: fetched.append(m.fetch(h)), daemon=True)
+    b.start()
+    try:
+        assert in_window.wait(JOIN_TIMEOUT_S)
+        other = torch.randint(0, 256, (1024,), dtype=torch.uint8, generator=gen)
+        h2 = m.offload(other, release=False)
+        assert torch.equal(m.fetch(h2), other)
+    finally:
+        resume.set()
+        b.join(JOIN_TIMEOUT_S)
+        monkeypatch.undo()
+        assert not b.is_alive()
+        assert fetched and fetched[0] is t and torch.equal(t, ref)
+        assert_drained(m)
+        m.close()
+
+
+def test_second_fetch_while_first_is_retiring(monkeypatch):
+    """Thread B fetches a released tensor and is paused right after the storage was restored
+    (storage.swap_in returned, handle not yet retired). A second fetch of the same handle must
+    fail with InvalidHandleError, like any double fetch, and change nothing."""
+    from aqua_offload import storage
+
+    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="64KiB", host_bytes="64KiB")
+    gen = torch.Generator().manual_seed(6)
+    t = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=gen)
+    ref = t.clone()
+    h = m.offload(t)
+
+    in_window, resume = threading.Event(), threading.Event()
+    real_swap_in = storage.swap_in
+
+    def swap_in_then_pause(store, filled):
+        real_swap_in(store, filled)
+        in_window.set()
+        assert resume.wait(JOIN_TIMEOUT_S)
+
+    monkeypatch.setattr(storage, "swap_in", swap_in_then_pause)
+    fetched: list = []
+    b = threading.Thread(target=lambda: fetched.append(m.fetch(h)), daemon=True)
+    b.start()
+    try:
+        assert in_window.wait(JOIN_TIMEOUT_S)
+        with pytest.raises(aq.InvalidHandleError):
+            m.fetch(h)
+    finally:
+        resume.set()
+        b.join(JOIN_TIMEOUT_S)
+        monkeypatch.undo()
+        assert not b.is_alive()
+        assert fetched and fetched[0] is t and torch.equal(t, ref)
+        assert_drained(m)
+        m.close()
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_racing_fetches_of_one_handle(release):
+    """Two threads fetch the same handle at once: exactly one gets the tensor, the other
+    InvalidHandleError; the data is intact."""
+    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="64KiB", host_bytes="64KiB")
+    gen = torch.Generator().manual_seed(7)
+    barrier = threading.Barrier(2)
+    for round_ in range(150):
+        t = torch.randint(0, 256, (4096 + 256 * (round_ % 8),), dtype=torch.uint8,
+                          generator=gen).view(torch.float32)
+        ref = storage_bytes(t)
+        h = m.offload(t, release=release)
+        results: list = [None, None]
+
+        def racer(i: int) -> None:
+            barrier.wait()
+            try:
+                results[i] = ("ok", m.fetch(h))
+            except aq.OffloadError as e:
+                results[i] = ("err", e)
+
+        errors = run_threads([lambda i=i: racer(i) for i in range(2)], timeout=30)
+        assert not errors, errors
+        oks = [r[1] for r in results if r[0] == "ok"]
+        errs = [r[1] for r in results if r[0] == "err"]
+        assert len(oks) == 1 and len(errs) == 1, (round_, results)
+        assert isinstance(errs[0], aq.InvalidHandleError), (round_, type(errs[0]), errs[0])
+        if release:
+            assert oks[0] is t
+            assert not aq.is_offloaded(t)
+            assert torch.equal(storage_bytes(t), ref)
+        else:
+            assert torch.equal(tensor_bytes(oks[0]), ref)
+        assert h.state == "fetched"
+    assert_drained(m)
+    m.close()
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_racing_fetch_and_free_of_one_handle(release):
+    """One thread fetches, another frees the same handle: exactly one wins, the other gets
+    InvalidHandleError; a won fetch has the data, a won free leaves an empty storage."""
+    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="64KiB", host_bytes="64KiB")
+    gen = torch.Generator().manual_seed(11)
+    barrier = threading.Barrier(2)
+    wins = {"fetch": 0, "free": 0}
+    for round_ in range(150):
+        t = torch.randint(0, 256, (8192,), dtype=torch.uint8, generator=gen).view(torch.int64)
+        ref = storage_bytes(t)
+        h = m.offload(t, release=release)
+        results: dict = {}
+
+        def do(kind: str) -> None:
+            barrier.wait()
+            try:
+                results[kind] = ("ok", m.fetch(h) if kind == "fetch" else m.free(h))
+            except aq.OffloadError as e:
+                results[kind] = ("err", e)
+
+        errors = run_threads([lambda: do("fetch"), lambda: do("free")], timeout=30)
+        assert not errors, errors
+        winners = [k for k, r in results.items() if r[0] == "ok"]
+        assert len(winners) == 1, (round_, results)
+        loser = "free" if winners[0] == "fetch" else "fetch"
+        assert isinstance(results[loser][1], aq.InvalidHandleError), (round_, results)
+        wins[winners[0]] += 1
+        assert not aq.is_offloaded(t)
+        if winners[0] == "fetch":
+            out = results["fetch"][1]
+            assert h.state == "fetched"
+            if release:
+                assert out is t
+                assert torch.equal(storage_bytes(t), ref)
+            else:
+                assert torch.equal(tensor_bytes(out), ref)
+        else:
+            assert h.state == "freed"
+            if release:
+                assert t.untyped_storage().nbytes() == 0
+            else:
+                assert torch.equal(storage_bytes(t), ref)
+    assert wins["fetch"] + wins["free"] == 150
+    assert_drained(m)
+    m.close()
+
+
+def _main_thread_progress_while(blocking_call) -> tuple[float, float, int, float]:
+    """Run ``blocking_call`` in a thread; meanwhile the main thread runs a Python loop and
+    stamps the time of each iteration. Returns (call start, call end, iterations inside the
+    call, longest gap between consecutive iterations inside the call)."""
+    span: dict[str, float] = {}
+    started = threading.Event()
+
+    def body() -> None:
+        started.set()
+        span["start"] = time.perf_counter()
+        blocking_call()
+        span["end"] = time.perf_counter()
+
+    th = threading.Thread(target=body, daemon=True)
+    stamps: list[float] = []
+    th.start()
+    started.wait()
+    while th.is_alive():
+        stamps.append(time.perf_counter())
+        sum(range(50))  # pure Python work: needs the GIL
+    th.join(JOIN_TIMEOUT_S)
+    assert not th.is_alive()
+    assert "end" in span, "the blocking call raised"
+    inside = [s for s in stamps if span["start"] <= s <= span["end"]]
+    edges = [span["start"]] + inside + [span["end"]]
+    gap = max(b - a for a, b in zip(edges, edges[1:]))
+    return span["start"], span["end"], len(inside), gap
+
+
+@pytest.mark.parametrize("call", ["wait", "fetch"])
+def test_gil_released_while_blocked(call):
+    """A thread blocked in Handle.wait() or in a large fetch must not hold the GIL: the main
+    thread keeps running Python code for the whole time the call blocks."""
+    chunk = 64 << 20
+    n = 4
+    m = aq.OffloadManager("cpu", peers=None, host_bytes=n * chunk)
+    gen = torch.Generator().manual_seed(3)
+    tensors = [torch.randint(0, 256, (chunk,), dtype=torch.uint8, generator=gen)
+               for _ in range(n)]
+    refs = [t.clone() for t in tensors]
+    if call == "wait":
+        # release offloads return at once; the copies queue on one stream, so the last
+        # handle completes only after all of them
+        hs = [m.offload(t) for t in tensors]
+        start, end, count, gap = _main_thread_progress_while(hs[-1].wait)
+        assert hs[-1].ready()
+        outs = [m.fetch(h) for h in hs]
+    else:
+        hs = [m.offload(t, release=False) for t in tensors]
+        m.synchronize()
+        outs: list = []
+        start, end, count, gap = _main_thread_progress_while(
+            lambda: outs.extend(m.fetch_many(hs)))
+    duration = end - start
+    assert duration > 0.01, f"the call blocked only {duration * 1e3:.1f} ms: nothing measured"
+    assert count >= 20, f"main thread ran {count} iterations in {duration * 1e3:.1f} ms"
+    assert gap < duration / 2, f"main thread stalled {gap * 1e3:.1f} of {duration * 1e3:.1f} ms"
+    for out, ref in zip(outs, refs):
+        assert torch.equal(out, ref)
+    del tensors, outs
+    assert_drained(m)
+    m.close()
