@@ -76,3 +76,24 @@ def test_bad_arguments_are_usage_errors(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_tier_benchmark_rows(tmp_path: Path) -> None:
+    from aqua_offload.bench import tiers
+
+    result = tiers.run_tier_benchmark(backend="emulation", samples=3, count=8, size=4096,
+                                      reclaim_bytes=2 << 20)
+    assert result["backend"] == "emulation" and result["label"] == bench_copy.EMULATION_LABEL
+    rows = result["rows"]
+    assert [(r["direction"], r["method"]) for r in rows] == [
+        ("roundtrip", "offload+fetch x1"), ("roundtrip", "offload_many+fetch_many x8"),
+        ("reclaim", "numpy_copy"), ("reclaim", "reclaim")]
+    for r in rows:
+        base = next(b for b in rows if b["method"] == r["baseline"]
+                    and b["direction"] == r["direction"])
+        assert math.isclose(r["ratio"], base["median_s"] / r["median_s"], rel_tol=1e-9)
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+    assert rows[0]["bytes"] == rows[1]["bytes"] == 8 * 4096
+    assert rows[3]["bytes"] == 2 << 20
+    text = tiers.format_tier_table(result)
+    assert "EMULATION" in text and "reclaim" in text

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from ..devices import cuda_usable
 from ..sizes import parse_size
-from . import copy
+from . import copy, tiers
 
 __all__ = ["build_parser", "main"]
 
@@ -77,6 +77,36 @@ def _run_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tiers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tiers", help="batched small transfers and reclaim of live data",
+                       description=(tiers.__doc__ or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="reclaim 64 MiB instead of 1 GiB")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    p.add_argument("--backend", choices=("auto", "emulation", "cuda"), default="auto")
+    p.add_argument("--samples", type=_int_at_least(3), default=5)
+    p.add_argument("--reclaim-bytes", type=_size_arg, default=None, metavar="SIZE")
+    p.set_defaults(func=_run_tiers)
+
+
+def _run_tiers(args: argparse.Namespace) -> int:
+    if args.backend == "cuda" and not cuda_usable():
+        print("aqua_offload.bench tiers: --backend cuda needs a GPU and a CUDA build",
+              file=sys.stderr)
+        return 2
+    try:
+        result = tiers.run_tier_benchmark(backend=args.backend, quick=args.quick,
+                                          samples=args.samples, reclaim_bytes=args.reclaim_bytes)
+    except copy.VerificationError as exc:
+        print(f"aqua_offload.bench tiers: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(tiers.format_tier_table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The argument parser, one subcommand per benchmark."""
     parser = argparse.ArgumentParser(
@@ -84,6 +114,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="aqua_offload benchmarks (method and results: docs/benchmarks.md).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_copy(sub)
+    _add_tiers(sub)
     return parser
 
 

@@ -1,0 +1,167 @@
+"""Tier benchmarks: batched small transfers and reclaim of live data.
+
+- ``batch``: ``offload_many`` + ``fetch_many`` of ``count`` tensors of ``size`` each (default
+  64 x 64 KiB) against offload + fetch of one tensor of the same total bytes (4 MiB), same
+  tier, same run. Target (DESIGN.md section 9): batch time <= 1.5x the single copy, i.e. a
+  ratio (single median / batch median) >= 0.67.
+- ``reclaim``: a peer segment of ``reclaim_bytes`` (default 1 GiB, 64 MiB with ``quick``) is
+  lent and filled with live handles, then reclaimed (every handle migrates to the host tier),
+  against the raw copy of the same bytes to host memory (``raw_memcpy`` D2H on CUDA, one numpy
+  copy on emulation). Each sample re-lends and re-fills; the fill is not timed.
+
+Rows follow the copy benchmark's schema (``method``, ``direction``, ``bytes``, ``median_s``,
+``min_s``, ``max_s``, ``gbps``, ``baseline``, ``ratio`` = baseline median / median,
+``device``, ``backend``). Data is random and verified bitwise after timing.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..devices import cuda_usable
+from ..manager import OffloadManager
+from .copy import EMULATION_LABEL, VerificationError, _cuda_timer, _host_timer, _random_bytes
+
+__all__ = ["run_tier_benchmark", "format_tier_table"]
+
+
+def _row(method: str, direction: str, nbytes: int, times: list[float], baseline: str,
+         base_median: float, device: str, backend: str) -> dict[str, Any]:
+    med = statistics.median(times)
+    return {"method": method, "direction": direction, "bytes": nbytes, "median_s": med,
+            "min_s": min(times), "max_s": max(times), "gbps": nbytes / med / 1e9,
+            "baseline": baseline, "ratio": base_median / med, "device": device,
+            "backend": backend}
+
+
+def _source(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    return _random_bytes(n, seed).to(device)
+
+
+def _batch_rows(m: OffloadManager, count: int, size: int, samples: int,
+                timer: Callable[[Callable[[], None]], float], device: str,
+                backend: str) -> list[dict[str, Any]]:
+    small = [_source(size, 1000 + i, m.device) for i in range(count)]
+    one = _source(count * size, 7, m.device)
+    result: dict[str, Any] = {}
+
+    def single() -> None:
+        result["one"] = m.fetch(m.offload(one, release=False))
+
+    def batch() -> None:
+        result["many"] = m.fetch_many(m.offload_many(small, release=False))
+
+    times: dict[str, list[float]] = {"single": [], "batch": []}
+    for i in range(samples + 1):  # the first round warms up
+        for name, fn in (("single", single), ("batch", batch)):
+            elapsed = timer(fn)
+            if i:
+                times[name].append(elapsed)
+    if not torch.equal(result["one"], one) or not all(
+            torch.equal(a, b) for a, b in zip(result["many"], small)):
+        raise VerificationError("batched transfer produced wrong bytes")
+    base = statistics.median(times["single"])
+    total = count * size
+    return [_row("offload+fetch x1", "roundtrip", total, times["single"], "offload+fetch x1",
+                 base, device, backend),
+            _row(f"offload_many+fetch_many x{count}", "roundtrip", total, times["batch"],
+                 "offload+fetch x1", base, device, backend)]
+
+
+def _reclaim_rows(m: OffloadManager, peer: Any, nbytes: int, samples: int, device: str,
+                  backend: str) -> list[dict[str, Any]]:
+    piece = max(nbytes // 16, 1 << 20)
+    srcs = [_source(piece, 50 + i, m.device) for i in range(nbytes // piece)]
+    moved = piece * len(srcs)
+    host_dst = torch.empty(moved, dtype=torch.uint8, pin_memory=m.device.type == "cuda")
+    flat = torch.cat(srcs)
+    reclaim_t, raw_t = [], []
+    for i in range(samples + 1):
+        m.lend(peer, moved)
+        handles = m.offload_many(srcs, release=False)
+        if any(h.tier != "peer" for h in handles):
+            raise VerificationError("reclaim benchmark: the fill did not land on the peer tier")
+        m.synchronize()
+        t0 = time.perf_counter()
+        m.reclaim(peer)  # blocks until every handle moved and the memory is freed
+        elapsed = time.perf_counter() - t0
+        if any(h.tier != "host" for h in handles):
+            raise VerificationError("reclaim benchmark: a handle did not move to the host tier")
+        outs = m.fetch_many(handles)
+        if not all(torch.equal(o, s) for o, s in zip(outs, srcs)):
+            raise VerificationError("reclaim lost or corrupted bytes")
+        if m.device.type == "cuda":
+            raw = _cuda_timer(lambda: m._store.raw_copy(
+                host_dst.data_ptr(), flat.data_ptr(), moved,
+                int(torch.cuda.current_stream(m.device).cuda_stream)))
+        else:
+            a, b = flat.numpy(), host_dst.numpy()
+            raw = _host_timer(lambda: np.copyto(b, a))
+        if i:
+            reclaim_t.append(elapsed)
+            raw_t.append(raw)
+    if not torch.equal(host_dst, flat.cpu()):
+        raise VerificationError("raw baseline copy produced wrong bytes")
+    base = statistics.median(raw_t)
+    return [_row("raw_memcpy" if backend == "cuda" else "numpy_copy", "reclaim", moved, raw_t,
+                 "raw_memcpy" if backend == "cuda" else "numpy_copy", base, device, backend),
+            _row("reclaim", "reclaim", moved, reclaim_t,
+                 "raw_memcpy" if backend == "cuda" else "numpy_copy", base, device, backend)]
+
+
+def run_tier_benchmark(*, backend: str = "auto", quick: bool = False, samples: int = 5,
+                       count: int = 64, size: int = 64 << 10,
+                       reclaim_bytes: int | None = None) -> dict[str, Any]:
+    """Run the batch and reclaim benchmarks; returns ``{"device", "backend", "label", "rows"}``.
+
+    Raises
+    ------
+    VerificationError
+        A transfer produced wrong bytes.
+    """
+    if backend == "auto":
+        backend = "cuda" if cuda_usable() else "emulation"
+    if samples < 3:
+        raise ValueError("need samples >= 3")
+    reclaim_bytes = reclaim_bytes or ((64 << 20) if quick else (1 << 30))
+    pool = max(4 * count * size, 2 * reclaim_bytes) + (16 << 20)
+    if backend == "cuda":
+        index = torch.cuda.current_device()
+        dev, peer = f"cuda:{index}", index  # one GPU: a same-device peer stands in
+        device = torch.cuda.get_device_name(index)
+        timer = _cuda_timer
+    else:
+        dev, peer = "cpu", "emu:1"
+        device = f"{platform.machine() or 'cpu'} CPU x{os.cpu_count()} (emulation)"
+        timer = _host_timer
+    with OffloadManager(dev, peers=[peer], peer_bytes=4 * count * size + (1 << 20),
+                        host_bytes=pool) as m:
+        rows = _batch_rows(m, count, size, samples, timer, device, backend)
+        m.reclaim(peer)  # the reclaim experiment lends its own segments
+        rows += _reclaim_rows(m, peer, reclaim_bytes, samples, device, backend)
+    return {"device": device, "backend": backend,
+            "label": EMULATION_LABEL if backend == "emulation" else None, "rows": rows,
+            "config": {"count": count, "size": size, "reclaim_bytes": reclaim_bytes,
+                       "samples": samples}}
+
+
+def format_tier_table(result: dict[str, Any]) -> str:
+    lines = []
+    if result["label"]:
+        lines.append(f"*** {result['label']} ***")
+    lines.append(f"device: {result['device']}   backend: {result['backend']}   "
+                 "ratio = baseline median / median")
+    lines.append(f"{'experiment':<10} {'method':<34} {'bytes':>12} {'median':>11} "
+                 f"{'min':>11} {'max':>11} {'ratio':>7}")
+    for r in result["rows"]:
+        lines.append(f"{r['direction']:<10} {r['method']:<34} {r['bytes']:>12} "
+                     f"{r['median_s'] * 1e3:>9.3f}ms {r['min_s'] * 1e3:>9.3f}ms "
+                     f"{r['max_s'] * 1e3:>9.3f}ms {r['ratio']:>7.2f}")
+    return "\n".join(lines)
