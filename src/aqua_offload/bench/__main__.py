@@ -57,24 +57,30 @@ def _add_copy(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_copy)
 
 
-def _run_copy(args: argparse.Namespace) -> int:
+def _run(name: str, args: argparse.Namespace, run: Callable[[], dict],
+         table: Callable[[dict], str]) -> int:
+    """Run one benchmark: refuse a missing GPU, print its table, write its JSON."""
     if args.backend == "cuda" and not cuda_usable():
-        print("aqua_offload.bench copy: --backend cuda needs a GPU and a CUDA build",
+        print(f"aqua_offload.bench {name}: --backend cuda needs a GPU and a CUDA build",
               file=sys.stderr)
         return 2
     try:
-        result = copy.run_copy_benchmark(args.sizes, backend=args.backend, quick=args.quick,
-                                         samples=args.samples, warmup=args.warmup,
-                                         progress=args.progress)
+        result = run()
     except copy.VerificationError as exc:
-        print(f"aqua_offload.bench copy: FAILED: {exc}", file=sys.stderr)
+        print(f"aqua_offload.bench {name}: FAILED: {exc}", file=sys.stderr)
         return 1
-    print(copy.format_table(result))
+    print(table(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0
+
+
+def _run_copy(args: argparse.Namespace) -> int:
+    return _run("copy", args, lambda: copy.run_copy_benchmark(
+        args.sizes, backend=args.backend, quick=args.quick, samples=args.samples,
+        warmup=args.warmup, progress=args.progress), copy.format_table)
 
 
 def _add_tiers(sub: argparse._SubParsersAction) -> None:
@@ -89,22 +95,9 @@ def _add_tiers(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tiers(args: argparse.Namespace) -> int:
-    if args.backend == "cuda" and not cuda_usable():
-        print("aqua_offload.bench tiers: --backend cuda needs a GPU and a CUDA build",
-              file=sys.stderr)
-        return 2
-    try:
-        result = tiers.run_tier_benchmark(backend=args.backend, quick=args.quick,
-                                          samples=args.samples, reclaim_bytes=args.reclaim_bytes)
-    except copy.VerificationError as exc:
-        print(f"aqua_offload.bench tiers: FAILED: {exc}", file=sys.stderr)
-        return 1
-    print(tiers.format_tier_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
-    return 0
+    return _run("tiers", args, lambda: tiers.run_tier_benchmark(
+        backend=args.backend, quick=args.quick, samples=args.samples,
+        reclaim_bytes=args.reclaim_bytes), tiers.format_tier_table)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
