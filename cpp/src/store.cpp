@@ -430,9 +430,10 @@ bool store::ready(std::uint64_t id) {
   const bool done = backend_->query(ev);
   std::lock_guard<std::mutex> lock(mutex_);
   unref_locked(ev);
+  // The copy that offloaded it completed: the data is in a tier now, and a migration started
+  // meanwhile does not change that (the old block stays valid until the move completed).
   auto it = entries_.find(id);
-  if (done && it != entries_.end() && it->second.state == handle_state::in_flight &&
-      it->second.done == ev)
+  if (done && it != entries_.end() && it->second.state == handle_state::in_flight)
     it->second.state = handle_state::offloaded;
   return done;
 }
@@ -452,9 +453,8 @@ void store::wait(std::uint64_t id) {
   for (event_t ev : evs) backend_->wait(ev);
   std::lock_guard<std::mutex> lock(mutex_);
   for (event_t ev : evs) unref_locked(ev);
-  auto it = entries_.find(id);
-  if (it != entries_.end() && it->second.state == handle_state::in_flight && !evs.empty() &&
-      it->second.done == evs.front())
+  auto it = entries_.find(id);  // as in ready(): a migration meanwhile changes nothing
+  if (it != entries_.end() && it->second.state == handle_state::in_flight)
     it->second.state = handle_state::offloaded;
 }
 

@@ -119,10 +119,10 @@ class Handle:
         self._prefetch = None
 
     def __del__(self) -> None:
-        # A snapshot nobody can reach any more can never be fetched: give its block back.
-        # (Released storages stay registered, so their handles are never collected while live.)
+        # A snapshot (or kept copy) nobody can reach any more can never be fetched: give its
+        # block back. (Released storages stay registered: their handles are never collected.)
         try:
-            if self._terminal is None and not self.release:
+            if self._terminal is None and (not self.release or self._kept):
                 self._manager._discard(self)
         except Exception:  # interpreter shutdown, closed manager: nothing to give back to
             pass

@@ -117,7 +117,7 @@ class OffloadManager:
                        for t in range(self._store.tier_count)]
         self._ext_streams: dict[int, Any] = {}
         self._holders: collections.deque[Handle] = collections.deque()
-        self._holders_lock = threading.Lock()
+        self._holders_lock = threading.RLock()  # a reaped holder may drop its handle: __del__
         self._released: dict[int, Handle] = {}  # core id -> live release=True handle
         self._released_lock = threading.Lock()
         self._prefetched_bytes = 0
@@ -399,9 +399,8 @@ class OffloadManager:
         self._retire(handle, "freed")
 
     def _discard(self, handle: Handle) -> None:
-        if not self._closed and handle._terminal is None and handle._prefetch is None:
-            self._store.free(handle._id)
-            handle._finish("freed")
+        if not self._closed and handle._terminal is None:
+            self.free(handle)
 
     def _ready(self, handle: Handle) -> bool:
         if handle._terminal == "fetched":
@@ -470,6 +469,7 @@ class OffloadManager:
             ``handles``), operation counters, bytes moved per direction, evictions,
             migrations, lending and reclaim latency, ``prefetched_bytes``. Sizes in bytes.
         """
+        self._reap_holders()  # drops finished holders, and with them unreachable handles
         s = self._store.stats()
         s["backend"] = self._store.backend
         s["device"] = str(self.device)
