@@ -7,9 +7,14 @@ views). A group is resident, paged out (offloaded with release=True) or dead (it
 was freed: its data is gone). For every live handle the model keeps a bitwise reference of what
 was offloaded, and checks every fetch against it byte for byte. After each step the manager's
 counters and pool accounting must agree with the model exactly:
-  per tier  used == sum(align256(nbytes) of the live handles there) + pending
+  per tier  used == sum(block of the live handles there) + pending
 (pending: blocks awaiting deferred reuse; stats() reaps the completed ones first. A core that
 reuses blocks without parking them reports no "pending", and then used must match exactly).
+A handle's block is align256(nbytes), except after an incremental offload (base=): the grown
+handle keeps its base's block, or gets a fresh one with 2x headroom. Handles move down the
+cascade (eviction when the peer tier is full, reclaim): the model follows ``h.location``, and a
+migrated handle's block is align256(nbytes) again. The peer tier's capacity changes with lend
+and reclaim (whole segments, newest first); the model keeps the list of segments.
 
 A paged-out tensor is never read by the model: touching it crashes the process (DESIGN.md §5).
 """
@@ -124,7 +129,11 @@ class Rec:
         self.handle = handle
         self.tensor = tensor  # release: the object fetch must return
         self.group = group    # release: the group paged out
-        self.ref = ref        # snapshot: the bytes fetch must return
+        self.ref = ref        # snapshot: the bytes fetch must return; kept: the bytes held
+        self.loc = handle.location  # where the model last saw it
+        self.block = align(handle.nbytes)  # bytes of its pool block (0: none)
+        self.kept = False        # a release fetched with keep=True: only base= or free
+        self.prefetched = False  # a prefetch of it was started and not yet fetched
 
 
 # Hypothesis favours small integers; sizes drawn from fixed menus reach full pools too.
@@ -151,7 +160,10 @@ class OffloadMachine(RuleBasedStateMachine):
         self.groups: list[Group] = []
         self.recs: list[Rec] = []
         self.counts = {"offloads": 0, "fetches": 0, "frees": 0,
-                       "bytes_offloaded": 0, "bytes_fetched": 0}
+                       "bytes_offloaded": 0, "bytes_fetched": 0, "prefetches": 0,
+                       "incremental_offloads": 0, "incremental_bytes_saved": 0,
+                       "lends": 0, "bytes_lent": 0, "reclaims": 0, "bytes_reclaimed": 0}
+        self.segments = [(PEER_BYTES, False)]  # the peer tier's (size, lent), oldest first
 
     # -- helpers --------------------------------------------------------------------------
     def resident(self) -> list[Group]:
@@ -175,7 +187,27 @@ class OffloadMachine(RuleBasedStateMachine):
 
     def note_fetch(self, rec: Rec) -> None:
         self.counts["fetches"] += 1
-        self.counts["bytes_fetched"] += rec.handle.nbytes
+        if not rec.prefetched:  # a prefetch counted its bytes already
+            self.counts["bytes_fetched"] += rec.handle.nbytes
+        rec.prefetched = False
+
+    def fetchable(self) -> list[Rec]:
+        return [r for r in self.recs if not r.kept]
+
+    def peer_capacity(self) -> int:
+        return sum(size for size, _ in self.segments)
+
+    def follow_migrations(self) -> None:
+        """Handles only move down (peer -> host); a moved handle has an exact-size block."""
+        for r in self.recs:
+            loc = r.handle.location
+            if loc != r.loc:
+                assert (r.loc, loc) == ("emu:1", "cpu"), (r.loc, loc)
+                r.loc = loc
+                r.block = align(r.handle.nbytes)
+
+    def used_by_model(self, location: str, but: Rec | None = None) -> int:
+        return sum(r.block for r in self.recs if r.loc == location and r is not but)
 
     def do_offload_release(self, g: Group, v: torch.Tensor,
                            default: bool = False) -> aq.Handle | None:
@@ -291,10 +323,10 @@ class OffloadMachine(RuleBasedStateMachine):
         for k in ("offloads", "live_handles", "bytes_offloaded"):
             assert after[k] == before[k]
 
-    @precondition(lambda self: self.recs)
+    @precondition(lambda self: self.fetchable())
     @rule(data=st.data())
     def fetch(self, data):
-        rec = data.draw(st.sampled_from(self.recs))
+        rec = data.draw(st.sampled_from(self.fetchable()))
         h = rec.handle
         how = data.draw(st.sampled_from(["manager", "module", "by_tensor", "out"]))
         if how == "module":
@@ -322,7 +354,7 @@ class OffloadMachine(RuleBasedStateMachine):
         assert h.state == "freed"
         self.recs.remove(rec)
         self.counts["frees"] += 1
-        if h.release:
+        if h.release and not rec.kept:
             g = rec.group
             for v in g.views:  # the data is gone: empty storage, no longer paged out
                 assert not aq.is_offloaded(v)
@@ -351,11 +383,12 @@ class OffloadMachine(RuleBasedStateMachine):
         s = self.m.stats()
         for t in s["tiers"]:
             assert t.get("pending", 0) == 0
-        for i, kind in enumerate(self.kinds):
-            live = [r.handle.nbytes for r in self.recs if r.handle.tier == kind]
-            t = s["tiers"][i]
-            assert t["used"] == sum(align(n) for n in live)
-            assert t["blocks"] == sum(1 for n in live if n > 0)
+        self.follow_migrations()
+        for t in s["tiers"]:
+            assert t["used"] == self.used_by_model(t["location"])
+            assert t["blocks"] == sum(1 for r in self.recs
+                                      if r.loc == t["location"] and r.handle.nbytes > 0)
+            assert t["fenced"] == 0
         for r in self.recs:
             assert r.handle.ready()
             assert r.handle.state == "offloaded"
@@ -416,10 +449,10 @@ class OffloadMachine(RuleBasedStateMachine):
         for k in ("offloads", "bytes_offloaded", "fetches", "bytes_fetched"):
             assert after[k] == before[k], k  # refused before anything was offloaded
 
-    @precondition(lambda self: self.recs)
+    @precondition(lambda self: self.fetchable())
     @rule(data=st.data())
     def fetch_many(self, data):
-        recs = data.draw(st.lists(st.sampled_from(self.recs), min_size=1, max_size=4,
+        recs = data.draw(st.lists(st.sampled_from(self.fetchable()), min_size=1, max_size=4,
                                   unique_by=id))
         if data.draw(st.booleans()):
             before = self.m.stats()
@@ -455,6 +488,189 @@ class OffloadMachine(RuleBasedStateMachine):
         assert same_bytes(storage_bytes(t), ref)
         assert self.m.stats() == before
 
+    # -- cascade, lending, prefetch, incremental offload --------------------------------------
+    @rule(data=st.data(), nbytes=st.sampled_from([2 << 10, 4 << 10, 6 << 10, 8 << 10, 12 << 10,
+                                                  16 << 10, 3000, 5000]),
+          count=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+    def evict_pressure(self, data, nbytes, count, seed):
+        """Offloads that exceed what the peer tier has free: the cascade moves victims down
+        (lower priority first, then the policy; never a prefetched one) to make room."""
+        for i in range(count):
+            release = data.draw(st.booleans())
+            priority = data.draw(st.sampled_from([0, 0, -1, 1, 2.5]))
+            g = Group(torch.uint8, (nbytes,), 0, 0, seed + i)
+            before = self.m.stats()
+            try:
+                h = self.m.offload(g.views[0], release=release, priority=priority)
+            except aq.OutOfMemoryError as e:
+                g.check_intact()
+                self.check_oom(e, nbytes)
+                return
+            after = self.m.stats()
+            if after["evictions"] > before["evictions"]:
+                event("evict_pressure: the cascade moved handles down")
+                assert after["migrations"] > before["migrations"]
+                assert after["bytes_migrated"] > before["bytes_migrated"]
+            assert h.priority == priority and h.nbytes == nbytes
+            if release:
+                self.groups.append(g)
+                g.state = "offloaded"
+                g.check_paged_out()
+                self.recs.append(Rec(h, tensor=g.views[0], group=g, ref=None))
+            else:
+                g.check_intact()
+                self.recs.append(Rec(h, tensor=g.views[0], group=None, ref=g.view_refs[0]))
+            self.note_offload(h)
+            self.follow_migrations()
+
+    @rule(nbytes=st.sampled_from([256, 1024, 4096, 8192]))
+    def lend(self, nbytes):
+        cap = self.m.lend("emu:1", nbytes)
+        self.segments.append((nbytes, True))
+        assert cap == self.peer_capacity()
+        self.counts["lends"] += 1
+        self.counts["bytes_lent"] += nbytes
+
+    @rule(data=st.data())
+    def reclaim(self, data):
+        cap = self.peer_capacity()
+        amount = data.draw(st.one_of(st.none(), st.integers(0, cap), st.integers(cap + 1,
+                                                                                 cap + 5000)))
+        self.m.synchronize()  # so that "nothing changed" compares settled numbers
+        before = self.m.stats()
+        if amount is not None and amount > cap:
+            with pytest.raises(aq.InvalidArgumentError):
+                self.m.reclaim("emu:1", amount)
+            assert self.m.stats() == before
+            return
+        want = cap if amount is None else amount
+        chosen, covered = 0, 0
+        while covered < want:  # whole segments, newest first
+            chosen += 1
+            covered += self.segments[-chosen][0]
+        try:
+            got = self.m.reclaim("emu:1", amount)
+        except aq.OutOfMemoryError as e:
+            # the host tier could not take a handle: nothing reclaimed, no byte lost
+            event("reclaim: OutOfMemoryError")
+            assert e.requested > 0
+            after = self.m.stats()
+            assert after["tiers"][0]["capacity"] == cap
+            assert after["tiers"][0]["segments"] == len(self.segments)
+            for k in ("reclaims", "bytes_reclaimed", "live_handles", "offloads", "fetches"):
+                assert after[k] == before[k], k
+            return
+        assert got == covered
+        if chosen:
+            event("reclaim: segments handed back")
+            del self.segments[-chosen:]
+            self.counts["reclaims"] += 1
+            self.counts["bytes_reclaimed"] += covered
+            s = self.m.stats()
+            assert s["reclaim_last_s"] > 0
+            assert s["reclaim_max_s"] >= s["reclaim_last_s"]
+            assert s["reclaim_total_s"] >= s["reclaim_max_s"]
+            assert s["tiers"][0]["used"] <= s["tiers"][0]["capacity"]
+        else:
+            assert self.m.stats() == before  # nothing asked: nothing done
+        if not self.segments:  # everything taken back: every block left the peer
+            for r in self.recs:
+                assert r.handle.nbytes == 0 or r.handle.location == "cpu"
+
+    @precondition(lambda self: self.fetchable())
+    @rule(data=st.data())
+    def prefetch(self, data):
+        rec = data.draw(st.sampled_from(self.fetchable()))
+        h = rec.handle
+        assert self.m.prefetch(h) is h
+        if not rec.prefetched:
+            rec.prefetched = True
+            if h.nbytes > 0:  # a zero-byte handle has nothing to copy
+                self.counts["prefetches"] += 1
+                self.counts["bytes_fetched"] += h.nbytes
+
+    @precondition(lambda self: self.fetchable())
+    @rule(data=st.data(), grow=st.sampled_from([None, 0, 1, 200, 256, 3000, 9000]),
+          release=st.booleans(), seed=st.integers(0, 2**31 - 1))
+    def fetch_keep_then_incremental(self, data, grow, release, seed):
+        """fetch(keep=True) leaves the tier copy alive; offload(t, base=h) of a tensor whose
+        bytes extend h's copies only the suffix when h's block has room, else a full copy into
+        a block with 2x headroom; h is consumed."""
+        rec = data.draw(st.sampled_from(self.fetchable()))
+        h = rec.handle
+        live_before = self.m.stats()["live_handles"]
+        out = self.m.fetch(h, keep=True)
+        self.note_fetch(rec)
+        assert self.m.stats()["live_handles"] == live_before
+        assert h.state in ("in_flight", "offloaded")
+        if h.release:
+            assert out is rec.tensor
+            rec.group.state = "resident"
+            rec.group.check_intact()
+            rec.kept = True
+            rec.ref = rec.group.storage_ref
+            rec.group = rec.tensor = None
+            with pytest.raises(aq.InvalidHandleError):
+                self.m.fetch(h)
+        else:
+            assert same_bytes(tensor_bytes(out), rec.ref)
+        if grow is None:
+            return
+        prefix = rec.ref
+        base_n = h.nbytes
+        assert prefix.numel() == base_n
+        if base_n > 0 and data.draw(st.booleans()):
+            self.m.synchronize()
+            before = self.m.stats()
+            with pytest.raises(aq.InvalidArgumentError):  # the base holds more bytes
+                self.m.offload(prefix[:-1].clone(), release=False, base=h)
+            assert self.m.stats() == before
+        suffix = random_storage(grow, seed, torch.uint8)
+        g = Group(torch.uint8, (base_n + grow,), 0, 0, seed)
+        dst = g.views[0]
+        dst.copy_(torch.cat([prefix, suffix]))
+        g.snap()
+        n = base_n + grow
+        self.follow_migrations()
+        room, loc = rec.block, rec.loc
+        try:
+            h2 = self.m.offload(dst, release=release, base=h)
+        except aq.OutOfMemoryError as e:
+            g.check_intact()
+            self.check_oom(e, n)
+            assert h.state in ("in_flight", "offloaded")  # the base is still there
+            return
+        assert h.state == "freed"
+        with pytest.raises(aq.InvalidHandleError):
+            self.m.free(h)
+        self.recs.remove(rec)
+        self.counts["offloads"] += 1
+        self.counts["incremental_offloads"] += 1
+        if release:
+            self.groups.append(g)
+            g.state = "offloaded"
+            g.check_paged_out()
+            new = Rec(h2, tensor=dst, group=g, ref=None)
+        else:
+            g.check_intact()
+            new = Rec(h2, tensor=dst, group=None, ref=g.view_refs[0])
+        assert h2.nbytes == n
+        self.follow_migrations()
+        if base_n > 0 and room >= n:
+            event("incremental offload: suffix only")
+            assert h2.location == loc
+            new.block = room
+            self.counts["bytes_offloaded"] += grow
+            self.counts["incremental_bytes_saved"] += base_n
+        else:
+            event("incremental offload: growth")
+            self.counts["bytes_offloaded"] += n
+            if n > 0:  # 2x headroom, or the exact size when only that fitted
+                t = next(t for t in self.m.stats()["tiers"] if t["location"] == h2.location)
+                new.block = t["used"] - self.used_by_model(h2.location)
+                assert new.block in (align(max(n, 2 * room)), align(n)), (new.block, n, room)
+        self.recs.append(new)
+
     # -- invariants -----------------------------------------------------------------------
     @invariant()
     def accounting(self):
@@ -462,17 +678,23 @@ class OffloadMachine(RuleBasedStateMachine):
         assert s["live_handles"] == len(self.recs)
         for k, v in self.counts.items():
             assert s[k] == v, k
-        caps = [PEER_BYTES, HOST_BYTES]
+        assert s["prefetched_bytes"] == sum(r.handle.nbytes for r in self.recs if r.prefetched)
+        caps = [self.peer_capacity(), HOST_BYTES]
+        self.follow_migrations()
         for i, kind in enumerate(self.kinds):
             t = s["tiers"][i]
             assert t["capacity"] == caps[i]
             assert t["used"] + t["free"] == t["capacity"]
             assert t["largest_free"] <= t["free"]
-            live = [r.handle.nbytes for r in self.recs if r.handle.tier == kind]
+            if i == 0:
+                assert t["segments"] == len(self.segments)
+                assert t["lent_segments"] == sum(lent for _, lent in self.segments)
+            here = [r for r in self.recs if r.loc == t["location"]]
+            assert all(r.handle.tier == kind for r in here)
             # a zero-byte handle holds no block and counts on tier 0 (its h.tier says so)
-            assert t["handles"] == len(live)
-            assert t["used"] == sum(align(n) for n in live) + t.get("pending", 0)
-            assert t["blocks"] >= sum(1 for n in live if n > 0)
+            assert t["handles"] == len(here)
+            assert t["used"] == self.used_by_model(t["location"]) + t.get("pending", 0)
+            assert t["blocks"] == sum(1 for r in here if r.handle.nbytes > 0)
         assert sum(t["handles"] for t in s["tiers"]) == len(self.recs)
 
     @invariant()
@@ -487,14 +709,20 @@ class OffloadMachine(RuleBasedStateMachine):
     def teardown(self):
         try:
             for rec in list(self.recs):
-                self.check_fetched(rec, self.m.fetch(rec.handle), "teardown")
+                if rec.kept:
+                    self.m.free(rec.handle)
+                    self.recs.remove(rec)
+                else:
+                    self.check_fetched(rec, self.m.fetch(rec.handle), "teardown")
             self.m.synchronize()
             s = self.m.stats()
-            assert s["live_handles"] == 0
+            assert s["live_handles"] == 0 and s["prefetched_bytes"] == 0
             for t in s["tiers"]:
                 assert t["used"] == 0 and t.get("pending", 0) == 0 and t["blocks"] == 0
                 assert t["handles"] == 0
-                assert t["free_ranges"] == 1 and t["largest_free"] == t["capacity"]
+                assert t["free_ranges"] == t["segments"]
+            peer = s["tiers"][0]
+            assert peer["largest_free"] == max((n for n, _ in self.segments), default=0)
             for g in self.groups:
                 g.check_intact()
         finally:
@@ -502,7 +730,7 @@ class OffloadMachine(RuleBasedStateMachine):
 
 
 OffloadMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=30, deadline=None,
+    max_examples=100, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                            HealthCheck.data_too_large],
 )

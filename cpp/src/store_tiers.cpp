@@ -19,8 +19,11 @@
 // A peer tier is a pool over segments: the initial budget and one per lend(). reclaim() drains
 // whole segments, newest first (no new block lands there), migrates every handle living in them
 // down the cascade (waiting for entries owned by another call to settle: an event on changed_,
-// no polling), waits for the migrations' fences, and only then frees the memory. A reclaim that
-// cannot find room below leaves everything as it was and raises OutOfMemoryError.
+// no polling), waits for the migrations' fences, and only then frees the memory. When the tiers
+// below lack the free bytes, it raises OutOfMemoryError before moving anything. If a move still
+// fails midway (fragmentation below, or a copy that cannot be submitted: BackendError), the
+// segments return to service and the memory stays lent; handles moved so far stay where they
+// went, intact. No data is lost either way.
 //
 // Note [Incremental offload]
 // offload(src, base=h) says: h's bytes are a prefix of src (an append-only cache that grew).
@@ -83,18 +86,18 @@ bool store::evict_one_locked(std::unique_lock<std::mutex>& lock, std::size_t t) 
     }
   }
   if (victim == 0) return false;
-  const bool moved = migrate_locked(lock, victim, t + 1);
+  const bool moved = migrate_locked(lock, victim, t + 1) == move::moved;
   if (moved) ++counters_.evictions;
   return moved;
 }
 
-bool store::migrate_locked(std::unique_lock<std::mutex>& lock, std::uint64_t id,
-                           std::size_t below) {
+store::move store::migrate_locked(std::unique_lock<std::mutex>& lock, std::uint64_t id,
+                                  std::size_t below, std::string* why) {
   entry& e = entries_.at(id);  // stays valid: a busy entry is never erased
   std::optional<placement> dest;
   for (std::size_t t = below; t < tiers_.size() && !dest; ++t)
     dest = try_allocate_locked(t, e.nbytes, id);
-  if (!dest) return false;
+  if (!dest) return move::no_room;
   e.busy = true;
   const std::size_t from = e.tier, old_offset = e.offset, nbytes = e.nbytes;
   std::byte* src = e.ptr;
@@ -112,7 +115,8 @@ bool store::migrate_locked(std::unique_lock<std::mutex>& lock, std::uint64_t id,
     enqueue_copy(dest->ptr, src, nbytes, stream);
     backend_->record(moved, stream);
     recorded = ok = true;
-  } catch (...) {
+  } catch (const std::exception& x) {
+    if (why) *why = x.what();
     try {
       backend_->record(moved, stream);  // fence whatever part was enqueued
       recorded = true;
@@ -143,7 +147,7 @@ bool store::migrate_locked(std::unique_lock<std::mutex>& lock, std::uint64_t id,
   }
   e.busy = false;
   changed_.notify_all();
-  return ok;
+  return ok ? move::moved : move::failed;
 }
 
 std::string store::oom_message_locked(std::size_t nbytes) const {
@@ -180,7 +184,7 @@ std::size_t store::lend(int device, std::size_t nbytes) {
   const std::size_t base = tiers_[t].blocks.add_segment(nbytes);
   tiers_[t].segments.emplace(base, segment_memory{mem, nbytes, true});
   ++counters_.lends;
-  counters_.bytes_lent += nbytes;
+  counters_.bytes_lent += nbytes / block_alignment * block_alignment;  // what the pool gained
   return tiers_[t].blocks.capacity();
 }
 
@@ -213,6 +217,19 @@ std::size_t store::reclaim(int device, std::optional<std::size_t> nbytes) {
     tr.reclaiming = false;
     changed_.notify_all();
   };
+  // Fail fast, before moving anything, when the tiers below cannot hold what lives here.
+  std::size_t live = 0, room = 0;
+  for (std::size_t base : chosen)
+    for (const auto& blk : tr.blocks.blocks_in(base)) live += blk.second;
+  for (std::size_t below = t + 1; below < tiers_.size(); ++below)
+    room += tiers_[below].blocks.stats().free;
+  if (live > room) {
+    undo();
+    throw out_of_memory_error("reclaim of " + tr.location + ": " + format_bytes(live) +
+                                  " of live handles, but the tiers below have " +
+                                  format_bytes(room) + " free; nothing was reclaimed",
+                              live);
+  }
   // Move every handle out of the chosen segments.
   for (std::size_t base : chosen) {
     for (;;) {
@@ -225,13 +242,20 @@ std::size_t store::reclaim(int device, std::optional<std::size_t> nbytes) {
         changed_.wait(lock);  // owned by another call for a moment
         continue;
       }
-      if (!migrate_locked(lock, id, t + 1)) {
-        const std::size_t need = entries_.at(id).nbytes;
-        undo();
-        throw out_of_memory_error("reclaim of " + tr.location + ": no lower tier has room for a " +
-                                      format_bytes(need) + " handle; nothing was reclaimed",
-                                  need);
-      }
+      std::string why;
+      const move result = migrate_locked(lock, id, t + 1, &why);
+      if (result == move::moved) continue;
+      const std::size_t need = entries_.at(id).nbytes;
+      undo();
+      // Handles moved so far stay moved (intact, fetchable); the memory stays lent.
+      if (result == move::failed)
+        throw backend_error("reclaim of " + tr.location + ": a migration failed (" + why +
+                                "); nothing was reclaimed",
+                            "migrationFailed");
+      throw out_of_memory_error("reclaim of " + tr.location + ": no lower tier has a free block "
+                                    "for a " + format_bytes(need) +
+                                    " handle (fragmentation); nothing was reclaimed",
+                                need);
     }
   }
   // Wait (host side: the lender asked for its memory back) until no copy touches the segments.

@@ -206,7 +206,11 @@ class store {
                                                std::uint64_t owner);
   placement place(std::size_t nbytes, std::size_t first_tier, std::uint64_t owner);
   bool evict_one_locked(std::unique_lock<std::mutex>& lock, std::size_t tier);
-  bool migrate_locked(std::unique_lock<std::mutex>& lock, std::uint64_t id, std::size_t below);
+  enum class move { moved, no_room, failed };
+  /// Moves handle `id` to the first tier from `below` on with room. On `failed` (the copy could
+  /// not be submitted), `why` holds the backend's message; the handle is untouched.
+  move migrate_locked(std::unique_lock<std::mutex>& lock, std::uint64_t id, std::size_t below,
+                      std::string* why = nullptr);
   std::size_t offload_incremental(std::uint64_t id, std::uint64_t base, const entry& based,
                                   const void* src, std::size_t nbytes, stream_t user,
                                   bool fence_user);
