@@ -1,10 +1,12 @@
 #include "host/emulation_backend.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <new>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -127,7 +129,14 @@ bool emulation_backend::query(event_t event) {
 }
 
 void emulation_backend::wait_for(flag_event& ev, std::uint64_t generation) {
+  // Spin briefly first (see worker_stream.hpp): most waits end within microseconds.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
   std::unique_lock<std::mutex> lock(ev.mutex);
+  while (!ev.done(generation) && std::chrono::steady_clock::now() < until) {
+    lock.unlock();
+    std::this_thread::yield();
+    lock.lock();
+  }
   ev.cv.wait(lock, [&] { return ev.done(generation); });
 }
 
