@@ -1336,3 +1336,20 @@ def test_accounting_through_a_mixed_sequence(managers):
         assert same(m.fetch(h), ref)
     live.clear()
     check_drained(m)
+
+
+def test_fetch_many_into_outs(managers):
+    m = managers()
+    ts = [rand_tensor(1000 + 256 * i) for i in range(4)]
+    outs = [torch.empty_like(t) for t in ts]
+    hs = m.offload_many(ts, release=False)
+    bad = [torch.empty(3, dtype=torch.uint8)] + outs[1:]
+    with pytest.raises(aq.InvalidArgumentError):
+        m.fetch_many(hs, outs=bad)  # checked before anything is fetched
+    with pytest.raises(aq.InvalidArgumentError):
+        m.fetch_many(hs, outs=outs[:2])
+    assert all(h.state in ("in_flight", "offloaded") for h in hs)
+    got = m.fetch_many(hs, outs=[outs[0], None, outs[2], None])
+    assert got[0] is outs[0] and got[2] is outs[2] and got[1] is not outs[1]
+    for g, t in zip(got, ts):
+        assert same(g, t)

@@ -312,20 +312,31 @@ class OffloadManager:
             handle._finish("fetched")
         return result
 
-    def fetch_many(self, handles: Iterable[Handle | torch.Tensor]) -> list[torch.Tensor]:
+    def fetch_many(self, handles: Iterable[Handle | torch.Tensor],
+                   outs: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """Fetch every handle in one call into the core (one event, one batched submission per
-        tier). All handles are checked before any is fetched."""
+        tier). All handles (and ``outs``, one per handle, ``None`` or a tensor as for
+        ``fetch(out=)``, snapshots only) are checked before any is fetched."""
         self._check_open()
         handles = [self._own(h, "fetch_many") for h in handles]
         if len({id(h) for h in handles}) != len(handles):
             raise InvalidArgumentError("fetch_many: a handle is listed twice")
-        for h in handles:
+        outs = [None] * len(handles) if outs is None else list(outs)
+        if len(outs) != len(handles):
+            raise InvalidArgumentError("fetch_many: outs must have one entry per handle")
+        for h, o in zip(handles, outs):
             if h._kept:
                 raise InvalidHandleError("fetch_many: a kept copy of a restored tensor")
+            if o is not None:
+                if h.release or h._prefetch is not None:
+                    raise InvalidArgumentError("fetch_many: outs are for snapshots not prefetched")
+                self._check_out(o, h)
         dests = []
-        for h in handles:
+        for h, o in zip(handles, outs):
             if h.release:
                 dests.append(self._release_destination(h, h._tensor))
+            elif o is not None:
+                dests.append(o)
             else:
                 dests.append(h._prefetch if h._prefetch is not None else
                              torch.empty(h.shape, dtype=h.dtype, device=self.device))
