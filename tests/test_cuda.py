@@ -150,3 +150,82 @@ def test_info_on_gpu():
     assert i["backend"] == "cuda" and i["emulation"] is False
     assert len(i["devices"]) == torch.cuda.device_count()
     assert i["devices"][0]["label"] == "cuda:0"
+
+
+# -- tier cascade on a GPU (one GPU: a same-device "peer" stands in for another GPU) ----------
+@pytest.fixture
+def cascade_manager():
+    m = aq.OffloadManager(DEV, peers=[0], peer_bytes="64MiB", host_bytes="256MiB")
+    yield m
+    m.close()
+
+
+def test_cascade_eviction_and_fetch_mid_migration(cascade_manager):
+    m = cascade_manager
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        ts = [torch.randn(4 << 20, device=DEV) for _ in range(6)]  # 16 MiB each: 4 fit the peer
+        refs = [t.clone() for t in ts]
+        hs = [m.offload(t, release=bool(i % 2)) for i, t in enumerate(ts)]
+        assert m.stats()["evictions"] >= 2 and {h.tier for h in hs} == {"peer", "host"}
+        for h, ref in zip(hs, refs):  # right after the evictions were enqueued: no host sync
+            out = m.fetch(h)
+            assert torch.equal(out, ref)
+
+
+def test_lend_reclaim_while_other_streams_work(cascade_manager):
+    m = cascade_manager
+    m.lend(DEV, "64MiB")
+    ts = [torch.randn(2 << 20, device=DEV) for _ in range(12)]
+    refs = [t.clone() for t in ts]
+    hs = [m.offload(t, release=False) for t in ts]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def traffic() -> None:
+        try:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                while not stop.is_set():
+                    t = torch.randn(1 << 18, device=DEV)
+                    assert torch.equal(m.fetch(m.offload(t, release=False)), t)
+        except BaseException as exc:
+            errors.append(exc)
+
+    th = threading.Thread(target=traffic)
+    th.start()
+    try:
+        assert m.reclaim(DEV) >= 64 << 20
+    finally:
+        stop.set()
+        th.join(timeout=120)
+    assert not errors, errors
+    assert m.stats()["reclaims"] == 1 and m.stats()["reclaim_last_s"] > 0
+    for h, ref in zip(hs, refs):
+        assert torch.equal(m.fetch(h), ref)
+
+
+def test_batched_and_prefetched_transfers(cascade_manager):
+    m = cascade_manager
+    small = [torch.randint(0, 1 << 30, (16 << 10,), device=DEV, dtype=torch.int32)
+             for _ in range(64)]
+    hs = m.offload_many(small, release=False)
+    outs = m.fetch_many(hs)
+    assert all(torch.equal(o, t) for o, t in zip(outs, small))
+    t = torch.randn(8 << 20, device=DEV)
+    ref = t.clone()
+    h = m.offload(t)
+    m.prefetch(h)
+    torch.cuda.synchronize()
+    before = m.stats()["bytes_fetched"]
+    assert m.fetch(h) is t and torch.equal(t, ref)
+    assert m.stats()["bytes_fetched"] == before  # the prefetch already moved the bytes
+
+
+def test_incremental_offload_on_gpu(cascade_manager):
+    m = cascade_manager
+    kv = torch.randn(1 << 20, device=DEV)
+    h = m.offload(kv, release=False)
+    m.fetch(h, keep=True)
+    grown = torch.cat([kv, torch.randn(1 << 10, device=DEV)])
+    h2 = m.offload(grown, release=False, base=h)
+    assert torch.equal(m.fetch(h2), grown)

@@ -486,6 +486,8 @@ class OffloadManager:
         s["device"] = str(self.device)
         s["policy"] = self.policy
         s["prefetched_bytes"] = self._prefetched_bytes
+        s["reclaim_last_gbps"] = (s["reclaim_last_bytes_moved"] / s["reclaim_last_s"] / 1e9
+                                  if s["reclaim_last_s"] > 0 else 0.0)
         return s
 
     # -- lifetime ------------------------------------------------------------------------
