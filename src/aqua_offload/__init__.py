@@ -32,10 +32,19 @@ from .handle import Handle  # noqa: E402
 from .manager import OffloadManager  # noqa: E402
 from .sizes import format_size, parse_size  # noqa: E402
 from .storage import is_offloaded  # noqa: E402
+from .policies import FairPolicy, FCFSPolicy, RoundRobinPolicy, SchedulingPolicy  # noqa: E402
+from .timeslice import Slice, SlicerClosedError, TimeSlicer  # noqa: E402
 
 __all__ = [
     "OffloadManager",
     "Handle",
+    "TimeSlicer",
+    "Slice",
+    "SchedulingPolicy",
+    "FairPolicy",
+    "RoundRobinPolicy",
+    "FCFSPolicy",
+    "SlicerClosedError",
     "offload",
     "fetch",
     "default_manager",

@@ -1,0 +1,210 @@
+"""Scheduling policies of the time slicer: pure, clock-free classes (the simulator reuses them).
+
+A policy orders the *waiting* slices and decides when the running one should yield. It never
+sleeps, locks or reads a clock: the caller passes run times in seconds. All methods are O(log n).
+
+- ``fair``: CFS on virtual runtime (run time / weight) with a real priority queue. A newcomer
+  starts at the current minimum virtual runtime, so it runs promptly but cannot starve slices
+  that have been waiting (it gets no credit for the time before it arrived). Service is
+  proportional to weight.
+- ``rr``: round robin: a preempted slice goes to the back of a FIFO.
+- ``fcfs``: first come, first served, run to completion (no preemption): the baseline.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+from abc import ABC, abstractmethod
+from typing import Any, Hashable
+
+from .errors import InvalidArgumentError
+
+__all__ = ["SchedulingPolicy", "FairPolicy", "RoundRobinPolicy", "FCFSPolicy", "make_policy",
+           "POLICY_NAMES"]
+
+
+class SchedulingPolicy(ABC):
+    """Orders waiting tasks. A task is any hashable the caller chooses (the slicer uses its
+    ``Slice`` objects, the simulator its requests)."""
+
+    name: str = ""
+    preemptive: bool = True
+
+    @abstractmethod
+    def add(self, task: Hashable, weight: float = 1.0) -> None:
+        """A new task arrives; it waits until picked."""
+
+    @abstractmethod
+    def requeue(self, task: Hashable) -> None:
+        """A task that ran (and was charged) waits again."""
+
+    @abstractmethod
+    def pick(self) -> Hashable | None:
+        """Remove and return the waiting task to run next (None if none waits)."""
+
+    @abstractmethod
+    def peek(self) -> Hashable | None:
+        """The task ``pick`` would return, without removing it."""
+
+    @abstractmethod
+    def remove(self, task: Hashable) -> None:
+        """Forget a task (finished, failed or cancelled), waiting or not."""
+
+    @abstractmethod
+    def waiting(self) -> int:
+        """How many tasks wait."""
+
+    def charge(self, task: Hashable, ran_s: float) -> None:
+        """Account ``ran_s`` seconds of running to ``task``."""
+
+    def should_yield(self, ran_in_turn_s: float, quantum_s: float) -> bool:
+        """Whether the running task should give the device up at a yield point."""
+        return self.preemptive and self.waiting() > 0 and ran_in_turn_s >= quantum_s
+
+    def vruntime(self, task: Hashable) -> float:
+        """Service received so far, as the policy counts it (for reports)."""
+        return 0.0
+
+
+class FairPolicy(SchedulingPolicy):
+    """Completely fair scheduling on virtual runtime (run time / weight)."""
+
+    name = "fair"
+
+    def __init__(self) -> None:
+        self._vr: dict[Hashable, float] = {}
+        self._weight: dict[Hashable, float] = {}
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._queued: dict[Hashable, int] = {}  # task -> seq of its live heap entry
+        self._seq = itertools.count()
+        self._min_vr = 0.0  # never decreases: newcomers start here
+
+    def _push(self, task: Hashable) -> None:
+        seq = next(self._seq)
+        self._queued[task] = seq
+        heapq.heappush(self._heap, (self._vr[task], seq, task))
+
+    def _clean(self) -> None:  # drop entries of removed or re-pushed tasks (lazy deletion)
+        while self._heap and self._queued.get(self._heap[0][2]) != self._heap[0][1]:
+            heapq.heappop(self._heap)
+
+    def add(self, task: Hashable, weight: float = 1.0) -> None:
+        if task in self._vr:
+            raise InvalidArgumentError(f"task {task!r} is already scheduled")
+        self._weight[task] = _check_weight(weight)
+        self._vr[task] = self._current_min()
+        self._push(task)
+
+    def _current_min(self) -> float:
+        self._clean()
+        if self._heap:
+            self._min_vr = max(self._min_vr, self._heap[0][0])
+        return self._min_vr
+
+    def requeue(self, task: Hashable) -> None:
+        self._vr[task] = max(self._vr[task], self._current_min())
+        self._push(task)
+
+    def pick(self) -> Hashable | None:
+        self._clean()
+        if not self._heap:
+            return None
+        vr, _, task = heapq.heappop(self._heap)
+        del self._queued[task]
+        self._min_vr = max(self._min_vr, vr)
+        return task
+
+    def peek(self) -> Hashable | None:
+        self._clean()
+        return self._heap[0][2] if self._heap else None
+
+    def remove(self, task: Hashable) -> None:
+        self._queued.pop(task, None)
+        self._vr.pop(task, None)
+        self._weight.pop(task, None)
+
+    def waiting(self) -> int:
+        return len(self._queued)
+
+    def charge(self, task: Hashable, ran_s: float) -> None:
+        if ran_s < 0:
+            raise InvalidArgumentError("run time cannot be negative")
+        self._vr[task] += ran_s / self._weight[task]
+
+    def vruntime(self, task: Hashable) -> float:
+        return self._vr.get(task, 0.0)
+
+
+class RoundRobinPolicy(SchedulingPolicy):
+    """Round robin: FIFO order, a preempted task goes to the back."""
+
+    name = "rr"
+
+    def __init__(self) -> None:
+        self._queue: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
+        self._known: set[Hashable] = set()
+        self._ran: dict[Hashable, float] = {}
+
+    def add(self, task: Hashable, weight: float = 1.0) -> None:
+        _check_weight(weight)
+        if task in self._known:
+            raise InvalidArgumentError(f"task {task!r} is already scheduled")
+        self._known.add(task)
+        self._ran[task] = 0.0
+        self._queue[task] = None
+
+    def requeue(self, task: Hashable) -> None:
+        self._queue[task] = None
+
+    def pick(self) -> Hashable | None:
+        if not self._queue:
+            return None
+        return self._queue.popitem(last=False)[0]
+
+    def peek(self) -> Hashable | None:
+        return next(iter(self._queue), None)
+
+    def remove(self, task: Hashable) -> None:
+        self._queue.pop(task, None)
+        self._known.discard(task)
+        self._ran.pop(task, None)
+
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def charge(self, task: Hashable, ran_s: float) -> None:
+        self._ran[task] += ran_s
+
+    def vruntime(self, task: Hashable) -> float:
+        return self._ran.get(task, 0.0)
+
+
+class FCFSPolicy(RoundRobinPolicy):
+    """First come, first served; a task runs to completion (never asked to yield)."""
+
+    name = "fcfs"
+    preemptive = False
+
+
+POLICY_NAMES = ("fair", "rr", "fcfs")
+_POLICIES: dict[str, type[SchedulingPolicy]] = {
+    "fair": FairPolicy, "rr": RoundRobinPolicy, "fcfs": FCFSPolicy}
+
+
+def make_policy(policy: str | SchedulingPolicy) -> SchedulingPolicy:
+    """A policy instance from its name (``"fair"``, ``"rr"``, ``"fcfs"``) or as given."""
+    if isinstance(policy, SchedulingPolicy):
+        return policy
+    if not isinstance(policy, str) or policy not in _POLICIES:
+        raise InvalidArgumentError(
+            f"unknown scheduling policy {policy!r} (available: {', '.join(POLICY_NAMES)})")
+    return _POLICIES[policy]()
+
+
+def _check_weight(weight: Any) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 \
+            or weight == float("inf"):
+        raise InvalidArgumentError(f"weight must be a positive finite number, got {weight!r}")
+    return float(weight)
