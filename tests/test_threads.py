@@ -231,8 +231,9 @@ def test_offload_while_another_thread_fetches_a_released_tensor(monkeypatch):
 
 def test_second_fetch_while_first_is_retiring(monkeypatch):
     """Thread B fetches a released tensor and is paused right after the storage was restored
-    (storage.swap_in returned, handle not yet retired). A second fetch of the same handle must
-    fail with InvalidHandleError, like any double fetch, and change nothing."""
+    (storage.swap_in returned, handle not yet retired). A second fetch of the same handle waits
+    for B (fetches of one handle are serialised) and then fails with InvalidHandleError, like
+    any double fetch, changing nothing."""
     from aqua_offload import storage
 
     m = aq.OffloadManager("cpu", peers="auto", peer_bytes="64KiB", host_bytes="64KiB")
@@ -251,20 +252,33 @@ def test_second_fetch_while_first_is_retiring(monkeypatch):
 
     monkeypatch.setattr(storage, "swap_in", swap_in_then_pause)
     fetched: list = []
+    second: list = []
+
+    def second_fetch() -> None:
+        try:
+            m.fetch(h)
+            second.append("returned")
+        except aq.OffloadError as e:
+            second.append(e)
+
     b = threading.Thread(target=lambda: fetched.append(m.fetch(h)), daemon=True)
     b.start()
+    c = threading.Thread(target=second_fetch, daemon=True)
     try:
         assert in_window.wait(JOIN_TIMEOUT_S)
-        with pytest.raises(aq.InvalidHandleError):
-            m.fetch(h)
+        c.start()
+        c.join(0.2)
+        assert c.is_alive() and not second  # waits for the first fetch to finish
     finally:
         resume.set()
         b.join(JOIN_TIMEOUT_S)
+        c.join(JOIN_TIMEOUT_S)
         monkeypatch.undo()
-        assert not b.is_alive()
-        assert fetched and fetched[0] is t and torch.equal(t, ref)
-        assert_drained(m)
-        m.close()
+    assert not b.is_alive() and not c.is_alive()
+    assert len(second) == 1 and isinstance(second[0], aq.InvalidHandleError), second
+    assert fetched and fetched[0] is t and torch.equal(t, ref)
+    assert_drained(m)
+    m.close()
 
 
 @pytest.mark.parametrize("release", [True, False])

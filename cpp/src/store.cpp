@@ -10,16 +10,19 @@
 //                        copy block -> dst on from_tier; e3 := record(from_tier)
 //                        user waits e3                -- later kernels see the bytes
 //  prefetch:             the same copy, but user does not wait; fetch later makes user wait e3.
-//  migrate (store_tiers.cpp): migrate stream waits done, last_read, prefetched and the new
-//                        block's fences; copy; m := record; the handle's done becomes m.
+//  migrate (store_tiers.cpp): migrate stream waits `touched` and the new block's fences;
+//                        copy; m := record; the handle's done and touched become m.
 //  Releasing the *source* of an offload (release=True) is the caller's side: the Python layer
 //  keeps the storage alive until `done` (record_stream on CUDA, a holder on emulation).
 //
 // Note [Block release]
-// A handle's block is released with a fence: the event of the last copy touching it, which is
-// `prefetched`, else `last_read`, else `done` (reads wait on done; reads of one tier share its
-// from_tier stream, so the last submitted is the last to finish). The next owner of those bytes
-// orders its copy after the fence; reap() drops fences whose event completed.
+// Each entry keeps `touched`: an event ordered after every copy that touched its block. An
+// offload sets it to its copy's event; a read (fetch with keep, prefetch) to the read's event,
+// which comes after it because reads wait on `done` and reads of one tier share its from_tier
+// stream; a migration to its event (the move waited on `touched`); an in-place append to the
+// append's event (which waited on `touched`). The block is released with `touched` (or with the
+// consuming fetch's own copy) as its fence: the next owner of those bytes orders its copy after
+// it, and reap() drops fences whose event completed.
 //
 // Note [Locking]
 // mutex_ guards the handle table, the tiers' pools and segments, event refcounts, fences and
@@ -44,9 +47,6 @@ namespace {
 constexpr std::size_t no_offset = static_cast<std::size_t>(-1);
 constexpr std::size_t prealloc_events = 64;
 
-event_t last_touch(event_t prefetched, event_t last_read, event_t done) {
-  return prefetched ? prefetched : (last_read ? last_read : done);
-}
 }  // namespace
 
 const char* to_string(handle_state s) noexcept {
@@ -130,6 +130,13 @@ store::~store() {
 
 void store::release_resources() noexcept {
   // Called only once no copy can be running (after close(), or from a failed constructor).
+  // Streams go first: an emulated stream drains its queue, whose tasks may name events.
+  for (auto& t : tiers_) {
+    for (stream_t* s : {&t.to_tier, &t.from_tier, &t.migrate}) {
+      if (*s) backend_->destroy_stream(*s);
+      *s = 0;
+    }
+  }
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (events_)
@@ -140,10 +147,6 @@ void store::release_resources() noexcept {
   }
   events_.reset();
   for (auto& t : tiers_) {
-    for (stream_t* s : {&t.to_tier, &t.from_tier, &t.migrate}) {
-      if (*s) backend_->destroy_stream(*s);
-      *s = 0;
-    }
     for (auto& kv : t.segments) {
       if (t.device < 0)
         backend_->free_pinned_host(kv.second.ptr, kv.second.bytes);
@@ -211,7 +214,7 @@ void store::release_block_locked(std::size_t t, std::size_t offset, event_t fenc
 void store::retire_entry_locked(std::uint64_t id, entry& e, event_t fence) {
   if (e.offset != no_offset) release_block_locked(e.tier, e.offset, fence);
   unref_locked(e.done);
-  unref_locked(e.last_read);
+  unref_locked(e.touched);
   unref_locked(e.prefetched);
   --tiers_[e.tier].handles;
   entries_.erase(id);
@@ -250,6 +253,7 @@ std::uint64_t store::offload(const void* src, std::size_t nbytes, stream_t user,
   std::size_t ignored = 0;
   if (!copy_tier) copy_tier = &ignored;
   require_open();
+  AQUA_EXPECTS(nbytes == 0 || src != nullptr, invalid_argument_error, "offload: null source pointer");
   std::uint64_t id = 0;
   std::size_t alloc = nbytes;
   entry based{};
@@ -282,7 +286,6 @@ std::uint64_t store::offload(const void* src, std::size_t nbytes, stream_t user,
     *copy_tier = 0;
     return id;
   }
-  AQUA_EXPECTS(src != nullptr, invalid_argument_error, "offload: null source pointer");
   reap();
   *copy_tier = submit_offload(id, src, nbytes, alloc, user, fence_user);
   return id;
@@ -291,7 +294,10 @@ std::uint64_t store::offload(const void* src, std::size_t nbytes, stream_t user,
 std::size_t store::submit_offload(std::uint64_t id, const void* src, std::size_t nbytes,
                                   std::size_t alloc, stream_t user, bool fence_user) {
   std::optional<placement> got;
+  event_t ready_src = 0, done = 0;
   try {
+    ready_src = events_->acquire();  // first: a failure here leaves nothing placed
+    done = events_->acquire();
     try {
       got = place(alloc, 0, id);
     } catch (const out_of_memory_error&) {
@@ -299,6 +305,8 @@ std::size_t store::submit_offload(std::uint64_t id, const void* src, std::size_t
       got = place(nbytes, 0, id);  // no room for headroom: the exact size then
     }
   } catch (...) {
+    if (ready_src) events_->release(ready_src);
+    if (done) events_->release(done);
     std::lock_guard<std::mutex> lock(mutex_);
     entries_.erase(id);
     changed_.notify_all();
@@ -306,8 +314,6 @@ std::size_t store::submit_offload(std::uint64_t id, const void* src, std::size_t
   }
   const placement& p = *got;
   tier& tr = tiers_[p.tier];  // streams are immutable; the pool is only touched under the lock
-  const event_t ready_src = events_->acquire();
-  const event_t done = events_->acquire();
   bool recorded = false;
   try {
     device_guard guard(*backend_, config_.device);
@@ -344,8 +350,9 @@ std::size_t store::submit_offload(std::uint64_t id, const void* src, std::size_t
   e.tier = p.tier;
   e.offset = p.offset;
   e.ptr = p.ptr;
-  e.done = done;
+  e.done = e.touched = done;
   ref_locked(done);
+  ref_locked(done);  // once as done, once as touched
   ++tr.handles;
   ++counters_.offloads;
   counters_.bytes_offloaded += nbytes;
@@ -363,20 +370,29 @@ std::size_t store::prefetch(std::uint64_t id, void* dst, stream_t user) {
   std::byte* src = nullptr;
   std::size_t nbytes = 0;
   event_t done = 0;
-  {
+  const event_t dst_ready = events_->acquire();  // before claiming: a failure changes nothing
+  event_t landed = 0;
+  try {
+    landed = events_->acquire();
     std::unique_lock<std::mutex> lock(mutex_);
     entry& e = claim_locked(lock, id, "prefetch");
-    if (e.prefetched || e.nbytes == 0) return e.tier;  // already on its way, or nothing to move
+    if (e.prefetched || e.nbytes == 0) {  // already on its way, or nothing to move
+      events_->release(dst_ready);
+      events_->release(landed);
+      return e.tier;
+    }
     AQUA_EXPECTS(dst != nullptr, invalid_argument_error, "prefetch: null destination pointer");
     e.busy = true;
     t = e.tier;
     src = e.ptr;
     nbytes = e.nbytes;
     done = e.done;
+  } catch (...) {
+    events_->release(dst_ready);
+    if (landed) events_->release(landed);
+    throw;
   }
   const stream_t stream = tiers_[t].from_tier;
-  const event_t dst_ready = events_->acquire();
-  const event_t landed = events_->acquire();
   try {
     device_guard guard(*backend_, config_.device);
     backend_->record(dst_ready, user);
@@ -399,7 +415,10 @@ std::size_t store::prefetch(std::uint64_t id, void* dst, stream_t user) {
   events_->release(dst_ready);
   std::lock_guard<std::mutex> lock(mutex_);
   entry& e = entries_.at(id);
-  e.prefetched = landed;
+  e.prefetched = landed;  // the user stream waits on it at fetch
+  ref_locked(landed);
+  unref_locked(e.touched);  // a read: the block's latest touch (Note [Block release])
+  e.touched = landed;
   ref_locked(landed);
   e.busy = false;
   e.last_use = clock_++;
@@ -413,7 +432,7 @@ void store::free(std::uint64_t id) {
   require_open();
   std::unique_lock<std::mutex> lock(mutex_);
   entry& e = claim_locked(lock, id, "free");
-  retire_entry_locked(id, e, last_touch(e.prefetched, e.last_read, e.done));
+  retire_entry_locked(id, e, e.touched);
   ++counters_.frees;
 }
 
@@ -442,13 +461,21 @@ void store::wait(std::uint64_t id) {
   std::vector<event_t> evs;
   {
     std::unique_lock<std::mutex> lock(mutex_);
-    entry& e = find_locked(id, "wait");
-    while (e.busy) changed_.wait(lock);
-    for (event_t ev : {e.state == handle_state::in_flight ? e.done : 0, e.prefetched})
-      if (ev) {
-        ref_locked(ev);
-        evs.push_back(ev);
+    for (;;) {  // look the entry up again after every wait: it may be gone meanwhile
+      entry& e = find_locked(id, "wait");
+      if (e.busy) {
+        changed_.wait(lock);
+        continue;
       }
+      // Wait for the copy that wrote it unless it is known complete (a fetch in another thread
+      // does not make it so), and for a prefetch of it.
+      for (event_t ev : {e.state != handle_state::offloaded ? e.done : 0, e.prefetched})
+        if (ev) {
+          ref_locked(ev);
+          evs.push_back(ev);
+        }
+      break;
+    }
   }
   for (event_t ev : evs) backend_->wait(ev);
   std::lock_guard<std::mutex> lock(mutex_);
@@ -474,12 +501,21 @@ bool store::contains(std::uint64_t id) const {
 
 void store::synchronize() {
   require_open();
+  std::vector<std::uint64_t> before;  // only copies enqueued before the sync are known complete
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& kv : entries_)
+      if (kv.second.state == handle_state::in_flight) before.push_back(kv.first);
+  }
   for (auto& t : tiers_)
     for (stream_t s : {t.to_tier, t.from_tier, t.migrate}) backend_->synchronize_stream(s);
   reap();
   std::lock_guard<std::mutex> lock(mutex_);
-  for (auto& kv : entries_)
-    if (kv.second.state == handle_state::in_flight) kv.second.state = handle_state::offloaded;
+  for (std::uint64_t id : before) {
+    auto it = entries_.find(id);
+    if (it != entries_.end() && it->second.state == handle_state::in_flight)
+      it->second.state = handle_state::offloaded;
+  }
 }
 
 void store::close() noexcept {

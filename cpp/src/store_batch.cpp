@@ -14,21 +14,19 @@ namespace aqua {
 namespace {
 constexpr std::size_t no_offset = static_cast<std::size_t>(-1);
 
-event_t last_touch(event_t prefetched, event_t last_read, event_t done) {
-  return prefetched ? prefetched : (last_read ? last_read : done);
-}
 }  // namespace
 
 std::vector<std::pair<std::uint64_t, std::size_t>> store::offload_many(
     const std::vector<offload_item>& items, stream_t user, bool fence_user) {
   require_open();
+  for (const auto& item : items)
+    AQUA_EXPECTS(item.nbytes == 0 || item.src != nullptr, invalid_argument_error,
+                 "offload_many: null source pointer");
   reap();
   std::vector<std::uint64_t> ids(items.size());
   {
     std::lock_guard<std::mutex> lock(mutex_);
     for (std::size_t i = 0; i < items.size(); ++i) {
-      AQUA_EXPECTS(items[i].nbytes == 0 || items[i].src != nullptr, invalid_argument_error,
-                   "offload_many: null source pointer");
       ids[i] = next_id_++;
       entries_.emplace(ids[i], entry{handle_state::submitting, 0, no_offset, nullptr,
                                      items[i].nbytes, 0, 0, items[i].priority, clock_, clock_});
@@ -57,8 +55,9 @@ std::vector<std::pair<std::uint64_t, std::size_t>> store::offload_many(
   }
   // One event on the user stream; per tier, one wait, one batched submission, one event.
   std::vector<event_t> done(tiers_.size(), 0);
-  const event_t ready_src = events_->acquire();
+  event_t ready_src = 0;
   try {
+    ready_src = events_->acquire();
     device_guard guard(*backend_, config_.device);
     backend_->record(ready_src, user);
     for (std::size_t t = 0; t < tiers_.size(); ++t) {
@@ -94,7 +93,7 @@ std::vector<std::pair<std::uint64_t, std::size_t>> store::offload_many(
       }
       if (done[t]) events_->release(done[t]);
     }
-    events_->release(ready_src);
+    if (ready_src) events_->release(ready_src);
     rollback(0);
     throw;
   }
@@ -111,8 +110,9 @@ std::vector<std::pair<std::uint64_t, std::size_t>> store::offload_many(
       e.tier = where[i]->tier;
       e.offset = where[i]->offset;
       e.ptr = where[i]->ptr;
-      e.done = done[e.tier];
+      e.done = e.touched = done[e.tier];
       ref_locked(e.done);  // shared by the batch's handles on that tier
+      ref_locked(e.touched);
       ++tiers_[e.tier].handles;
       counters_.bytes_offloaded += items[i].nbytes;
     }
@@ -138,36 +138,41 @@ void store::fetch_many(const std::vector<std::uint64_t>& ids, const std::vector<
     std::size_t tier;
     std::byte* src;
     std::size_t nbytes;
-    event_t done, last_read, prefetched;
+    event_t done, prefetched;
     handle_state was;
   };
   std::vector<job> jobs(ids.size());
-  {
-    std::unique_lock<std::mutex> lock(mutex_);
-    // Check every handle before claiming any, so a bad one changes nothing.
-    for (bool all_free = false; !all_free;) {
-      all_free = true;
-      for (auto id : ids) {
-        entry& e = claim_locked(lock, id, "fetch");  // may wait: then re-check them all
-        (void)e;
+  const event_t dst_ready = events_->acquire();  // before claiming: a failure here changes nothing
+  try {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      // Check every handle before claiming any, so a bad one changes nothing.
+      for (bool all_free = false; !all_free;) {
+        all_free = true;
+        for (auto id : ids) {
+          entry& e = claim_locked(lock, id, "fetch");  // may wait: then re-check them all
+          (void)e;
+        }
+        for (auto id : ids)
+          if (entries_.at(id).busy || entries_.at(id).state == handle_state::submitting) all_free = false;
       }
-      for (auto id : ids)
-        if (entries_.at(id).busy || entries_.at(id).state == handle_state::submitting) all_free = false;
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        const entry& e = entries_.at(ids[i]);
+        AQUA_EXPECTS(e.nbytes == 0 || e.prefetched || dsts[i] != nullptr, invalid_argument_error,
+                     "fetch: null destination pointer");
+      }
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        entry& e = entries_.at(ids[i]);
+        jobs[i] = job{e.tier, e.ptr, e.nbytes, e.done, e.prefetched, e.state};
+        ref_locked(e.done);
+        e.state = handle_state::fetching;
+      }
     }
-    for (std::size_t i = 0; i < ids.size(); ++i) {
-      const entry& e = entries_.at(ids[i]);
-      AQUA_EXPECTS(e.nbytes == 0 || e.prefetched || dsts[i] != nullptr, invalid_argument_error,
-                   "fetch: null destination pointer");
-    }
-    for (std::size_t i = 0; i < ids.size(); ++i) {
-      entry& e = entries_.at(ids[i]);
-      jobs[i] = job{e.tier, e.ptr, e.nbytes, e.done, e.last_read, e.prefetched, e.state};
-      ref_locked(e.done);
-      e.state = handle_state::fetching;
-    }
+  } catch (...) {
+    events_->release(dst_ready);
+    throw;
   }
   std::vector<event_t> copied(tiers_.size(), 0);
-  const event_t dst_ready = events_->acquire();
   try {
     device_guard guard(*backend_, config_.device);
     bool recorded_user = false;
@@ -232,11 +237,11 @@ void store::fetch_many(const std::vector<std::uint64_t>& ids, const std::vector<
     const event_t read = j.prefetched ? j.prefetched : copied[j.tier];
     ++counters_.fetches;
     if (!j.prefetched) counters_.bytes_fetched += j.nbytes;
-    if (keep) {  // the block stays a clean copy; remember the read for its eventual release
-      if (read && read != e.last_read) {
+    if (keep) {  // the block stays a clean copy; the read is its latest touch (Note [Block release])
+      if (!j.prefetched && read) {  // a prefetch already counted as a touch when it was made
         ref_locked(read);
-        unref_locked(e.last_read);
-        e.last_read = read;
+        unref_locked(e.touched);
+        e.touched = read;
       }
       if (e.prefetched) {
         unref_locked(e.prefetched);
@@ -245,7 +250,7 @@ void store::fetch_many(const std::vector<std::uint64_t>& ids, const std::vector<
       e.state = j.was;
       continue;
     }
-    retire_entry_locked(ids[i], e, last_touch(read, e.last_read, e.done));
+    retire_entry_locked(ids[i], e, j.prefetched ? e.touched : read);
   }
   for (event_t c : copied)
     if (c && event_refs_.find(c) == event_refs_.end()) events_->release(c);  // zero-byte only

@@ -9,11 +9,12 @@
 //
 // Note [Migration]
 // A migration never blocks the host and never makes a handle unavailable. The entry is marked
-// busy while the copy is submitted; the migrate stream of the source tier waits for every copy
-// that wrote or reads the old block (done, last_read, prefetched) and for the new block's
-// fences, copies, and records m. The entry then points at the new block with done = m, so any
-// later fetch reads the new block after m, and the old block is released with fence m. If the
-// submission fails the entry is untouched: still valid on its old tier.
+// busy while the copy is submitted; the migrate stream of the source tier waits for `touched`
+// (every copy that wrote or read the old block, Note [Block release] in store.cpp) and for the
+// new block's fences, copies, and records m. The entry then points at the new block with
+// done = touched = m, so any later fetch reads the new block after m, and the old block is
+// released with fence m. If the submission fails the entry is untouched: still valid on its old
+// tier. A pending prefetch keeps its own event: its buffer was filled from the old block.
 //
 // Note [Lending]
 // A peer tier is a pool over segments: the initial budget and one per lend(). reclaim() drains
@@ -41,6 +42,15 @@ namespace aqua {
 
 namespace {
 constexpr std::size_t no_offset = static_cast<std::size_t>(-1);
+}
+
+bool store::record_after_failure(event_t e, stream_t s) noexcept {
+  try {
+    backend_->record(e, s);  // fence whatever part of a failed submission was enqueued
+    return true;
+  } catch (...) {
+    return false;
+  }
 }
 
 std::optional<store::placement> store::try_allocate_locked(std::size_t t, std::size_t nbytes,
@@ -101,27 +111,26 @@ store::move store::migrate_locked(std::unique_lock<std::mutex>& lock, std::uint6
   e.busy = true;
   const std::size_t from = e.tier, old_offset = e.offset, nbytes = e.nbytes;
   std::byte* src = e.ptr;
-  const event_t waits[] = {e.done, e.last_read, e.prefetched};
+  const event_t after = e.touched;  // held by the entry, which stays while busy
   const stream_t stream = tiers_[from].migrate;
   lock.unlock();
 
-  const event_t moved = events_->acquire();
+  event_t moved = 0;
   bool ok = false, recorded = false;
   try {
+    moved = events_->acquire();
     device_guard guard(*backend_, config_.device);
-    for (event_t w : waits)
-      if (w) backend_->stream_wait(stream, w);
+    backend_->stream_wait(stream, after);
     for (event_t f : dest->fences) backend_->stream_wait(stream, f);
     enqueue_copy(dest->ptr, src, nbytes, stream);
     backend_->record(moved, stream);
     recorded = ok = true;
   } catch (const std::exception& x) {
     if (why) *why = x.what();
-    try {
-      backend_->record(moved, stream);  // fence whatever part was enqueued
-      recorded = true;
-    } catch (...) {
-    }
+    recorded = moved && record_after_failure(moved, stream);
+  } catch (...) {
+    if (why) *why = "unknown error";
+    recorded = moved && record_after_failure(moved, stream);
   }
 
   lock.lock();
@@ -129,10 +138,10 @@ store::move store::migrate_locked(std::unique_lock<std::mutex>& lock, std::uint6
   if (ok) {
     release_block_locked(from, old_offset, moved);
     unref_locked(e.done);
-    unref_locked(e.last_read);
+    unref_locked(e.touched);
     ref_locked(moved);
-    e.done = moved;
-    e.last_read = 0;
+    ref_locked(moved);
+    e.done = e.touched = moved;
     e.tier = dest->tier;
     e.offset = dest->offset;
     e.ptr = dest->ptr;
@@ -142,7 +151,7 @@ store::move store::migrate_locked(std::unique_lock<std::mutex>& lock, std::uint6
     counters_.bytes_migrated += nbytes;
   } else {
     release_block_locked(dest->tier, dest->offset, recorded ? moved : 0);
-    if (!recorded) events_->release(moved);
+    if (!recorded && moved) events_->release(moved);
     ++counters_.migration_failures;
   }
   e.busy = false;
@@ -312,14 +321,15 @@ std::size_t store::offload_incremental(std::uint64_t id, std::uint64_t base, con
   if (based.nbytes > 0 && room >= nbytes && src != nullptr) {
     // Grow in place: copy only the suffix into base's block, after base's own copy.
     const stream_t s = tiers_[based.tier].to_tier;
-    const event_t ready_src = events_->acquire();
-    const event_t done = events_->acquire();
+    event_t ready_src = 0, done = 0;
     const std::size_t suffix = nbytes - based.nbytes;
     try {
+      ready_src = events_->acquire();
+      done = events_->acquire();
       device_guard guard(*backend_, config_.device);
       backend_->record(ready_src, user);
       backend_->stream_wait(s, ready_src);
-      backend_->stream_wait(s, based.done);
+      backend_->stream_wait(s, based.touched);  // after every copy that wrote or read the block
       enqueue_copy(based.ptr + based.nbytes, static_cast<const std::byte*>(src) + based.nbytes,
                    suffix, s);
       backend_->record(done, s);
@@ -329,8 +339,8 @@ std::size_t store::offload_incremental(std::uint64_t id, std::uint64_t base, con
         backend_->synchronize_stream(s);  // no stray suffix write may outlive this call
       } catch (...) {
       }
-      events_->release(ready_src);
-      events_->release(done);
+      if (ready_src) events_->release(ready_src);
+      if (done) events_->release(done);
       std::lock_guard<std::mutex> lock(mutex_);
       entries_.erase(id);
       entries_.at(base).busy = false;
@@ -345,11 +355,12 @@ std::size_t store::offload_incremental(std::uint64_t id, std::uint64_t base, con
     e.tier = b.tier;
     e.offset = b.offset;
     e.ptr = b.ptr;
-    e.done = done;
+    e.done = e.touched = done;  // the append waited on base's touched: it is the latest touch
     ref_locked(done);
-    e.last_read = b.last_read;  // the reference moves with the block
+    ref_locked(done);
     tiers_[b.tier].owner[b.offset] = id;
     unref_locked(b.done);
+    unref_locked(b.touched);
     entries_.erase(base);  // handle count unchanged: one handle replaced another
     ++counters_.offloads;
     ++counters_.incremental_offloads;
@@ -382,9 +393,7 @@ std::size_t store::offload_incremental(std::uint64_t id, std::uint64_t base, con
   std::lock_guard<std::mutex> lock(mutex_);
   entry& b = entries_.at(base);
   b.busy = false;
-  retire_entry_locked(base, b, [&] {
-    return b.prefetched ? b.prefetched : (b.last_read ? b.last_read : b.done);
-  }());
+  retire_entry_locked(base, b, b.touched);
   ++counters_.incremental_offloads;
   return copy_tier;
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,7 +32,7 @@ class Handle:
 
     __slots__ = ("_manager", "_id", "nbytes", "shape", "dtype", "release", "priority", "_tensor",
                  "_key", "_holder", "_terminal", "_tier", "_location", "_prefetch",
-                 "_prefetch_tier", "_kept", "__weakref__")
+                 "_prefetch_tier", "_prefetch_stream", "_kept", "_lock", "__weakref__")
 
     def __init__(self, manager: "OffloadManager", core_id: int, *, nbytes: int,
                  shape: torch.Size, dtype: torch.dtype, release: bool,
@@ -52,6 +53,8 @@ class Handle:
         self.priority = priority
         self._prefetch: torch.Tensor | None = None  # destination of a prefetch in flight
         self._prefetch_tier = 0
+        self._prefetch_stream: Any = None  # torch stream the prefetch buffer belongs to (CUDA)
+        self._lock = threading.RLock()  # serialises fetch/prefetch/free of this handle
         self._kept = False  # a release fetched with keep=True: the tier copy outlives it
 
     # -- state ---------------------------------------------------------------------------

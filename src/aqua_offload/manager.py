@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import threading
 import weakref
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -273,44 +274,46 @@ class OffloadManager:
             view sees the data again). For a snapshot: ``out`` or a new contiguous tensor.
         """
         self._check_open()
-        handle = self._own(handle, "fetch")
-        if handle._kept:
-            raise InvalidHandleError("fetch: this handle is the kept copy of a tensor already "
-                                     "restored; use it as offload(..., base=h) or free it")
-        stream = current_stream(self.device)
-        if handle.release:
-            if out is not None:
-                raise InvalidArgumentError("fetch: out= is for snapshots; a released tensor is "
-                                           "restored in place")
-            tensor = handle._tensor
-            dest = self._release_destination(handle, tensor)
-            self._store.fetch(handle._id, 0 if handle._prefetch is not None else
-                              (dest.data_ptr() if handle.nbytes else 0), stream, keep)
-            storage.swap_in(tensor.untyped_storage(), dest.untyped_storage())
-            self._drop_prefetch(handle)
-            if keep:
-                self._unpage(handle)
-                handle._kept = True
+        with self._claim([handle], "fetch") as (handle,):
+            if handle._kept:
+                raise InvalidHandleError("fetch: this handle is the kept copy of a tensor already "
+                                         "restored; use it as offload(..., base=h) or free it")
+            stream = current_stream(self.device)
+            if handle.release:
+                if out is not None:
+                    raise InvalidArgumentError("fetch: out= is for snapshots; a released tensor is "
+                                               "restored in place")
+                tensor = handle._tensor
+                dest = self._release_destination(handle, tensor)
+                self._store.fetch(handle._id, 0 if handle._prefetch is not None else
+                                  (dest.data_ptr() if handle.nbytes else 0), stream, keep)
+                self._adopt_prefetch(handle)
+                storage.swap_in(tensor.untyped_storage(), dest.untyped_storage())
+                self._drop_prefetch(handle)
+                if keep:
+                    self._unpage(handle)
+                    handle._kept = True
+                else:
+                    self._retire(handle, "fetched")
+                return tensor
+            if handle._prefetch is not None:
+                buf = handle._prefetch
+                if out is not None:
+                    self._check_out(out, handle)
+                self._store.fetch(handle._id, 0, stream, keep)
+                self._adopt_prefetch(handle)
+                self._drop_prefetch(handle)
+                result = out.copy_(buf) if out is not None else buf
             else:
-                self._retire(handle, "fetched")
-            return tensor
-        if handle._prefetch is not None:
-            buf = handle._prefetch
-            if out is not None:
-                self._check_out(out, handle)
-            self._store.fetch(handle._id, 0, stream, keep)
-            self._drop_prefetch(handle)
-            result = out.copy_(buf) if out is not None else buf
-        else:
-            if out is None:
-                out = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
-            else:
-                self._check_out(out, handle)
-            self._store.fetch(handle._id, out.data_ptr() if handle.nbytes else 0, stream, keep)
-            result = out
-        if not keep:
-            handle._finish("fetched")
-        return result
+                if out is None:
+                    out = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
+                else:
+                    self._check_out(out, handle)
+                self._store.fetch(handle._id, out.data_ptr() if handle.nbytes else 0, stream, keep)
+                result = out
+            if not keep:
+                handle._finish("fetched")
+            return result
 
     def fetch_many(self, handles: Iterable[Handle | torch.Tensor],
                    outs: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
@@ -318,65 +321,68 @@ class OffloadManager:
         tier). All handles (and ``outs``, one per handle, ``None`` or a tensor as for
         ``fetch(out=)``, snapshots only) are checked before any is fetched."""
         self._check_open()
-        handles = [self._own(h, "fetch_many") for h in handles]
-        if len({id(h) for h in handles}) != len(handles):
-            raise InvalidArgumentError("fetch_many: a handle is listed twice")
-        outs = [None] * len(handles) if outs is None else list(outs)
-        if len(outs) != len(handles):
-            raise InvalidArgumentError("fetch_many: outs must have one entry per handle")
-        for h, o in zip(handles, outs):
-            if h._kept:
-                raise InvalidHandleError("fetch_many: a kept copy of a restored tensor")
-            if o is not None:
-                if h.release or h._prefetch is not None:
-                    raise InvalidArgumentError("fetch_many: outs are for snapshots not prefetched")
-                self._check_out(o, h)
-        dests = []
-        for h, o in zip(handles, outs):
-            if h.release:
-                dests.append(self._release_destination(h, h._tensor))
-            elif o is not None:
-                dests.append(o)
-            else:
-                dests.append(h._prefetch if h._prefetch is not None else
-                             torch.empty(h.shape, dtype=h.dtype, device=self.device))
-        ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
-                for h, d in zip(handles, dests)]
-        self._store.fetch_many([h._id for h in handles], ptrs, current_stream(self.device))
-        results = []
-        for h, d in zip(handles, dests):
-            self._drop_prefetch(h)
-            if h.release:
-                tensor = h._tensor
-                storage.swap_in(tensor.untyped_storage(), d.untyped_storage())
-                self._retire(h, "fetched")
-                results.append(tensor)
-            else:
-                h._finish("fetched")
-                results.append(d)
-        return results
+        with self._claim(list(handles), "fetch_many") as handles:
+            if len({id(h) for h in handles}) != len(handles):
+                raise InvalidArgumentError("fetch_many: a handle is listed twice")
+            outs = [None] * len(handles) if outs is None else list(outs)
+            if len(outs) != len(handles):
+                raise InvalidArgumentError("fetch_many: outs must have one entry per handle")
+            for h, o in zip(handles, outs):
+                if h._kept:
+                    raise InvalidHandleError("fetch_many: a kept copy of a restored tensor")
+                if o is not None:
+                    if h.release or h._prefetch is not None:
+                        raise InvalidArgumentError("fetch_many: outs are for snapshots not prefetched")
+                    self._check_out(o, h)
+            dests = []
+            for h, o in zip(handles, outs):
+                if h.release:
+                    dests.append(self._release_destination(h, h._tensor))
+                elif o is not None:
+                    dests.append(o)
+                else:
+                    dests.append(h._prefetch if h._prefetch is not None else
+                                 torch.empty(h.shape, dtype=h.dtype, device=self.device))
+            ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
+                    for h, d in zip(handles, dests)]
+            self._store.fetch_many([h._id for h in handles], ptrs, current_stream(self.device))
+            results = []
+            for h, d in zip(handles, dests):
+                self._adopt_prefetch(h)
+                self._drop_prefetch(h)
+                if h.release:
+                    tensor = h._tensor
+                    storage.swap_in(tensor.untyped_storage(), d.untyped_storage())
+                    self._retire(h, "fetched")
+                    results.append(tensor)
+                else:
+                    h._finish("fetched")
+                    results.append(d)
+            return results
 
     def prefetch(self, handle: Handle | torch.Tensor) -> Handle:
         """Start copying the handle back now, into memory allocated on the current stream, and
         return at once; a later ``fetch`` only waits for it (no second copy). The destination
         is counted in ``stats()["prefetched_bytes"]`` and given back if the handle is freed."""
         self._check_open()
-        handle = self._own(handle, "prefetch")
-        if handle._prefetch is not None:
+        with self._claim([handle], "prefetch") as (handle,):
+            if handle._prefetch is not None:
+                return handle
+            if handle._kept:
+                raise InvalidHandleError("prefetch: a kept copy of a restored tensor")
+            if handle.release:
+                buf = torch.empty(handle.nbytes, dtype=torch.uint8, device=self.device)
+            else:
+                buf = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
+            tier = self._store.prefetch(handle._id, buf.data_ptr() if handle.nbytes else 0,
+                                        current_stream(self.device))
+            handle._prefetch = buf
+            handle._prefetch_tier = tier
+            if self._cuda:
+                handle._prefetch_stream = torch.cuda.current_stream(self.device)
+            with self._holders_lock:
+                self._prefetched_bytes += handle.nbytes
             return handle
-        if handle._kept:
-            raise InvalidHandleError("prefetch: a kept copy of a restored tensor")
-        if handle.release:
-            buf = torch.empty(handle.nbytes, dtype=torch.uint8, device=self.device)
-        else:
-            buf = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
-        tier = self._store.prefetch(handle._id, buf.data_ptr() if handle.nbytes else 0,
-                                    current_stream(self.device))
-        handle._prefetch = buf
-        handle._prefetch_tier = tier
-        with self._holders_lock:
-            self._prefetched_bytes += handle.nbytes
-        return handle
 
     def _release_destination(self, handle: Handle, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.untyped_storage().nbytes() != 0:
@@ -387,6 +393,14 @@ class OffloadManager:
         if handle._prefetch is not None:
             return handle._prefetch
         return torch.empty(handle.nbytes, dtype=torch.uint8, device=self.device)
+
+    def _adopt_prefetch(self, handle: Handle) -> None:
+        """The prefetch buffer is used on the current stream from now on; if that is not the
+        stream it was allocated on, tell the caching allocator (CUDA)."""
+        if handle._prefetch is not None and self._cuda:
+            current = torch.cuda.current_stream(self.device)
+            if current != handle._prefetch_stream:
+                self._record_stream(handle._prefetch, current)
 
     def _drop_prefetch(self, handle: Handle) -> None:
         if handle._prefetch is None:
@@ -400,14 +414,15 @@ class OffloadManager:
         """Drop the handle's offloaded bytes without fetching them. For a release, the tensor
         keeps its empty storage: its data is gone."""
         self._check_open()
-        handle = self._own(handle, "free")
-        if handle._holder is not None or (handle._prefetch is not None and not self._cuda):
-            self._store.wait(handle._id)  # emulation: a copy may still use the holder/buffer
-        elif handle._prefetch is not None:
-            self._record_stream(handle._prefetch, self._stream(handle._prefetch_tier, "from_tier"))
-        self._drop_prefetch(handle)
-        self._store.free(handle._id)
-        self._retire(handle, "freed")
+        with self._claim([handle], "free") as (handle,):
+            if handle._holder is not None or (handle._prefetch is not None and not self._cuda):
+                self._store.wait(handle._id)  # emulation: a copy may still use the holder/buffer
+            self._store.free(handle._id)
+            if handle._prefetch is not None and self._cuda:  # reused after the copy into it
+                self._record_stream(handle._prefetch,
+                                    self._stream(handle._prefetch_tier, "from_tier"))
+            self._drop_prefetch(handle)
+            self._retire(handle, "freed")
 
     def _discard(self, handle: Handle) -> None:
         if not self._closed and handle._terminal is None:
@@ -574,6 +589,16 @@ class OffloadManager:
                 raise InvalidArgumentError("offload(base=): the base has a prefetch in flight; "
                                            "fetch or free it first")
         return handle
+
+    @contextlib.contextmanager
+    def _claim(self, handles: list[Any], what: str) -> Iterator[list[Handle]]:
+        """Hold the handles' locks (in a fixed order) and check them under the locks: the Python
+        side of a handle (prefetch buffer, terminal state) changes with its C++ entry at once."""
+        hs = [self._own(h, what) for h in handles]
+        with contextlib.ExitStack() as stack:
+            for h in sorted({id(h): h for h in hs}.values(), key=lambda h: h._id):
+                stack.enter_context(h._lock)
+            yield [self._own(h, what) for h in hs]
 
     def _consumed(self, base: Handle) -> None:
         """``base`` was taken over by an incremental offload."""

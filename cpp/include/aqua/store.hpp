@@ -170,8 +170,9 @@ class store {
     std::size_t offset;
     std::byte* ptr;
     std::size_t nbytes;
-    event_t done;       ///< last copy that wrote the block (0: none)
-    event_t last_read;  ///< last copy that read the block while it stays live (0: none)
+    event_t done;     ///< last copy that wrote the block: readers wait on it (0: none)
+    event_t touched;  ///< ordered after every copy that touched the block: movers, overwriters
+                      ///< and the block's release fence wait on it (0: none)
     double priority;
     std::uint64_t inserted;
     std::uint64_t last_use;
@@ -202,6 +203,7 @@ class store {
                              std::size_t alloc, stream_t user, bool fence_user);
 
   // store_tiers.cpp
+  bool record_after_failure(event_t e, stream_t s) noexcept;
   std::optional<placement> try_allocate_locked(std::size_t tier, std::size_t nbytes,
                                                std::uint64_t owner);
   placement place(std::size_t nbytes, std::size_t first_tier, std::uint64_t owner);
