@@ -576,3 +576,83 @@ def test_reclaim_and_lend_race_offload_and_fetch():
     assert s["migrations"] > 0  # reclaims and evictions did move live data
     assert log["reclaims"] > rounds // 3
     m.close()
+
+
+def test_free_after_prefetch_and_reclaim_never_exposes_a_reused_block():
+    """Regression (review): a prefetched handle migrated by reclaim, then freed, released its
+    new block fenced only by the (older) prefetch; the next offload into that block could be
+    overwritten by the migration still running."""
+    mib = 1 << 20
+    for _ in range(3):
+        m = aq.OffloadManager("cpu", peers=["emu:1"], peer_bytes=48 * mib, host_bytes=160 * mib)
+        big = torch.randn(36 * mib // 4)
+        m.offload(big, release=False)
+        x = torch.full((2 * mib // 4,), 1.0)
+        h = m.offload(x, release=False)
+        m.prefetch(h)
+        h.wait()
+        c = torch.randn(16 * mib // 4)
+        m.offload(c, release=True)  # the peer is full: evicts `big` (a long migration)
+        r = threading.Thread(target=m.reclaim, args=("emu:1",), daemon=True)
+        r.start()
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while h.tier != "host" and time.monotonic() < deadline:
+            pass
+        m.free(h)
+        z = torch.full((2 * mib // 4,), 2.0)
+        hy = m.offload(z, release=False)
+        r.join(JOIN_TIMEOUT_S)
+        assert not r.is_alive()
+        assert torch.equal(m.fetch(hy), z)
+        m.close()
+
+
+def test_synchronize_does_not_mark_later_offloads_complete():
+    """Regression (review): synchronize() marked every in-flight handle offloaded, including
+    offloads submitted by other threads after its stream syncs: their sources (emulation
+    holders) were then dropped while the copies still read them."""
+    m = aq.OffloadManager("cpu", peers=None, host_bytes="64MiB")
+    stop = threading.Event()
+
+    def syncer() -> None:
+        while not stop.is_set():
+            m.synchronize()
+
+    th = threading.Thread(target=syncer, daemon=True)
+    th.start()
+    gen = torch.Generator().manual_seed(11)
+    try:
+        for _ in range(400):
+            t = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=gen)
+            ref = t.clone()
+            h = m.offload(t)  # release: the holder is reaped once the copy is seen complete
+            filler = [torch.randint(0, 256, (1 << 16,), dtype=torch.uint8) for _ in range(2)]
+            assert m.fetch(h) is t and torch.equal(t, ref)
+            del filler
+    finally:
+        stop.set()
+        th.join(JOIN_TIMEOUT_S)
+    assert not th.is_alive()
+    m.close()
+
+
+def test_concurrent_prefetches_of_one_handle():
+    """Regression (review): two threads prefetching one handle each allocated a buffer; one was
+    dropped while the copy still wrote into it (heap corruption on emulation)."""
+    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="8MiB", host_bytes="8MiB")
+    gen = torch.Generator().manual_seed(12)
+    for _ in range(200):
+        t = torch.randint(0, 256, (1 << 15,), dtype=torch.uint8, generator=gen)
+        h = m.offload(t, release=False)
+        barrier = threading.Barrier(2)
+
+        def pre() -> None:
+            barrier.wait()
+            m.prefetch(h)
+
+        errors = run_threads([pre, pre], timeout=30)
+        assert not errors, errors
+        assert m.stats()["prefetched_bytes"] == t.numel()
+        assert torch.equal(m.fetch(h), t)
+        assert m.stats()["prefetched_bytes"] == 0
+    m.close()
