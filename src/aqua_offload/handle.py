@@ -30,6 +30,8 @@ class Handle:
         Whether the source storage was paged out (and ``fetch`` restores it in place).
     """
 
+    _aqua_not_state = True  # never walked as part of a workload state (state.py)
+
     __slots__ = ("_manager", "_id", "nbytes", "shape", "dtype", "release", "priority", "_tensor",
                  "_key", "_holder", "_terminal", "_tier", "_location", "_prefetch",
                  "_prefetch_tier", "_prefetch_stream", "_kept", "_lock", "__weakref__")

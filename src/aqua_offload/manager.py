@@ -88,6 +88,8 @@ class OffloadManager:
     back in before giving the memory up.
     """
 
+    _aqua_not_state = True  # never walked as part of a workload state (state.py)
+
     def __init__(self, device: DeviceLike | None = None, peers: Any = "auto",
                  peer_bytes: int | str | Mapping[Any, int | str] | None = None,
                  host_bytes: int | str | None = None, policy: str = "lru",

@@ -33,8 +33,9 @@ class SchedulingPolicy(ABC):
     preemptive: bool = True
 
     @abstractmethod
-    def add(self, task: Hashable, weight: float = 1.0) -> None:
-        """A new task arrives; it waits until picked."""
+    def add(self, task: Hashable, weight: float = 1.0, running: Hashable | None = None) -> None:
+        """A new task arrives; it waits until picked. ``running`` is the task holding the
+        device (already charged up to now), if any."""
 
     @abstractmethod
     def requeue(self, task: Hashable) -> None:
@@ -90,21 +91,28 @@ class FairPolicy(SchedulingPolicy):
         while self._heap and self._queued.get(self._heap[0][2]) != self._heap[0][1]:
             heapq.heappop(self._heap)
 
-    def add(self, task: Hashable, weight: float = 1.0) -> None:
+    def add(self, task: Hashable, weight: float = 1.0, running: Hashable | None = None) -> None:
         if task in self._vr:
             raise InvalidArgumentError(f"task {task!r} is already scheduled")
         self._weight[task] = _check_weight(weight)
-        self._vr[task] = self._current_min()
+        self._vr[task] = self._current_min(running)
         self._push(task)
 
-    def _current_min(self) -> float:
+    def _current_min(self, running: Hashable | None = None) -> float:
+        """CFS's min_vruntime: the least of the running and the leftmost waiting task's virtual
+        runtime, never decreasing."""
         self._clean()
-        if self._heap:
-            self._min_vr = max(self._min_vr, self._heap[0][0])
+        candidates = [self._heap[0][0]] if self._heap else []
+        if running is not None and running in self._vr:
+            candidates.append(self._vr[running])
+        if candidates:
+            self._min_vr = max(self._min_vr, min(candidates))
         return self._min_vr
 
     def requeue(self, task: Hashable) -> None:
-        self._vr[task] = max(self._vr[task], self._current_min())
+        # A task that ran keeps what it was charged (no lift to the others' level: that would
+        # erase weights and never pay back an overlong turn); only a long sleeper is lifted.
+        self._vr[task] = max(self._vr[task], self._min_vr)
         self._push(task)
 
     def pick(self) -> Hashable | None:
@@ -129,9 +137,7 @@ class FairPolicy(SchedulingPolicy):
         return len(self._queued)
 
     def charge(self, task: Hashable, ran_s: float) -> None:
-        if ran_s < 0:
-            raise InvalidArgumentError("run time cannot be negative")
-        self._vr[task] += ran_s / self._weight[task]
+        self._vr[task] += _check_run_time(ran_s) / self._weight[task]
 
     def vruntime(self, task: Hashable) -> float:
         return self._vr.get(task, 0.0)
@@ -147,7 +153,7 @@ class RoundRobinPolicy(SchedulingPolicy):
         self._known: set[Hashable] = set()
         self._ran: dict[Hashable, float] = {}
 
-    def add(self, task: Hashable, weight: float = 1.0) -> None:
+    def add(self, task: Hashable, weight: float = 1.0, running: Hashable | None = None) -> None:
         _check_weight(weight)
         if task in self._known:
             raise InvalidArgumentError(f"task {task!r} is already scheduled")
@@ -175,7 +181,7 @@ class RoundRobinPolicy(SchedulingPolicy):
         return len(self._queue)
 
     def charge(self, task: Hashable, ran_s: float) -> None:
-        self._ran[task] += ran_s
+        self._ran[task] += _check_run_time(ran_s)
 
     def vruntime(self, task: Hashable) -> float:
         return self._ran.get(task, 0.0)
@@ -208,3 +214,9 @@ def _check_weight(weight: Any) -> float:
             or weight == float("inf"):
         raise InvalidArgumentError(f"weight must be a positive finite number, got {weight!r}")
     return float(weight)
+
+
+def _check_run_time(ran_s: Any) -> float:
+    if isinstance(ran_s, bool) or not isinstance(ran_s, (int, float)) or not 0 <= ran_s < float("inf"):
+        raise InvalidArgumentError(f"run time must be a finite number >= 0, got {ran_s!r}")
+    return float(ran_s)

@@ -3,19 +3,25 @@
 A state can be a tensor; a list, tuple, set or dict of states; an ``nn.Module`` (its buffers,
 and its parameters when asked); a transformers ``Cache`` (its per-layer key/value tensors, found
 through the object's attributes like any other object); or any object whose attributes hold
-states. The walk returns each storage once (views of one storage are paged out together), only
+states. Library objects (managers, slicers, slices, handles), modules, classes and functions
+are never followed: a state that refers to its slicer does not drag other slices' state in.
+The walk returns each storage once (views of one storage are paged out together), only
 for tensors on the requested device, and never follows an object twice (cycles are fine).
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any, Iterator
 
 import torch
 
 __all__ = ["collect_tensors"]
 
-_ATOMS = (str, bytes, int, float, complex, bool, type(None), torch.device, torch.dtype)
+_ATOMS = (str, bytes, int, float, complex, bool, type(None), torch.device, torch.dtype,
+          # never state: following them would walk the whole program (module globals)
+          types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType,
+          types.MethodType)
 
 
 def collect_tensors(state: Any, device: torch.device | None, *, parameters: bool = False,
@@ -52,7 +58,8 @@ def _walk(obj: Any, parameters: bool, depth: int, seen: set[int]) -> Iterator[to
     if isinstance(obj, torch.Tensor):
         yield obj
         return
-    if depth <= 0 or isinstance(obj, _ATOMS) or id(obj) in seen:
+    if depth <= 0 or isinstance(obj, _ATOMS) or id(obj) in seen \
+            or getattr(type(obj), "_aqua_not_state", False):  # managers, slicers, handles
         return
     seen.add(id(obj))
     if isinstance(obj, torch.nn.Module):
@@ -73,6 +80,9 @@ def _walk(obj: Any, parameters: bool, depth: int, seen: set[int]) -> Iterator[to
     if isinstance(attrs, dict):
         for value in attrs.values():
             yield from _walk(value, parameters, depth - 1, seen)
-    for slot in getattr(type(obj), "__slots__", ()):
-        if isinstance(slot, str) and hasattr(obj, slot):
-            yield from _walk(getattr(obj, slot), parameters, depth - 1, seen)
+    for cls in type(obj).__mro__:  # slots may be declared by any base class
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if isinstance(slot, str) and slot not in ("__dict__", "__weakref__") \
+                    and hasattr(obj, slot):
+                yield from _walk(getattr(obj, slot), parameters, depth - 1, seen)

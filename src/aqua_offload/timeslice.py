@@ -57,6 +57,8 @@ class Slice:
         From entering the slice to its first turn (the TTFT analogue).
     """
 
+    _aqua_not_state = True  # never walked as part of a workload state (state.py)
+
     def __init__(self, slicer: "TimeSlicer", state: Any, name: str, weight: float) -> None:
         self.slicer = slicer
         self.state = state
@@ -70,7 +72,8 @@ class Slice:
         self.time_to_first_run_s: float | None = None
         self.status = "waiting"  # waiting | running | done | failed
         self._arrival = 0.0
-        self._turn_start = 0.0
+        self._turn_start = 0.0  # when its current turn began (for the quantum)
+        self._charged_at = 0.0  # run time before this was charged to the policy
         self._wait_start = 0.0
         self._granted = False
         self._thread = threading.get_ident()
@@ -114,6 +117,8 @@ class TimeSlicer:
     parameters : bool
         Page out ``nn.Module`` parameters too (default: buffers only).
     """
+
+    _aqua_not_state = True  # never walked as part of a workload state (state.py)
 
     def __init__(self, quantum_ms: float = 20.0, manager: OffloadManager | None = None,
                  policy: str | SchedulingPolicy = "fair", memory_budget: int | str | None = None,
@@ -160,8 +165,11 @@ class TimeSlicer:
         with self._cv:
             if self._closed:
                 raise SlicerClosedError("the TimeSlicer is closed")
-            self.policy.add(s, weight)  # validates the weight
-            s._arrival = s._wait_start = self._clock()
+            now = self._clock()
+            if self._running is not None:  # charge it up to now: the newcomer starts level
+                self._charge_locked(self._running, now)
+            self.policy.add(s, weight, running=self._running)  # validates the weight
+            s._arrival = s._wait_start = now
             self._slices.append(s)
             if self._running is None:
                 self._grant_next_locked()
@@ -188,16 +196,20 @@ class TimeSlicer:
                 s.checkpoint()
         return hook
 
+    def _charge_locked(self, s: Slice, now: float) -> None:
+        ran = max(0.0, now - s._charged_at)
+        s.run_s += ran
+        self.policy.charge(s, ran)
+        s._charged_at = now
+
     def _leave(self, s: Slice, failed: bool) -> None:
         now = self._clock()
         with self._cv:
+            self.policy.remove(s)  # first: the turn must not go back to a leaving slice
             if self._running is s:
-                ran = now - s._turn_start
-                s.run_s += ran
-                self.policy.charge(s, ran)
+                s.run_s += max(0.0, now - s._charged_at)
                 self._grant_next_locked()
             s.status = "failed" if failed else "done"
-            self.policy.remove(s)
             self._slices.remove(s)
             self._finished.append(s)
             self._cv.notify_all()
@@ -206,6 +218,10 @@ class TimeSlicer:
 
     # -- turns -----------------------------------------------------------------------------
     def _grant_next_locked(self) -> None:
+        if self._closed:  # waiting slices raise SlicerClosedError instead of running
+            self._running = None
+            self._cv.notify_all()
+            return
         nxt = self.policy.pick()
         self._running = nxt
         if nxt is not None:
@@ -232,6 +248,7 @@ class TimeSlicer:
                     continue
                 self._cv.wait()
             s._granted = False
+            s._want_page_out = s._want_prefetch = False  # stale requests of the wait that ended
             now = self._clock()
             s.wait_s += now - s._wait_start
             if s.time_to_first_run_s is None:
@@ -240,7 +257,7 @@ class TimeSlicer:
             self._page_in(s)
         with self._cv:
             s.status = "running"
-            s._turn_start = self._clock()
+            s._turn_start = s._charged_at = self._clock()
             self._ask_next_to_prefetch_locked()
 
     def _checkpoint(self, s: Slice) -> None:
@@ -251,11 +268,9 @@ class TimeSlicer:
         with self._cv:
             if self._running is not s:
                 raise InvalidArgumentError("checkpoint(): this slice does not hold the turn")
-            ran = now - s._turn_start
-            if not self.policy.should_yield(ran, self.quantum_s):
-                return
-            s.run_s += ran
-            self.policy.charge(s, ran)
+            if self._closed or not self.policy.should_yield(now - s._turn_start, self.quantum_s):
+                return  # closed: the running slice finishes its work normally
+            self._charge_locked(s, now)
             self.policy.requeue(s)
             if self.policy.peek() is s:  # still first in line: keep running
                 self.policy.pick()
