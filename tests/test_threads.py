@@ -401,26 +401,32 @@ def test_gil_released_while_blocked(call):
     """A thread blocked in Handle.wait() or in a large fetch must not hold the GIL: the main
     thread keeps running Python code for the whole time the call blocks."""
     chunk = 64 << 20
-    n = 4
-    m = aq.OffloadManager("cpu", peers=None, host_bytes=n * chunk)
-    gen = torch.Generator().manual_seed(3)
-    tensors = [torch.randint(0, 256, (chunk,), dtype=torch.uint8, generator=gen)
-               for _ in range(n)]
-    refs = [t.clone() for t in tensors]
-    if call == "wait":
-        # release offloads return at once; the copies queue on one stream, so the last
-        # handle completes only after all of them
-        hs = [m.offload(t) for t in tensors]
-        start, end, count, gap = _main_thread_progress_while(hs[-1].wait)
-        assert hs[-1].ready()
-        outs = [m.fetch(h) for h in hs]
-    else:
-        hs = [m.offload(t, release=False) for t in tensors]
-        m.synchronize()
-        outs: list = []
-        start, end, count, gap = _main_thread_progress_while(
-            lambda: outs.extend(m.fetch_many(hs)))
-    duration = end - start
+    for n in (4, 8, 16):  # more data when the machine finished the copies before we looked
+        m = aq.OffloadManager("cpu", peers=None, host_bytes=n * chunk)
+        gen = torch.Generator().manual_seed(3)
+        tensors = [torch.randint(0, 256, (chunk,), dtype=torch.uint8, generator=gen)
+                   for _ in range(n)]
+        refs = [t.clone() for t in tensors]
+        if call == "wait":
+            # release offloads return at once; the copies queue on one stream, so the last
+            # handle completes only after all of them
+            hs = [m.offload(t) for t in tensors]
+            start, end, count, gap = _main_thread_progress_while(hs[-1].wait)
+            assert hs[-1].ready()
+            outs = [m.fetch(h) for h in hs]
+        else:
+            hs = [m.offload(t, release=False) for t in tensors]
+            m.synchronize()
+            outs = []
+            start, end, count, gap = _main_thread_progress_while(
+                lambda: outs.extend(m.fetch_many(hs)))
+        duration = end - start
+        if duration > 0.01 or n == 16:
+            break
+        for out, ref in zip(outs, refs):
+            assert torch.equal(out, ref)
+        del tensors, outs, refs, hs
+        m.close()
     assert duration > 0.01, f"the call blocked only {duration * 1e3:.1f} ms: nothing measured"
     assert count >= 20, f"main thread ran {count} iterations in {duration * 1e3:.1f} ms"
     assert gap < duration / 2, f"main thread stalled {gap * 1e3:.1f} of {duration * 1e3:.1f} ms"

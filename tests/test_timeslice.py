@@ -1074,8 +1074,7 @@ def test_state_referencing_the_slicer_does_not_page_out_other_slices(m):
 
 # -- the example ---------------------------------------------------------------------------------
 def test_example_timeslice_threads_runs():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env = dict(os.environ)  # the aqua_offload this test imports (installed, or PYTHONPATH)
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "timeslice_threads.py"),
                            "--device", "cpu"], capture_output=True, text=True, timeout=120,
                           env=env, cwd=ROOT)
