@@ -31,6 +31,13 @@ def test_cuda_backend_without_a_driver_reports_no_devices():
     info = _core.backend_info("cuda")
     assert info["name"] == "cuda" and info["emulation"] is False
     assert info["device_count"] == len(info["devices"]) >= 0
+    if info["device_count"] == 0:  # the reason is said, and a store names it
+        assert "cudaError" in info["status"]
+        with pytest.raises(aq.BackendError, match="no device") as err:
+            _core.Store("cuda", 0, [], 1 << 20)
+        assert info["status"] in str(err.value)
+    else:
+        assert info["status"] == ""
 
 
 def test_emulation_backend_describes_itself():

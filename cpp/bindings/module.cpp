@@ -125,6 +125,7 @@ py::dict backend_info(const std::string& name) {
   d["emulation"] = b->is_emulation();
   const int n = b->device_count();
   d["device_count"] = n;
+  d["status"] = b->status();
   py::list devices;
   py::list access;
   for (int i = 0; i < n; ++i) {

@@ -66,6 +66,10 @@ store::store(std::shared_ptr<backend> b, store_config cfg)
   AQUA_EXPECTS(backend_ != nullptr, invalid_argument_error, "store: no backend");
   policy_ = make_eviction_policy(config_.policy);
   const int n = backend_->device_count();
+  if (n == 0 && !backend_->status().empty())
+    throw backend_error("the " + backend_->name() + " backend has no device: " +
+                            backend_->status(),
+                        "noDevice");
   AQUA_EXPECTS(config_.device >= 0 && config_.device < n, invalid_argument_error,
                "device " + std::to_string(config_.device) + " does not exist on the " +
                    backend_->name() + " backend (" + std::to_string(n) + " device(s))");

@@ -33,6 +33,8 @@ class backend {
   virtual std::string name() const = 0;  ///< "cuda" or "emulation"
   virtual bool is_emulation() const noexcept = 0;
   virtual int device_count() const = 0;
+  /// Why the backend has fewer devices than expected, if it knows ("" when all is well).
+  virtual std::string status() const { return ""; }
   virtual std::string device_name(int device) const = 0;
   /// Location label of a device as users see it ("cuda:1", "emu:1").
   virtual std::string device_label(int device) const = 0;

@@ -40,6 +40,12 @@ cuda_backend::cuda_backend() {
   if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver) {
     cudaGetLastError();
     n = 0;
+    status_ = err == cudaErrorNoDevice
+                  ? "no CUDA device (cudaErrorNoDevice)"
+                  : "no CUDA driver, or one older than this build's CUDA " +
+                        std::to_string(CUDART_VERSION / 1000) + "." +
+                        std::to_string(CUDART_VERSION % 1000 / 10) +
+                        " runtime needs (cudaErrorInsufficientDriver)";
   } else if (err != cudaSuccess) {
     throw_cuda_error(err, "cudaGetDeviceCount", __FILE__, __LINE__);
   }

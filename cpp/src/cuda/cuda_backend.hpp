@@ -24,6 +24,7 @@ class cuda_backend final : public backend {
   std::string name() const override { return "cuda"; }
   bool is_emulation() const noexcept override { return false; }
   int device_count() const override { return devices_; }
+  std::string status() const override { return status_; }
   std::string device_name(int device) const override;
   std::string device_label(int device) const override;
   bool can_access_peer(int device, int peer) const override;
@@ -51,6 +52,7 @@ class cuda_backend final : public backend {
  private:
   void check_device(int device, const char* what) const;
   int devices_ = 0;
+  std::string status_;
 };
 
 }  // namespace aqua::cuda
