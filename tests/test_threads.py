@@ -429,7 +429,9 @@ def test_gil_released_while_blocked(call):
         m.close()
     assert duration > 0.01, f"the call blocked only {duration * 1e3:.1f} ms: nothing measured"
     assert count >= 20, f"main thread ran {count} iterations in {duration * 1e3:.1f} ms"
-    assert gap < duration / 2, f"main thread stalled {gap * 1e3:.1f} of {duration * 1e3:.1f} ms"
+    # A call holding the GIL throughout gives one gap of the whole duration and no iteration;
+    # on 2 vCPUs the OS alone can park the main thread for a good part of a 30 ms call.
+    assert gap < 0.8 * duration, f"main thread stalled {gap * 1e3:.1f} of {duration * 1e3:.1f} ms"
     for out, ref in zip(outs, refs):
         assert torch.equal(out, ref)
     del tensors, outs

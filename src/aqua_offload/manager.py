@@ -179,11 +179,11 @@ class OffloadManager:
         nbytes = src_bytes.numel() * src_bytes.element_size()
         # A temporary source may be dropped after the call: the current stream (its allocation
         # stream) waits for the copy, so its memory is reused only after the copy read it.
-        core_id, _ = self._store.offload(src_bytes.data_ptr() if nbytes else 0, nbytes,
-                                         current_stream(self.device), True, prio, base_id)
+        core_id, tier = self._store.offload(src_bytes.data_ptr() if nbytes else 0, nbytes,
+                                            current_stream(self.device), True, prio, base_id)
         if base is not None:
             self._consumed(base)
-        return self._new_handle(core_id, tensor, nbytes=nbytes, release=False, key=None,
+        return self._new_handle(core_id, tier, tensor, nbytes=nbytes, release=False, key=None,
                                 priority=prio)
 
     def _paged_out(self, core_id: int, tier: int, tensor: torch.Tensor, key: int, token: Any,
@@ -192,8 +192,8 @@ class OffloadManager:
         if base is not None:
             self._consumed(base)
         src = tensor.untyped_storage()
-        handle = self._new_handle(core_id, tensor, nbytes=src.nbytes(), release=True, key=key,
-                                  priority=prio)
+        handle = self._new_handle(core_id, tier, tensor, nbytes=src.nbytes(), release=True,
+                                  key=key, priority=prio)
         holder = storage.swap_out(src)
         storage.commit(key, token, handle)
         with self._released_lock:
@@ -208,10 +208,9 @@ class OffloadManager:
                 self._holders.append(handle)
         return handle
 
-    def _new_handle(self, core_id: int, tensor: torch.Tensor, *, nbytes: int, release: bool,
-                    key: int | None, priority: float) -> Handle:
-        tier = self._store.info(core_id)[1]
-        kind, location = self._tiers[tier]
+    def _new_handle(self, core_id: int, tier: int, tensor: torch.Tensor, *, nbytes: int,
+                    release: bool, key: int | None, priority: float) -> Handle:
+        kind, location = self._tiers[tier]  # where the copy went (Handle.tier stays live)
         return Handle(self, core_id, nbytes=nbytes, shape=tensor.shape, dtype=tensor.dtype,
                       release=release, tensor=tensor if release else None, key=key,
                       tier=kind, location=location, priority=priority)
@@ -233,8 +232,9 @@ class OffloadManager:
             sizes = [s.numel() * s.element_size() for s in srcs]
             got = self._store.offload_many(
                 [(s.data_ptr() if n else 0, n, prio) for s, n in zip(srcs, sizes)], stream, True)
-            return [self._new_handle(cid, t, nbytes=n, release=False, key=None, priority=prio)
-                    for (cid, _), t, n in zip(got, tensors, sizes)]
+            return [self._new_handle(cid, tier, t, nbytes=n, release=False, key=None,
+                                     priority=prio)
+                    for (cid, tier), t, n in zip(got, tensors, sizes)]
         reserved: list[tuple[int, Any]] = []
         try:
             for t in tensors:
