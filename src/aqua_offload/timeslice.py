@@ -282,6 +282,8 @@ class TimeSlicer:
             page_out_now = self.memory_budget is None
         if page_out_now:
             self._page_out(s)
+        else:  # only the owner walks its state (Note [Who pages what]); the budget reads this
+            s._resident_bytes = sum(t.untyped_storage().nbytes() for t in self._tensors(s))
         with self._cv:
             self._grant_next_locked()
             if self.memory_budget is not None:
@@ -292,8 +294,6 @@ class TimeSlicer:
         """Ask the least recently run preempted slices to page out until the rest fits."""
         resident = [x for x in self._slices if x is not self._running and x.status == "waiting"
                     and x._handles is None and x.time_to_first_run_s is not None]
-        for x in resident:
-            x._resident_bytes = sum(t.untyped_storage().nbytes() for t in self._tensors(x))
         total = sum(x._resident_bytes for x in resident)
         for x in sorted(resident, key=lambda x: x._last_run):
             if total <= self.memory_budget:
