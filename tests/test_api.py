@@ -311,3 +311,46 @@ def test_chunked_copies_are_exact(chunk):
 def test_chunk_bytes_below_one_block_is_rejected():
     with pytest.raises(aq.InvalidArgumentError, match="chunk_bytes"):
         aq.OffloadManager("cpu", host_bytes="1MiB", chunk_bytes=100)
+
+
+def test_fetch_many_keep_leaves_tier_copies_fetchable_again(manager):
+    srcs = [random_tensor((64, 33), torch.float32) for s in range(3)]
+    hs = manager.offload_many(srcs, release=False)
+    used = manager.stats()["tiers"][0]["used"]
+    for _ in range(2):  # kept: the same handles fetch again, the tier still holds them
+        got = manager.fetch_many(hs, keep=True)
+        assert all(same_bytes(g, s) for g, s in zip(got, srcs))
+        assert all(h.state == "offloaded" for h in hs)
+        assert manager.stats()["tiers"][0]["used"] == used
+    manager.fetch_many(hs)  # without keep: consumed
+    assert all(h.state == "fetched" for h in hs)
+    assert manager.stats()["tiers"][0]["used"] == 0
+
+
+def test_fetch_many_keep_of_released_tensors_then_incremental_base(manager):
+    t = random_tensor((1024,), torch.int32)
+    h = manager.offload(t)
+    (back,) = manager.fetch_many([h], keep=True)
+    assert back is t and not aq.is_offloaded(t)
+    with pytest.raises(aq.InvalidHandleError):  # a kept copy is a base, not fetchable
+        manager.fetch_many([h])
+    grown = torch.cat([t, random_tensor((256,), torch.int32)])
+    h2 = manager.offload(grown, release=False, base=h)
+    assert same_bytes(manager.fetch(h2), grown)
+
+
+def test_prefetch_many_then_fetch_many(manager):
+    srcs = [random_tensor((300,), torch.float64) for s in range(4)]
+    hs = manager.offload_many(srcs, release=False)
+    assert manager.prefetch_many(hs + hs[:1]) == hs + hs[:1]  # a repeat is left as it is
+    assert manager.stats()["prefetched_bytes"] == sum(h.nbytes for h in hs)
+    got = manager.fetch_many(hs, keep=True)
+    assert all(same_bytes(g, s) for g, s in zip(got, srcs))
+    assert manager.stats()["prefetched_bytes"] == 0
+    manager.prefetch_many(hs[:2])
+    for h in hs:
+        manager.free(h)  # frees a prefetched handle's buffer too
+    assert manager.stats()["prefetched_bytes"] == 0
+    assert manager.stats()["tiers"][0]["used"] == 0
+    with pytest.raises(aq.InvalidHandleError):
+        manager.prefetch_many(hs[:1])

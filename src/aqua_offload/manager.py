@@ -318,10 +318,12 @@ class OffloadManager:
             return result
 
     def fetch_many(self, handles: Iterable[Handle | torch.Tensor],
-                   outs: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                   outs: Sequence[torch.Tensor | None] | None = None, *,
+                   keep: bool = False) -> list[torch.Tensor]:
         """Fetch every handle in one call into the core (one event, one batched submission per
         tier). All handles (and ``outs``, one per handle, ``None`` or a tensor as for
-        ``fetch(out=)``, snapshots only) are checked before any is fetched."""
+        ``fetch(out=)``, snapshots only) are checked before any is fetched. ``keep`` as for
+        :meth:`fetch`, for every handle."""
         self._check_open()
         with self._claim(list(handles), "fetch_many") as handles:
             if len({id(h) for h in handles}) != len(handles):
@@ -347,7 +349,8 @@ class OffloadManager:
                                  torch.empty(h.shape, dtype=h.dtype, device=self.device))
             ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
                     for h, d in zip(handles, dests)]
-            self._store.fetch_many([h._id for h in handles], ptrs, current_stream(self.device))
+            self._store.fetch_many([h._id for h in handles], ptrs, current_stream(self.device),
+                                   keep)
             results = []
             for h, d in zip(handles, dests):
                 self._adopt_prefetch(h)
@@ -355,10 +358,15 @@ class OffloadManager:
                 if h.release:
                     tensor = h._tensor
                     storage.swap_in(tensor.untyped_storage(), d.untyped_storage())
-                    self._retire(h, "fetched")
+                    if keep:
+                        self._unpage(h)
+                        h._kept = True
+                    else:
+                        self._retire(h, "fetched")
                     results.append(tensor)
                 else:
-                    h._finish("fetched")
+                    if not keep:
+                        h._finish("fetched")
                     results.append(d)
             return results
 
@@ -366,25 +374,32 @@ class OffloadManager:
         """Start copying the handle back now, into memory allocated on the current stream, and
         return at once; a later ``fetch`` only waits for it (no second copy). The destination
         is counted in ``stats()["prefetched_bytes"]`` and given back if the handle is freed."""
+        return self.prefetch_many([handle])[0]
+
+    def prefetch_many(self, handles: Iterable[Handle | torch.Tensor]) -> list[Handle]:
+        """:meth:`prefetch` every handle (all are checked first); already prefetched ones are
+        left as they are."""
         self._check_open()
-        with self._claim([handle], "prefetch") as (handle,):
-            if handle._prefetch is not None:
-                return handle
-            if handle._kept:
+        with self._claim(list(handles), "prefetch") as handles:
+            if any(h._kept for h in handles):
                 raise InvalidHandleError("prefetch: a kept copy of a restored tensor")
-            if handle.release:
-                buf = torch.empty(handle.nbytes, dtype=torch.uint8, device=self.device)
-            else:
-                buf = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
-            tier = self._store.prefetch(handle._id, buf.data_ptr() if handle.nbytes else 0,
-                                        current_stream(self.device))
-            handle._prefetch = buf
-            handle._prefetch_tier = tier
-            if self._cuda:
-                handle._prefetch_stream = torch.cuda.current_stream(self.device)
-            with self._holders_lock:
-                self._prefetched_bytes += handle.nbytes
-            return handle
+            stream = current_stream(self.device)
+            for handle in handles:
+                if handle._prefetch is not None:
+                    continue
+                if handle.release:
+                    buf = torch.empty(handle.nbytes, dtype=torch.uint8, device=self.device)
+                else:
+                    buf = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
+                tier = self._store.prefetch(handle._id, buf.data_ptr() if handle.nbytes else 0,
+                                            stream)
+                handle._prefetch = buf
+                handle._prefetch_tier = tier
+                if self._cuda:
+                    handle._prefetch_stream = torch.cuda.current_stream(self.device)
+                with self._holders_lock:
+                    self._prefetched_bytes += handle.nbytes
+            return handles
 
     def _release_destination(self, handle: Handle, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.untyped_storage().nbytes() != 0:
