@@ -215,6 +215,7 @@ class TimeSlicer:
             self._cv.notify_all()
         if s._handles is not None:  # failed while paged out: restore, never lose data
             self._page_in(s)
+        s.state = None  # a finished slice keeps its stats, not its workload's memory
 
     # -- turns -----------------------------------------------------------------------------
     def _grant_next_locked(self) -> None:
@@ -320,12 +321,16 @@ class TimeSlicer:
         if self.manager is not None:
             return self.manager
         from . import default_manager  # the module's manager of the state's device
-        found = collect_tensors(s.state, None, parameters=self.parameters)
+        found = [t for t in collect_tensors(s.state, None, parameters=self.parameters)
+                 if t.device.type != "meta"]  # shape-only placeholders live nowhere
         return default_manager(found[0].device if found else None)
 
     def _page_out(self, s: Slice) -> None:
         if s._handles is not None or s.state is None:
             return
+        preempt = getattr(s.state, "aqua_preempt", None)
+        if callable(preempt):  # e.g. OffloadedCache drops its prefetched layer
+            preempt()
         m = self._manager_for(s)
         tensors = self._tensors(s)
         try:
