@@ -97,3 +97,64 @@ def test_tier_benchmark_rows(tmp_path: Path) -> None:
     assert rows[3]["bytes"] == 2 << 20
     text = tiers.format_tier_table(result)
     assert "EMULATION" in text and "reclaim" in text
+
+
+HF_ROW_KEYS = {"method", "batch", "prompt_tokens", "new_tokens", "median_s", "min_s", "max_s",
+               "tok_s", "baseline", "ratio", "device", "backend"}
+BURST_ROW_KEYS = {"policy", "tier", "ttft_p50_s", "ttft_p99_s", "throughput_tok_s", "makespan_s",
+                  "bytes_paged", "preemptions", "ttft_p99_gain", "throughput_ratio", "device",
+                  "backend"}
+
+
+def test_hf_bench_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf.json"
+    rc = main(["hf", "--quick", "--backend", "emulation", "--new-tokens", "4",
+               "--prompt-tokens", "12", "--no-progress", "--json", out])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["backend"] == "emulation" and "EMULATION" in result["label"]
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"default_cache", "offloaded_cache_peer", "offloaded_cache_host"}
+    for r in rows.values():
+        assert set(r) == HF_ROW_KEYS and r["new_tokens"] == 4 and r["prompt_tokens"] == 12
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert math.isclose(r["tok_s"], r["batch"] * 4 / r["median_s"], rel_tol=1e-9)
+        assert math.isclose(r["ratio"], r["tok_s"] / rows["default_cache"]["tok_s"], rel_tol=1e-9)
+    assert "offloaded_cache_peer" in capsys.readouterr().out
+
+
+def test_hf_bench_detects_wrong_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("transformers")
+    from aqua_offload.bench import hf as bench_hf
+    from aqua_offload.hf import OffloadedCache
+
+    real_update = OffloadedCache.update
+
+    def corrupt(self, key_states, value_states, layer_idx, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return real_update(self, key_states, value_states * 1000, layer_idx, *args, **kwargs)
+
+    monkeypatch.setattr(OffloadedCache, "update", corrupt)
+    with pytest.raises(bench_copy.VerificationError, match="different tokens"):
+        bench_hf.run_hf_benchmark(backend="emulation", quick=True, new_tokens=6, prompt_tokens=12)
+
+
+def test_burst_bench_json(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "burst.json"
+    rc = main(["burst", "--quick", "--backend", "emulation", "--requests", "3",
+               "--new-tokens", "6", "--quantum-ms", "1", "--no-progress", "--json", out])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["policy"], r["tier"]) for r in rows] == [("fcfs", None), ("fair", "host"),
+                                                        ("fair", "peer")]
+    for r in rows:
+        assert set(r) == BURST_ROW_KEYS
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
+        assert math.isclose(r["ttft_p99_gain"], rows[0]["ttft_p99_s"] / r["ttft_p99_s"])
+        assert math.isclose(r["throughput_ratio"],
+                            r["throughput_tok_s"] / rows[0]["throughput_tok_s"])
+    assert rows[0]["preemptions"] == 0 and rows[0]["bytes_paged"] == 0
+    assert set(result["requests"]) == {"fcfs/None", "fair/host", "fair/peer"}
+    assert all(len(v) == 3 for v in result["requests"].values())

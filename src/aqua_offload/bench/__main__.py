@@ -1,4 +1,4 @@
-"""Command line of the benchmarks: ``python -m aqua_offload.bench copy [--quick] [--json PATH]``.
+"""Command line of the benchmarks: ``python -m aqua_offload.bench {copy,tiers,hf,burst} ...``.
 
 One subcommand per benchmark; each prints a table on stdout and can write its rows as JSON.
 :func:`main` takes the arguments as a list, so a console script or a test can call it.
@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from ..devices import cuda_usable
 from ..sizes import parse_size
-from . import copy, tiers
+from . import burst, copy, hf, tiers
 
 __all__ = ["build_parser", "main"]
 
@@ -100,6 +100,51 @@ def _run_tiers(args: argparse.Namespace) -> int:
         reclaim_bytes=args.reclaim_bytes), tiers.format_tier_table)
 
 
+def _progress(args: argparse.Namespace, name: str) -> Callable[[str], None] | None:
+    if not args.progress:
+        return None
+    return lambda step: print(f"[bench {name}] {step} ...", file=sys.stderr, flush=True)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a tiny run (CPU-friendly)")
+    p.add_argument("--model", metavar="NAME",
+                   help="a preset (tiny, small) or a local checkpoint; default: small on a "
+                        "GPU, tiny on CPU")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    p.add_argument("--backend", choices=("auto", "emulation", "cuda"), default="auto")
+    p.add_argument("--new-tokens", type=_int_at_least(1), metavar="N")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   default=sys.stderr.isatty(), help="progress on stderr")
+
+
+def _add_hf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("hf", help="generate tokens/s with the offloaded KV cache vs the others",
+                       description=(hf.__doc__ or "").split("\n\n")[0])
+    _add_model_args(p)
+    p.add_argument("--samples", type=_int_at_least(3), default=3)
+    p.add_argument("--batch", type=_int_at_least(1))
+    p.add_argument("--prompt-tokens", type=_int_at_least(1), metavar="N")
+    p.set_defaults(func=lambda a: _run("hf", a, lambda: hf.run_hf_benchmark(
+        model=a.model, backend=a.backend, quick=a.quick, samples=a.samples, batch=a.batch,
+        prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, progress=_progress(a, "hf")),
+        hf.format_hf_table))
+
+
+def _add_burst(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("burst", help="TTFT under a burst: FCFS vs time-sliced (host, peer)",
+                       description=(burst.__doc__ or "").split("\n\n")[0])
+    _add_model_args(p)
+    p.add_argument("--requests", type=_int_at_least(1), metavar="N")
+    p.add_argument("--quantum-ms", type=float, default=20.0)
+    p.add_argument("--spread-s", type=float, default=0.0,
+                   help="seconds between arrivals (default 0: all at once)")
+    p.set_defaults(func=lambda a: _run("burst", a, lambda: burst.run_burst_benchmark(
+        model=a.model, backend=a.backend, quick=a.quick, requests=a.requests,
+        new_tokens=a.new_tokens, quantum_ms=a.quantum_ms, spread_s=a.spread_s,
+        progress=_progress(a, "burst")), burst.format_burst_table))
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The argument parser, one subcommand per benchmark."""
     parser = argparse.ArgumentParser(
@@ -108,6 +153,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_copy(sub)
     _add_tiers(sub)
+    _add_hf(sub)
+    _add_burst(sub)
     return parser
 
 

@@ -1,0 +1,139 @@
+"""HF generate benchmark: tokens/s of the KV cache variants, same model, same run.
+
+Methods (greedy decoding, identical prompts, every run's tokens compared with the first's):
+
+- ``default_cache``: ``model.generate`` with its default ``DynamicCache`` (the baseline);
+- ``offloaded_cache_peer``: :class:`~aqua_offload.hf.OffloadedCache` on a peer tier (on one GPU a
+  same-device peer: the code path, not NVLink; on emulation an emulated peer);
+- ``offloaded_cache_host``: the same with no peer tier (pinned host memory);
+- ``transformers_offloading``: transformers' ``DynamicCache(offloading=True)`` (CUDA only).
+
+Each method is warmed up once, then timed ``samples`` times (host clock around the whole
+``generate`` call, after a device synchronize). ``ratio = tok_s / baseline tok_s``; CUDA rows
+also carry ``vs_transformers_offloading`` (target, DESIGN.md section 9: >= 1.3 for the
+offloaded cache, and a ratio >= 0.9 to the default cache).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..devices import cuda_usable
+from ..manager import OffloadManager
+from .copy import EMULATION_LABEL, VerificationError
+from .models import build_model, device_label, random_prompts
+
+__all__ = ["run_hf_benchmark", "format_hf_table"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_hf_benchmark(*, model: str | None = None, backend: str = "auto", quick: bool = False,
+                     samples: int = 3, batch: int | None = None, prompt_tokens: int | None = None,
+                     new_tokens: int | None = None,
+                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time generate with each cache; returns ``{"device", "backend", "label", "model",
+    "config", "rows"}``.
+
+    Raises
+    ------
+    VerificationError
+        A cache variant generated different tokens than the default cache.
+    """
+    if backend == "auto":
+        backend = "cuda" if cuda_usable() else "emulation"
+    if samples < 3:
+        raise ValueError("need samples >= 3")
+    cuda = backend == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    lm = build_model(model, device)
+    batch = batch or (1 if quick or not cuda else 4)
+    prompt_tokens = prompt_tokens or (64 if quick or not cuda else 1024)
+    new_tokens = new_tokens or (24 if quick else (48 if not cuda else 128))
+    (ids,) = random_prompts(lm, [prompt_tokens], batch=batch)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    from ..hf import OffloadedCache
+    from transformers import DynamicCache
+
+    peer = device.index if cuda else "emu:1"
+    managers = {"peer": OffloadManager(device, peers=[peer]), "host": OffloadManager(device, peers=None)}
+    methods: dict[str, Callable[[], Any]] = {
+        "default_cache": lambda: None,
+        "offloaded_cache_peer": lambda: OffloadedCache(managers["peer"], config=lm.config),
+        "offloaded_cache_host": lambda: OffloadedCache(managers["host"], config=lm.config),
+    }
+    if cuda:
+        methods["transformers_offloading"] = lambda: DynamicCache(config=lm.config, offloading=True)
+    times: dict[str, list[float]] = {}
+    reference = None
+    try:
+        for name, make in methods.items():
+            if progress:
+                progress(name)
+            runs = []
+            for i in range(samples + 1):  # the first is the warm-up
+                cache = make()
+                extra = {} if cache is None else {"past_key_values": cache}
+                _sync(device)
+                t0 = time.perf_counter()
+                out = lm.generate(ids, **kwargs, **extra)
+                _sync(device)
+                elapsed = time.perf_counter() - t0
+                if reference is None:
+                    reference = out
+                elif not torch.equal(out, reference):
+                    raise VerificationError(f"{name} generated different tokens than the "
+                                            "default cache")
+                if hasattr(cache, "close"):
+                    cache.close()
+                if i:
+                    runs.append(elapsed)
+            times[name] = runs
+    finally:
+        for m in managers.values():
+            m.close()
+    label = device_label(device)
+    tokens = batch * new_tokens
+    base = tokens / statistics.median(times["default_cache"])
+    hf_off = times.get("transformers_offloading")
+    rows = []
+    for name, runs in times.items():
+        med = statistics.median(runs)
+        row = {"method": name, "batch": batch, "prompt_tokens": prompt_tokens,
+               "new_tokens": new_tokens, "median_s": med, "min_s": min(runs), "max_s": max(runs),
+               "tok_s": tokens / med, "baseline": "default_cache", "ratio": tokens / med / base,
+               "device": label, "backend": backend}
+        if hf_off:
+            row["vs_transformers_offloading"] = statistics.median(hf_off) / med
+        rows.append(row)
+    return {"device": label, "backend": backend,
+            "label": EMULATION_LABEL if backend == "emulation" else None,
+            "model": model or ("small" if cuda else "tiny"),
+            "config": {"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                       "samples": samples, "layers": int(lm.config.num_hidden_layers)},
+            "rows": rows}
+
+
+def format_hf_table(result: dict[str, Any]) -> str:
+    lines = [f"*** {result['label']} ***"] if result["label"] else []
+    c = result["config"]
+    lines.append(f"device: {result['device']}   backend: {result['backend']}   model: "
+                 f"{result['model']} ({c['layers']} layers)   batch {c['batch']}, prompt "
+                 f"{c['prompt_tokens']}, {c['new_tokens']} new tokens")
+    lines.append(f"{'method':<26} {'tok/s':>10} {'median':>10} {'min':>10} {'max':>10} "
+                 f"{'vs default':>11} {'vs hf offload':>14}")
+    for r in result["rows"]:
+        vs = r.get("vs_transformers_offloading")
+        lines.append(f"{r['method']:<26} {r['tok_s']:>10.1f} {r['median_s']:>9.3f}s "
+                     f"{r['min_s']:>9.3f}s {r['max_s']:>9.3f}s {r['ratio']:>11.2f} "
+                     f"{'-' if vs is None else f'{vs:.2f}':>14}")
+    if result["backend"] == "emulation":
+        lines.append("(transformers' DynamicCache(offloading=True) needs CUDA: not measured here)")
+    return "\n".join(lines)

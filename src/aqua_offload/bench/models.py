@@ -1,0 +1,75 @@
+"""Models for the HF benchmarks and examples: small Llama-style models built from a config
+(random weights, no download), or a local checkpoint by name.
+
+Presets (GQA, like current LLMs; sizes chosen so a run takes seconds):
+
+- ``tiny``: 4 layers, hidden 128, 4 heads / 2 KV heads, vocab 512 (CPU, emulation backend).
+- ``small``: 16 layers, hidden 1024, 16 heads / 4 KV heads, vocab 32000, bf16 (a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import torch
+
+__all__ = ["PRESETS", "build_model", "device_label", "random_prompts"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
+    "small": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                  num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                  max_position_embeddings=8192),
+}
+
+
+def build_model(name: str | None, device: torch.device | str, *, seed: int = 0) -> Any:
+    """A causal LM in eval mode on ``device``.
+
+    Parameters
+    ----------
+    name : str or None
+        A preset (``tiny``, ``small``), or a model name or path loaded with
+        ``AutoModelForCausalLM.from_pretrained(name, local_files_only=True)``. None: ``small``
+        on a GPU, ``tiny`` on CPU.
+    device : torch.device or str
+    seed : int
+        Seeds the random weights of a preset.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    device = torch.device(device)
+    if name is None:
+        name = "small" if device.type == "cuda" else "tiny"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name in PRESETS:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**PRESETS[name], torch_dtype=dtype))
+        model = model.to(device=device, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
+        model = model.to(device)
+    model.eval()
+    # Random weights emit any token, EOS included: never stop early, so runs are comparable.
+    model.generation_config.eos_token_id = None
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = 0
+    return model
+
+
+def random_prompts(model: Any, lengths: list[int], *, batch: int = 1,
+                   seed: int = 0) -> list[torch.Tensor]:
+    """Random token ids (never a constant prompt), one ``[batch, length]`` tensor each."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = int(model.config.vocab_size)
+    return [torch.randint(1, vocab, (batch, n), generator=g).to(model.device) for n in lengths]
+
+
+def device_label(device: torch.device) -> str:
+    """The device's name as benchmark rows carry it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine() or 'cpu'} CPU x{os.cpu_count()} (emulation)"
