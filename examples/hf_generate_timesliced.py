@@ -19,7 +19,7 @@ import argparse
 import torch
 
 import aqua_offload as aq
-from aqua_offload.bench.models import build_model, device_label, random_prompts
+from aqua_offload.bench.models import build_model, cpu_threads, device_label, random_prompts
 from aqua_offload.hf import OffloadedCache, generate_many, summarize
 
 
@@ -35,6 +35,11 @@ def main() -> None:
 
     model = build_model(args.model, args.device)
     device = model.device
+    with cpu_threads(device):  # on CPU: one intra-op thread per request thread (see its doc)
+        serve(model, device, args)
+
+
+def serve(model, device, args) -> None:
     # A burst: all requests arrive at once, prompts of a few lengths.
     prompts = random_prompts(model, [32 * (1 + i % 4) for i in range(args.requests)])
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)

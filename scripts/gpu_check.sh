@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build and install aqua_offload, run the GPU tests and the full
 # suite, benchmark the copies, and (when available) run the GPU tests under compute-sanitizer.
-# Logs and results go to $OUT (default ./gpu_out): one *.log per step, and bench_copy.json.
+# Logs and results go to $OUT (default ./gpu_out): one *.log per step, and bench_*.json.
 # A failing step is reported and the later steps still run (a GPU session is precious); the
 # script exits non-zero if any step failed. The install step must succeed.
 #
@@ -41,6 +41,12 @@ step "GPU tests (pytest -m cuda)" test_cuda.log "$PYTHON" -m pytest -m cuda -v
 step "full test suite" test_all.log "$PYTHON" -m pytest -q
 step "copy benchmark" bench_copy.log bash -c \
   "cd / && '$PYTHON' -m aqua_offload.bench copy --backend cuda --no-progress --json '$OUT/bench_copy.json'"
+step "tiers benchmark" bench_tiers.log bash -c \
+  "cd / && '$PYTHON' -m aqua_offload.bench tiers --backend cuda --json '$OUT/bench_tiers.json'"
+step "hf benchmark" bench_hf.log bash -c \
+  "cd / && '$PYTHON' -m aqua_offload.bench hf --backend cuda --no-progress --json '$OUT/bench_hf.json'"
+step "burst benchmark" bench_burst.log bash -c \
+  "cd / && '$PYTHON' -m aqua_offload.bench burst --backend cuda --no-progress --json '$OUT/bench_burst.json'"
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
   step "compute-sanitizer memcheck (GPU tests)" sanitizer.log \
@@ -54,4 +60,4 @@ if ((${#failed[@]})); then
   printf 'FAILED: %s\n' "${failed[@]}"
   exit 1
 fi
-echo "all checks passed; logs and bench_copy.json in $OUT"
+echo "all checks passed; logs and bench_*.json in $OUT"

@@ -20,7 +20,7 @@ from ..devices import cuda_usable
 from ..manager import OffloadManager
 from ..timeslice import TimeSlicer
 from .copy import EMULATION_LABEL, VerificationError
-from .models import build_model, device_label, random_prompts
+from .models import build_model, cpu_threads, device_label, random_prompts
 
 __all__ = ["run_burst_benchmark", "format_burst_table"]
 
@@ -37,12 +37,21 @@ def run_burst_benchmark(*, model: str | None = None, backend: str = "auto", quic
     VerificationError
         A request generated different tokens than when run alone.
     """
-    from ..hf import generate_many, summarize
-
     if backend == "auto":
         backend = "cuda" if cuda_usable() else "emulation"
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "cuda" \
+        else torch.device("cpu")
+    with cpu_threads(device):  # see cpu_threads: one intra-op thread on CPU
+        return _run_burst(model, backend, device, quick, requests, new_tokens, quantum_ms,
+                          spread_s, progress)
+
+
+def _run_burst(model: str | None, backend: str, device: torch.device, quick: bool,
+               requests: int | None, new_tokens: int | None, quantum_ms: float, spread_s: float,
+               progress: Callable[[str], None] | None) -> dict[str, Any]:
+    from ..hf import generate_many, summarize
+
     cuda = backend == "cuda"
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     lm = build_model(model, device)
     requests = requests or (6 if quick else 16)
     new_tokens = new_tokens or (16 if quick else 64)

@@ -25,7 +25,7 @@ import torch
 from ..devices import cuda_usable
 from ..manager import OffloadManager
 from .copy import EMULATION_LABEL, VerificationError
-from .models import build_model, device_label, random_prompts
+from .models import build_model, cpu_threads, device_label, random_prompts
 
 __all__ = ["run_hf_benchmark", "format_hf_table"]
 
@@ -49,10 +49,19 @@ def run_hf_benchmark(*, model: str | None = None, backend: str = "auto", quick: 
     """
     if backend == "auto":
         backend = "cuda" if cuda_usable() else "emulation"
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "cuda" \
+        else torch.device("cpu")
+    with cpu_threads(device):  # see cpu_threads: one intra-op thread on CPU
+        return _run_hf(model, backend, device, quick, samples, batch, prompt_tokens,
+                       new_tokens, progress)
+
+
+def _run_hf(model: str | None, backend: str, device: torch.device, quick: bool, samples: int,
+            batch: int | None, prompt_tokens: int | None, new_tokens: int | None,
+            progress: Callable[[str], None] | None) -> dict[str, Any]:
     if samples < 3:
         raise ValueError("need samples >= 3")
     cuda = backend == "cuda"
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     lm = build_model(model, device)
     batch = batch or (1 if quick or not cuda else 4)
     prompt_tokens = prompt_tokens or (64 if quick or not cuda else 1024)
