@@ -26,7 +26,6 @@ from conftest import same_bytes  # noqa: E402
 
 VOCAB = 384
 WINDOW = 8  # sliding window of the sliding models: shorter than prompt + generation
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -568,7 +567,9 @@ def test_close_of_a_never_used_cache():
 
 # -- 8. import isolation ------------------------------------------------------------------
 def test_import_aqua_offload_does_not_import_transformers():
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # the aqua_offload this test imported (a source tree with the extension, or an install)
+    where = os.path.dirname(os.path.dirname(os.path.abspath(aq.__file__)))
+    env = {**os.environ, "PYTHONPATH": where + os.pathsep + os.environ.get("PYTHONPATH", "")}
     code = ("import sys, aqua_offload; "
             "assert 'transformers' not in sys.modules, 'transformers imported'; "
             "import aqua_offload.hf; assert 'transformers' in sys.modules")
