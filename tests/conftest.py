@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -59,3 +61,22 @@ def manager():
     m = aq.OffloadManager("cpu", peers="auto", peer_bytes="1MiB", host_bytes="4MiB")
     yield m
     m.close()
+
+
+def run_with_timeout(fn, timeout=120.0):
+    """Run fn in a thread: a hang fails the test instead of blocking the suite."""
+    box: dict[str, object] = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "hung"
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]

@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 from aqua_offload.hf import OffloadedCache, generate_many  # noqa: E402
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
 
-from conftest import same_bytes  # noqa: E402
+from conftest import run_with_timeout, same_bytes  # noqa: E402
 
 VOCAB = 384
 WINDOW = 8  # sliding window of the sliding models: shorter than prompt + generation
@@ -579,24 +579,6 @@ def test_import_aqua_offload_does_not_import_transformers():
 
 
 # -- 9. in a TimeSlicer ---------------------------------------------------------------------
-def _run_with_timeout(fn, timeout=120.0):
-    box: dict[str, object] = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "hung"
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]
-
-
 @pytest.mark.parametrize("family,offload_sliding", [("llama_gqa", False),
                                                     ("qwen2_sliding", False),
                                                     ("qwen2_sliding", True)])
@@ -615,7 +597,7 @@ def test_time_sliced_offloaded_caches_give_solo_tokens(family, offload_sliding):
         caches.append(c)
         return c
 
-    results = _run_with_timeout(lambda: generate_many(
+    results = run_with_timeout(lambda: generate_many(
         model, reqs, slicer=slicer, cache=make, max_new_tokens=20, do_sample=False))
     assert len(caches) == 3
     for r, want in zip(results, solo):
@@ -640,7 +622,7 @@ def test_time_sliced_fair_quantum_1ms():
     solo = [gen(model, {"input_ids": r}, 24) for r in reqs]
     m = small_manager()
     slicer = aq.TimeSlicer(quantum_ms=1, manager=m, policy="fair")
-    results = _run_with_timeout(lambda: generate_many(
+    results = run_with_timeout(lambda: generate_many(
         model, reqs, slicer=slicer, cache=lambda: OffloadedCache(m, config=model.config),
         max_new_tokens=24, do_sample=False))
     assert [r.name for r in results] == ["req-0", "req-1"]

@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 import aqua_offload.hf.generate as hf_generate  # noqa: E402
 from aqua_offload.hf import GenerateResult, OffloadedCache, generate_many, summarize  # noqa: E402
+from conftest import run_with_timeout  # noqa: E402
 
 VOCAB = 320
 NEW = 24
@@ -63,25 +64,6 @@ def solo(model, request, n=NEW, **kw):
     kwargs = {"input_ids": request} if isinstance(request, torch.Tensor) else dict(request)
     with torch.no_grad():
         return model.generate(**kwargs, max_new_tokens=n, do_sample=False, **kw)
-
-
-def run_with_timeout(fn, timeout=120.0):
-    """Run fn in a thread: a hang fails the test instead of blocking the suite."""
-    box: dict[str, object] = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "generate_many hung"
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]
 
 
 def assert_no_leak(m: aq.OffloadManager) -> None:

@@ -16,11 +16,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..devices import cuda_usable
 from ..manager import OffloadManager
 from ..timeslice import TimeSlicer
 from .copy import EMULATION_LABEL, VerificationError
-from .models import build_model, cpu_threads, device_label, random_prompts
+from .models import bench_device, build_model, cpu_threads, device_label, random_prompts
 
 __all__ = ["run_burst_benchmark", "format_burst_table"]
 
@@ -37,10 +36,7 @@ def run_burst_benchmark(*, model: str | None = None, backend: str = "auto", quic
     VerificationError
         A request generated different tokens than when run alone.
     """
-    if backend == "auto":
-        backend = "cuda" if cuda_usable() else "emulation"
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "cuda" \
-        else torch.device("cpu")
+    backend, device = bench_device(backend)
     with cpu_threads(device):  # see cpu_threads: one intra-op thread on CPU
         return _run_burst(model, backend, device, quick, requests, new_tokens, quantum_ms,
                           spread_s, progress)

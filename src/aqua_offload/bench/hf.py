@@ -22,10 +22,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..devices import cuda_usable
 from ..manager import OffloadManager
 from .copy import EMULATION_LABEL, VerificationError
-from .models import build_model, cpu_threads, device_label, random_prompts
+from .models import bench_device, build_model, cpu_threads, device_label, random_prompts
 
 __all__ = ["run_hf_benchmark", "format_hf_table"]
 
@@ -47,10 +46,7 @@ def run_hf_benchmark(*, model: str | None = None, backend: str = "auto", quick: 
     VerificationError
         A cache variant generated different tokens than the default cache.
     """
-    if backend == "auto":
-        backend = "cuda" if cuda_usable() else "emulation"
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "cuda" \
-        else torch.device("cpu")
+    backend, device = bench_device(backend)
     with cpu_threads(device):  # see cpu_threads: one intra-op thread on CPU
         return _run_hf(model, backend, device, quick, samples, batch, prompt_tokens,
                        new_tokens, progress)

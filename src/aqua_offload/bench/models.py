@@ -16,7 +16,8 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["PRESETS", "build_model", "device_label", "random_prompts", "cpu_threads"]
+__all__ = ["PRESETS", "build_model", "bench_device", "device_label", "random_prompts",
+           "cpu_threads"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -67,6 +68,17 @@ def random_prompts(model: Any, lengths: list[int], *, batch: int = 1,
     g = torch.Generator().manual_seed(seed)
     vocab = int(model.config.vocab_size)
     return [torch.randint(1, vocab, (batch, n), generator=g).to(model.device) for n in lengths]
+
+
+def bench_device(backend: str) -> tuple[str, torch.device]:
+    """``backend`` (``auto`` resolved: cuda when a GPU is usable) and the device to run on."""
+    from ..devices import cuda_usable
+
+    if backend == "auto":
+        backend = "cuda" if cuda_usable() else "emulation"
+    if backend == "cuda":
+        return backend, torch.device("cuda", torch.cuda.current_device())
+    return backend, torch.device("cpu")
 
 
 @contextlib.contextmanager
