@@ -663,3 +663,9 @@ def test_prefetch_off_gives_the_same_tokens():
         assert m.stats()["prefetches"] == 0
     assert_no_leak(m)
     m.close()
+
+
+@pytest.mark.parametrize("priority", [float("nan"), "high", True])
+def test_bad_priority_is_refused(priority):
+    with pytest.raises(aq.InvalidArgumentError):
+        OffloadedCache(aq.OffloadManager("cpu"), priority=priority)

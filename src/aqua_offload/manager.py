@@ -378,7 +378,8 @@ class OffloadManager:
 
     def prefetch_many(self, handles: Iterable[Handle | torch.Tensor]) -> list[Handle]:
         """:meth:`prefetch` every handle (all are checked first); already prefetched ones are
-        left as they are."""
+        left as they are. If the core refuses one midway, those before it stay prefetched
+        (a prefetch is only a head start; ``fetch`` works either way)."""
         self._check_open()
         with self._claim(list(handles), "prefetch") as handles:
             if any(h._kept for h in handles):

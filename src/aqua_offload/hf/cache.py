@@ -32,7 +32,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import InvalidArgumentError, OutOfMemoryError
-from ..handle import Handle
+from ..handle import Handle, check_priority
 from ..manager import OffloadManager
 
 __all__ = ["OffloadedCache"]
@@ -88,11 +88,12 @@ class OffloadedCache(DynamicCache):
                  priority: float = 0.0) -> None:
         if manager is not None and not isinstance(manager, OffloadManager):
             raise InvalidArgumentError(f"manager must be an OffloadManager, got {manager!r}")
+        priority = check_priority(priority)  # before anything is built: bad input changes nothing
         super().__init__(config=config)
         self._manager = manager
         self._offload_sliding = bool(offload_sliding)
         self._prefetch_next = bool(prefetch)
-        self._priority = float(priority)
+        self._priority = priority
         self._slots: list[_Slot] = []
         self._lock = threading.RLock()  # a cache is used by one thread at a time; close() may race
         self.bytes_offloaded = 0  # cumulative bytes copied to the tiers
