@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,22 +16,33 @@ import torch
 
 from aqua_offload.bench import main
 from aqua_offload.bench import copy as bench_copy
+from aqua_offload.bench import copy_cases, measure
 
 ROW_KEYS = {"method": str, "direction": str, "bytes": int, "median_s": float, "min_s": float,
             "max_s": float, "gbps": float, "baseline": str, "ratio": float, "device": str,
             "backend": str}
 
 
-def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[dict, str]:
-    out = tmp_path / "sub" / "out.json"
-    rc = main(["copy", "--backend", "emulation", "--sizes", "4KiB", "64KiB", "--samples", "3",
-               "--no-progress", "--json", out])
+SWEEP = ("device_to_host", "host_to_device", "device_to_peer", "peer_to_device")
+
+
+@pytest.fixture(scope="module")
+def copy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """One small emulation run of the copy benchmark through the command line, shared."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("copy") / "sub" / "out.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["copy", "--backend", "emulation", "--sizes", "4KiB", "256KiB", "--samples",
+                   "3", "--no-progress", "--json", out])
     assert rc == 0
-    return json.loads(out.read_text()), capsys.readouterr().out
+    return json.loads(out.read_text()), stdout.getvalue()
 
 
-def test_copy_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    result, _ = _run(tmp_path, capsys)
+def test_copy_json_schema(copy_run: tuple[dict, str]) -> None:
+    result, _ = copy_run
     assert result["backend"] == "emulation"
     assert isinstance(result["device"], str) and result["device"]
     rows = result["rows"]
@@ -45,29 +58,101 @@ def test_copy_json_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
                 and r["direction"] == row["direction"] and r["bytes"] == row["bytes"]]
         assert len(base) == 1, f"baseline of {row} missing from the run"
         assert math.isclose(row["ratio"], base[0]["median_s"] / row["median_s"], rel_tol=1e-9)
-    assert {r["bytes"] for r in rows} == {4096, 65536}
-    assert {(r["direction"], r["method"], r["baseline"]) for r in rows} == {
-        ("offload", "numpy_copy", "numpy_copy"), ("offload", "aqua_offload", "numpy_copy"),
-        ("fetch", "numpy_copy", "numpy_copy"), ("fetch", "aqua_offload", "numpy_copy"),
-        ("roundtrip", "numpy_copy_x2", "numpy_copy_x2"),
-        ("roundtrip", "aqua_offload", "numpy_copy_x2")}
+        key = (row["method"], row["direction"], row["bytes"])
+        assert sum((r["method"], r["direction"], r["bytes"]) == key for r in rows) == 1
 
 
-def test_copy_table_is_labelled_emulation(tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
-    result, stdout = _run(tmp_path, capsys)
+def test_copy_covers_every_direction_and_method(copy_run: tuple[dict, str]) -> None:
+    rows = copy_run[0]["rows"]
+    got = {(r["direction"], r["method"], r["bytes"]) for r in rows}
+    plain = {"raw_memcpy", "torch_copy", "aqua_offload"}
+    want = {(d, m, n) for d in SWEEP for m in plain for n in (4096, 256 << 10)}
+    # 64 tensors of >= 4 KiB: batches exist from 256 KiB on
+    want |= {(d, "aqua_offload_many", 256 << 10) for d in SWEEP}
+    # bidirectional rows count the bytes of both directions
+    want |= {("bidirectional", m, 2 * n) for m in plain for n in (4096, 256 << 10)}
+    want |= {("overlap_copy", "aqua_offload", 256 << 10),
+             ("overlap_copy", "aqua_offload+matmul", 256 << 10)}
+    mm = {r["bytes"] for r in rows if r["direction"] == "overlap_compute"}
+    assert len(mm) == 1
+    mm_bytes = mm.pop()
+    want |= {("overlap_compute", m, mm_bytes) for m in ("matmul", "matmul+aqua_offload")}
+    assert got == want
+    assert all(r["baseline"] == "raw_memcpy" for r in rows
+               if not r["direction"].startswith("overlap_"))
+    assert copy_run[0]["config"]["overlap_bytes"] == 256 << 10
+
+
+def test_copy_table_is_labelled_emulation(copy_run: tuple[dict, str]) -> None:
+    result, stdout = copy_run
     assert bench_copy.EMULATION_LABEL in stdout
     assert result["label"] == bench_copy.EMULATION_LABEL
-    for direction in ("offload", "fetch", "roundtrip"):
+    for direction in (*SWEEP, "bidirectional", "overlap_copy", "overlap_compute"):
         assert f"== {direction}" in stdout
 
 
 def test_wrong_bytes_fail_loudly() -> None:
     src = torch.arange(256, dtype=torch.uint8)
     out = torch.empty_like(src)
-    broken = bench_copy._copy_case("noop", ("offload",), "noop", lambda: None, out, src, "noop")
-    with pytest.raises(bench_copy.VerificationError, match="bytes differ"):
-        bench_copy._measure(broken, bench_copy._host_timer, src.numel(), samples=3, warmup=0)
+    broken = copy_cases.copy_case("noop", ("device_to_host",), lambda: None, src, "noop", out)
+    with pytest.raises(measure.VerificationError, match="bytes differ"):
+        measure.measure(broken, measure.host_timer, src.numel(), samples=3, warmup=0)
+
+
+@pytest.mark.parametrize("which", ["fetch", "fetch_many"])
+def test_library_copies_are_verified(monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+    """A fetch that lands wrong bytes aborts the run instead of producing a row."""
+    from aqua_offload import OffloadManager
+
+    real = getattr(OffloadManager, which)
+
+    def corrupting(self, handles, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(self, handles, *args, **kwargs)
+        for t in (result if isinstance(result, list) else [result]):
+            t.view(-1)[-1] ^= 1
+        return result
+
+    monkeypatch.setattr(OffloadManager, which, corrupting)
+    with pytest.raises(measure.VerificationError, match="differ"):
+        bench_copy.run_copy_benchmark([256 << 10], backend="emulation", samples=3, overlap=False)
+
+
+def test_bidirectional_pair_runs_on_two_threads_and_reraises() -> None:
+    seen: list[str] = []
+
+    def fa() -> None:
+        seen.append(threading.current_thread().name)
+
+    def fb() -> None:
+        seen.append(threading.current_thread().name)
+        raise ValueError("copy b failed")
+
+    with pytest.raises(ValueError, match="copy b failed"):
+        copy_cases._two_threads(fa, fb)
+    assert len(set(seen)) == 2
+
+
+def test_background_runs_while_the_foreground_is_timed() -> None:
+    from aqua_offload.bench import overlap
+
+    calls: list[float] = []
+    bg = overlap._Background(False, torch.device("cpu"), lambda: (calls.append(1),
+                                                                   time.sleep(0.001)), 0.001, 10)
+    bg.start(0.05)
+    time.sleep(0.05)
+    bg.stop()
+    done = len(calls)
+    assert done >= 5  # it ran during the foreground ...
+    time.sleep(0.02)
+    assert len(calls) == done  # ... and stopped with it
+
+    def fail() -> None:
+        raise RuntimeError("background copy failed")
+
+    bad = overlap._Background(False, torch.device("cpu"), fail, 0.001, 10)
+    bad.start(0.01)
+    with pytest.raises(RuntimeError, match="background copy failed"):
+        bad.stop()
 
 
 @pytest.mark.parametrize("argv", [["copy", "--samples", "2"], ["copy", "--sizes", "0"],
@@ -102,8 +187,8 @@ def test_tier_benchmark_rows(tmp_path: Path) -> None:
 HF_ROW_KEYS = {"method", "batch", "prompt_tokens", "new_tokens", "median_s", "min_s", "max_s",
                "tok_s", "baseline", "ratio", "device", "backend"}
 BURST_ROW_KEYS = {"policy", "tier", "ttft_p50_s", "ttft_p99_s", "throughput_tok_s", "makespan_s",
-                  "bytes_paged", "preemptions", "ttft_p99_gain", "throughput_ratio", "device",
-                  "backend"}
+                  "bytes_paged", "preemptions", "ttft_p99_gain", "throughput_ratio", "baseline",
+                  "ratio", "device", "backend"}
 
 
 def test_hf_bench_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -153,6 +238,7 @@ def test_burst_bench_json(tmp_path: Path) -> None:
         assert set(r) == BURST_ROW_KEYS
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
         assert math.isclose(r["ttft_p99_gain"], rows[0]["ttft_p99_s"] / r["ttft_p99_s"])
+        assert r["baseline"] == "fcfs" and r["ratio"] == r["ttft_p99_gain"]
         assert math.isclose(r["throughput_ratio"],
                             r["throughput_tok_s"] / rows[0]["throughput_tok_s"])
     assert rows[0]["preemptions"] == 0 and rows[0]["bytes_paged"] == 0

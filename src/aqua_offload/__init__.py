@@ -26,7 +26,7 @@ from .errors import (  # noqa: E402  (errors must register with _core before any
     OutOfMemoryError,
     PagedOutError,
 )
-from .devices import info  # noqa: E402
+from .sysinfo import info  # noqa: E402
 from .guard import debug_guard  # noqa: E402
 from .handle import Handle  # noqa: E402
 from .manager import OffloadManager  # noqa: E402

@@ -1,5 +1,5 @@
 """Device and backend resolution: which backend serves a torch device, which peers it lends to,
-the user's current stream, and :func:`info`."""
+and the user's current stream."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from . import _core
 from .errors import BackendError, InvalidArgumentError
 
-__all__ = ["info", "DeviceLike"]
+__all__ = ["DeviceLike", "cuda_usable"]
 
 DeviceLike = Union[str, int, torch.device]
 _LABEL = re.compile(r"^(cuda|emu)(?::(\d+))?$")
@@ -119,43 +119,3 @@ def record_stream(memory: torch.Tensor | torch.UntypedStorage, stream: Any) -> N
     if isinstance(memory, torch.UntypedStorage):
         memory = torch.empty(0, dtype=torch.uint8, device=memory.device).set_(memory)
     memory.record_stream(stream)
-
-
-def info() -> dict[str, Any]:
-    """Describe the backend, its devices, the peer-access matrix and the live managers' pools.
-
-    Returns
-    -------
-    dict
-        ``backend`` ("cuda" or "emulation", the one ``OffloadManager()`` would pick),
-        ``emulation`` (bool), ``cuda_compiled``, ``devices`` (index, label, name),
-        ``peer_access`` (matrix of bools), ``managers`` (device and per-tier capacity/used of
-        each live manager), ``versions``.
-    """
-    from . import __version__
-    from .manager import live_managers
-
-    backend = "cuda" if cuda_usable() else "emulation"
-    binfo = _core.backend_info(backend)
-    managers = []
-    for m in live_managers():
-        stats = m.stats()
-        managers.append({
-            "device": str(m.device),
-            "backend": stats["backend"],
-            "tiers": [{k: t[k] for k in ("tier", "location", "capacity", "used")}
-                      for t in stats["tiers"]],
-        })
-    return {
-        "backend": backend,
-        "emulation": binfo["emulation"],
-        "cuda_compiled": _core.cuda_compiled(),
-        "devices": binfo["devices"],
-        "peer_access": binfo["peer_access"],
-        "managers": managers,
-        "versions": {
-            "aqua_offload": __version__,
-            "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda,
-        },
-    }

@@ -1,7 +1,10 @@
-"""Command line of the benchmarks: ``python -m aqua_offload.bench {copy,tiers,hf,burst} ...``.
+"""Command line of the benchmarks: ``aqua-offload bench {copy,tiers,hf,burst} ...``, also
+``python -m aqua_offload.bench ...``.
 
-One subcommand per benchmark; each prints a table on stdout and can write its rows as JSON.
-:func:`main` takes the arguments as a list, so a console script or a test can call it.
+One subcommand per benchmark; each prints a table on stdout and can write its results as JSON
+(``--json PATH``) and a plot (``--plot PATH``, a PNG; needs matplotlib). :func:`main` takes the
+arguments as a list, so a test can call it; :func:`add_benchmarks` lends the subcommands to the
+``aqua-offload`` console script.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from typing import Callable, Sequence
 
 from ..devices import cuda_usable
 from ..sizes import parse_size
-from . import burst, copy, hf, tiers
+from . import burst, copy, hf, plot, tiers
 
-__all__ = ["build_parser", "main"]
+__all__ = ["add_benchmarks", "build_parser", "main"]
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -38,6 +41,12 @@ def _size_arg(text: str) -> int:
     raise argparse.ArgumentTypeError("sizes must be positive")
 
 
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    p.add_argument("--plot", type=Path, metavar="PATH",
+                   help="also draw the results into this PNG (needs matplotlib)")
+
+
 def _add_copy(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("copy", help="copy bandwidth of offload/fetch vs the raw copy",
                        description=(copy.__doc__ or "").split("\n\n")[0])
@@ -45,15 +54,17 @@ def _add_copy(sub: argparse._SubParsersAction) -> None:
                    help="a few sizes up to 64 MiB and fewer samples")
     p.add_argument("--sizes", nargs="+", type=_size_arg, metavar="SIZE",
                    help="copy sizes, e.g. 4KiB 1MiB 256MiB (default: a sweep)")
-    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    _add_output(p)
     p.add_argument("--backend", choices=("auto", "emulation", "cuda"), default="auto",
                    help="default: cuda when a GPU is usable, else emulation")
     p.add_argument("--samples", type=_int_at_least(3),
                    help="timed samples per point (>= 3; default 7, 5 with --quick)")
     p.add_argument("--warmup", type=_int_at_least(0), default=1,
                    help="untimed batches first (default 1)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure a copy while a matmul runs (default: on)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                   default=sys.stderr.isatty(), help="progress on stderr")
+                   default=sys.stderr.isatty(), help="a progress bar on stderr")
     p.set_defaults(func=_run_copy)
 
 
@@ -74,20 +85,27 @@ def _run(name: str, args: argparse.Namespace, run: Callable[[], dict],
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {args.json}")
+    if args.plot is not None:
+        try:
+            plot.plot_result(name, result, args.plot)
+        except ImportError as exc:
+            print(f"aqua_offload.bench {name}: --plot: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.plot}")
     return 0
 
 
 def _run_copy(args: argparse.Namespace) -> int:
     return _run("copy", args, lambda: copy.run_copy_benchmark(
         args.sizes, backend=args.backend, quick=args.quick, samples=args.samples,
-        warmup=args.warmup, progress=args.progress), copy.format_table)
+        warmup=args.warmup, progress=args.progress, overlap=args.overlap), copy.format_table)
 
 
 def _add_tiers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tiers", help="batched small transfers and reclaim of live data",
                        description=(tiers.__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="reclaim 64 MiB instead of 1 GiB")
-    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    _add_output(p)
     p.add_argument("--backend", choices=("auto", "emulation", "cuda"), default="auto")
     p.add_argument("--samples", type=_int_at_least(3), default=5)
     p.add_argument("--reclaim-bytes", type=_size_arg, default=None, metavar="SIZE")
@@ -111,7 +129,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="NAME",
                    help="a preset (tiny, small) or a local checkpoint; default: small on a "
                         "GPU, tiny on CPU")
-    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    _add_output(p)
     p.add_argument("--backend", choices=("auto", "emulation", "cuda"), default="auto")
     p.add_argument("--new-tokens", type=_int_at_least(1), metavar="N")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction,
@@ -145,16 +163,22 @@ def _add_burst(sub: argparse._SubParsersAction) -> None:
         progress=_progress(a, "burst")), burst.format_burst_table))
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser, one subcommand per benchmark."""
-    parser = argparse.ArgumentParser(
-        prog=prog or "python -m aqua_offload.bench",
-        description="aqua_offload benchmarks (method and results: docs/benchmarks.md).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_benchmarks(sub: argparse._SubParsersAction) -> None:
+    """Add one subcommand per benchmark to ``sub``; each sets ``func(args) -> int``."""
     _add_copy(sub)
     _add_tiers(sub)
     _add_hf(sub)
     _add_burst(sub)
+
+
+DESCRIPTION = "aqua_offload benchmarks (method and results: docs/benchmarks.md)."
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser, one subcommand per benchmark."""
+    parser = argparse.ArgumentParser(prog=prog or "python -m aqua_offload.bench",
+                                     description=DESCRIPTION)
+    add_benchmarks(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return parser
 
 

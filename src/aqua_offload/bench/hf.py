@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from ..manager import OffloadManager
-from .copy import EMULATION_LABEL, VerificationError
+from .measure import EMULATION_LABEL, VerificationError
 from .models import bench_device, build_model, cpu_threads, device_label, random_prompts
 
 __all__ = ["run_hf_benchmark", "format_hf_table"]

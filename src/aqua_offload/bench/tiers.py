@@ -27,22 +27,14 @@ import torch
 
 from ..devices import cuda_usable
 from ..manager import OffloadManager
-from .copy import EMULATION_LABEL, VerificationError, _cuda_timer, _host_timer, _random_bytes
+from .measure import (EMULATION_LABEL, VerificationError, cuda_timer, host_timer, random_bytes,
+                      row)
 
 __all__ = ["run_tier_benchmark", "format_tier_table"]
 
 
-def _row(method: str, direction: str, nbytes: int, times: list[float], baseline: str,
-         base_median: float, device: str, backend: str) -> dict[str, Any]:
-    med = statistics.median(times)
-    return {"method": method, "direction": direction, "bytes": nbytes, "median_s": med,
-            "min_s": min(times), "max_s": max(times), "gbps": nbytes / med / 1e9,
-            "baseline": baseline, "ratio": base_median / med, "device": device,
-            "backend": backend}
-
-
 def _source(n: int, seed: int, device: torch.device) -> torch.Tensor:
-    return _random_bytes(n, seed).to(device)
+    return random_bytes(n, seed).to(device)
 
 
 def _batch_rows(m: OffloadManager, count: int, size: int, samples: int,
@@ -72,9 +64,9 @@ def _batch_rows(m: OffloadManager, count: int, size: int, samples: int,
         raise VerificationError("batched transfer produced wrong bytes")
     base = statistics.median(times["single"])
     total = count * size
-    return [_row("offload+fetch x1", "roundtrip", total, times["single"], "offload+fetch x1",
+    return [row("offload+fetch x1", "roundtrip", total, times["single"], "offload+fetch x1",
                  base, device, backend),
-            _row(f"offload_many+fetch_many x{count}", "roundtrip", total, times["batch"],
+            row(f"offload_many+fetch_many x{count}", "roundtrip", total, times["batch"],
                  "offload+fetch x1", base, device, backend)]
 
 
@@ -101,21 +93,21 @@ def _reclaim_rows(m: OffloadManager, peer: Any, nbytes: int, samples: int, devic
         if not all(torch.equal(o, s) for o, s in zip(outs, srcs)):
             raise VerificationError("reclaim lost or corrupted bytes")
         if m.device.type == "cuda":
-            raw = _cuda_timer(lambda: m._store.raw_copy(
+            raw = cuda_timer(lambda: m._store.raw_copy(
                 host_dst.data_ptr(), flat.data_ptr(), moved,
                 int(torch.cuda.current_stream(m.device).cuda_stream)))
         else:
             a, b = flat.numpy(), host_dst.numpy()
-            raw = _host_timer(lambda: np.copyto(b, a))
+            raw = host_timer(lambda: np.copyto(b, a))
         if i:
             reclaim_t.append(elapsed)
             raw_t.append(raw)
     if not torch.equal(host_dst, flat.cpu()):
         raise VerificationError("raw baseline copy produced wrong bytes")
     base = statistics.median(raw_t)
-    return [_row("raw_memcpy" if backend == "cuda" else "numpy_copy", "reclaim", moved, raw_t,
+    return [row("raw_memcpy" if backend == "cuda" else "numpy_copy", "reclaim", moved, raw_t,
                  "raw_memcpy" if backend == "cuda" else "numpy_copy", base, device, backend),
-            _row("reclaim", "reclaim", moved, reclaim_t,
+            row("reclaim", "reclaim", moved, reclaim_t,
                  "raw_memcpy" if backend == "cuda" else "numpy_copy", base, device, backend)]
 
 
@@ -139,11 +131,11 @@ def run_tier_benchmark(*, backend: str = "auto", quick: bool = False, samples: i
         index = torch.cuda.current_device()
         dev, peer = f"cuda:{index}", index  # one GPU: a same-device peer stands in
         device = torch.cuda.get_device_name(index)
-        timer = _cuda_timer
+        timer = cuda_timer
     else:
         dev, peer = "cpu", "emu:1"
         device = f"{platform.machine() or 'cpu'} CPU x{os.cpu_count()} (emulation)"
-        timer = _host_timer
+        timer = host_timer
     with OffloadManager(dev, peers=[peer], peer_bytes=4 * count * size + (1 << 20),
                         host_bytes=pool) as m:
         rows = _batch_rows(m, count, size, samples, timer, device, backend)

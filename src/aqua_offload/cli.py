@@ -1,0 +1,68 @@
+"""The ``aqua-offload`` console script (also ``python -m aqua_offload``).
+
+Subcommands: ``info`` (backend, GPUs, peer access, NVLink, pools, versions) and ``bench``
+(the benchmarks of :mod:`aqua_offload.bench`). Each subcommand module owns its arguments; this
+file only assembles them, so ``aqua-offload bench copy ...`` and ``python -m
+aqua_offload.bench copy ...`` are one implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .sysinfo import format_info, info
+
+    data = info()
+    if args.json is None:
+        print(format_info(data))
+    elif str(args.json) == "-":
+        print(json.dumps(data, indent=2))
+    else:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        print(format_info(data))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``aqua-offload``: one subcommand each, every one setting ``func``."""
+    from . import __version__
+    from .bench.__main__ import DESCRIPTION, add_benchmarks
+
+    parser = argparse.ArgumentParser(
+        prog=prog or "aqua-offload",
+        description="aqua_offload: tensor offload to peer GPUs and pinned host memory.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("info", help="backend, GPUs, peer access, NVLink, pools, versions",
+                       description="What aqua_offload sees on this machine.")
+    p.add_argument("--json", type=Path, metavar="PATH",
+                   help="also write it as JSON to PATH ('-': only JSON, on stdout)")
+    p.set_defaults(func=_info)
+    p = sub.add_parser("bench", help="run a benchmark (copy, tiers, hf, burst)",
+                       description=DESCRIPTION)
+    add_benchmarks(p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK"))
+    return parser
+
+
+def main(argv: Sequence[str | os.PathLike[str]] | None = None, prog: str | None = None) -> int:
+    """Run ``aqua-offload`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    Exit status: 0 on success, 1 when a benchmark verified wrong results, 2 for a usage error.
+    """
+    args = build_parser(prog).parse_args(None if argv is None else [os.fspath(a) for a in argv])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The ``aqua-offload`` console script: info, bench through it, plots, NVLink topology."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import aqua_offload as aq
+from aqua_offload import nvml
+from aqua_offload.bench import plot
+from aqua_offload.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_info_text_names_backend_devices_and_live_pools(capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    with aq.OffloadManager("cpu", peers=["emu:1"], peer_bytes="3MiB", host_bytes="5MiB"):
+        assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    data = aq.info()
+    assert f"backend: {data['backend']}" in out
+    for d in data["devices"]:
+        assert d["label"] in out and d["name"] in out
+    assert "peer access" in out and "NVLink" in out
+    assert "3.00 MiB" in out and "5.00 MiB" in out  # the live manager's pools
+    assert f"torch {data['versions']['torch']}" in out
+
+
+def test_info_json_to_stdout_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--json", "-"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["backend"] in ("cuda", "emulation")
+    n = len(data["devices"])
+    assert len(data["peer_access"]) == n and all(len(r) == n for r in data["peer_access"])
+    assert data["default_pools"]["host_bytes"] > 0
+    assert data["versions"]["aqua_offload"] == aq.__version__
+    if data["backend"] == "emulation":
+        assert data["nvlink"] == {"available": False, "reason": "no GPU (emulation backend)"}
+    out = tmp_path / "deep" / "info.json"
+    assert main(["info", "--json", out]) == 0
+    assert json.loads(out.read_text())["devices"] == data["devices"]
+    assert "backend:" in capsys.readouterr().out
+
+
+def test_version_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and aq.__version__ in capsys.readouterr().out
+    for argv in ([], ["bench"], ["bench", "nope"], ["bench", "copy", "--samples", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+
+
+def test_bench_copy_through_the_cli_writes_json_and_plot(tmp_path: Path) -> None:
+    out, png = tmp_path / "copy.json", tmp_path / "plots" / "copy.png"
+    rc = main(["bench", "copy", "--backend", "emulation", "--sizes", "4KiB", "64KiB",
+               "--samples", "3", "--no-progress", "--no-overlap", "--json", out, "--plot", png])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["bytes"] for r in rows if r["direction"] == "device_to_host"} == {4096, 65536}
+    assert not any(r["direction"].startswith("overlap_") for r in rows)
+    assert png.read_bytes().startswith(PNG) and png.stat().st_size > 10_000
+
+
+def _fake(kind: str) -> dict:
+    rows = [{"method": m, "direction": "roundtrip", "bytes": 4096, "median_s": t, "min_s": t,
+             "max_s": t, "gbps": 4096 / t / 1e9, "tok_s": 1 / t, "baseline": "a",
+             "ratio": 1e-3 / t, "device": "dev", "backend": "emulation"}
+            for m, t in (("a", 1e-3), ("b", 2e-3))]
+    return {"device": "dev", "backend": "emulation", "label": "EMULATION", "rows": rows,
+            "requests": {"fcfs/None": [0.3, 0.1, 0.2], "fair/host": [0.05, 0.1, 0.08]}}
+
+
+@pytest.mark.parametrize("kind", ["tiers", "hf", "burst"])
+def test_every_benchmark_plots(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"{kind}.png"
+    plot.plot_result(kind, _fake(kind), path)
+    assert path.read_bytes().startswith(PNG)
+
+
+def test_plot_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="no plot for benchmark"):
+        plot.plot_result("nope", _fake("hf"), tmp_path / "x.png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot.plot_result("hf", _fake("hf"), tmp_path / "x.png")
+    rc = main(["bench", "copy", "--backend", "emulation", "--sizes", "4KiB", "--samples", "3",
+               "--no-progress", "--no-overlap", "--plot", tmp_path / "y.png"])
+    assert rc == 2 and "pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "y.png").exists()
+
+
+def test_console_script_is_declared() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    scripts = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    assert 'aqua-offload = "aqua_offload.cli:main"' in scripts
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    proc = subprocess.run([sys.executable, "-m", "aqua_offload", "info", "--json", "-"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["versions"]["aqua_offload"] == aq.__version__
+
+
+def test_installed_console_script_runs() -> None:
+    exe = shutil.which("aqua-offload")
+    if exe is None:
+        pytest.skip("aqua-offload is not installed (a source tree run); CI installs it")
+    proc = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "backend:" in proc.stdout and "peer access" in proc.stdout
+
+
+# -- NVLink topology from a fake NVML ----------------------------------------------------------
+
+class _FakeNvml:
+    """NVML's C calls for GPUs at ``gpus`` (PCI addresses) with ``links[gpu] = [remote|None]``."""
+
+    def __init__(self, gpus: list[str], links: dict[int, list[str | None]]) -> None:
+        self.gpus, self.links, self.shutdown = gpus, links, 0
+
+    def nvmlInit_v2(self) -> int:
+        return 0
+
+    def nvmlShutdown(self) -> int:
+        self.shutdown += 1
+        return 0
+
+    def nvmlDeviceGetHandleByPciBusId_v2(self, bus: bytes, handle: object) -> int:
+        known = [nvml._normalize(g) for g in self.gpus]
+        if bus.decode() not in known:
+            return 2
+        handle._obj.value = known.index(bus.decode()) + 1  # type: ignore[attr-defined]
+        return 0
+
+    def _link(self, handle: ctypes.c_void_p, link: int) -> str | None | int:
+        mine = self.links.get(handle.value - 1, [])
+        return mine[link] if link < len(mine) else -1
+
+    def nvmlDeviceGetNvLinkState(self, handle: ctypes.c_void_p, link: int, out: object) -> int:
+        remote = self._link(handle, link)
+        if remote == -1:
+            return 2  # NVML_ERROR_INVALID_ARGUMENT: no such link
+        out._obj.value = int(remote is not None)  # type: ignore[attr-defined]
+        return 0
+
+    def nvmlDeviceGetNvLinkRemotePciInfo_v2(self, handle: ctypes.c_void_p, link: int,
+                                            out: object) -> int:
+        out._obj.busId = str(self._link(handle, link)).encode()  # type: ignore[attr-defined]
+        return 0
+
+
+def test_nvlink_direct_links_switches_and_down_links() -> None:
+    a, b, c = "0000:19:00.0", "0000:3B:00.0", "00000000:4c:00.0"
+    lib = _FakeNvml([a, b, c], {0: [b, b, None, "0000:99:00.0"],
+                                1: [a, a], 2: ["0000:aa:00.0"]})
+    topo = nvml.nvlink_topology([a, b.lower(), "4c:00.0"], lib=lib)
+    assert topo["available"] and lib.shutdown == 1
+    assert topo["links"] == [[0, 2, 0], [2, 0, 0], [0, 0, 0]]
+    assert topo["switch_links"] == [1, 0, 1]
+    assert topo["matrix"] == [["X", "NV2", "NVSW"], ["NV2", "X", "-"], ["NVSW", "-", "X"]]
+
+
+def test_nvlink_unknown_is_reported_not_raised() -> None:
+    assert nvml.nvlink_topology([])["available"] is False
+    missing = nvml.nvlink_topology(["0000:19:00.0"], lib=_FakeNvml(["0000:20:00.0"], {}))
+    assert missing == {"available": False, "reason": "NVML has no device at PCI 00000000:19:00.0"}
+    assert nvml.nvlink_topology(["garbage"])["available"] is False
