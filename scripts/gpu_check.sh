@@ -34,19 +34,19 @@ printf '\n=== install (needs torch, pybind11, scikit-build-core and a CUDA toolk
 
 # From / so that the installed package is imported, never the checkout's src/.
 step "environment" env.log bash -c \
-  "nvidia-smi; nvcc --version || true; cd / && '$PYTHON' -c 'import aqua_offload as aq, pprint; pprint.pprint(aq.info())'"
+  "nvidia-smi; nvidia-smi topo -m || true; nvcc --version || true; cd / && '$PYTHON' -m aqua_offload info --json '$OUT/info.json'"
 step "aqua_offload sees a GPU" gpu_visible.log bash -c \
   "cd / && '$PYTHON' -c 'import aqua_offload as aq; b = aq.info()[\"backend\"]; print(\"backend:\", b); assert b == \"cuda\", \"no usable GPU: the cuda tests would skip\"'"
 step "GPU tests (pytest -m cuda)" test_cuda.log "$PYTHON" -m pytest -m cuda -v
 step "full test suite" test_all.log "$PYTHON" -m pytest -q
 step "copy benchmark" bench_copy.log bash -c \
-  "cd / && '$PYTHON' -m aqua_offload.bench copy --backend cuda --no-progress --json '$OUT/bench_copy.json'"
+  "cd / && '$PYTHON' -m aqua_offload bench copy --backend cuda --no-progress --json '$OUT/bench_copy.json' --plot '$OUT/bench_copy.png'"
 step "tiers benchmark" bench_tiers.log bash -c \
-  "cd / && '$PYTHON' -m aqua_offload.bench tiers --backend cuda --json '$OUT/bench_tiers.json'"
+  "cd / && '$PYTHON' -m aqua_offload bench tiers --backend cuda --json '$OUT/bench_tiers.json' --plot '$OUT/bench_tiers.png'"
 step "hf benchmark" bench_hf.log bash -c \
-  "cd / && '$PYTHON' -m aqua_offload.bench hf --backend cuda --no-progress --json '$OUT/bench_hf.json'"
+  "cd / && '$PYTHON' -m aqua_offload bench hf --backend cuda --no-progress --json '$OUT/bench_hf.json' --plot '$OUT/bench_hf.png'"
 step "burst benchmark" bench_burst.log bash -c \
-  "cd / && '$PYTHON' -m aqua_offload.bench burst --backend cuda --no-progress --json '$OUT/bench_burst.json'"
+  "cd / && '$PYTHON' -m aqua_offload bench burst --backend cuda --no-progress --json '$OUT/bench_burst.json' --plot '$OUT/bench_burst.png'"
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
   step "compute-sanitizer memcheck (GPU tests)" sanitizer.log \
