@@ -1085,3 +1085,68 @@ def test_example_timeslice_threads_runs():
     out = proc.stdout
     assert "policy fcfs" in out and "policy fair" in out
     assert "bitwise identical" in out and out.rstrip().endswith("OK")
+
+
+def test_an_arrival_during_page_in_does_not_charge_the_turn_holder(m):
+    """The slice granted the turn runs only once paged in: a newcomer arriving in between
+    charges it nothing (it used to be charged all the time since it last ran)."""
+    now = [1000.0]
+    ts = aq.TimeSlicer(quantum_ms=0, manager=m, policy="fair", clock=lambda: now[0])
+    in_page_in, release, go_a1, go_a2, go_c = (threading.Event() for _ in range(5))
+    real_page_in = ts._page_in
+
+    def slow_page_in(s):  # hold A between being granted and running
+        if s.name == "A":
+            in_page_in.set()
+            release.wait(10)
+        return real_page_in(s)
+
+    ts._page_in = slow_page_in
+    data = torch.randn(256)
+
+    def a():
+        state = [data.clone()]
+        with ts.slice(state=state, name="A") as s:
+            go_a1.wait(10)
+            s.checkpoint()  # C waits: A is preempted and paged out
+            go_a2.wait(10)
+        assert torch.equal(state[0], data)
+
+    def c():
+        with ts.slice(state=None, name="C"):
+            go_c.wait(10)
+
+    def b():
+        with ts.slice(state=None, name="B"):
+            pass
+
+    ta = threading.Thread(target=a, daemon=True)
+    ta.start()
+    wait_until(lambda: ts.running is not None and ts.running.status == "running")
+    now[0] = 1001.0
+    tc = threading.Thread(target=c, daemon=True)
+    tc.start()
+    wait_until(lambda: ts.policy.waiting() == 1)
+    now[0] = 1002.0
+    go_a1.set()
+    wait_until(lambda: ts.running is not None and ts.running.name == "C"
+               and ts.running.status == "running")
+    now[0] = 1012.0
+    go_c.set()
+    assert in_page_in.wait(10)
+    now[0] = 1013.0  # B arrives while A is granted but still paging in
+    tb = threading.Thread(target=b, daemon=True)
+    tb.start()
+    wait_until(lambda: ts.policy.waiting() == 1)
+    release.set()
+    wait_until(lambda: ts.running is not None and ts.running.name == "A"
+               and ts.running.status == "running")
+    now[0] = 1014.0
+    go_a2.set()
+    for th in (ta, tb, tc):
+        th.join(JOIN_TIMEOUT_S)
+        assert not th.is_alive(), "deadlock"
+    st = by_name(ts)
+    assert st["A"]["run_s"] == pytest.approx(3.0)  # 1000-1002 and 1013-1014, not C's turn
+    assert st["C"]["run_s"] == pytest.approx(10.0)
+    assert_drained(m)

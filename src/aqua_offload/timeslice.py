@@ -197,6 +197,8 @@ class TimeSlicer:
         return hook
 
     def _charge_locked(self, s: Slice, now: float) -> None:
+        if s.status != "running":  # granted but still paging in (or paging out): not running
+            return
         ran = max(0.0, now - s._charged_at)
         s.run_s += ran
         self.policy.charge(s, ran)
@@ -207,7 +209,8 @@ class TimeSlicer:
         with self._cv:
             self.policy.remove(s)  # first: the turn must not go back to a leaving slice
             if self._running is s:
-                s.run_s += max(0.0, now - s._charged_at)
+                if s.status == "running":
+                    s.run_s += max(0.0, now - s._charged_at)
                 self._grant_next_locked()
             s.status = "failed" if failed else "done"
             self._slices.remove(s)
