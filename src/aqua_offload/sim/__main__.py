@@ -1,0 +1,119 @@
+"""Command line of the simulator: ``python -m aqua_offload.sim [SCENARIO|validate] ...``.
+
+``SCENARIO`` is a built-in name (``--list``) or a ``.toml``/``.yaml`` file; the pseudo-scenario
+``validate`` runs the real TimeSlicer on the emulation backend against the simulator instead
+(see :mod:`aqua_offload.sim.validate`). Exit status: 0 done, 1 validation out of tolerance,
+2 unusable scenario or arguments (a message on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import InvalidArgumentError
+from .scenario import POLICIES, TIERS, builtin_scenarios, load_scenario
+
+__all__ = ["add_arguments", "run", "main"]
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds > 0, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the simulator's options to ``parser``."""
+    parser.add_argument("scenario", nargs="?", default="paper-burst",
+                        help="built-in scenario name, a .toml/.yaml file, or 'validate' "
+                             "(default: paper-burst)")
+    parser.add_argument("--list", action="store_true", help="list the built-in scenarios")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--plot", type=Path, metavar="PATH",
+                        help="write a PNG: TTFT CDF and p99 per policy/tier (needs matplotlib)")
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, metavar="POLICY",
+                        help=f"policies to run (from: {', '.join(POLICIES)}; default: the "
+                             "scenario's)")
+    parser.add_argument("--tiers", nargs="+", choices=TIERS, metavar="TIER",
+                        help="paging tiers for rr and fair (host, peer; default: the scenario's)")
+    parser.add_argument("--seed", type=int, help="seed of the random traces")
+    parser.add_argument("--quantum-ms", type=_positive_ms, metavar="MS",
+                        help="time-slice quantum (default: the scenario's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="validate: fewer tasks (about 1 s of workload)")
+    parser.add_argument("--policy", choices=("fair", "rr", "fcfs"), default="fair",
+                        help="validate: the policy to compare (default fair)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run what ``args`` asks for; print the table; return the exit status."""
+    if args.list:
+        for name, desc in builtin_scenarios().items():
+            print(f"{name:<14} {desc}")
+        print(f"{'validate':<14} the real TimeSlicer (emulation backend) vs the simulator")
+        return 0
+    try:
+        if args.scenario == "validate":
+            return _validate(args)
+        scenario = load_scenario(args.scenario)
+        changes = {}
+        if args.seed is not None:
+            changes["seed"] = args.seed
+        if args.quantum_ms is not None:
+            changes["quantum_s"] = args.quantum_ms / 1e3
+        scenario = dataclasses.replace(scenario, **changes)
+        from .simulate import run_scenario
+        results = run_scenario(scenario, args.policies, args.tiers)
+    except InvalidArgumentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .report import PlotError, format_table, to_json, write_plot
+    print(format_table(results, f"scenario {scenario.name} (simulated): {scenario.description}"))
+    try:
+        if args.json is not None:
+            args.json.write_text(json.dumps(to_json(scenario, results), indent=2) + "\n")
+            print(f"wrote {args.json}")
+        if args.plot is not None:
+            write_plot(args.plot, results, scenario.name)
+            print(f"wrote {args.plot}")
+    except (OSError, PlotError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .validate import format_validation, validate
+    result = validate(quick=args.quick, policy=args.policy)
+    print(format_validation(result))
+    if args.json is not None:
+        try:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.json}")
+    return 0 if result["ok"] else 1
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run."""
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m aqua_offload.sim",
+        description="Simulate an N-GPU server serving LLMs: admission control vs time slicing "
+                    "with paging to host or peer GPUs (see docs/simulation.md).")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Scenario files, CSV traces, the JSON report and the command line of the simulator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aqua_offload.sim import ScenarioError, TraceError, load_csv_trace, load_scenario
+from aqua_offload.sim.__main__ import main
+from aqua_offload.sim.scenario import builtin_scenarios
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MINIMAL = """
+name = "mini"
+quantum_ms = 50
+policies = ["admission", "fair"]
+tiers = ["host"]
+[models.m]
+params = 1e9
+kv_bytes_per_token = "100KiB"
+[[gpus]]
+memory = "16GiB"
+serves = "m"
+[[traces]]
+kind = "burst"
+requests = 20
+prompt_tokens = [100, 300]
+output_tokens = 16
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_builtins_load_and_minimal_file_gets_defaults(tmp_path):
+    assert {"paper-burst", "long-prompt"} <= set(builtin_scenarios())
+    pb = load_scenario("paper-burst")
+    assert len(pb.gpus) == 8 and sum(g.lends_bytes > 0 for g in pb.gpus) == 4
+    sc = load_scenario(write(tmp_path, MINIMAL))
+    assert sc.name == "mini" and sc.quantum_s == pytest.approx(0.05)
+    assert sc.models["m"].weights_bytes == 2_000_000_000  # params x 2 bytes by default
+    assert sc.models["m"].kv_bytes_per_token == 100 * 1024
+    assert len(sc.trace()) == 20 and sc.links.nvlink_bytes_per_s == 370e9
+
+
+@pytest.mark.parametrize("edit, path", [
+    (("quantum_ms = 50", "quantum_ms = 50\nquantom = 3"), "quantom"),
+    (('memory = "16GiB"', 'memory = "16GiB"\nlend = "1GiB"'), "gpus[0].lend"),
+    (('memory = "16GiB"', 'memory = "-16GiB"'), "gpus[0].memory"),
+    (('memory = "16GiB"', "memory = -5"), "gpus[0].memory"),
+    (('memory = "16GiB"', 'memory = "1GiB"'), "gpus[0]"),  # weights do not fit
+    (("requests = 20", 'requests = "20"'), "traces[0].requests"),
+    (("prompt_tokens = [100, 300]", "prompt_tokens = [300, 100]"), "traces[0].prompt_tokens"),
+    (('serves = "m"', 'serves = "x"'), "gpus[0].serves"),
+    (('tiers = ["host"]', 'tiers = ["disk"]'), "tiers[0]"),
+    (('kind = "burst"', 'kind = "zipf"'), "traces[0].kind"),
+    (("params = 1e9", "params = true"), "models.m.params"),
+])
+def test_bad_scenarios_name_the_key(tmp_path, edit, path):
+    text = MINIMAL.replace(*edit)
+    assert text != MINIMAL
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(write(tmp_path, text))
+    assert str(exc.value).startswith(path + ":") or str(exc.value).startswith(path + " "), \
+        str(exc.value)
+    assert isinstance(exc.value, ValueError)
+
+
+def test_yaml_and_bad_files(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    import tomllib
+    data = tomllib.loads(MINIMAL)
+    sc = load_scenario(write(tmp_path, yaml.safe_dump(data), "s.yaml"))
+    assert sc.name == "mini"
+    with pytest.raises(ScenarioError, match="not valid TOML"):
+        load_scenario(write(tmp_path, "name = [", "bad.toml"))
+    with pytest.raises(ScenarioError, match="unknown scenario format"):
+        load_scenario(write(tmp_path, "x", "s.json"))
+    with pytest.raises(ScenarioError, match="not a file"):
+        load_scenario(tmp_path / "missing.toml")
+
+
+def test_csv_trace_and_its_errors(tmp_path):
+    good = write(tmp_path, "# a trace\narrival_s,prompt_tokens,output_tokens\n0.5,10,4\n\n"
+                 "0.1,20,8\n", "t.csv")
+    trace = load_csv_trace(good)
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in trace] == \
+        [(0.1, 20, 8), (0.5, 10, 4)]
+    cases = {
+        "arrival_s,prompt_tokens\n0,1\n": "missing",
+        "arrival_s,prompt_tokens,output_tokens,colour\n0,1,1,red\n": "unknown columns",
+        "arrival_s,prompt_tokens,output_tokens\n0,ten,4\n": ":2: prompt_tokens",
+        "arrival_s,prompt_tokens,output_tokens\n0,1,4\n-1,1,4\n": ":3: arrival_s",
+        "arrival_s,prompt_tokens,output_tokens\n0,0,4\n": ":2:",
+        "arrival_s,prompt_tokens,output_tokens\n0,1\n": "expected 3 fields",
+        "arrival_s,prompt_tokens,output_tokens\n": "no requests",
+    }
+    for k, (text, match) in enumerate(cases.items()):
+        with pytest.raises(TraceError, match=match):
+            load_csv_trace(write(tmp_path, text, f"bad{k}.csv"))
+    # a scenario naming a bad CSV fails at load time with the key path
+    sc_text = MINIMAL.replace('kind = "burst"\nrequests = 20\nprompt_tokens = [100, 300]\n'
+                              'output_tokens = 16', 'kind = "csv"\npath = "bad2.csv"')
+    with pytest.raises(ScenarioError, match=r"^traces\[0\].path"):
+        load_scenario(write(tmp_path, sc_text))
+    ok = load_scenario(write(tmp_path, sc_text.replace("bad2.csv", "t.csv")))
+    assert len(ok.trace()) == 2
+
+
+def test_cli_json_plot_and_exit_codes(tmp_path, capsys):
+    scen = write(tmp_path, MINIMAL)
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    assert main([str(scen), "--json", str(out), "--plot", str(png), "--seed", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "admission" in table and "fair" in table
+    doc = json.loads(out.read_text())
+    assert doc["scenario"] == "mini"
+    keys = {"policy", "tier", "ttft_p50_s", "ttft_p99_s", "throughput_tok_s", "paged_bytes",
+            "paging_s"}
+    assert [set(r) for r in doc["results"]] == [keys, keys]
+    assert [(r["policy"], r["tier"]) for r in doc["results"]] == [("admission", None),
+                                                                  ("fair", "host")]
+    assert all(r["ttft_p50_s"] <= r["ttft_p99_s"] for r in doc["results"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # bad scenario: message on stderr, status 2, no traceback
+    bad = write(tmp_path, MINIMAL.replace("quantum_ms = 50", "quantum_ms = -1"), "bad.toml")
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "quantum_ms" in err and "Traceback" not in err
+    assert main(["no-such-scenario"]) == 2
+    assert main(["--list"]) == 0 and "paper-burst" in capsys.readouterr().out
+    assert main([str(scen), "--policies", "fcfs", "--quantum-ms", "30"]) == 0
+    with pytest.raises(SystemExit):
+        main([str(scen), "--policies", "lottery"])
+
+
+def test_importing_the_package_does_not_import_the_simulator():
+    code = ("import sys, aqua_offload; assert 'aqua_offload.sim' not in sys.modules; "
+            "import aqua_offload.sim.__main__; assert 'matplotlib' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
+                   env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
