@@ -178,3 +178,12 @@ def test_nvlink_unknown_is_reported_not_raised() -> None:
     missing = nvml.nvlink_topology(["0000:19:00.0"], lib=_FakeNvml(["0000:20:00.0"], {}))
     assert missing == {"available": False, "reason": "NVML has no device at PCI 00000000:19:00.0"}
     assert nvml.nvlink_topology(["garbage"])["available"] is False
+
+
+def test_sim_and_lending_are_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "paper-burst" in out and "long-prompt" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["lending", "--help"])
+    assert exc.value.code == 0 and "ledger" in capsys.readouterr().out

@@ -1,14 +1,17 @@
 """The ``aqua-offload`` console script (also ``python -m aqua_offload``).
 
-Subcommands: ``info`` (backend, GPUs, peer access, NVLink, pools, versions) and ``bench``
-(the benchmarks of :mod:`aqua_offload.bench`). Each subcommand module owns its arguments; this
-file only assembles them, so ``aqua-offload bench copy ...`` and ``python -m
-aqua_offload.bench copy ...`` are one implementation.
+Subcommands: ``info`` (backend, GPUs, peer access, NVLink, pools, versions), ``bench`` (the
+benchmarks of :mod:`aqua_offload.bench`), ``sim`` (the simulator, :mod:`aqua_offload.sim`) and
+``lending`` (the cross-process lending ledger, :mod:`aqua_offload.lending`). Each subcommand
+module owns its arguments (``add_arguments``/``run``); this file only assembles them, so
+``aqua-offload bench copy ...`` and ``python -m aqua_offload.bench copy ...`` are one
+implementation.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -52,6 +55,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run a benchmark (copy, tiers, hf, burst)",
                        description=DESCRIPTION)
     add_benchmarks(p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK"))
+    for name, module, text in (
+            ("sim", "aqua_offload.sim.__main__",
+             "simulate an N-GPU server: TTFT and throughput per policy and tier"),
+            ("lending", "aqua_offload.lending.__main__",
+             "show the cross-process lending ledger: offers, leases, pending reclaims")):
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=text, description=(mod.__doc__ or text).split("\n\n")[0])
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
     return parser
 
 

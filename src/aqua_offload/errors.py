@@ -17,6 +17,10 @@ __all__ = [
     "InvalidArgumentError",
     "BackendError",
     "PagedOutError",
+    "LedgerError",
+    "LedgerVersionError",
+    "ReclaimError",
+    "ReclaimTimeoutError",
 ]
 
 
@@ -74,6 +78,38 @@ class BackendError(OffloadError, RuntimeError):
 class PagedOutError(OffloadError, RuntimeError):
     """An operation would have read or written a tensor whose storage is paged out
     (raised by :func:`aqua_offload.debug_guard`)."""
+
+
+class LedgerError(OffloadError):
+    """The cross-process lending ledger (:mod:`aqua_offload.lending`) cannot be used: a foreign
+    or corrupt file, a lock that cannot be taken, an entry of this process that vanished.
+    ``path`` names the file, ``reason`` says what is wrong. The file is left as it was: other
+    processes' offers and leases are never reset behind their back."""
+
+    path: str
+    reason: str
+
+    def __init__(self, message: str = "", path: str = "", reason: str = "", **attrs: Any) -> None:
+        super().__init__(message, path=path, reason=reason, **attrs)
+
+
+class LedgerVersionError(LedgerError):
+    """The ledger was written by a newer aqua_offload (format ``version`` > ``supported``)."""
+
+
+class ReclaimError(OffloadError, RuntimeError):
+    """A consumer could not give lent memory back (e.g. the lower tiers are full): nothing was
+    lost, the reclaim stays pending and the consumer retries."""
+
+
+class ReclaimTimeoutError(OffloadError, TimeoutError):
+    """A reclaim did not complete in time. ``pending`` bytes are still held by consumers; the
+    reclaim stays in force (``Offer.wait`` waits for the rest)."""
+
+    pending: int
+
+    def __init__(self, message: str = "", pending: int = 0, **attrs: Any) -> None:
+        super().__init__(message, pending=pending, **attrs)
 
 
 def _install() -> None:

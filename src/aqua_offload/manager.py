@@ -63,12 +63,15 @@ class OffloadManager:
         Device of the tensors: ``"cuda:N"`` (CUDA backend) or ``"cpu"`` (emulation backend:
         CPU tensors, emulated peer and host tiers). ``None``: the current GPU if there is one,
         else ``"cpu"``.
-    peers : "auto", None, device or list of devices
+    peers : "auto", "lent", None, device or list of devices
         Peer GPUs lending memory, fastest first. ``"auto"``: every other GPU the device can
-        reach as a peer. ``None``: no peer tier (pinned host only).
+        reach as a peer. ``"lent"``: lease what other processes offer
+        (:mod:`aqua_offload.lending`), growing and giving back as they ask; see
+        ``stats()["lending"]``. ``None``: no peer tier (pinned host only).
     peer_bytes : int, str or mapping
         Pool size on each peer (``"8GiB"``), or a budget per peer (``{"cuda:1": "20GiB"}``),
         whose keys are the peers when ``peers="auto"``. Default 8 GiB (64 MiB on emulation).
+        With ``peers="lent"``: the most to lease per device (default: no limit).
     host_bytes : int or str
         Pinned host pool size, allocated once at exactly this size. 0 disables the host tier.
         Default 16 GiB (256 MiB on emulation).
@@ -98,7 +101,11 @@ class OffloadManager:
         if not isinstance(policy, str) or policy not in POLICIES:
             raise InvalidArgumentError(f"unknown eviction policy {policy!r} (available: {', '.join(POLICIES)})")
         default_peer, default_host = _DEFAULT_BYTES[backend]
-        if isinstance(peer_bytes, Mapping):
+        lent = isinstance(peers, str) and peers.strip().lower() == "lent"
+        if lent:  # 0-byte peer tiers, grown by leases (lending/consumer.py)
+            from .lending.consumer import lent_peer_specs
+            peer_specs = lent_peer_specs(backend, index)
+        elif isinstance(peer_bytes, Mapping):
             budgets = {parse_peer(k, backend): parse_size(v, name=f"peer_bytes[{k!r}]")
                        for k, v in peer_bytes.items()}
             peer_list = list(budgets) if (isinstance(peers, str) and peers == "auto") \
@@ -125,7 +132,11 @@ class OffloadManager:
         self._released_lock = threading.Lock()
         self._prefetched_bytes = 0
         self._closed = False
+        self._lending: Any = None
         _live.add(self)
+        if lent:
+            from .lending.consumer import attach
+            self._lending = attach(self, peer_bytes)
 
     # -- offload -------------------------------------------------------------------------
     def offload(self, tensor: torch.Tensor, release: bool = True, *, priority: float = 0.0,
@@ -521,6 +532,8 @@ class OffloadManager:
         s["prefetched_bytes"] = self._prefetched_bytes
         s["reclaim_last_gbps"] = (s["reclaim_last_bytes_moved"] / s["reclaim_last_s"] / 1e9
                                   if s["reclaim_last_s"] > 0 else 0.0)
+        if self._lending is not None:
+            s["lending"] = self._lending.stats()
         return s
 
     # -- lifetime ------------------------------------------------------------------------
@@ -533,6 +546,8 @@ class OffloadManager:
         manager is fetched back first, so no data is lost; other handles become invalid."""
         if self._closed:
             return
+        if self._lending is not None:  # no reclaim may run while closing
+            self._lending.stop()
         if restore:
             with self._released_lock:
                 pending = list(self._released.values())
@@ -549,6 +564,8 @@ class OffloadManager:
         with self._holders_lock:
             self._holders.clear()
             self._prefetched_bytes = 0
+        if self._lending is not None:  # the leased memory is freed now: give the leases back
+            self._lending.close()
 
     def __enter__(self) -> "OffloadManager":
         return self

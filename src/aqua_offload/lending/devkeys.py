@@ -1,0 +1,56 @@
+"""Naming a device so that every process of the machine means the same one.
+
+``cuda:1`` in one process may be another GPU in the next (``CUDA_VISIBLE_DEVICES`` differs per
+model server), so the ledger keys CUDA devices by their UUID and each process maps keys back to
+its own indices. Emulated devices are per-process host arenas: ``emu:N`` names the same slot in
+every process, which is all that accounting needs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from ..devices import cuda_usable, parse_peer
+from ..errors import InvalidArgumentError
+from .. import _core
+
+__all__ = ["resolve_offer_device", "device_key", "device_label", "reachable"]
+
+
+@functools.lru_cache(maxsize=None)
+def device_key(backend: str, index: int) -> str:
+    """The machine-wide key of a device of ``backend``."""
+    if backend == "emulation":
+        return f"emu:{index}"
+    try:
+        import torch
+
+        return f"cuda:GPU-{torch.cuda.get_device_properties(index).uuid}"
+    except Exception:  # noqa: BLE001 - an old torch without uuid: indices, as seen here
+        return f"cuda:#{index}"
+
+
+def device_label(backend: str, index: int) -> str:
+    return f"emu:{index}" if backend == "emulation" else f"cuda:{index}"
+
+
+def resolve_offer_device(device: Any) -> tuple[str, int]:
+    """A producer's device -> ``(backend, index)``. ``"emu:N"`` is emulated; ``"cuda:N"``, an
+    int or a torch device is a GPU when one is usable, else emulated device N (so GPU scripts
+    run as is, as for peers elsewhere)."""
+    if isinstance(device, str) and device.strip().lower() == "cpu":
+        raise InvalidArgumentError("offer: 'cpu' is not a device that can lend memory "
+                                   "(expected 'cuda:N', 'emu:N' or an index)")
+    backend = "cuda" if cuda_usable() else "emulation"
+    if isinstance(device, str) and device.strip().startswith("emu"):
+        backend = "emulation"
+    return backend, parse_peer(device, backend)
+
+
+def reachable(backend: str, index: int) -> list[int]:
+    """Devices a consumer on ``index`` can lease on, best first: its peers, then itself (a
+    same-device "peer": two processes sharing one GPU)."""
+    info = _core.backend_info(backend)
+    peers = [j for j in range(info["device_count"]) if j != index and info["peer_access"][index][j]]
+    return peers + [index]

@@ -1,0 +1,303 @@
+"""The producer side: offer spare device memory to other processes, and take it back.
+
+Note [Reclaim protocol]
+``reclaim(n)`` lowers the offer by ``n`` in one transaction and asks the consumers holding more
+than the offer now covers for the excess (state.py, Note [Accounting]); no new lease can come
+from the offer meanwhile. The consumers' background threads wake on a datagram, migrate their
+data down a tier, shrink their leases in the ledger and send an ack; each ack wakes the producer,
+which re-reads the ledger, and the reclaim is complete once the leases fit the offer. If the
+unleased part already covers ``n``, nothing is asked and the call returns at once. A consumer
+that dies mid-reclaim is recovered by the next transaction (its memory died with it), so the
+producer also re-reads the ledger every ``LIVENESS_SLICE_S`` while waiting: a fallback for
+deaths, not the normal path. On a timeout the reclaim stays in force (the offer stays lowered,
+consumers keep returning) and :meth:`Offer.wait` waits for the rest.
+
+Latency = from the call to the moment the producer sees the last byte returned.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+from typing import Any
+
+from ..errors import InvalidArgumentError, LedgerError, ReclaimError, ReclaimTimeoutError
+from ..sizes import format_size, parse_size
+from . import notify
+from .devkeys import device_key, device_label, resolve_offer_device
+from .ledger import Ledger
+from .liveness import identity
+
+__all__ = ["Offer", "offer", "stats"]
+
+LIVENESS_SLICE_S = 0.5
+# Strong references: an offer lives in the ledger until withdrawn, so its object (the only way to
+# reclaim it) must not vanish with the caller's last reference; at exit it is abandoned.
+_open: "set[Offer]" = set()
+_totals = {"reclaims": 0, "bytes_reclaimed": 0, "reclaim_last_s": 0.0, "reclaim_max_s": 0.0,
+           "reclaim_total_s": 0.0}
+_totals_lock = threading.Lock()
+
+
+def offer(device: Any, nbytes: int | str, *, ledger: str | None = None) -> "Offer":
+    """Offer ``nbytes`` of ``device`` to consumers in other processes.
+
+    The memory is not touched: this process promises not to use it until it takes it back
+    with :meth:`Offer.reclaim` or :meth:`Offer.withdraw`; consumers allocate it themselves.
+
+    Parameters
+    ----------
+    device : str, int or torch.device
+        ``"cuda:N"`` (emulated device N without a GPU), ``"emu:N"`` or an index.
+    nbytes : int or str
+        Bytes offered (``"8GiB"``), more than 0.
+    ledger : str, optional
+        The ledger file (default: ``$AQUA_OFFLOAD_LEDGER`` or the per-user runtime directory).
+
+    Raises
+    ------
+    InvalidArgumentError
+        A bad device or size, or more than the GPU holds with the other offers on it.
+    LedgerError
+        The ledger is foreign, corrupt, newer or cannot be locked.
+    """
+    return Offer(device, nbytes, ledger=ledger)
+
+
+class Offer:
+    """An offer of device memory in the lending ledger (see :func:`offer`)."""
+
+    def __init__(self, device: Any, nbytes: int | str, *, ledger: str | None = None) -> None:
+        backend, index = resolve_offer_device(device)
+        n = parse_size(nbytes, name="offer nbytes")
+        if n <= 0:
+            raise InvalidArgumentError(f"offer: nbytes must be more than 0, got {nbytes!r}")
+        self.backend = backend
+        self.device = device_label(backend, index)
+        self.key = device_key(backend, index)
+        self._ledger = Ledger(ledger)
+        self._lock = threading.RLock()  # one reclaim/withdraw of this offer at a time
+        self._closed = False
+        self._stats = {"reclaims": 0, "bytes_reclaimed": 0, "reclaim_last_s": 0.0,
+                       "reclaim_max_s": 0.0, "reclaim_total_s": 0.0, "reclaim_last_consumers": 0,
+                       "reclaim_last_asked": 0}
+        limit = _device_total(backend, index)
+        self._endpoint = notify.Endpoint(self._ledger.directory, "producer")
+        try:
+            me = identity()
+            with self._ledger.transaction() as st:
+                if limit is not None:
+                    others = sum(o["bytes"] + st.pending(o) for o in st.offers if o["key"] == self.key)
+                    if others + n > limit:
+                        raise InvalidArgumentError(
+                            f"offer: {format_size(n)} on {self.device} plus {format_size(others)} "
+                            f"already offered there exceeds its {format_size(limit)}")
+                self.id = st.new_id()
+                st.offers.append({"id": self.id, "pid": me.pid, "start": me.start, "ns": me.ns,
+                                  "sock": self._endpoint.address, "backend": backend,
+                                  "key": self.key, "label": self.device, "bytes": n,
+                                  "state": "live", "since": time.time(), "reclaim": None})
+                st.notify_consumers(self.key, notify.WAKE_OFFER)
+        except BaseException:
+            self._endpoint.close()
+            raise
+        _open.add(self)
+
+    # -- queries -------------------------------------------------------------------------
+    def _entry(self, st: Any) -> dict[str, Any]:
+        entry = st.find("offers", self.id)
+        if entry is None or entry["state"] != "live":
+            raise LedgerError(f"lending ledger {self._ledger.path}: offer #{self.id} of this "
+                              "process is gone (was the ledger file removed or replaced?)",
+                              path=self._ledger.path, reason="missing")
+        return entry
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def status(self) -> dict[str, int]:
+        """``offered`` (bytes promised now), ``leased`` (held by consumers), ``available``
+        (unleased), ``pending`` (still to be returned by a pending reclaim)."""
+        with self._ledger.transaction() as st:
+            if self._closed:
+                return {"offered": 0, "leased": 0, "available": 0, "pending": 0}
+            o = self._entry(st)
+            return {"offered": o["bytes"], "leased": st.leased(self.id),
+                    "available": st.available(o), "pending": st.pending(o)}
+
+    def stats(self) -> dict[str, Any]:
+        """The offer's :meth:`status` plus reclaim counters: ``reclaims``, ``bytes_reclaimed``,
+        ``reclaim_last_s`` / ``reclaim_max_s`` / ``reclaim_total_s`` (latency from the call to
+        the last consumer's return), ``reclaim_last_consumers`` (consumers asked),
+        ``reclaim_last_asked`` (bytes asked of them; 0 when the unleased part covered it)."""
+        return {"id": self.id, "device": self.device, "closed": self._closed, **self.status(),
+                **self._stats}
+
+    # -- taking memory back --------------------------------------------------------------
+    def reclaim(self, nbytes: int | str | None = None, timeout: float | None = None) -> int:
+        """Take ``nbytes`` of the offer back (all of it when None); block until the consumers
+        have migrated their data off and returned the memory.
+
+        Returns
+        -------
+        int
+            Bytes this process may use again (``nbytes``). Consumers return whole segments,
+            so they may free more; the surplus stays offered (see ``stats()``).
+
+        Raises
+        ------
+        InvalidArgumentError
+            0 bytes, more than offered, or a withdrawn offer; nothing changed.
+        ReclaimTimeoutError
+            Not done within ``timeout`` s: the reclaim stays in force, ``pending`` bytes are
+            still with consumers; :meth:`wait` waits for them.
+        ReclaimError
+            A consumer reported that it cannot return the memory (its lower tiers are full);
+            it keeps retrying, the reclaim stays in force.
+        """
+        with self._lock:
+            self._check_open("reclaim")
+            if nbytes is not None:
+                n = parse_size(nbytes, name="reclaim nbytes")
+                if n <= 0:
+                    raise InvalidArgumentError("reclaim: nbytes must be more than 0 (or None for all)")
+            t0 = time.monotonic()
+            with self._ledger.transaction() as st:
+                o = self._entry(st)
+                n = o["bytes"] if nbytes is None else n
+                if n > o["bytes"]:
+                    raise InvalidArgumentError(
+                        f"reclaim: {format_size(n)} asked but offer #{self.id} on {self.device} "
+                        f"holds only {format_size(o['bytes'])}; nothing changed")
+                o["bytes"] -= n
+                mine = [le for le in st.leases if le["offer"] == self.id]
+                # A reclaim that timed out already asked for part of the excess.
+                asked = st.ask_return(o, st.pending(o) - sum(le["return"] for le in mine), t0)
+                consumers = {le["consumer"] for le in mine if le["return"] > 0}
+                waiting = st.pending(o) > 0
+                if waiting:
+                    old = o.get("reclaim")
+                    o["reclaim"] = {"bytes": n + (old["bytes"] if old else 0),
+                                    "t0": old["t0"] if old else t0, "wall": time.time()}
+            self._stats["reclaim_last_consumers"] = len(consumers)
+            self._stats["reclaim_last_asked"] = asked
+            if waiting:
+                self._wait(t0, None if timeout is None else t0 + timeout)
+            self._record(n, time.monotonic() - t0)
+            return n
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until a pending reclaim (one that timed out) is complete."""
+        with self._lock:
+            if not self._closed:
+                self._wait(time.monotonic(), None if timeout is None else time.monotonic() + timeout)
+
+    def _wait(self, t0: float, deadline: float | None) -> None:
+        while True:
+            with self._ledger.transaction() as st:
+                o = self._entry(st)
+                pending = st.pending(o)
+                errors = [le["error"] for le in st.leases if le["offer"] == self.id
+                          and le.get("error") and (le.get("error_t") or 0) >= t0]
+                if pending == 0:
+                    o["reclaim"] = None
+                    return
+            if errors:
+                raise ReclaimError(f"reclaim on {self.device}: a consumer cannot return "
+                                   f"{format_size(pending)}: {errors[0]}; it keeps retrying")
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise ReclaimTimeoutError(
+                    f"reclaim on {self.device}: {format_size(pending)} still held by consumers "
+                    f"after {now - t0:.3f} s; the reclaim stays in force (Offer.wait)",
+                    pending=pending)
+            left = LIVENESS_SLICE_S if deadline is None else min(LIVENESS_SLICE_S, deadline - now)
+            self._endpoint.wait(left)  # an ack, or a slice to notice a consumer's death
+
+    def _record(self, n: int, seconds: float) -> None:
+        for d, lock in ((self._stats, self._lock), (_totals, _totals_lock)):
+            with lock:
+                d["reclaims"] += 1
+                d["bytes_reclaimed"] += n
+                d["reclaim_last_s"] = seconds
+                d["reclaim_max_s"] = max(d["reclaim_max_s"], seconds)
+                d["reclaim_total_s"] += seconds
+
+    def withdraw(self, timeout: float | None = None) -> int:
+        """Reclaim everything still offered, then remove the offer from the ledger.
+
+        Returns
+        -------
+        int
+            Bytes taken back by this call.
+        """
+        with self._lock:
+            self._check_open("withdraw")
+            left = self.status()["offered"]
+            got = self.reclaim(None, timeout) if left else 0
+            if not left:
+                self._wait(time.monotonic(), None if timeout is None else time.monotonic() + timeout)
+            with self._ledger.transaction() as st:
+                st.offers.remove(self._entry(st))
+            self._close()
+            return got
+
+    def _abandon(self) -> None:
+        """At exit: hand the offer to recovery, as if this process had died (no waiting)."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                with self._ledger.transaction() as st:
+                    o = st.find("offers", self.id)
+                    if o is not None and o["state"] == "live":
+                        st.orphan(o, "exited")
+            finally:
+                self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._endpoint.close()
+        _open.discard(self)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise InvalidArgumentError(f"{what}: offer #{self.id} on {self.device} was already "
+                                       "withdrawn")
+
+    def __enter__(self) -> "Offer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._closed:
+            self.withdraw()
+
+    def __repr__(self) -> str:
+        state = "withdrawn" if self._closed else "open"
+        return f"<aqua_offload.lending.Offer #{self.id} {self.device} {state}>"
+
+
+def stats() -> dict[str, Any]:
+    """Reclaim counters over every offer this process made, and the open offers' stats."""
+    with _totals_lock:
+        totals = dict(_totals)
+    return {**totals, "offers": [o.stats() for o in list(_open) if not o.closed]}
+
+
+def _device_total(backend: str, index: int) -> int | None:
+    if backend != "cuda":
+        return None  # emulated devices have no fixed size
+    import torch
+
+    return int(torch.cuda.get_device_properties(index).total_memory)
+
+
+@atexit.register
+def _abandon_all() -> None:
+    for o in list(_open):
+        try:
+            o._abandon()
+        except Exception:  # noqa: BLE001 - at exit; recovery covers it when the pid is gone
+            pass
