@@ -71,8 +71,9 @@ def test_copy_covers_every_direction_and_method(copy_run: tuple[dict, str]) -> N
     want |= {(d, "aqua_offload_many", 256 << 10) for d in SWEEP}
     # bidirectional rows count the bytes of both directions
     want |= {("bidirectional", m, 2 * n) for m in plain for n in (4096, 256 << 10)}
-    want |= {("overlap_copy", "aqua_offload", 256 << 10),
-             ("overlap_copy", "aqua_offload+matmul", 256 << 10)}
+    # the overlap experiment runs at the largest size, clamped to 16 .. 64 MiB
+    want |= {("overlap_copy", "aqua_offload", 16 << 20),
+             ("overlap_copy", "aqua_offload+matmul", 16 << 20)}
     mm = {r["bytes"] for r in rows if r["direction"] == "overlap_compute"}
     assert len(mm) == 1
     mm_bytes = mm.pop()
@@ -80,7 +81,7 @@ def test_copy_covers_every_direction_and_method(copy_run: tuple[dict, str]) -> N
     assert got == want
     assert all(r["baseline"] == "raw_memcpy" for r in rows
                if not r["direction"].startswith("overlap_"))
-    assert copy_run[0]["config"]["overlap_bytes"] == 256 << 10
+    assert copy_run[0]["config"]["overlap_bytes"] == 16 << 20
 
 
 def test_copy_table_is_labelled_emulation(copy_run: tuple[dict, str]) -> None:
@@ -118,18 +119,20 @@ def test_library_copies_are_verified(monkeypatch: pytest.MonkeyPatch, which: str
 
 
 def test_bidirectional_pair_runs_on_two_threads_and_reraises() -> None:
-    seen: list[str] = []
+    seen: list[tuple[str, int]] = []
 
-    def fa() -> None:
-        seen.append(threading.current_thread().name)
+    def fa(k: int) -> None:
+        seen.append((threading.current_thread().name, k))
 
-    def fb() -> None:
-        seen.append(threading.current_thread().name)
+    def fb(k: int) -> None:
+        seen.append((threading.current_thread().name, k))
         raise ValueError("copy b failed")
 
+    a = measure.Case("x", ("device_to_host",), "x", fa, lambda: None)
+    b = measure.Case("x", ("host_to_device",), "x", fb, lambda: None)
     with pytest.raises(ValueError, match="copy b failed"):
-        copy_cases._two_threads(fa, fb)
-    assert len(set(seen)) == 2
+        copy_cases._two_threads(a, b, 5)
+    assert len({name for name, _ in seen}) == 2 and {k for _, k in seen} == {5}
 
 
 def test_background_runs_while_the_foreground_is_timed() -> None:

@@ -158,19 +158,36 @@ class _FakeNvml:
 
     def nvmlDeviceGetNvLinkRemotePciInfo_v2(self, handle: ctypes.c_void_p, link: int,
                                             out: object) -> int:
-        out._obj.busId = str(self._link(handle, link)).encode()  # type: ignore[attr-defined]
+        out._obj.busId = str(self._link(handle, link)).removeprefix("gpu:").encode()  # type: ignore[attr-defined]
+        return 0
+
+    def nvmlDeviceGetNvLinkRemoteDeviceType(self, handle: ctypes.c_void_p, link: int,
+                                            out: object) -> int:
+        remote = str(self._link(handle, link))
+        out._obj.value = 0 if remote.startswith("gpu:") else 2  # type: ignore[attr-defined]
         return 0
 
 
 def test_nvlink_direct_links_switches_and_down_links() -> None:
     a, b, c = "0000:19:00.0", "0000:3B:00.0", "00000000:4c:00.0"
-    lib = _FakeNvml([a, b, c], {0: [b, b, None, "0000:99:00.0"],
+    # GPU 0: two links to b, one down, one to a switch, one to a GPU hidden from CUDA
+    lib = _FakeNvml([a, b, c], {0: [b, b, None, "0000:99:00.0", "gpu:0000:77:00.0"],
                                 1: [a, a], 2: ["0000:aa:00.0"]})
     topo = nvml.nvlink_topology([a, b.lower(), "4c:00.0"], lib=lib)
     assert topo["available"] and lib.shutdown == 1
     assert topo["links"] == [[0, 2, 0], [2, 0, 0], [0, 0, 0]]
     assert topo["switch_links"] == [1, 0, 1]
     assert topo["matrix"] == [["X", "NV2", "NVSW"], ["NV2", "X", "-"], ["NVSW", "-", "X"]]
+    # an NVML without the remote type: anything not ours counts as a switch
+    del _FakeNvml.nvmlDeviceGetNvLinkRemoteDeviceType
+    try:
+        older = nvml.nvlink_topology([a, b, c], lib=_FakeNvml([a, b, c], lib.links))
+    finally:
+        _FakeNvml.nvmlDeviceGetNvLinkRemoteDeviceType = _remote_type
+    assert older["switch_links"] == [2, 0, 1]
+
+
+_remote_type = _FakeNvml.nvmlDeviceGetNvLinkRemoteDeviceType
 
 
 def test_nvlink_unknown_is_reported_not_raised() -> None:
@@ -178,6 +195,21 @@ def test_nvlink_unknown_is_reported_not_raised() -> None:
     missing = nvml.nvlink_topology(["0000:19:00.0"], lib=_FakeNvml(["0000:20:00.0"], {}))
     assert missing == {"available": False, "reason": "NVML has no device at PCI 00000000:19:00.0"}
     assert nvml.nvlink_topology(["garbage"])["available"] is False
+
+    class Old:  # an NVML without the PCI-bus lookup
+        shutdown = 0
+
+        def nvmlInit_v2(self) -> int:
+            return 0
+
+        def nvmlShutdown(self) -> int:
+            self.shutdown += 1
+            return 0
+
+    old = Old()
+    topo = nvml.nvlink_topology(["0000:19:00.0"], lib=old)
+    assert topo["available"] is False and "lacks a function" in topo["reason"]
+    assert old.shutdown == 1
 
 
 def test_sim_and_lending_are_subcommands(capsys: pytest.CaptureFixture[str]) -> None:

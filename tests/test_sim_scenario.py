@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import aqua_offload
+
 from aqua_offload.sim import ScenarioError, TraceError, load_csv_trace, load_scenario
 from aqua_offload.sim.__main__ import main
 from aqua_offload.sim.scenario import builtin_scenarios
@@ -145,5 +147,7 @@ def test_cli_json_plot_and_exit_codes(tmp_path, capsys):
 def test_importing_the_package_does_not_import_the_simulator():
     code = ("import sys, aqua_offload; assert 'aqua_offload.sim' not in sys.modules; "
             "import aqua_offload.sim.__main__; assert 'matplotlib' not in sys.modules")
+    # the aqua_offload this suite imported (an install in CI, src/ with the built extension here)
+    package_root = str(Path(aqua_offload.__file__).resolve().parents[1])
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
-                   env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+                   env={"PYTHONPATH": package_root, "PATH": "/usr/bin:/bin"})

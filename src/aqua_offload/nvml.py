@@ -15,6 +15,7 @@ from typing import Any, Sequence
 __all__ = ["nvlink_topology"]
 
 MAX_LINKS = 18  # NVML_NVLINK_MAX_LINKS (Hopper: 18 links)
+_REMOTE_SWITCH = 2  # nvmlIntNvLinkDeviceType_t: NVML_NVLINK_DEVICE_TYPE_SWITCH
 
 
 class _PciInfo(ctypes.Structure):  # nvmlPciInfo_t
@@ -64,12 +65,29 @@ def nvlink_topology(bus_ids: Sequence[str], lib: Any = None) -> dict[str, Any]:
         own = [_normalize(b) for b in bus_ids]
     except ValueError:
         return _unavailable(f"unreadable PCI address in {list(bus_ids)}")
-    if lib.nvmlInit_v2() != 0:
-        return _unavailable("nvmlInit failed")
+    try:
+        if lib.nvmlInit_v2() != 0:
+            return _unavailable("nvmlInit failed")
+    except AttributeError:
+        return _unavailable("this NVML has no nvmlInit_v2")
     try:
         return _topology(lib, own)
+    except AttributeError as exc:  # an NVML too old for a function we call
+        return _unavailable(f"this NVML lacks a function: {exc}")
     finally:
         lib.nvmlShutdown()
+
+
+def _is_switch(lib: Any, handle: ctypes.c_void_p, link: int) -> bool:
+    """Whether the far end of ``link`` is an NVSwitch. Older NVMLs cannot say: then anything
+    that is not one of our GPUs counts as a switch."""
+    get = getattr(lib, "nvmlDeviceGetNvLinkRemoteDeviceType", None)
+    if get is None:
+        return True
+    kind = ctypes.c_uint(0)
+    if get(handle, link, ctypes.byref(kind)) != 0:
+        return True
+    return kind.value == _REMOTE_SWITCH
 
 
 def _topology(lib: Any, own: list[str]) -> dict[str, Any]:
@@ -94,7 +112,7 @@ def _topology(lib: Any, own: list[str]) -> dict[str, Any]:
                 peer = ""
             if peer in own:
                 links[i][own.index(peer)] += 1
-            else:  # not one of our GPUs: an NVSwitch (or a GPU hidden by CUDA_VISIBLE_DEVICES)
+            elif _is_switch(lib, handle, link):  # else: a GPU hidden by CUDA_VISIBLE_DEVICES
                 switch[i] += 1
     matrix = [["X" if i == j else f"NV{links[i][j]}" if links[i][j]
                else "NVSW" if switch[i] and switch[j] else "-" for j in range(n)]

@@ -31,7 +31,7 @@ from ..sizes import format_size, parse_size
 from .copy_cases import BATCH_COUNT, BIDI, cuda_cases, emulation_cases
 from .measure import (EMULATION_LABEL, Case, Progress, Timer, VerificationError, cuda_timer,
                       host_timer, inner_count, measure)
-from .overlap import BACKGROUND_COPIES, OVERLAP_MAX_BYTES, overlap_rows
+from .overlap import BACKGROUND_COPIES, overlap_bytes, overlap_rows
 
 __all__ = ["run_copy_benchmark", "format_table", "VerificationError", "EMULATION_LABEL",
            "PEER_LABEL"]
@@ -86,7 +86,7 @@ def run_copy_benchmark(sizes: Sequence[int | str] | None = None, *, backend: str
         Fewer sizes and samples; timed samples per point (>= 3, default 7, 5 with ``quick``);
         untimed batches first; a progress bar on stderr.
     overlap : bool
-        Also run the copy-while-matmul experiment (at the largest size, at most 64 MiB).
+        Also run the copy-while-matmul experiment (at the largest size, clamped to 16 .. 64 MiB).
 
     Returns
     -------
@@ -112,7 +112,7 @@ def run_copy_benchmark(sizes: Sequence[int | str] | None = None, *, backend: str
     if samples < 3 or warmup < 0 or min(nbytes) <= 0:
         raise ValueError(f"need samples >= 3, warmup >= 0 and sizes > 0, got {samples}, "
                          f"{warmup} and {nbytes}")
-    overlap_n = min(max(nbytes), OVERLAP_MAX_BYTES) if overlap else 0
+    overlap_n = overlap_bytes(nbytes) if overlap else 0
     pool = _pool_bytes(nbytes, overlap_n)
     notes: dict[str, str] = {}
     managers: list[OffloadManager] = []

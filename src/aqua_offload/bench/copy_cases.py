@@ -58,6 +58,7 @@ def copy_case(method: str, directions: tuple[str, ...], copy: Callable[[], Any],
 
     def issue(k: int) -> None:
         for _ in range(k):
+            last[0] = None  # an allocating method reuses the block it returned last time
             last[0] = copy()
 
     return Case(method, directions, "raw_memcpy", issue,
@@ -100,7 +101,7 @@ def fetch_case(m: OffloadManager, src: torch.Tensor, out: torch.Tensor, directio
         pending[:] = [m.offload(src, release=False) for _ in range(k)]
         _check_tier(pending, tier, what)
 
-    def issue(k: int) -> None:  # one at a time from the front: a bidirectional pair interleaves
+    def issue(k: int) -> None:  # one at a time from the front: bidirectional pairs issue k=1
         for _ in range(k):
             m.fetch(pending.pop(0), out=out)
 
@@ -169,13 +170,15 @@ def many_cases(m: OffloadManager, src: torch.Tensor, out_dir: str, in_dir: str, 
                  finish=lambda: drop(pending))]
 
 
-def concurrent(a: Case, b: Case, run_pair: Callable[[Callable[[], None], Callable[[], None]],
-                                                    None]) -> Case:
+PairRunner = Callable[[Case, Case, int], None]
+
+
+def concurrent(a: Case, b: Case, run_pair: PairRunner) -> Case:
     """Cases ``a`` and ``b`` at once, as one ``bidirectional`` case: a sample is k pairs."""
     assert a.method == b.method
 
     def issue(k: int) -> None:
-        run_pair(lambda: a.issue(k), lambda: b.issue(k))
+        run_pair(a, b, k)
 
     def both(f: Callable[[Case], Callable[..., None]]) -> Callable[..., None]:
         return lambda *args: (f(a)(*args), f(b)(*args))[-1]
@@ -185,41 +188,43 @@ def concurrent(a: Case, b: Case, run_pair: Callable[[Callable[[], None], Callabl
                 finish=both(lambda c: c.finish))
 
 
-def _two_threads(fa: Callable[[], None], fb: Callable[[], None]) -> None:
-    """Emulation: ``fb`` on a second thread while ``fa`` runs on this one (each blocks on its
-    copies, so two threads are what keeps two copies in flight)."""
+def _two_threads(a: Case, b: Case, k: int) -> None:
+    """Emulation: ``b``'s k copies on a second thread while ``a``'s run on this one (each call
+    blocks until its copy is complete, so two threads are what keeps two copies in flight)."""
     error: list[BaseException] = []
 
     def run_b() -> None:
         try:
-            fb()
+            b.issue(k)
         except BaseException as exc:  # re-raised on the caller's thread
             error.append(exc)
 
     t = threading.Thread(target=run_b, name="aqua-bench-bidirectional")
     t.start()
     try:
-        fa()
+        a.issue(k)
     finally:
         t.join()
     if error:
         raise error[0]
 
 
-def _two_streams(device: torch.device) -> Callable[[Callable[[], None], Callable[[], None]],
-                                                   None]:
-    """CUDA: ``fa`` issued from one side stream, ``fb`` from another, both after the current
-    stream's work so far (the timer's start event) and before its next (the end event)."""
+def _two_streams(device: torch.device) -> PairRunner:
+    """CUDA: ``a``'s copies issued from one side stream and ``b``'s from another, alternating
+    one by one (issued all of ``a`` first, small copies would finish before ``b``'s start), all
+    after the current stream's work so far (the timer's start event) and before its next (the
+    end event)."""
     sa, sb = torch.cuda.Stream(device), torch.cuda.Stream(device)
 
-    def run(fa: Callable[[], None], fb: Callable[[], None]) -> None:
+    def run(a: Case, b: Case, k: int) -> None:
         cur = torch.cuda.current_stream(device)
         sa.wait_stream(cur)
         sb.wait_stream(cur)
-        with torch.cuda.stream(sa):
-            fa()
-        with torch.cuda.stream(sb):
-            fb()
+        for _ in range(k):
+            with torch.cuda.stream(sa):
+                a.issue(1)
+            with torch.cuda.stream(sb):
+                b.issue(1)
         cur.wait_stream(sa)
         cur.wait_stream(sb)
     return run

@@ -47,7 +47,8 @@ class Case:
     baseline: str
     issue: Callable[[int], None]                        # timed: n copies
     verify: Callable[[], None]                          # after timing
-    reset: Callable[[], None] = lambda: None            # before warm-up: scribble the output
+    reset: Callable[[], None] = lambda: None            # untimed, before each batch: scribble
+                                                        # the output
     prepare: Callable[[int], None] = lambda k: None     # untimed, before each batch
     finish: Callable[[], None] = lambda: None           # untimed, after each batch
 
@@ -99,9 +100,9 @@ def measure(case: Case, timer: Timer, n: int, samples: int, warmup: int,
             inner: int | None = None) -> list[float]:
     """Seconds per copy of each sample (warm-up batches dropped); verifies after timing."""
     k = inner_count(n) if inner is None else inner
-    case.reset()
     times = []
     for i in range(warmup + samples):
+        case.reset()  # every batch: a later wrong copy cannot hide behind an earlier right one
         case.prepare(k)
         elapsed = timer(lambda: case.issue(k))
         case.finish()
