@@ -1,15 +1,16 @@
-"""The lending ledger on its own: file format, corrupt/foreign/newer files, liveness, recovery of
-dead processes' entries, and the CLI view. In-process (no spawned children): fast."""
+"""The lending ledger on its own: file format, corrupt/foreign/newer files, recovery of
+dead processes' entries, and the CLI view. In-process (no spawned children): fast. Liveness
+itself is in test_lending_liveness.py."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import struct
 import subprocess
 import sys
-import time
 import zlib
 
 import pytest
@@ -19,7 +20,7 @@ from aqua_offload import lending
 from aqua_offload.errors import LedgerError, LedgerVersionError, OffloadError
 from aqua_offload.lending import __main__ as cli
 from aqua_offload.lending import ledger as ledger_mod
-from aqua_offload.lending.liveness import identity, is_alive, proc_start
+from aqua_offload.lending.liveness import identity
 from aqua_offload.manager import live_managers
 
 MiB = 1 << 20
@@ -118,6 +119,102 @@ def test_bad_ledger_is_a_clear_error_and_is_never_rewritten(ledger_path, kind, c
         assert (info.value.version, info.value.supported) == (7, 1)
 
 
+def test_newer_format_with_a_shorter_header_reads_as_newer(ledger_path):
+    ledger_path.write_bytes(b"AQUALEDG" + struct.pack("<I", 2) + b"{}")  # 14 bytes
+    with pytest.raises(LedgerVersionError, match="version 2, written by a newer") as info:
+        lending.view()
+    assert info.value.version == 2 and cli.main([]) == 2
+
+
+def _odd(valid: bytes) -> dict[str, bytes]:
+    """Files with a valid checksum whose values have the wrong types."""
+    me = identity()
+    base = json.loads(valid[32:])
+    base["next_id"] = 10
+    base["consumers"] = [{"id": 1, **me._asdict(), "sock": "@c", "backend": "emulation",
+                          "device": "cpu", "keys": ["emu:1"], "since": 0.0}]
+    base["offers"] = [{"id": 2, **me._asdict(), "sock": "@o", "backend": "emulation",
+                       "key": "emu:1", "label": "emu:1", "bytes": 2 * MiB, "state": "live",
+                       "since": 0.0, "reclaim": {"bytes": MiB, "t0": 0.0, "wall": 0.0}}]
+    base["leases"] = [{"id": 3, "consumer": 1, "offer": 2, "key": "emu:1", "bytes": MiB,
+                       "return": 0, "asked": None, "error": None, "error_t": None,
+                       "since": 0.0}]
+    base["recovered"] = [{"wall": 0.0, "what": "x"}]
+    cases = {
+        "asked": ("leases", "asked", "soon"), "error_t": ("leases", "error_t", "x"),
+        "error": ("leases", "error", 5), "asked-bool": ("leases", "asked", True),
+        "reclaim-wall": ("offers", "reclaim", {"bytes": MiB, "t0": 0.0, "wall": "x"}),
+        "reclaim-bytes": ("offers", "reclaim", {"bytes": -1, "t0": 0.0, "wall": 0.0}),
+        "keys": ("consumers", "keys", [1]), "nan": ("leases", "since", float("nan")),
+        "recovered": ("recovered", None, 5), "recovered-wall": ("recovered", "wall", "x"),
+        "recovered-what": ("recovered", "what", None),
+    }
+    out = {"valid": _header(1, json.dumps(base).encode())}
+    for name, (table, field, value) in cases.items():
+        data = json.loads(json.dumps(base))
+        if field is None:
+            data[table][0] = value
+        else:
+            data[table][0][field] = value
+        out[name] = _header(1, json.dumps(data).encode())
+    return out
+
+
+def test_odd_values_with_a_valid_checksum_are_corrupt(ledger_path, capsys):
+    files = _odd(_valid_bytes(ledger_path))
+    ledger_path.write_bytes(files.pop("valid"))
+    assert cli.main([]) == 0  # (the base file is fine: each case below breaks one value)
+    capsys.readouterr()
+    for name, raw in files.items():
+        ledger_path.write_bytes(raw)
+        with pytest.raises(LedgerError, match="corrupt") as info:
+            lending.view()
+        assert info.value.reason == "corrupt", name
+        assert cli.main([]) == 2 and "corrupt" in capsys.readouterr().err, name
+        assert cli.main(["--json"]) == 2, name
+
+
+@pytest.mark.parametrize("fault", ["short", "zero", "oserror", "interrupt", "encode"])
+def test_ledger_write_is_whole_or_nothing(ledger_path, fault):
+    o = lending.offer("emu:1", "1MiB")
+    before = ledger_path.read_bytes()
+    real = os.write
+
+    def write(fd, data):
+        if fd <= 2:
+            return real(fd, data)
+        if fault == "short":  # a legal short write: the rest must follow
+            return real(fd, bytes(data[:7]))
+        if fault == "zero":
+            return 0
+        if fault == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise KeyboardInterrupt
+
+    def encode(data):
+        raise RuntimeError("cannot encode")
+
+    expect = {"short": None, "zero": LedgerError, "oserror": LedgerError,
+              "interrupt": KeyboardInterrupt, "encode": RuntimeError}[fault]
+    with pytest.MonkeyPatch.context() as mp:
+        if fault == "encode":
+            mp.setattr(ledger_mod, "encode", encode)
+        else:
+            mp.setattr(os, "write", write)
+        if expect is None:
+            p = lending.offer("emu:1", "2MiB")
+        else:
+            with pytest.raises(expect):
+                lending.offer("emu:1", "2MiB")
+    assert not [f for f in os.listdir(ledger_path.parent) if f.endswith(".tmp")]
+    if expect is None:
+        assert {x["id"] for x in lending.view()["devices"][0]["offers"]} == {o.id, p.id}
+        p.withdraw()
+    else:
+        assert ledger_path.read_bytes() == before  # the good ledger was never replaced
+    o.withdraw()
+
+
 def test_ledger_errors_pickle():
     e = LedgerVersionError("newer", path="/x", reason="version", version=3, supported=1)
     back = pickle.loads(pickle.dumps(e))
@@ -130,28 +227,6 @@ def test_ledger_path_that_is_a_directory(ledger_path):
     ledger_path.mkdir()
     with pytest.raises(LedgerError, match="is a directory"):
         lending.offer("emu:1", "1MiB")
-
-
-# -- liveness -------------------------------------------------------------------------------
-def test_liveness_uses_start_time_and_sees_zombies():
-    me = identity()
-    assert me.pid == os.getpid() and me.start == proc_start(os.getpid()) and me.start > 0
-    assert is_alive(*me) is True
-    assert is_alive(me.pid, me.start + 1, me.ns) is False  # same pid, another process: reused
-    assert is_alive(me.pid, me.start, "pid:[1]") is None  # another namespace: unknown
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:  # not reaped yet: a zombie once it exits
-        start = proc_start(child.pid) if start is None else start
-        with open(f"/proc/{child.pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                break
-        time.sleep(0.01)
-    assert start is not None
-    assert is_alive(child.pid, start, me.ns) is False
-    child.wait()
-    assert is_alive(child.pid, start, me.ns) is False  # reaped: no such pid
 
 
 # -- recovery -------------------------------------------------------------------------------

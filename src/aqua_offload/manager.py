@@ -546,14 +546,14 @@ class OffloadManager:
         manager is fetched back first, so no data is lost; other handles become invalid."""
         if self._closed:
             return
-        if self._lending is not None:  # no reclaim may run while closing
-            self._lending.stop()
         if restore:
             with self._released_lock:
                 pending = list(self._released.values())
             for h in pending:
                 if h._terminal is None:
                     self.fetch(h)
+        if self._lending is not None:  # after the last step that can fail: no reclaim/lend
+            self._lending.stop()  # after this one, yet a close that raised keeps serving
         self._closed = True
         self._store.close()  # waits for every copy: holders and prefetch buffers are free now
         with self._released_lock:

@@ -93,7 +93,10 @@ def _text(view: dict[str, Any]) -> str:
     if view["recovered"]:
         out.append("recovered from dead processes:")
         for r in view["recovered"]:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["wall"]))
+            try:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["wall"]))
+            except (OverflowError, OSError, ValueError):  # a valid number, but no date
+                stamp = f"{r['wall']:>19}"
             out.append(f"  {stamp}  {r['what']}")
     return "\n".join(out)
 

@@ -9,13 +9,14 @@ every process, which is all that accounting needs.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 from ..devices import cuda_usable, parse_peer
 from ..errors import InvalidArgumentError
+from ..sizes import parse_size
 from .. import _core
 
-__all__ = ["resolve_offer_device", "device_key", "device_label", "reachable"]
+__all__ = ["resolve_offer_device", "device_key", "device_label", "reachable", "lease_caps"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,3 +55,16 @@ def reachable(backend: str, index: int) -> list[int]:
     info = _core.backend_info(backend)
     peers = [j for j in range(info["device_count"]) if j != index and info["peer_access"][index][j]]
     return peers + [index]
+
+
+def lease_caps(cap: Any, backend: str, local: dict[str, int]) -> dict[str, int | None]:
+    """Most bytes a consumer leases per device key (``local``: key -> index): ``peer_bytes``
+    as None (no limit), one size for every device, or a mapping per device."""
+    if cap is None:
+        return {k: None for k in local}
+    if isinstance(cap, Mapping):
+        per = {parse_peer(d, backend): parse_size(v, name=f"peer_bytes[{d!r}]")
+               for d, v in cap.items()}
+        return {k: per.get(j, 0) for k, j in local.items()}
+    size = parse_size(cap, name="peer_bytes")
+    return {k: size for k in local}

@@ -30,7 +30,21 @@ the new file, never a mix; a writer killed mid-write leaves a stray temporary fi
 ledger intact. No fsync: the runtime directory is usually a tmpfs and a ledger that does not
 survive a reboot is right (the processes it describes did not survive either). Notifications
 are sent after the unlock (notify.py, Note [Notification ordering]). Nothing slow ever runs
-under the lock: migrations happen between transactions.
+under the lock: migrations happen between transactions. ``os.write`` may write less than asked
+(a full disk, a signal): it is looped until the whole file is written, and any failure removes
+the temporary file, so a short write can never replace a good ledger with a truncated one.
+
+Note [Fork]
+A ``flock`` belongs to the open file description, which ``fork`` shares with the child: a fork
+while a transaction is open would leave the child holding the ledger's lock until it exits or
+execs (the parent's unlock only closes its own descriptor), stalling every lending process.
+So a fork never happens mid-transaction: ``os.register_at_fork`` takes the thread lock of every
+live :class:`Ledger` before the fork (the fork waits for open transactions to end, a few
+milliseconds; at most ``LOCK_TIMEOUT_S`` when another process holds the flock) and releases
+them on both sides afterwards. No deadlock: a transaction never takes another ledger's thread
+lock (two transactions in one process would conflict on the flock anyway), nor creates a
+:class:`Ledger`; the registry lock, taken first, keeps new ledgers out during the fork. A thread
+that forks from inside its own transaction (our code never does) is not waited for.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import secrets
@@ -46,6 +61,7 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 import zlib
 from typing import Any, Iterator
 
@@ -59,6 +75,7 @@ ENV_VAR = "AQUA_OFFLOAD_LEDGER"
 MAGIC = b"AQUALEDG"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIIQI4x")
+_VERSION_END = len(MAGIC) + 4  # magic, then the u32 version: stable across formats
 _MAX_BODY = 64 << 20  # a sane ledger is a few KiB; refuse to parse absurd lengths
 LOCK_TIMEOUT_S = 30.0
 
@@ -101,15 +118,18 @@ def decode(raw: bytes, path: str) -> dict[str, Any]:
         raise LedgerError(f"{path} is not an aqua_offload lending ledger (magic {raw[:8]!r}, "
                           f"expected {MAGIC!r}); refusing to touch it. Set {ENV_VAR} to another "
                           f"path", path=path, reason="foreign")
-    if len(raw) < _HEADER.size:
-        raise bad(f"{len(raw)} bytes, shorter than its {_HEADER.size}-byte header")
-    magic, version, _flags, length, crc = _HEADER.unpack_from(raw)
+    # The version first (it follows the magic in every format): a newer format may have another
+    # header, which must read as "newer", not as "corrupt".
+    version = struct.unpack_from("<I", raw, len(MAGIC))[0] if len(raw) >= _VERSION_END else 0
     if version > FORMAT_VERSION:
         raise LedgerVersionError(
             f"lending ledger {path} has format version {version}, written by a newer aqua_offload "
             f"(this one reads up to version {FORMAT_VERSION}); upgrade aqua_offload in every "
             f"process that lends, or set {ENV_VAR} to another path", path=path, reason="version",
             version=version, supported=FORMAT_VERSION)
+    if len(raw) < _HEADER.size:
+        raise bad(f"{len(raw)} bytes, shorter than its {_HEADER.size}-byte header")
+    magic, version, _flags, length, crc = _HEADER.unpack_from(raw)
     if version < 1:
         raise bad(f"format version {version}")
     body = raw[_HEADER.size:]
@@ -133,6 +153,33 @@ def encode(data: dict[str, Any]) -> bytes:
     return _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(body), zlib.crc32(body)) + body
 
 
+# Note [Fork]: every live Ledger, so that a fork can wait for their transactions.
+_registry: "weakref.WeakSet[Ledger]" = weakref.WeakSet()
+_registry_lock = threading.Lock()
+_serials = itertools.count()
+_held_for_fork: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    _registry_lock.acquire()  # released after the fork: no new Ledger meanwhile
+    me = threading.get_ident()
+    for led in sorted(_registry, key=lambda x: x._serial):  # one fixed order
+        if led._owner != me:  # (a fork from inside our own transaction: cannot wait for it)
+            led._thread_lock.acquire()
+            _held_for_fork.append(led._thread_lock)
+
+
+def _after_fork() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop().release()
+    _registry_lock.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
+                        after_in_child=_after_fork)
+
+
 class Ledger:
     """Transactions on one ledger file.
 
@@ -148,6 +195,10 @@ class Ledger:
         self.directory = os.path.dirname(self.path)
         self._lock_path = self.path + ".lock"
         self._thread_lock = threading.Lock()  # one transaction per Ledger object at a time
+        self._owner: int | None = None  # the thread in a transaction (Note [Fork])
+        with _registry_lock:
+            self._serial = next(_serials)
+            _registry.add(self)
 
     def exists(self) -> bool:
         return os.path.exists(self.path)
@@ -196,20 +247,30 @@ class Ledger:
         return decode(raw, self.path)
 
     def _write(self, data: dict[str, Any]) -> None:
+        raw = memoryview(encode(data))  # before the temporary file exists: nothing to clean up
         tmp = os.path.join(self.directory, f".{os.path.basename(self.path)}."
                                             f"{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        made = False
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            made = True
             try:
-                os.write(fd, encode(data))
+                while raw:  # a short write is not an error: write the rest
+                    n = os.write(fd, raw)
+                    if n <= 0:
+                        raise OSError(errno.EIO, f"write returned {n} with {len(raw)} bytes left")
+                    raw = raw[n:]
             finally:
                 os.close(fd)
             os.replace(tmp, self.path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise LedgerError(f"lending ledger {self.path}: cannot write it: {exc}",
-                              path=self.path, reason="io") from None
+        except BaseException as exc:
+            if made:  # never leave a (possibly truncated) temporary file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise LedgerError(f"lending ledger {self.path}: cannot write it: {exc}",
+                                  path=self.path, reason="io") from None
+            raise
 
     @contextlib.contextmanager
     def transaction(self, create: bool = True) -> Iterator[State]:
@@ -223,16 +284,20 @@ class Ledger:
             written (the CLI only looks).
         """
         with self._thread_lock:
-            with self._locked():
-                data = self._read()
-                existed = data is not None
-                state = State(data if existed else new_body(), self.path)
-                before = json.dumps(state.body, sort_keys=True)
-                state.recover()
-                yield state
-                after = json.dumps(state.body, sort_keys=True)
-                if after != before and (existed or create):
-                    state.body["seq"] += 1
-                    self._write(state.body)
+            self._owner = threading.get_ident()
+            try:
+                with self._locked():
+                    data = self._read()
+                    existed = data is not None
+                    state = State(data if existed else new_body(), self.path)
+                    before = json.dumps(state.body, sort_keys=True)
+                    state.recover()
+                    yield state
+                    after = json.dumps(state.body, sort_keys=True)
+                    if after != before and (existed or create):
+                        state.body["seq"] += 1
+                        self._write(state.body)
+            finally:
+                self._owner = None
         for address, message in state.take_notifications():
             notify.send(address, message)

@@ -84,6 +84,11 @@ class Endpoint:
             except OSError:
                 return got
 
+    def forget(self) -> None:
+        """Close this process's descriptor only (a forked child's copy): the socket stays bound
+        for the parent, and its file (off Linux) stays in place."""
+        self._sock.close()
+
     def close(self) -> None:
         if self._sock.fileno() < 0:
             return

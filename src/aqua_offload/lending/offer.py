@@ -13,11 +13,27 @@ deaths, not the normal path. On a timeout the reclaim stays in force (the offer 
 consumers keep returning) and :meth:`Offer.wait` waits for the rest.
 
 Latency = from the call to the moment the producer sees the last byte returned.
+
+Note [Offers and fork]
+An offer belongs to the process that made it (its pid is in the ledger). A forked child
+inherits the object, the ``_open`` set and the atexit handler, but not the promise: the child
+must neither reclaim nor withdraw it, and its exit must not orphan the parent's offer. So every
+offer records its owner pid; in another pid it reads as closed (``status()`` all zeros),
+``reclaim``/``withdraw`` refuse, ``wait`` returns, and :meth:`Offer._abandon` does nothing. ``os.register_at_fork`` also empties ``_open`` in the child
+and closes the child's copy of the socket (without unlinking it: the parent still listens).
+
+Note [Abandon at exit]
+At exit, open offers are orphaned (state.py, Note [Recovery]) without waiting. A daemon thread
+may still be blocked in :meth:`Offer.reclaim` / :meth:`Offer.wait`, holding the offer's lock
+for as long as the consumers take: the handler waits at most ``ABANDON_LOCK_S`` for it, then
+orphans the offer anyway (the transaction itself is serialised by the ledger; the blocked
+thread then finds its offer gone, which at exit nobody sees).
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 from typing import Any
@@ -32,6 +48,7 @@ from .liveness import identity
 __all__ = ["Offer", "offer", "stats"]
 
 LIVENESS_SLICE_S = 0.5
+ABANDON_LOCK_S = 1.0  # Note [Abandon at exit]
 # Strong references: an offer lives in the ledger until withdrawn, so its object (the only way to
 # reclaim it) must not vanish with the caller's last reference; at exit it is abandoned.
 _open: "set[Offer]" = set()
@@ -79,6 +96,7 @@ class Offer:
         self._ledger = Ledger(ledger)
         self._lock = threading.RLock()  # one reclaim/withdraw of this offer at a time
         self._closed = False
+        self._pid = os.getpid()  # Note [Offers and fork]
         self._stats = {"reclaims": 0, "bytes_reclaimed": 0, "reclaim_last_s": 0.0,
                        "reclaim_max_s": 0.0, "reclaim_total_s": 0.0, "reclaim_last_consumers": 0,
                        "reclaim_last_asked": 0}
@@ -105,8 +123,14 @@ class Offer:
         _open.add(self)
 
     # -- queries -------------------------------------------------------------------------
-    def _entry(self, st: Any) -> dict[str, Any]:
+    def _find(self, st: Any) -> dict[str, Any] | None:
+        """This offer's entry; the socket tells it from another process's offer that got our
+        id in a ledger that was removed and made again."""
         entry = st.find("offers", self.id)
+        return entry if entry is not None and entry["sock"] == self._endpoint.address else None
+
+    def _entry(self, st: Any) -> dict[str, Any]:
+        entry = self._find(st)
         if entry is None or entry["state"] != "live":
             raise LedgerError(f"lending ledger {self._ledger.path}: offer #{self.id} of this "
                               "process is gone (was the ledger file removed or replaced?)",
@@ -115,11 +139,14 @@ class Offer:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """Withdrawn, abandoned, or inherited by a forked child (Note [Offers and fork])."""
+        return self._closed or os.getpid() != self._pid
 
     def status(self) -> dict[str, int]:
         """``offered`` (bytes promised now), ``leased`` (held by consumers), ``available``
         (unleased), ``pending`` (still to be returned by a pending reclaim)."""
+        if self.closed:
+            return {"offered": 0, "leased": 0, "available": 0, "pending": 0}
         with self._ledger.transaction() as st:
             if self._closed:
                 return {"offered": 0, "leased": 0, "available": 0, "pending": 0}
@@ -132,7 +159,7 @@ class Offer:
         ``reclaim_last_s`` / ``reclaim_max_s`` / ``reclaim_total_s`` (latency from the call to
         the last consumer's return), ``reclaim_last_consumers`` (consumers asked),
         ``reclaim_last_asked`` (bytes asked of them; 0 when the unleased part covered it)."""
-        return {"id": self.id, "device": self.device, "closed": self._closed, **self.status(),
+        return {"id": self.id, "device": self.device, "closed": self.closed, **self.status(),
                 **self._stats}
 
     # -- taking memory back --------------------------------------------------------------
@@ -157,6 +184,7 @@ class Offer:
             A consumer reported that it cannot return the memory (its lower tiers are full);
             it keeps retrying, the reclaim stays in force.
         """
+        self._check_open("reclaim")  # (before the lock: a forked child's copy may be held)
         with self._lock:
             self._check_open("reclaim")
             if nbytes is not None:
@@ -190,6 +218,8 @@ class Offer:
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until a pending reclaim (one that timed out) is complete."""
+        if self.closed:
+            return
         with self._lock:
             if not self._closed:
                 self._wait(time.monotonic(), None if timeout is None else time.monotonic() + timeout)
@@ -233,6 +263,7 @@ class Offer:
         int
             Bytes taken back by this call.
         """
+        self._check_open("withdraw")
         with self._lock:
             self._check_open("withdraw")
             left = self.status()["offered"]
@@ -245,24 +276,40 @@ class Offer:
             return got
 
     def _abandon(self) -> None:
-        """At exit: hand the offer to recovery, as if this process had died (no waiting)."""
-        with self._lock:
+        """At exit: hand the offer to recovery, as if this process had died (no waiting); in
+        a forked child, nothing (Notes [Offers and fork], [Abandon at exit])."""
+        if os.getpid() != self._pid or self._closed:
+            return
+        locked = self._lock.acquire(timeout=ABANDON_LOCK_S)
+        try:
             if self._closed:
                 return
             try:
                 with self._ledger.transaction() as st:
-                    o = st.find("offers", self.id)
+                    o = self._find(st)
                     if o is not None and o["state"] == "live":
                         st.orphan(o, "exited")
             finally:
                 self._close()
+        finally:
+            if locked:
+                self._lock.release()
 
     def _close(self) -> None:
         self._closed = True
         self._endpoint.close()
         _open.discard(self)
 
+    def _detach(self) -> None:
+        """In a forked child (Note [Offers and fork]): forget the parent's offer, touching
+        neither the ledger nor the socket's name; no lock (a parent thread may hold it)."""
+        self._closed = True
+        self._endpoint.forget()
+
     def _check_open(self, what: str) -> None:
+        if os.getpid() != self._pid:
+            raise InvalidArgumentError(f"{what}: offer #{self.id} on {self.device} belongs to "
+                                       f"process {self._pid}; this forked child cannot use it")
         if self._closed:
             raise InvalidArgumentError(f"{what}: offer #{self.id} on {self.device} was already "
                                        "withdrawn")
@@ -271,11 +318,11 @@ class Offer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self._closed:
+        if not self.closed:
             self.withdraw()
 
     def __repr__(self) -> str:
-        state = "withdrawn" if self._closed else "open"
+        state = "withdrawn" if self.closed else "open"
         return f"<aqua_offload.lending.Offer #{self.id} {self.device} {state}>"
 
 
@@ -292,6 +339,18 @@ def _device_total(backend: str, index: int) -> int | None:
     import torch
 
     return int(torch.cuda.get_device_properties(index).total_memory)
+
+
+def _after_fork_in_child() -> None:
+    global _totals_lock
+    _totals_lock = threading.Lock()  # a parent thread may have held it at the fork
+    for o in list(_open):
+        o._detach()
+    _open.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

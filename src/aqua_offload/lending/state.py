@@ -33,10 +33,14 @@ Schema (JSON; ids are unique across the three lists; times: ``wall`` = time.time
   leases:    [{id, consumer, offer, key, bytes, return, asked: null|t, error: null|str,
                error_t: null|t, since}]
   recovered: [{wall, what}]
+Every field that any reader uses is type-checked on read (``validate``), optional ones included
+(``reclaim``, ``asked``, ``error``, ``error_t``: a missing one reads as null): a file with a
+valid checksum but odd values is *corrupt*, never a TypeError in some later reader.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -56,6 +60,33 @@ _SCHEMA = {
     "leases": {"id": _INT, "consumer": _INT, "offer": _INT, "key": _STR, "bytes": _INT,
                "return": _INT, "since": _NUM},
 }
+# Optional fields: absent or null, else of these types.
+_OPTIONAL = {
+    "consumers": {},
+    "offers": {"reclaim": (dict,)},
+    "leases": {"asked": _NUM, "error": _STR, "error_t": _NUM},
+}
+_RECLAIM = {"bytes": _INT, "t0": _NUM, "wall": _NUM}
+_LOGGED = {"wall": _NUM, "what": _STR}
+
+
+def _typed(value: Any, types: tuple[type, ...]) -> bool:
+    # bool is an int to isinstance: never a valid count, id or time here; json reads NaN and
+    # Infinity, which no time or size is either.
+    if isinstance(value, float):
+        return float in types and math.isfinite(value)
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def _bad_field(row: dict[str, Any], fields: dict[str, tuple[type, ...]],
+               optional: dict[str, tuple[type, ...]] | None = None) -> str | None:
+    for name, types in fields.items():
+        if not _typed(row.get(name), types):
+            return name
+    for name, types in (optional or {}).items():
+        if row.get(name) is not None and not _typed(row[name], types):
+            return name
+    return None
 
 
 def new_body() -> dict[str, Any]:
@@ -72,6 +103,9 @@ def validate(data: Any) -> str | None:
             return f"field {key!r} missing or not an integer"
     if not isinstance(data.get("recovered"), list):
         return "field 'recovered' missing or not a list"
+    for r in data["recovered"]:
+        if not isinstance(r, dict) or _bad_field(r, _LOGGED):
+            return "recovered: an entry is not {wall: number, what: string}"
     ids: set[int] = set()
     for table, fields in _SCHEMA.items():
         rows = data.get(table)
@@ -80,20 +114,22 @@ def validate(data: Any) -> str | None:
         for row in rows:
             if not isinstance(row, dict):
                 return f"{table}: an entry is not an object"
-            for name, types in fields.items():
-                if not isinstance(row.get(name), types) or isinstance(row.get(name), bool):
-                    return f"{table}: entry {row.get('id')!r} has a bad {name!r}"
+            name = _bad_field(row, fields, _OPTIONAL[table])
+            if name is not None:
+                return f"{table}: entry {row.get('id')!r} has a bad {name!r}"
             if row["id"] in ids or row["id"] >= data["next_id"]:
                 return f"{table}: id {row['id']} is duplicated or not below next_id"
             ids.add(row["id"])
     offers = {o["id"]: o for o in data["offers"]}
     consumers = {c["id"] for c in data["consumers"]}
+    for c in data["consumers"]:
+        if not all(isinstance(k, str) for k in c["keys"]):
+            return f"consumers: entry {c['id']} has a bad 'keys'"
     for o in data["offers"]:
         if o["bytes"] < 0 or o["state"] not in ("live", "orphan"):
             return f"offers: entry {o['id']} has a bad size or state"
         r = o.get("reclaim")
-        if r is not None and not (isinstance(r, dict) and isinstance(r.get("bytes"), int)
-                                  and isinstance(r.get("t0"), (int, float))):
+        if r is not None and (_bad_field(r, _RECLAIM) or r["bytes"] < 0):
             return f"offers: entry {o['id']} has a bad pending reclaim"
     for le in data["leases"]:
         if le["offer"] not in offers or le["consumer"] not in consumers:
@@ -203,6 +239,34 @@ class State:
         elif self.available(offer) > 0:
             self.notify_consumers(offer["key"], notify.WAKE_OFFER)
 
+    def charge(self, consumer: int, key: str, nbytes: int) -> None:
+        """``consumer`` freed ``nbytes`` of device ``key``: charge them to its leases there,
+        those asked back first (newest first), the surplus of whole segments to the others
+        (Note [Accounting])."""
+        mine = sorted((le for le in self.leases if le["consumer"] == consumer
+                       and le["key"] == key), key=lambda le: -le["id"])
+        left = nbytes
+        for le in mine:
+            take = min(left, le["return"])
+            if take > 0:
+                self.shrink_lease(le, take)
+                left -= take
+        for le in mine:
+            if le in self.leases and left > 0:
+                take = min(left, le["bytes"])
+                self.shrink_lease(le, take)
+                left -= take
+
+    def drop_leases(self, consumer: int, keys: Any = None) -> tuple[int, int]:
+        """Drop every lease of ``consumer`` (on the devices in ``keys`` only, if given): its
+        memory is freed. Returns how many leases and bytes."""
+        mine = [le for le in self.leases
+                if le["consumer"] == consumer and (keys is None or le["key"] in keys)]
+        held = sum(le["bytes"] for le in mine)
+        for le in mine:
+            self.shrink_lease(le, le["bytes"])
+        return len(mine), held
+
     def orphan(self, offer: dict[str, Any], why: str) -> None:
         """The producer is gone: offer nothing more, ask every lease back (Note [Recovery])."""
         now = time.monotonic()
@@ -220,12 +284,9 @@ class State:
         """Note [Recovery]."""
         for c in list(self.consumers):
             if is_alive(c["pid"], c["start"], c["ns"]) is False:
-                mine = [le for le in self.leases if le["consumer"] == c["id"]]
-                held = sum(le["bytes"] for le in mine)
-                for le in mine:
-                    self.shrink_lease(le, le["bytes"])
+                count, held = self.drop_leases(c["id"])
                 self.consumers.remove(c)
-                self.log(f"consumer pid {c['pid']} died: {len(mine)} lease(s) "
+                self.log(f"consumer pid {c['pid']} died: {count} lease(s) "
                          f"({format_size(held)}) returned to their offers")
         for o in list(self.offers):
             if o["state"] == "live" and is_alive(o["pid"], o["start"], o["ns"]) is False:
