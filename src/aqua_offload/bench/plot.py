@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from typing import Any, Callable
 
 __all__ = ["plot_result"]
@@ -26,10 +27,10 @@ def _figure(panels: int, title: str) -> tuple[Any, list[Any]]:
         raise ImportError("matplotlib is not installed (pip install matplotlib)") from None
     cols = min(panels, 3)
     rows = math.ceil(panels / cols)
-    fig = Figure(figsize=(5.2 * cols, 3.8 * rows), layout="constrained")
+    fig = Figure(figsize=(max(5.2 * cols, 8.0), 3.8 * rows + 0.4), layout="constrained")
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(panels)]
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(title, 40 * cols if cols > 1 else 90)), fontsize=10)
     return fig, axes
 
 
