@@ -18,19 +18,17 @@ there).
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 from typing import Any, Sequence
 
 import torch
 
-from ..devices import cuda_usable
 from ..manager import OffloadManager
 from ..sizes import format_size, parse_size
 from .copy_cases import BATCH_COUNT, BIDI, cuda_cases, emulation_cases
 from .measure import (EMULATION_LABEL, Case, Progress, Timer, VerificationError, cuda_timer,
                       host_timer, inner_count, measure)
+from .models import bench_device, device_label
 from .overlap import BACKGROUND_COPIES, overlap_bytes, overlap_rows
 
 __all__ = ["run_copy_benchmark", "format_table", "VerificationError", "EMULATION_LABEL",
@@ -102,10 +100,9 @@ def run_copy_benchmark(sizes: Sequence[int | str] | None = None, *, backend: str
     VerificationError
         A copy produced wrong bytes.
     """
-    if backend == "auto":
-        backend = "cuda" if cuda_usable() else "emulation"
-    if backend not in FULL_SIZES:
+    if backend not in ("auto", *FULL_SIZES):
         raise ValueError(f"backend must be 'auto', 'emulation' or 'cuda', got {backend!r}")
+    backend, tdev = bench_device(backend)
     samples = (5 if quick else 7) if samples is None else samples
     nbytes = [parse_size(s, name="size") for s in sizes or (QUICK_SIZES if quick
                                                             else FULL_SIZES[backend])]
@@ -118,12 +115,11 @@ def run_copy_benchmark(sizes: Sequence[int | str] | None = None, *, backend: str
     managers: list[OffloadManager] = []
     try:
         if backend == "cuda":
-            index = torch.cuda.current_device()
+            index = tdev.index
             peer, real = _cuda_peer(index)
             managers.append(OffloadManager(device=index, peers=None, host_bytes=pool))
             managers.append(OffloadManager(device=index, peers=[peer], peer_bytes=pool,
                                            host_bytes=0))
-            device = torch.cuda.get_device_name(index)
             notes = {d: (f"peer: cuda:{peer}, {torch.cuda.get_device_name(peer)}" if real
                          else PEER_LABEL) for d in ("device_to_peer", "peer_to_device")}
             extra: tuple[Any, ...] = (torch.device("cuda", peer),)
@@ -131,8 +127,8 @@ def run_copy_benchmark(sizes: Sequence[int | str] | None = None, *, backend: str
             managers.append(OffloadManager(device="cpu", peers=None, host_bytes=pool))
             managers.append(OffloadManager(device="cpu", peers=["emu:1"], peer_bytes=pool,
                                            host_bytes=0))
-            device = f"{platform.machine() or 'cpu'} CPU x{os.cpu_count()} (emulation)"
             extra = ()
+        device = device_label(tdev)
         timer = cuda_timer if backend == "cuda" else host_timer
         cases = cuda_cases if backend == "cuda" else emulation_cases
         bar = Progress(len(nbytes) + bool(overlap_n), progress)

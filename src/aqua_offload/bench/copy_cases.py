@@ -177,15 +177,14 @@ def concurrent(a: Case, b: Case, run_pair: PairRunner) -> Case:
     """Cases ``a`` and ``b`` at once, as one ``bidirectional`` case: a sample is k pairs."""
     assert a.method == b.method
 
-    def issue(k: int) -> None:
-        run_pair(a, b, k)
+    def prepare(k: int) -> None:
+        a.prepare(k)
+        b.prepare(k)
 
-    def both(f: Callable[[Case], Callable[..., None]]) -> Callable[..., None]:
-        return lambda *args: (f(a)(*args), f(b)(*args))[-1]
-
-    return Case(a.method, (BIDI,), "raw_memcpy", issue, verify=both(lambda c: c.verify),
-                reset=both(lambda c: c.reset), prepare=both(lambda c: c.prepare),
-                finish=both(lambda c: c.finish))
+    return Case(a.method, (BIDI,), "raw_memcpy", lambda k: run_pair(a, b, k),
+                verify=lambda: (a.verify(), b.verify())[-1],
+                reset=lambda: (a.reset(), b.reset())[-1], prepare=prepare,
+                finish=lambda: (a.finish(), b.finish())[-1])
 
 
 def _two_threads(a: Case, b: Case, k: int) -> None:

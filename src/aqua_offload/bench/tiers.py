@@ -16,8 +16,6 @@ Rows follow the copy benchmark's schema (``method``, ``direction``, ``bytes``, `
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 from typing import Any, Callable
@@ -25,10 +23,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..devices import cuda_usable
 from ..manager import OffloadManager
 from .measure import (EMULATION_LABEL, VerificationError, cuda_timer, host_timer, random_bytes,
                       row)
+from .models import bench_device, device_label
 
 __all__ = ["run_tier_benchmark", "format_tier_table"]
 
@@ -121,22 +119,16 @@ def run_tier_benchmark(*, backend: str = "auto", quick: bool = False, samples: i
     VerificationError
         A transfer produced wrong bytes.
     """
-    if backend == "auto":
-        backend = "cuda" if cuda_usable() else "emulation"
+    backend, tdev = bench_device(backend)
     if samples < 3:
         raise ValueError("need samples >= 3")
     reclaim_bytes = reclaim_bytes or ((64 << 20) if quick else (1 << 30))
     pool = max(4 * count * size, 2 * reclaim_bytes) + (16 << 20)
-    if backend == "cuda":
-        index = torch.cuda.current_device()
-        dev, peer = f"cuda:{index}", index  # one GPU: a same-device peer stands in
-        device = torch.cuda.get_device_name(index)
-        timer = cuda_timer
-    else:
-        dev, peer = "cpu", "emu:1"
-        device = f"{platform.machine() or 'cpu'} CPU x{os.cpu_count()} (emulation)"
-        timer = host_timer
-    with OffloadManager(dev, peers=[peer], peer_bytes=4 * count * size + (1 << 20),
+    # one GPU: a same-device peer stands in
+    peer = tdev.index if backend == "cuda" else "emu:1"
+    device = device_label(tdev)
+    timer = cuda_timer if backend == "cuda" else host_timer
+    with OffloadManager(tdev, peers=[peer], peer_bytes=4 * count * size + (1 << 20),
                         host_bytes=pool) as m:
         rows = _batch_rows(m, count, size, samples, timer, device, backend)
         m.reclaim(peer)  # the reclaim experiment lends its own segments
