@@ -48,6 +48,9 @@ def test_info_json_to_stdout_and_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["info", "--json", out]) == 0
     assert json.loads(out.read_text())["devices"] == data["devices"]
     assert "backend:" in capsys.readouterr().out
+    (tmp_path / "file").write_text("x")
+    assert main(["info", "--json", tmp_path / "file" / "info.json"]) == 2
+    assert "file" in capsys.readouterr().err
 
 
 def test_version_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,8 +100,20 @@ def test_plot_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         plot.plot_result("hf", _fake("hf"), tmp_path / "x.png")
     rc = main(["bench", "copy", "--backend", "emulation", "--sizes", "4KiB", "--samples", "3",
                "--no-progress", "--no-overlap", "--plot", tmp_path / "y.png"])
-    assert rc == 2 and "pip install matplotlib" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert rc == 2 and "pip install matplotlib" in captured.err
+    assert captured.out == ""  # refused before the run, not after it
     assert not (tmp_path / "y.png").exists()
+
+
+def test_unwritable_output_is_refused_before_the_run(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rc = main(["bench", "copy", "--backend", "emulation", "--sizes", "4KiB", "--samples", "3",
+               "--no-progress", "--no-overlap", "--json", blocker / "out.json"])
+    captured = capsys.readouterr()
+    assert rc == 2 and str(blocker) in captured.err and captured.out == ""
 
 
 def test_console_script_is_declared() -> None:

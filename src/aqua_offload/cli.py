@@ -30,8 +30,12 @@ def _info(args: argparse.Namespace) -> int:
     elif str(args.json) == "-":
         print(json.dumps(data, indent=2))
     else:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(data, indent=2) + "\n")
+        except OSError as exc:
+            print(f"aqua-offload info: {exc}", file=sys.stderr)
+            return 2
         print(format_info(data))
         print(f"\nwrote {args.json}")
     return 0

@@ -70,28 +70,41 @@ def _add_copy(sub: argparse._SubParsersAction) -> None:
 
 def _run(name: str, args: argparse.Namespace, run: Callable[[], dict],
          table: Callable[[dict], str]) -> int:
-    """Run one benchmark: refuse a missing GPU, print its table, write its JSON."""
-    if args.backend == "cuda" and not cuda_usable():
-        print(f"aqua_offload.bench {name}: --backend cuda needs a GPU and a CUDA build",
-              file=sys.stderr)
+    """Run one benchmark: refuse a missing GPU, print its table, write its JSON and plot.
+
+    What would make the outputs fail (no matplotlib, an unwritable place) is checked before
+    the run, so a long benchmark is not lost at the end."""
+    def usage_error(message: str) -> int:
+        print(f"aqua_offload.bench {name}: {message}", file=sys.stderr)
         return 2
+
+    if args.backend == "cuda" and not cuda_usable():
+        return usage_error("--backend cuda needs a GPU and a CUDA build")
+    try:
+        if args.plot is not None:
+            plot.require_matplotlib()
+        for path in (args.json, args.plot):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if not os.access(path.parent, os.W_OK):
+                    raise PermissionError(f"cannot write into {path.parent}")
+    except (ImportError, OSError) as exc:
+        return usage_error(str(exc))
     try:
         result = run()
     except copy.VerificationError as exc:
         print(f"aqua_offload.bench {name}: FAILED: {exc}", file=sys.stderr)
         return 1
     print(table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
-    if args.plot is not None:
-        try:
+    try:
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"\nwrote {args.json}")
+        if args.plot is not None:
             plot.plot_result(name, result, args.plot)
-        except ImportError as exc:
-            print(f"aqua_offload.bench {name}: --plot: {exc}", file=sys.stderr)
-            return 2
-        print(f"wrote {args.plot}")
+            print(f"wrote {args.plot}")
+    except OSError as exc:
+        return usage_error(str(exc))
     return 0
 
 

@@ -16,15 +16,22 @@ import os
 import textwrap
 from typing import Any, Callable
 
-__all__ = ["plot_result"]
+__all__ = ["plot_result", "require_matplotlib"]
+
+
+def require_matplotlib() -> None:
+    """Raise ImportError, saying how to install it, unless matplotlib can be imported."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        raise ImportError("matplotlib is not installed (pip install matplotlib)") from None
 
 
 def _figure(panels: int, title: str) -> tuple[Any, list[Any]]:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("matplotlib is not installed (pip install matplotlib)") from None
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     cols = min(panels, 3)
     rows = math.ceil(panels / cols)
     fig = Figure(figsize=(max(5.2 * cols, 8.0), 3.8 * rows + 0.4), layout="constrained")
