@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,18 +77,73 @@ def test_bad_scenarios_name_the_key(tmp_path, edit, path):
     assert isinstance(exc.value, ValueError)
 
 
+def _toml():
+    """The TOML parser the library uses: tomllib (Python >= 3.11), else tomli, else skip."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        tomllib = pytest.importorskip("tomli", reason="reading TOML needs Python >= 3.11 or "
+                                      "tomli")
+    return tomllib
+
+
 def test_yaml_and_bad_files(tmp_path):
-    yaml = pytest.importorskip("yaml")
-    import tomllib
-    data = tomllib.loads(MINIMAL)
-    sc = load_scenario(write(tmp_path, yaml.safe_dump(data), "s.yaml"))
-    assert sc.name == "mini"
+    data = _toml().loads(MINIMAL)
     with pytest.raises(ScenarioError, match="not valid TOML"):
         load_scenario(write(tmp_path, "name = [", "bad.toml"))
     with pytest.raises(ScenarioError, match="unknown scenario format"):
         load_scenario(write(tmp_path, "x", "s.json"))
     with pytest.raises(ScenarioError, match="not a file"):
         load_scenario(tmp_path / "missing.toml")
+    yaml = pytest.importorskip("yaml")  # last: the TOML checks above run without PyYAML
+    sc = load_scenario(write(tmp_path, yaml.safe_dump(data), "s.yaml"))
+    assert sc.name == "mini"
+    with pytest.raises(ScenarioError, match="not valid YAML"):
+        load_scenario(write(tmp_path, "x: [1\n", "bad.yaml"))
+    # YAML reads `1:` as an int key: named, not a TypeError
+    with pytest.raises(ScenarioError, match=r"^models\.1: a model name must be a string"):
+        load_scenario(write(tmp_path, "models:\n  1: {params: 1, kv_bytes_per_token: 1}\n"
+                            "gpus: [{memory: 100000, serves: '1'}]\n"
+                            "traces: [{kind: burst, requests: 2}]\n", "intkey.yaml"))
+
+
+def test_files_that_are_not_utf8_raise_typed_errors(tmp_path):
+    bad = tmp_path / "s.toml"
+    bad.write_bytes(b"name = \"x\"\n\xff\xfe\n")
+    with pytest.raises(ScenarioError, match="not UTF-8"):
+        load_scenario(bad)
+    csv_file = tmp_path / "t.csv"
+    csv_file.write_bytes(b"arrival_s,prompt_tokens,output_tokens\n0,1,\xff\n")
+    with pytest.raises(TraceError, match="not UTF-8"):
+        load_csv_trace(csv_file)
+
+
+@pytest.mark.parametrize("edit, path", [
+    (("requests = 20", "requests = 100000000"), "traces[0].requests"),
+    (('serves = "m"', 'serves = "m"\ncount = 100000000'), "gpus[0].count"),
+])
+def test_huge_sizes_are_refused_at_load(tmp_path, edit, path):
+    with pytest.raises(ScenarioError, match=r"^" + re.escape(path) + ": must be <="):
+        load_scenario(write(tmp_path, MINIMAL.replace(*edit)))
+
+
+@pytest.mark.parametrize("extra", ["at_s = 1.7e308\nwindow_s = 1.7e308",
+                                   'kind = "poisson"\nrate_per_s = 1e-320'])
+def test_trace_build_errors_name_the_stream(tmp_path, extra):
+    text = MINIMAL + "[[traces]]\nrequests = 3\n" + (
+        extra if "kind" in extra else 'kind = "burst"\n' + extra)
+    sc = load_scenario(write(tmp_path, text))
+    with pytest.raises(ScenarioError, match=r"^traces\[1\]: arrival_s must be a finite"):
+        sc.trace()
+
+
+def test_a_csv_trace_is_read_once_at_load(tmp_path):
+    csv_file = write(tmp_path, "arrival_s,prompt_tokens,output_tokens\n0,10,4\n", "t.csv")
+    text = MINIMAL.replace('kind = "burst"\nrequests = 20\nprompt_tokens = [100, 300]\n'
+                           'output_tokens = 16', 'kind = "csv"\npath = "t.csv"')
+    sc = load_scenario(write(tmp_path, text))
+    csv_file.unlink()  # the scenario holds the requests it checked
+    assert [r.prompt_tokens for r in sc.trace()] == [10]
 
 
 def test_csv_trace_and_its_errors(tmp_path):
@@ -142,6 +198,32 @@ def test_cli_json_plot_and_exit_codes(tmp_path, capsys):
     assert main([str(scen), "--policies", "fcfs", "--quantum-ms", "30"]) == 0
     with pytest.raises(SystemExit):
         main([str(scen), "--policies", "lottery"])
+
+
+def test_cli_checks_outputs_before_simulating(tmp_path, capsys, monkeypatch):
+    scen = write(tmp_path, MINIMAL)
+
+    def refused(args, match):
+        assert main([str(scen), *args]) == 2
+        out, err = capsys.readouterr()
+        assert re.search(match, err) and "Traceback" not in err, err
+        assert "admission" not in out  # nothing was simulated
+
+    refused(["--plot", str(tmp_path / "r.jpg")], r"unknown image format '\.jpg'")
+    refused(["--plot", str(tmp_path / "r")], "unknown image format")
+    refused(["--json", str(tmp_path)], "is a directory")
+    blocker = write(tmp_path, "", "file")  # a parent that is a file cannot be made
+    refused(["--json", str(blocker / "r.json")], "cannot create")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    refused(["--plot", str(tmp_path / "r.png")], "needs matplotlib")
+    monkeypatch.undo()
+    # missing parent folders are made; svg and pdf are formats matplotlib writes
+    out = tmp_path / "new" / "deeper" / "r.json"
+    assert main([str(scen), "--policies", "fcfs", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["scenario"] == "mini"
+    svg = tmp_path / "plots" / "r.svg"
+    assert main([str(scen), "--policies", "fcfs", "--plot", str(svg)]) == 0
+    assert b"<svg" in svg.read_bytes()[:400]
 
 
 def test_importing_the_package_does_not_import_the_simulator():

@@ -8,10 +8,11 @@ import pytest
 
 from aqua_offload.errors import InvalidArgumentError
 from aqua_offload.sim.engine import EventEngine
-from aqua_offload.sim.roofline import ModelSpec
+from aqua_offload.sim.roofline import FixedStep, ModelSpec
 from aqua_offload.sim.scenario import (GPUConfig, LinkSpec, ReclaimSpec, Scenario, TraceSpec,
                                        load_scenario)
 from aqua_offload.sim.server import Server
+from aqua_offload.sim.serving import Request, ServingEngine
 from aqua_offload.sim.simulate import configurations, simulate
 from aqua_offload.sim.trace import TraceRequest
 
@@ -101,7 +102,114 @@ def test_reclaim_mid_run_moves_pages_to_host_and_loses_nothing():
     assert all(q.done_s is not None and q.generated == q.output for q in r.requests)
     assert r.paged_out_bytes == r.paged_in_bytes  # every byte paged out came back
     assert r.placed_end_bytes == 0
-    assert r.paged_bytes == r.paged_out_bytes + r.paged_in_bytes + r.migrated_bytes
+
+
+def test_paged_bytes_with_a_reclaim_by_hand():
+    # test_a_preemption_computed_by_hand on the peer tier of a lender (1 GB/s both links):
+    # A's 1 MB lands on GPU 1 at 21 ms; GPU 1 reclaims at 25 ms: migration 25-26 ms over its
+    # PCIe; A's page-in at 40 ms reads from the host: 40-41 ms. Three 1 MB copies.
+    sc = dataclasses.replace(
+        one_gpu(), gpus=(GPUConfig(0, 1 << 40, "m", max_batch=1),
+                         GPUConfig(1, 1 << 40, None, lends_bytes=10**7)),
+        reclaims=(ReclaimSpec(1, 0.025, None),))
+    r = simulate(sc, "rr", "peer", reqs((0, 1, 3), (0, 1, 2)))
+    assert (r.paged_out_bytes, r.paged_in_bytes, r.migrated_bytes) == (10**6,) * 3
+    assert r.paged_bytes == 3_000_000 and r.paging_s == pytest.approx(0.003)
+    assert r.fallback_bytes == 0 and r.requests[0].done_s == pytest.approx(0.051)
+
+
+def test_paging_s_leaves_out_queueing_on_the_stream():
+    # Two 1 MB page-outs to host at 1 GB/s on one stream: 0-1 ms and 1-2 ms. Each counts from
+    # the moment the stream issues it: 2 ms in all, not 1 + 2 = 3 ms.
+    sim = EventEngine()
+    server = Server(sim, (GPUConfig(0, 1 << 40, "m"),), LinkSpec(1e9, 0.0, 1e9, 0.0))
+    done = []
+    for _ in range(2):
+        server.page_out(0, 10**6, "host", lambda: done.append(sim.now))
+    sim.run()
+    assert done == [pytest.approx(0.001), pytest.approx(0.002)]
+    assert server.paging_s == pytest.approx(0.002)
+
+
+def _reclaim_server(lent=4000):
+    sim = EventEngine()
+    gpus = (GPUConfig(0, 1 << 40, "m"), GPUConfig(1, 1 << 40, None, lends_bytes=lent))
+    server = Server(sim, gpus, LinkSpec(1e3, 0.0, 1e6, 0.0))
+    ps = [server.page_out(0, 1000, "peer") for _ in range(4)]
+    sim.run(until=0.1)  # all four have landed on GPU 1 (4 ms over NVLink)
+    assert all(p.ready and p.tier == "peer" for p in ps)
+    return sim, server, ps
+
+
+def test_reclaims_do_not_migrate_what_is_already_leaving():
+    # 4 x 1000 B on a 4000 B loan. Two reclaims of 1000 B: 1000 B must go each time; the
+    # first migration is still running (1 s over a 1 kB/s PCIe) when the second comes.
+    sim, server, _ = _reclaim_server()
+    assert server.reclaim(1, 1000) == 1000
+    assert server.reclaim(1, 1000) == 1000  # not 2000: the first placement is leaving
+    sim.run()
+    pool = server.pools[1]
+    assert server.migrated_bytes == 2000 and pool.capacity == pool.used == 2000
+    # a placement being paged in frees itself: a reclaim of its size migrates nothing
+    sim, server, ps = _reclaim_server()
+    server.page_in(ps[0], 0, lambda: None)
+    assert server.reclaim(1, 1000) == 0
+    sim.run()
+    assert server.migrated_bytes == 0 and server.pools[1].used == 3000
+
+
+def test_a_gpu_that_serves_and_lends_never_pages_into_itself():
+    sim = EventEngine()
+    gpus = (GPUConfig(0, 1 << 40, "m", lends_bytes=10_000),
+            GPUConfig(1, 1 << 40, None, lends_bytes=1000))
+    server = Server(sim, gpus, LinkSpec())
+    p = server.page_out(0, 800, "peer")  # GPU 0's own loan has more room, but it is its own
+    assert (p.tier, p.lender) == ("peer", 1)
+    assert server.page_out(0, 800, "peer").tier == "host"  # GPU 1 is full: host, not GPU 0
+    assert server.pools[0].used == 0 and server.fallback_bytes == 800
+    assert server.page_out(1, 800, "peer").lender == 0  # others may use GPU 0's loan
+
+
+def test_a_stale_prefetch_is_paged_out_so_the_head_can_run():
+    # Under fair a newcomer gets ahead of a request that was prefetched (its KV reserved);
+    # the newcomer does not fit next to that reservation and nothing running frees memory.
+    # This trace deadlocked ("simulation ended with 4 unfinished requests"); the stale
+    # prefetch is now paged out again, and every request finishes.
+    model = ModelSpec("m", 0.0, 0, 1000, 500, 0.01)
+    sc = Scenario("d", (GPUConfig(0, 34_000, "m", max_batch=1),), {"m": model},
+                  (TraceSpec("burst"),), links=LinkSpec(1e7, 0.0, 5e7, 0.0), quantum_s=0.01,
+                  prefetch=True)
+    trace = [TraceRequest(a, p, o, "m", w) for a, p, o, w in [
+        (0.0003, 11, 4, 1.0), (0.038, 8, 7, 3.5), (0.094, 11, 5, 1.0), (0.119, 2, 7, 2.0),
+        (0.132, 14, 6, 1.0), (0.136, 6, 1, 1.0)]]
+    for tier in ("host", "peer"):
+        r = simulate(sc, "fair", tier, trace)
+        assert all(q.done_s is not None and q.generated == q.output for q in r.requests)
+        assert r.paged_out_bytes == r.paged_in_bytes and r.placed_end_bytes == 0
+        assert r.requests[2].preemptions >= 1  # the request that was prefetched, then passed
+
+
+def test_an_arrival_charges_only_running_requests():
+    # max_batch 4, prefill budget 10 tokens, steps 10 ms, quantum 1 s (nobody yields), all
+    # prompts 10 tokens. A prefills 0-10 ms; B (arrived at 0, granted mid-iteration) and C
+    # (arrives at 5 ms: A is charged 5 ms, C starts at A's virtual runtime, 5 ms) join at
+    # 10 ms: B prefills 10-20 ms, C waits for the prefill budget. D arrives at 15 ms: A and B
+    # run and are charged; C holds a turn but does not run: it stays at 5 ms (was 10).
+    sim = EventEngine()
+    gpu = GPUConfig(0, 1 << 40, "m", max_batch=4, max_prefill_tokens=10)
+    model = ModelSpec("m", 0.0, 0, 0, 0, 0.010)
+    server = Server(sim, (gpu,), LinkSpec())
+    eng = ServingEngine(sim, server, gpu, model, FixedStep(0.010), "fair", "host", 1.0)
+    a, b, c, d = (Request(k, t, 10, 5) for k, t in enumerate((0.0, 0.0, 0.005, 0.015)))
+    for r in (a, b, c, d):
+        sim.schedule_at(r.arrival_s, eng.arrive, r)
+    sim.run(until=0.016)
+    assert list(eng.prefill) == [c] and eng.prefilling == [b]
+    vr = eng.policy.vruntime
+    assert (vr(a), vr(b), vr(c)) == (pytest.approx(0.015), pytest.approx(0.005),
+                                     pytest.approx(0.005))
+    sim.run()  # C is charged from the iteration it joins (20 ms), not from 10 ms
+    assert c.first_token_s == pytest.approx(0.030) and c.done_s is not None
 
 
 def test_reclaim_timing_by_hand():
@@ -142,6 +250,12 @@ def test_configurations_and_bad_requests():
         simulate(one_gpu(state=0, kv=1000, memory=5000), "fair", "host", reqs((0, 10, 5)))
     with pytest.raises(InvalidArgumentError, match="tier"):
         simulate(one_gpu(), "fair", None, reqs((0, 1, 2)))
+
+
+def test_a_model_that_costs_nothing_is_refused_not_infinite_throughput():
+    free = dataclasses.replace(one_gpu(), models={"m": ModelSpec("m", 0.0, 0, 0, 0)})
+    with pytest.raises(InvalidArgumentError, match="makespan 0"):
+        simulate(free, "admission", None, reqs((0, 1, 2)))
 
 
 def test_paper_burst_runs_in_seconds_and_slicing_beats_admission_on_p99():

@@ -58,4 +58,6 @@ def test_validation_agrees_and_detects_a_wrong_model():
     for kwargs in ({"quantum_s": v["quantum_s"] / 10, "policy": "fair"},
                    {"quantum_s": v["quantum_s"], "policy": "fcfs"}):
         wrong = simulate_workload(tasks, calib, state_bytes=v["state_bytes"], **kwargs)
-        assert abs(wrong.ttft_p99_s - real_p99) / real_p99 > 0.5, kwargs
+        # the small quantum halves p99 (an error of 0.50 +- 0.01 from run to run, so 0.5 was a
+        # coin flip); the fcfs model misses by ~2x. Both are far outside the 0.25 tolerance.
+        assert abs(wrong.ttft_p99_s - real_p99) / real_p99 > 0.4, kwargs

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -39,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the built-in scenarios")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", type=Path, metavar="PATH",
-                        help="write a PNG: TTFT CDF and p99 per policy/tier (needs matplotlib)")
+                        help="write an image (.png, .pdf or .svg): TTFT CDF and p99 per "
+                             "policy/tier (needs matplotlib)")
     parser.add_argument("--policies", nargs="+", choices=POLICIES, metavar="POLICY",
                         help=f"policies to run (from: {', '.join(POLICIES)}; default: the "
                              "scenario's)")
@@ -54,6 +56,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validate: the policy to compare (default fair)")
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
+def _output_problem(path: Path, what: str) -> str | None:
+    """Why ``path`` cannot be written (its parent folders are made first), or None."""
+    if path.is_dir():
+        return f"{what} {path}: is a directory"
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"{what} {path}: cannot create {parent}: {exc.strerror or exc}"
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and
+                                                     not os.access(path, os.W_OK)):
+        return f"{what} {path}: not writable"
+    return None
+
+
+def check_outputs(args: argparse.Namespace) -> str | None:
+    """Check ``--json`` and ``--plot`` before anything runs (a long simulation must not end
+    in an unwritable path): the message of the first problem, or None."""
+    plot = None if args.scenario == "validate" else args.plot  # validate plots nothing
+    if plot is not None:
+        if plot.suffix.lower() not in PLOT_FORMATS:
+            return (f"--plot {plot}: unknown image format {plot.suffix or '(no suffix)'!r} "
+                    f"(use {', '.join(PLOT_FORMATS)})")
+        try:
+            import matplotlib  # noqa: F401  (only with --plot: the plain run does without)
+        except ImportError:
+            return "--plot needs matplotlib (pip install matplotlib)"
+    for what, path in (("--json", args.json), ("--plot", plot)):
+        if path is not None:
+            problem = _output_problem(path, what)
+            if problem:
+                return problem
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run what ``args`` asks for; print the table; return the exit status."""
     if args.list:
@@ -61,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:<14} {desc}")
         print(f"{'validate':<14} the real TimeSlicer (emulation backend) vs the simulator")
         return 0
+    problem = check_outputs(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         if args.scenario == "validate":
             return _validate(args)

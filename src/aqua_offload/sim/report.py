@@ -44,7 +44,8 @@ def format_table(results: Sequence[RunResult], title: str = "") -> str:
                      f"{r.preemptions:>8} {gain} {ratio}")
     lines.append("TTFT percentiles are nearest-rank; p99 gain = admission p99 / this p99; tput = "
                  "throughput / admission's; paging = summed copy time; stall = summed time "
-                 "resumed requests waited for memory and page-in.")
+                 "resumed requests waited from their grant to joining a batch (memory, "
+                 "page-in, the iteration in flight).")
     return "\n".join(lines)
 
 

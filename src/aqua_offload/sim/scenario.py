@@ -26,6 +26,8 @@ __all__ = ["Scenario", "GPUConfig", "LinkSpec", "ReclaimSpec", "TraceSpec", "Sce
 
 POLICIES = ("admission", "fcfs", "rr", "fair")
 TIERS = ("host", "peer")
+MAX_REQUESTS = 1_000_000  # per trace stream: a simulation of more would not end in minutes
+MAX_GPUS = 4096           # in all: a server, not a data centre
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class TraceSpec:
     rate_per_s: float = 1.0
     path: str | None = None
     model: str | None = None
+    rows: tuple[TraceRequest, ...] | None = field(default=None, compare=False, repr=False)
+    # ^ a csv trace as read (and checked) when the scenario was loaded: it is read once
 
     def build(self, seed: int) -> list[TraceRequest]:
         if self.kind == "burst":
@@ -96,7 +100,7 @@ class TraceSpec:
             return poisson_trace(self.requests, self.rate_per_s, self.prompt_tokens,
                                  self.output_tokens, start_s=self.at_s, seed=seed,
                                  model=self.model)
-        reqs = load_csv_trace(self.path or "")
+        reqs = list(self.rows) if self.rows is not None else load_csv_trace(self.path or "")
         return [r if r.model or not self.model else replace(r, model=self.model) for r in reqs]
 
 
@@ -119,10 +123,15 @@ class Scenario:
     prefetch: bool = True
 
     def trace(self) -> list[TraceRequest]:
-        """The scenario's requests, all streams merged by arrival time (stable)."""
+        """The scenario's requests, all streams merged by arrival time (stable). Raises
+        :class:`ScenarioError` naming the stream (``traces[1]: ...``) for one that cannot be
+        built (e.g. arrival times that overflow)."""
         reqs: list[TraceRequest] = []
         for k, spec in enumerate(self.traces):
-            reqs.extend(spec.build(self.seed + 1000 * k))
+            try:
+                reqs.extend(spec.build(self.seed + 1000 * k))
+            except (TraceError, OverflowError) as exc:
+                raise ScenarioError(f"traces[{k}]: {exc}") from None
         default = next(g.serves for g in self.gpus if g.serves)
         reqs = [r if r.model else replace(r, model=default) for r in reqs]
         for r in reqs:
@@ -156,6 +165,9 @@ def _list_of_tables(d: dict[str, Any], key: str, required: bool) -> list[dict[st
 def _parse_models(d: dict[str, Any]) -> dict[str, ModelSpec]:
     models = {}
     for name, spec in _table(d, "models").items():
+        if not isinstance(name, str):  # YAML: `1: {...}` is an int key
+            raise _fail(f"models.{name!r}", f"a model name must be a string, got "
+                        f"{type(name).__name__} (quote it: \"{name}\")")
         path = f"models.{name}"
         t = _table(spec, path)
         _check_keys(t, path, ("params", "bytes_per_param", "weights", "kv_bytes_per_token",
@@ -192,7 +204,10 @@ def _parse_gpus(d: dict[str, Any], models: dict[str, ModelSpec]) -> tuple[GPUCon
         if weights + lends + reserved > memory:
             raise _fail(path, f"weights ({weights} B) + lends ({lends} B) + reserved "
                         f"({reserved} B) exceed memory ({memory} B)")
-        for _ in range(_get(t, "count", path, _int(1), 1)):
+        count = _get(t, "count", path, _int(1, MAX_GPUS), 1)
+        if len(gpus) + count > MAX_GPUS:
+            raise _fail(f"{path}.count", f"more than {MAX_GPUS} GPUs in all")
+        for _ in range(count):
             gpus.append(GPUConfig(len(gpus), memory, serves, lends, reserved,
                                   _get(t, "max_batch", path, _int(1), 256),
                                   _get(t, "max_prefill_tokens", path, _int(1), 8192)))
@@ -215,13 +230,13 @@ def _parse_traces(d: dict[str, Any], base_dir: Path | None) -> tuple[TraceSpec, 
             if not file.is_absolute() and base_dir is not None:
                 file = base_dir / file
             try:
-                load_csv_trace(file)  # fail now, with the key path, not mid-run
+                rows = load_csv_trace(file)  # fail now, with the key path, not mid-run
             except TraceError as exc:
                 raise _fail(f"{path}.path", str(exc)) from None
-            specs.append(TraceSpec("csv", path=str(file), model=model))
+            specs.append(TraceSpec("csv", path=str(file), model=model, rows=tuple(rows)))
             continue
         specs.append(TraceSpec(
-            kind, requests=_get(t, "requests", path, _int(1)),
+            kind, requests=_get(t, "requests", path, _int(1, MAX_REQUESTS)),
             prompt_tokens=_get(t, "prompt_tokens", path, _tokens, 512),
             output_tokens=_get(t, "output_tokens", path, _tokens, 128),
             at_s=_get(t, "at_s", path, _num(), 0.0),
@@ -277,35 +292,31 @@ def builtin_scenarios() -> dict[str, str]:
     for f in sorted(resources.files(__package__).joinpath("scenarios").iterdir(),
                     key=lambda f: f.name):
         if f.name.endswith(".toml"):
-            out[f.name[:-5]] = _load_toml(f.read_text(), f.name).get("description", "")
+            out[f.name[:-5]] = _load(f.read_text(), f.name).get("description", "")
     return out
 
 
-def _load_toml(text: str, source: str) -> Any:
+def _load(text: str, source: str, fmt: str = "toml") -> Any:
+    """Parse ``text`` as TOML or YAML (``fmt``); a missing parser or a syntax error raises
+    :class:`ScenarioError` naming ``source``."""
     try:
-        import tomllib  # Python >= 3.11
+        if fmt == "toml":
+            try:
+                import tomllib as parser  # Python >= 3.11
+            except ModuleNotFoundError:
+                import tomli as parser  # type: ignore[no-redef]
+            errors: Any = parser.TOMLDecodeError
+        else:
+            import yaml as parser  # type: ignore[no-redef]
+            errors = parser.YAMLError
     except ModuleNotFoundError:
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError:
-            raise ScenarioError(f"{source}: reading TOML needs Python >= 3.11 or the 'tomli' "
-                                "package (pip install tomli)") from None
+        need = ("Python >= 3.11 or the 'tomli' package (pip install tomli)" if fmt == "toml"
+                else "the 'PyYAML' package (pip install pyyaml), or write the scenario in TOML")
+        raise ScenarioError(f"{source}: reading {fmt.upper()} needs {need}") from None
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{source}: not valid TOML: {exc}") from None
-
-
-def _load_yaml(text: str, source: str) -> Any:
-    try:
-        import yaml
-    except ModuleNotFoundError:
-        raise ScenarioError(f"{source}: reading YAML needs the 'PyYAML' package "
-                            "(pip install pyyaml), or write the scenario in TOML") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"{source}: not valid YAML: {exc}") from None
+        return parser.loads(text) if fmt == "toml" else parser.safe_load(text)
+    except errors as exc:
+        raise ScenarioError(f"{source}: not valid {fmt.upper()}: {exc}") from None
 
 
 def load_scenario(spec: str | Path) -> Scenario:
@@ -314,7 +325,7 @@ def load_scenario(spec: str | Path) -> Scenario:
     text_name = str(spec)
     builtin = resources.files(__package__).joinpath("scenarios").joinpath(f"{text_name}.toml")
     if "/" not in text_name and "\\" not in text_name and builtin.is_file():
-        return parse_scenario(_load_toml(builtin.read_text(), f"{text_name}.toml"),
+        return parse_scenario(_load(builtin.read_text(), f"{text_name}.toml"),
                               name=text_name)
     path = Path(spec)
     if not path.is_file():
@@ -324,8 +335,11 @@ def load_scenario(spec: str | Path) -> Scenario:
     if suffix not in (".toml", ".yaml", ".yml"):
         raise ScenarioError(f"{path}: unknown scenario format {suffix!r} (use .toml or .yaml)")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScenarioError(f"cannot read {path}: {exc.strerror or exc}") from None
-    data = _load_toml(text, str(path)) if suffix == ".toml" else _load_yaml(text, str(path))
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                            ) from None
+    data = _load(text, str(path), "toml" if suffix == ".toml" else "yaml")
     return parse_scenario(data, name=path.stem, base_dir=path.parent)

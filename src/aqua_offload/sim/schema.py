@@ -59,12 +59,14 @@ def _num(low: float = 0.0, strict: bool = False) -> Callable[[Any, str], float]:
     return conv
 
 
-def _int(low: int = 0) -> Callable[[Any, str], int]:
+def _int(low: int = 0, high: int | None = None) -> Callable[[Any, str], int]:
     def conv(v: Any, path: str) -> int:
         if isinstance(v, bool) or not isinstance(v, int):
             raise _fail(path, f"expected an integer, got {v!r}")
         if v < low:
             raise _fail(path, f"must be >= {low}, got {v}")
+        if high is not None and v > high:
+            raise _fail(path, f"must be <= {high:,}, got {v:,} (a limit of the simulator)")
         return v
     return conv
 

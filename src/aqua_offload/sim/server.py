@@ -6,7 +6,8 @@ and an NVLink port to the NVSwitch (``gpuN.nvlink.out``, ``gpuN.nvlink.in``). A 
 to GPU b crosses a's egress and b's ingress, so two consumers paging into one producer share
 its ingress. Host memory and the switch are not bottlenecks (not modelled); host capacity is
 unlimited. Paging never splits a request's state: it lands whole on one lender (the one with
-the most free lent bytes, lowest index on ties) or, if none has room, on the host.
+the most free lent bytes, lowest index on ties; never the paging GPU's own loan, when a GPU
+both serves and lends) or, if none has room, on the host.
 
 Note [Streams]
 Copies between one pair of endpoints (this GPU to the host, this GPU to that peer, and back)
@@ -19,7 +20,9 @@ Note [Reclaim]
 A lender taking memory back first stops new placements beyond its reduced loan, then migrates
 placements (oldest first) to the host over its own PCIe link until what stays fits; the bytes
 are returned to the lender as each migration completes. A placement whose page-out is still in
-flight migrates once it has landed; one being paged in is left alone (the page-in frees it). A
+flight migrates once it has landed; one being paged in is left alone (the page-in frees it).
+Placements already migrating (an earlier reclaim) or being paged in free themselves, so they
+count against the excess: two reclaims of n bytes each migrate about 2n, not more. A
 page-in requested mid-migration waits for the migration, then reads from the host. No state
 is ever dropped: every byte paged out is either paged in or still placed at the end.
 """
@@ -39,9 +42,9 @@ __all__ = ["Placement", "LentPool", "Server"]
 class Placement:
     """Where one paged-out request state lives (``tier`` "host" or "peer" on ``lender``)."""
 
-    __slots__ = ("nbytes", "tier", "lender", "ready", "doomed", "reading", "waiters", "born")
+    __slots__ = ("nbytes", "tier", "lender", "ready", "doomed", "reading", "waiters")
 
-    def __init__(self, nbytes: int, tier: str, lender: int | None, born: float) -> None:
+    def __init__(self, nbytes: int, tier: str, lender: int | None) -> None:
         self.nbytes = nbytes
         self.tier = tier
         self.lender = lender
@@ -49,7 +52,6 @@ class Placement:
         self.doomed = False     # must migrate to host as soon as it lands (reclaim)
         self.reading = False    # a page-in is in flight
         self.waiters: list[Callable[[], None]] = []
-        self.born = born
 
     def __repr__(self) -> str:
         where = f"peer gpu{self.lender}" if self.tier == "peer" else "host"
@@ -64,7 +66,6 @@ class LentPool:
         self.capacity = capacity
         self.used = 0
         self.placements: list[Placement] = []  # in order of placement (oldest first)
-        self.peak = 0
 
     @property
     def free(self) -> int:
@@ -92,8 +93,7 @@ class Server:
         self.paged_in_bytes = 0
         self.migrated_bytes = 0
         self.fallback_bytes = 0   # asked for the peer tier, landed on host
-        self.returned_bytes = 0   # given back to lenders by reclaims
-        self.paging_s = 0.0       # sum of paging copy times (latency + flow, not queueing)
+        self.paging_s = 0.0       # sum of copy times from issue on their stream to completion
         self.transfers = 0
         self._streams: dict[tuple[str, str], deque[tuple[int, list[str], Any, str]]] = {}
 
@@ -103,17 +103,15 @@ class Server:
         """Start copying ``nbytes`` of GPU ``gpu``'s state to ``tier`` ("host" or "peer";
         "peer" falls back to host when no lender has room). Returns the placement at once;
         ``on_done`` runs when the copy completed (the source memory may be reused then)."""
-        now = self.engine.now
-        pool = self._choose_pool(nbytes) if tier == "peer" else None
+        pool = self._choose_pool(nbytes, gpu) if tier == "peer" else None
         if pool is None:
             if tier == "peer":
                 self.fallback_bytes += nbytes
-            p = Placement(nbytes, "host", None, now)
+            p = Placement(nbytes, "host", None)
             path = [f"gpu{gpu}.pcie.d2h"]
         else:
-            p = Placement(nbytes, "peer", pool.gpu, now)
+            p = Placement(nbytes, "peer", pool.gpu)
             pool.used += nbytes
-            pool.peak = max(pool.peak, pool.used)
             pool.placements.append(p)
             path = [f"gpu{gpu}.nvlink.out", f"gpu{pool.gpu}.nvlink.in"]
         self.paged_out_bytes += nbytes
@@ -144,11 +142,13 @@ class Server:
 
     def reclaim(self, gpu: int, nbytes: int | None) -> int:
         """Lender ``gpu`` takes back ``nbytes`` (None: its whole loan); see Note [Reclaim].
-        Returns the bytes that must migrate to host."""
+        Returns the bytes this call starts migrating to host (placements already leaving,
+        migrating or being paged in, are not counted again)."""
         pool = self.pools[gpu]
         take = pool.capacity if nbytes is None else min(nbytes, pool.capacity)
         pool.capacity -= take
-        excess = pool.used - pool.capacity
+        leaving = sum(p.nbytes for p in pool.placements if p.reading or p.doomed)
+        excess = pool.used - leaving - pool.capacity
         moving = 0
         for p in list(pool.placements):
             if moving >= excess:
@@ -159,13 +159,14 @@ class Server:
             p.doomed = True
             if p.ready:
                 self._migrate(p)
-        self.returned_bytes += take
         return moving
 
     # -- internals -----------------------------------------------------------------------------
-    def _choose_pool(self, nbytes: int) -> LentPool | None:
+    def _choose_pool(self, nbytes: int, gpu: int) -> LentPool | None:
         best = None
         for pool in self.pools.values():  # GPU order: ties go to the lowest index
+            if pool.gpu == gpu:  # its own loan: paging into itself would free nothing
+                continue
             if pool.free >= nbytes and (best is None or pool.free > best.free):
                 best = pool
         return best

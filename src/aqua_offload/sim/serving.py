@@ -18,10 +18,19 @@ request):
 3. free turns are granted in ``pick`` order while the head's reservation fits (head-of-line:
    the policy's order is kept, nobody jumps the queue); a preempted request pages back in
    before it runs again; the next in line is prefetched when its reservation fits (as the
-   slicer prefetches the next slice).
+   slicer prefetches the next slice). Unlike here, the real slicer's prefetch reserves no
+   memory: it only issues the page-in early. A prefetched request keeps its reservation
+   while it waits, so if another request gets ahead of it (a newcomer under ``fair``), the
+   new head may not fit; when nothing else holds memory that will be freed (no running
+   holder, no page-out in flight) the stale prefetches are paged out again (their bytes
+   count as page-outs, their memory is free once the copy completed) so the head can run.
+   Without that the engine would wait forever.
 
-An arrival charges the running requests up to now and is ``add``-ed with ``running=`` the
-running request of least virtual runtime (CFS's min_vruntime over a runqueue). With
+An arrival charges the running requests (those in the current iteration) up to now and is
+``add``-ed with ``running=`` the joined request of least virtual runtime (CFS's min_vruntime
+over a runqueue). A request that holds a turn but waits in the prefill queue for the prefill
+token budget is not running: it is charged from the iteration it joins, as the slicer
+charges only a running slice. With
 ``max_batch = 1`` this is exactly the slicer's sequence of calls, which the tests check.
 
 ``policy="admission"`` is the baseline engine: FCFS admission when the reservation fits, run
@@ -68,7 +77,7 @@ class Request:
         self.reserved = 0
         self.turn_start = self.charged_at = self.granted_at = 0.0
         self.preemptions = 0
-        self.stall_s = 0.0            # resumed: held a turn, waited for memory + page-in
+        self.stall_s = 0.0            # see ServingEngine: resumed, grant to joining a batch
         self.gpu = -1
 
     @property
@@ -81,7 +90,12 @@ class Request:
 
 
 class ServingEngine:
-    """The engine of one consumer GPU (see Note [Turns in a batch])."""
+    """The engine of one consumer GPU (see Note [Turns in a batch]).
+
+    A request's ``stall_s`` sums, over its resumed turns (it had generated tokens before), the
+    time from the grant of the turn to the start of the first iteration it joins: waiting for
+    KV memory, its page-in (0 when prefetched in time), and the rest of the iteration in
+    flight when it became ready (requests join at iteration boundaries)."""
 
     def __init__(self, engine: EventEngine, server: Server, gpu: GPUConfig, model: ModelSpec,
                  step: StepModel, policy: str, tier: str | None, quantum_s: float,
@@ -104,6 +118,8 @@ class ServingEngine:
         self.decoding: dict[Request, None] = {}     # joined, generating (ordered)
         self.prefilling: list[Request] = []         # in the current iteration's prefill
         self.holders = 0                            # requests holding a turn
+        self.staged: dict[Request, None] = {}       # prefetched: reserved, no turn yet
+        self.outstanding = 0                        # page-outs whose memory is not free yet
         self.busy = False
         self.requests: list[Request] = []
         self.turns: list[Any] | None = [] if record_turns else None
@@ -124,10 +140,11 @@ class ServingEngine:
         if self.policy is None:
             self.queue.append(r)
         else:
-            running = self.prefilling + list(self.prefill) + list(self.decoding)
+            running = self.prefilling + list(self.decoding)
             for x in running:  # charged up to now: the newcomer starts level
                 self._charge(x)
-            least = min(running, key=self.policy.vruntime) if running else None
+            joined = running + list(self.prefill)
+            least = min(joined, key=self.policy.vruntime) if joined else None
             self.policy.add(r, r.weight, running=least)
         self._fill()
         self._kick()
@@ -159,6 +176,7 @@ class ServingEngine:
         while self.prefill and (not batch_prefill or
                                 tokens + self.prefill[0].prompt <= self.gpu.max_prefill_tokens):
             r = self.prefill.popleft()
+            r.charged_at = now  # running from now (not while it waited for the budget)
             batch_prefill.append(r)
             tokens += r.prompt
         batch_decode = list(self.decoding)
@@ -222,19 +240,27 @@ class ServingEngine:
         del self.decoding[r]
         self.holders -= 1
         r.preemptions += 1
-        reserved, r.reserved = r.reserved, 0
-
-        def freed() -> None:  # the GPU memory is reusable once the copy has read it
-            self.kv_free += reserved
-            self._fill()
-            self._kick()
-        assert self.tier is not None and self.policy is not None
-        r.placement = self.server.page_out(self.gpu.index,
-                                           self.model.request_bytes(r.prompt + r.generated),
-                                           self.tier, freed)
+        self._page_out(r)
+        assert self.policy is not None
         nxt = self.policy.pick()  # the turn passes on now, as in the slicer
         if nxt is not None:
             self._grant(nxt)
+
+    def _page_out(self, r: Request) -> None:
+        """Copy ``r``'s state (prompt + generated tokens of KV) to the tier; its reservation is
+        free once the copy has read it."""
+        reserved, r.reserved = r.reserved, 0
+        self.outstanding += 1
+
+        def freed() -> None:  # the GPU memory is reusable once the copy has read it
+            self.outstanding -= 1
+            self.kv_free += reserved
+            self._fill()
+            self._kick()
+        assert self.tier is not None
+        r.placement = self.server.page_out(self.gpu.index,
+                                           self.model.request_bytes(r.prompt + r.generated),
+                                           self.tier, freed)
 
     def _fill(self) -> None:
         """Start the turns that wait for memory, then grant free turns (head-of-line)."""
@@ -243,6 +269,7 @@ class ServingEngine:
             self._reserve(r)
             self._start_turn(r)
         if self.mem_wait:
+            self._unblock()
             return
         if self.policy is None:
             while self.queue and self.holders < self.gpu.max_batch \
@@ -256,6 +283,28 @@ class ServingEngine:
             self.policy.pick()
             self._grant(nxt)
         self._prefetch()
+        self._unblock()
+
+    def _unblock(self) -> None:
+        """If the head (waiting for memory with a turn, or first in line) does not fit and
+        only stale prefetches hold memory (nothing running will free any), page those out
+        again (Note [Turns in a batch])."""
+        if not self.staged or self.outstanding:
+            return
+        assert self.policy is not None
+        head = self.mem_wait[0] if self.mem_wait else self.policy.peek()
+        if head is None or head.staged or self.need(head) <= self.kv_free:
+            return
+        if self.kv_free + sum(r.reserved for r in self.staged) < self.kv_capacity:
+            return  # a holder will free memory (it finishes or is preempted)
+        for r in list(self.staged):
+            if not r.paging_in:  # one still paging in is paged out when it has landed
+                self._unstage(r)
+
+    def _unstage(self, r: Request) -> None:
+        del self.staged[r]
+        r.staged = False
+        self._page_out(r)
 
     def _grant(self, r: Request) -> None:
         """``r`` holds a turn from now; it runs once its memory is reserved and its state is
@@ -264,6 +313,7 @@ class ServingEngine:
         r.granted_at = self.sim.now
         if r.staged:
             r.staged = False
+            del self.staged[r]
         elif not self.mem_wait and self.need(r) <= self.kv_free:
             self._reserve(r)
         else:
@@ -295,6 +345,8 @@ class ServingEngine:
             r.join_on_page_in = False
             self.ready.append(r)
             self._kick()
+        elif r.staged and self.policy is not None:
+            self._unblock()  # a stale prefetch may have to go again
 
     def _prefetch(self) -> None:
         if not self.prefetch or self.policy is None:
@@ -303,5 +355,6 @@ class ServingEngine:
         if nxt is not None and nxt.placement is not None and not nxt.paging_in \
                 and not nxt.staged and not self.mem_wait and self.need(nxt) <= self.kv_free:
             nxt.staged = True
+            self.staged[nxt] = None
             self._reserve(nxt)
             self._page_in(nxt)

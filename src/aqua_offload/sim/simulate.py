@@ -5,8 +5,12 @@ arrival to the end of the request's prefill iteration (its first token); percent
 nearest-rank (the ceil(q/100 * n)-th smallest value, as :func:`aqua_offload.hf.summarize`);
 throughput is output tokens over the makespan (first arrival to last completion).
 ``paged_bytes`` counts every paging copy (out, in, and reclaim migrations); ``paging_s`` sums
-their durations from issue to completion (latency, sharing and queueing included), so it can
-exceed the makespan when copies overlap.
+their durations from the moment their stream issues them to completion: latency and flow time
+at the bandwidth they get while sharing channels with other streams, but not the time a copy
+queued behind earlier copies on its own stream (server.py, Note [Streams]). Copies overlap, so
+it can exceed the makespan. ``stall_s`` sums, over resumed turns, the time from the grant to
+joining an iteration: waiting for KV memory, the page-in, and the end of the iteration in
+flight (:class:`~aqua_offload.sim.serving.ServingEngine`).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class RunResult:
     tokens: int
     paged_bytes: int
     paging_s: float
-    stall_s: float                # turns spent waiting for a page-in
+    stall_s: float                # resumed turns: grant to joining a batch (memory, page-in)
     preemptions: int
     migrated_bytes: int
     fallback_bytes: int
@@ -140,10 +144,14 @@ def simulate(scenario: Scenario, policy: str, tier: str | None,
     first = min(r.arrival_s for r in everyone)
     makespan = max(r.done_s for r in everyone if r.done_s is not None) - first
     tokens = sum(r.output for r in everyone)
+    if not makespan > 0:  # every iteration took 0 s: a model that costs nothing
+        raise InvalidArgumentError(
+            "the run took no simulated time (makespan 0): throughput is undefined; give the "
+            "model a nonzero cost (params, weights or step_ms)")
     return RunResult(
         policy=policy, tier=tier,
         ttft_s=sorted(r.ttft_s for r in everyone if r.ttft_s is not None),
-        throughput_tok_s=tokens / makespan if makespan > 0 else float("inf"),
+        throughput_tok_s=tokens / makespan,
         makespan_s=makespan, tokens=tokens,
         paged_bytes=server.paged_out_bytes + server.paged_in_bytes + server.migrated_bytes,
         paging_s=server.paging_s, stall_s=sum(r.stall_s for r in everyone),
