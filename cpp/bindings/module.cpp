@@ -109,6 +109,8 @@ py::dict store_stats_dict(const aqua::store_stats& s) {
   d["reclaim_max_s"] = s.reclaim_max_s;
   d["reclaim_total_s"] = s.reclaim_total_s;
   d["reclaim_last_bytes_moved"] = s.reclaim_last_bytes_moved;
+  d["batched_submissions"] = s.batched_submissions;
+  d["batch_fallbacks"] = s.batch_fallbacks;
   d["live_handles"] = s.live_handles;
   d["events_created"] = s.events_created;
   return d;
@@ -143,10 +145,13 @@ py::dict backend_info(const std::string& name) {
   return d;
 }
 
-aqua::direction parse_direction(const std::string& d) {
-  if (d == "to_tier") return aqua::direction::to_tier;
-  if (d == "from_tier") return aqua::direction::from_tier;
-  throw aqua::invalid_argument_error("direction must be 'to_tier' or 'from_tier', got '" + d + "'");
+aqua::lane parse_lane(const std::string& l) {
+  if (l == "to_tier") return aqua::lane::to_tier;
+  if (l == "prefetch") return aqua::lane::prefetch;
+  if (l == "demand") return aqua::lane::demand;
+  if (l == "migrate") return aqua::lane::migrate;
+  AQUA_FAIL(invalid_argument_error,
+            "lane must be 'to_tier', 'prefetch', 'demand' or 'migrate', got '" + l + "'");
 }
 
 void* as_ptr(std::uintptr_t p) { return reinterpret_cast<void*>(p); }
@@ -174,6 +179,15 @@ PYBIND11_MODULE(_core, m) {
         "Devices and peer-access matrix of a backend ('cuda' or 'emulation').");
   m.def("format_bytes", &aqua::format_bytes, py::arg("nbytes"));
   m.attr("block_alignment") = aqua::block_alignment;
+  m.attr("default_chunk_bytes") = aqua::default_chunk_bytes;
+  m.def(
+      "memory_info",
+      [](const std::string& backend, int device) {
+        py::gil_scoped_release release;
+        return aqua::make_backend(backend)->memory_info(device);
+      },
+      py::arg("backend"), py::arg("device"),
+      "(free, total) bytes of a device's memory now (cudaMemGetInfo; the host's on emulation).");
 
   m.def("eviction_policies", &aqua::eviction_policy_names, "Names of the eviction policies.");
   m.def(
@@ -181,6 +195,14 @@ PYBIND11_MODULE(_core, m) {
       [](int count) { aqua::make_backend("emulation")->inject_copy_faults(count); },
       py::arg("count"),
       "Emulation backend: make the next `count` copy submissions fail (tests of failure paths).");
+  m.def(
+      "set_device_memory",
+      [](int device, std::size_t bytes) {
+        aqua::make_backend("emulation")->set_device_memory(device, bytes);
+      },
+      py::arg("device"), py::arg("nbytes"),
+      "Emulation backend: pretend a device has `nbytes` of memory (0: the host's), for tests of "
+      "peer budgets and allocation failures.");
 
   py::class_<aqua::pool>(m, "Pool", "Best-fit suballocator over offsets (fake memory), for tests.")
       .def(py::init<std::size_t>(), py::arg("capacity") = 0)
@@ -193,7 +215,12 @@ PYBIND11_MODULE(_core, m) {
             return std::make_pair(off, fences);
           },
           py::arg("nbytes"), "Like allocate, also returning the fence tokens the block inherits.")
-      .def("release", &aqua::pool::release, py::arg("offset"), py::arg("fence") = 0)
+      .def(
+          "release",
+          [](aqua::pool& p, std::size_t offset, std::uint64_t fence) {
+            p.release(offset, fence ? std::vector<std::uint64_t>{fence} : std::vector<std::uint64_t>{});
+          },
+          py::arg("offset"), py::arg("fence") = 0)
       .def("clear_fence", &aqua::pool::clear_fence, py::arg("fence"))
       .def("block_size", &aqua::pool::block_size, py::arg("offset"))
       .def("add_segment", &aqua::pool::add_segment, py::arg("nbytes"))
@@ -221,35 +248,23 @@ PYBIND11_MODULE(_core, m) {
              return std::make_shared<store>(aqua::make_backend(backend), std::move(cfg));
            }),
            py::arg("backend"), py::arg("device"), py::arg("peers"), py::arg("host_bytes"),
-           py::arg("chunk_bytes") = std::size_t{32} << 20, py::arg("policy") = "lru",
+           py::arg("chunk_bytes") = aqua::default_chunk_bytes, py::arg("policy") = "lru",
            release_gil())
       .def(
-          "offload",
-          [](store& s, std::uintptr_t src, std::size_t n, std::uintptr_t stream, bool fence,
-             double priority, std::uint64_t base) {
-            std::size_t tier = 0;
-            const auto id = s.offload(as_ptr(src), n, stream, fence, priority, base, &tier);
-            return std::make_pair(id, tier);
-          },
-          py::arg("src"), py::arg("nbytes"), py::arg("stream"), py::arg("fence_user"),
-          py::arg("priority") = 0.0, py::arg("base") = 0, release_gil())
-      .def(
           "offload_many",
-          [](store& s, const std::vector<std::tuple<std::uintptr_t, std::size_t, double>>& items,
+          [](store& s,
+             const std::vector<std::tuple<std::uintptr_t, std::size_t, double, std::uint64_t>>& items,
              std::uintptr_t stream, bool fence) {
             std::vector<aqua::offload_item> v;
             v.reserve(items.size());
-            for (const auto& [src, n, prio] : items) v.push_back({as_ptr(src), n, prio});
-            return s.offload_many(v, stream, fence);
+            for (const auto& [src, n, prio, base] : items) v.push_back({as_ptr(src), n, prio, base});
+            std::vector<std::pair<std::uint64_t, std::size_t>> out;
+            out.reserve(v.size());
+            for (const auto& r : s.offload_many(v, stream, fence)) out.emplace_back(r.id, r.tier);
+            return out;
           },
-          py::arg("items"), py::arg("stream"), py::arg("fence_user"), release_gil())
-      .def(
-          "fetch",
-          [](store& s, std::uint64_t id, std::uintptr_t dst, std::uintptr_t stream, bool keep) {
-            s.fetch(id, as_ptr(dst), stream, keep);
-          },
-          py::arg("handle"), py::arg("dst"), py::arg("stream"), py::arg("keep") = false,
-          release_gil())
+          py::arg("items"), py::arg("stream"), py::arg("fence_user"), release_gil(),
+          "Items are (src, nbytes, priority, base handle or 0); returns (handle, tier) each.")
       .def(
           "fetch_many",
           [](store& s, const std::vector<std::uint64_t>& ids, const std::vector<std::uintptr_t>& dsts,
@@ -262,11 +277,17 @@ PYBIND11_MODULE(_core, m) {
           py::arg("handles"), py::arg("dsts"), py::arg("stream"), py::arg("keep") = false,
           release_gil())
       .def(
-          "prefetch",
-          [](store& s, std::uint64_t id, std::uintptr_t dst, std::uintptr_t stream) {
-            return s.prefetch(id, as_ptr(dst), stream);
+          "prefetch_many",
+          [](store& s, const std::vector<std::uint64_t>& ids, const std::vector<std::uintptr_t>& dsts,
+             std::uintptr_t stream) {
+            std::vector<void*> d;
+            d.reserve(dsts.size());
+            for (auto p : dsts) d.push_back(as_ptr(p));
+            return s.prefetch_many(ids, d, stream);
           },
-          py::arg("handle"), py::arg("dst"), py::arg("stream"), release_gil())
+          py::arg("handles"), py::arg("dsts"), py::arg("stream"), release_gil())
+      .def("fence_source", &store::fence_source, py::arg("handle"), py::arg("stream"),
+           release_gil())
       .def("lend", &store::lend, py::arg("device"), py::arg("nbytes"), release_gil())
       .def("reclaim", &store::reclaim, py::arg("device"), py::arg("nbytes") = py::none(),
            release_gil())
@@ -302,10 +323,10 @@ PYBIND11_MODULE(_core, m) {
       .def("tier_location", &store::tier_location, py::arg("tier"))
       .def(
           "copy_stream",
-          [](const store& s, std::size_t tier, const std::string& d) {
-            return static_cast<std::uintptr_t>(s.copy_stream(tier, parse_direction(d)));
+          [](const store& s, std::size_t tier, const std::string& l) {
+            return static_cast<std::uintptr_t>(s.copy_stream(tier, parse_lane(l)));
           },
-          py::arg("tier"), py::arg("direction"))
+          py::arg("tier"), py::arg("lane"))
       .def(
           "raw_copy",
           [](store& s, std::uintptr_t dst, std::uintptr_t src, std::size_t n, std::uintptr_t stream) {

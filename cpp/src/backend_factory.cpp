@@ -14,7 +14,11 @@
 namespace aqua {
 
 void backend::inject_copy_faults(int) {
-  throw invalid_argument_error("fault injection is supported by the emulation backend only");
+  AQUA_FAIL(invalid_argument_error, "fault injection is supported by the emulation backend only");
+}
+
+void backend::set_device_memory(int, std::size_t) {
+  AQUA_FAIL(invalid_argument_error, "set_device_memory is supported by the emulation backend only");
 }
 
 bool cuda_compiled() noexcept {

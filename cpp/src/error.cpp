@@ -5,7 +5,11 @@
 namespace aqua {
 
 std::string with_location(const std::string& what, const char* file, int line) {
-  return what + " (" + file + ":" + std::to_string(line) + ")";
+  // __FILE__ is whatever path the build gave the compiler: keep it short and stable.
+  std::string path = file;
+  const auto cpp = path.rfind("/cpp/");
+  if (cpp != std::string::npos) path = path.substr(cpp + 1);
+  return what + " (" + path + ":" + std::to_string(line) + ")";
 }
 
 std::string format_bytes(std::size_t bytes) {

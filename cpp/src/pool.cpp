@@ -88,12 +88,21 @@ std::vector<std::pair<std::size_t, std::size_t>> pool::blocks_in(std::size_t bas
   return out;
 }
 
+template <class F>
+void pool::for_fences(std::size_t offset, std::size_t size, F&& f) const {
+  if (fences_.empty()) return;
+  const std::size_t reach = *fence_sizes_.rbegin();  // no range starting before this overlaps
+  auto it = fences_.lower_bound(offset >= reach ? offset - reach + 1 : 0);
+  for (; it != fences_.end() && it->first < offset + size; ++it)
+    if (it->first + it->second.size > offset) f(it->second);
+}
+
 bool pool::fenced(std::size_t base) const {
   auto it = segments_.find(base);
   if (it == segments_.end()) return false;
-  const std::size_t end = base + it->second.size;
-  return std::any_of(fences_.begin(), fences_.end(),
-                     [&](const fence_range& f) { return f.offset < end && f.offset + f.size > base; });
+  bool any = false;
+  for_fences(base, it->second.size, [&](const fence_range&) { any = true; });
+  return any;
 }
 
 void pool::insert_free(std::size_t offset, std::size_t size) {
@@ -120,13 +129,11 @@ std::optional<std::size_t> pool::allocate(std::size_t bytes, std::vector<std::ui
   live_.emplace(offset, size);
   used_ += size;
   if (used_ > peak_) peak_ = used_;
-  if (fences)
-    for (const auto& f : fences_)
-      if (f.offset < offset + size && f.offset + f.size > offset) fences->push_back(f.token);
+  if (fences) for_fences(offset, size, [&](const fence_range& f) { fences->push_back(f.token); });
   return offset;
 }
 
-void pool::release(std::size_t offset, std::uint64_t fence) {
+void pool::release(std::size_t offset, const std::vector<std::uint64_t>& fences) {
   auto it = live_.find(offset);
   AQUA_EXPECTS(it != live_.end(), invalid_argument_error,
                "pool: offset " + std::to_string(offset) + " is not a live block");
@@ -134,7 +141,12 @@ void pool::release(std::size_t offset, std::uint64_t fence) {
   std::size_t size = it->second;
   live_.erase(it);
   used_ -= size;
-  if (fence != 0) fences_.push_back({offset, size, fence});
+  for (std::uint64_t token : fences) {
+    if (token == 0) continue;
+    fences_by_token_[token].push_back(fences_.emplace(offset, fence_range{size, token}));
+    fence_sizes_.insert(size);
+    fenced_bytes_ += size;
+  }
 
   auto next = free_by_offset_.lower_bound(offset);
   if (next != free_by_offset_.end() && next->first == start + size) {
@@ -154,9 +166,14 @@ void pool::release(std::size_t offset, std::uint64_t fence) {
 }
 
 void pool::clear_fence(std::uint64_t fence) {
-  fences_.erase(std::remove_if(fences_.begin(), fences_.end(),
-                               [&](const fence_range& f) { return f.token == fence; }),
-                fences_.end());
+  auto found = fences_by_token_.find(fence);
+  if (found == fences_by_token_.end()) return;
+  for (auto it : found->second) {
+    fence_sizes_.erase(fence_sizes_.find(it->second.size));
+    fenced_bytes_ -= it->second.size;
+    fences_.erase(it);
+  }
+  fences_by_token_.erase(found);
 }
 
 std::size_t pool::block_size(std::size_t offset) const {
@@ -174,7 +191,7 @@ pool_stats pool::stats() const {
   s.blocks = live_.size();
   s.free_ranges = free_by_offset_.size();
   s.segments = segments_.size();
-  for (const auto& f : fences_) s.fenced += f.size;
+  s.fenced = fenced_bytes_;
   s.fragmentation =
       s.free == 0 ? 0.0 : 1.0 - static_cast<double>(s.largest_free) / static_cast<double>(s.free);
   return s;

@@ -1,42 +1,61 @@
 // Note [Stream ordering]
-// Every copy is fenced by events on both sides; nothing on the fast path waits on the host.
+// Every copy is fenced by events on both sides (copy_engine.hpp, Note [Submission]); nothing
+// on the fast path waits on the host.
 //
-//  offload(src, user):   e0 := record(user)           -- after the work that produced src
-//                        to_tier waits e0 and the block's fences (Note [Ordered reuse], pool.hpp)
-//                        copy src -> block on to_tier; done := record(to_tier)
-//                        [fence_user] user waits done -- later writes to src cannot race the copy
-//  fetch(id, dst, user): e2 := record(user)           -- after the caller allocated dst on user
-//                        from_tier waits e2 and done  -- the offload copy may still be running
-//                        copy block -> dst on from_tier; e3 := record(from_tier)
-//                        user waits e3                -- later kernels see the bytes
-//  prefetch:             the same copy, but user does not wait; fetch later makes user wait e3.
-//  migrate (store_tiers.cpp): migrate stream waits `touched` and the new block's fences;
-//                        copy; m := record; the handle's done and touched become m.
+//  offload(src, user):   the to_tier lane waits for the work enqueued on `user` (which produced
+//                        src) and for the new block's fences (Note [Ordered reuse], pool.hpp);
+//                        copy src -> block; done := the copy's event.
+//                        [fence_user] user waits done -- later writes to src cannot race it.
+//                        Otherwise the caller orders itself with fence_source() before it
+//                        writes src again (a deferred snapshot), or never writes it (release).
+//  fetch(id, dst, user): the demand lane waits for `user` (which allocated dst) and for done
+//                        (the offload or migration may still run); copy block -> dst; user
+//                        waits for the copy -- later kernels see the bytes.
+//  prefetch:             the same on the prefetch lane, but user does not wait; fetch later
+//                        makes user wait for the prefetch's event.
+//  migrate (store_migration.cpp): the migrate lane waits for every touch of the old block and
+//                        for the new block's fences; copy; done := the move's event.
 //  Releasing the *source* of an offload (release=True) is the caller's side: the Python layer
 //  keeps the storage alive until `done` (record_stream on CUDA, a holder on emulation).
 //
 // Note [Block release]
-// Each entry keeps `touched`: an event ordered after every copy that touched its block. An
-// offload sets it to its copy's event; a read (fetch with keep, prefetch) to the read's event,
-// which comes after it because reads wait on `done` and reads of one tier share its from_tier
-// stream; a migration to its event (the move waited on `touched`); an in-place append to the
-// append's event (which waited on `touched`). The block is released with `touched` (or with the
-// consuming fetch's own copy) as its fence: the next owner of those bytes orders its copy after
-// it, and reap() drops fences whose event completed.
+// A block is touched by one write at a time (`done`: the offload, an append, or the migration
+// that filled it) and by reads on two lanes (`read`: the latest prefetch and the latest
+// fetch-with-keep; a lane runs in order, so its latest read comes after its earlier ones).
+// Every later write waits for all touches (an append, a migration), and the block is released
+// fenced by all of them (plus the consuming fetch's own copy): the next owner of those bytes
+// orders its copy after them, and reap() drops fences whose event completed.
 //
 // Note [Locking]
-// mutex_ guards the handle table, the tiers' pools and segments, event refcounts, fences and
+// mutex_ guards the handle table, the tiers (pools, segments, eviction order, fences) and the
 // counters. No backend call (CUDA runtime or emulation worker) is ever made while holding it:
-// an operation takes what it needs, marks the entry as owned (state submitting or fetching, or
-// busy for a migration or prefetch), drops the lock, talks to the backend, and re-takes the
-// lock to publish. Others wait on `changed_` for an owned entry, or refuse it (a second fetch).
-// Events are reference counted (event_refs_): an entry, a fence or a batch may share one, and
-// it returns to the event pool at zero. event_pool has its own lock and calls the backend
-// outside it.
+// an operation takes what it needs, marks the entries as owned (state submitting or fetching,
+// or busy for a migration, prefetch or incremental offload), drops the lock, submits through
+// the copy engine, and re-takes the lock to publish. Others wait on `changed_` for an owned
+// entry, or refuse it (a second fetch). Event references are RAII (event_pool.hpp); the event
+// pool's own lock is a leaf.
+//
+// Note [Close]
+// close() refuses new calls first (closed_, checked with the call count under mutex_), waits
+// until every call in progress has returned, drains every lane, and only then frees every pool
+// segment (device, peer, pinned host), stream and event. So when close() returns, the memory
+// is back with the driver (a lender may reuse it), and no copy can touch it any more. Handles
+// still referenced from Python stay objects; every call on them is refused as closed.
+//
+// Note [Fork]
+// A child forked from a process with a store has a copy of its memory but none of its threads
+// (emulated streams) and no usable CUDA context. Every call there is refused with a typed
+// error, and close()/the destructor only mark the copy closed: joining workers that do not
+// exist would hang, and freeing the parent's memory in the child frees nothing real. The
+// child can make stores of its own.
 #include "aqua/store.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <limits>
 #include <string>
+#include <unordered_set>
 #include <utility>
 
 #include "aqua/error.hpp"
@@ -44,10 +63,34 @@
 namespace aqua {
 
 namespace {
-constexpr std::size_t no_offset = static_cast<std::size_t>(-1);
+constexpr std::size_t no_offset = std::numeric_limits<std::size_t>::max();
 constexpr std::size_t prealloc_events = 64;
-
+constexpr std::size_t prefetch_read = 0, demand_read = 1;  // entry::read slots
 }  // namespace
+
+/// `what` with the device, the bytes asked and the device's free memory, for setup failures.
+std::byte* allocate_named(backend& b, int device, std::size_t bytes, const std::string& what) {
+  auto detail = [&](const char* cause) {
+    std::string msg = what + ": cannot allocate " + format_bytes(bytes) + " on " +
+                      (device < 0 ? std::string("pinned host memory") : b.device_label(device));
+    if (device >= 0) {
+      try {
+        const auto [free, total] = b.memory_info(device);
+        msg += " (" + format_bytes(free) + " free of " + format_bytes(total) + ")";
+      } catch (...) {
+      }
+    }
+    return msg + ": " + cause;
+  };
+  try {
+    return static_cast<std::byte*>(device < 0 ? b.allocate_pinned_host(bytes)
+                                              : b.allocate_device(device, bytes));
+  } catch (const out_of_memory_error& x) {
+    throw out_of_memory_error(detail(x.what()), bytes);
+  } catch (const backend_error& x) {
+    throw backend_error(detail(x.what()), x.error_name());
+  }
+}
 
 const char* to_string(handle_state s) noexcept {
   switch (s) {
@@ -62,9 +105,12 @@ const char* to_string(handle_state s) noexcept {
 }
 
 store::store(std::shared_ptr<backend> b, store_config cfg)
-    : backend_(std::move(b)), config_(std::move(cfg)) {
+    : backend_(std::move(b)),
+      config_(std::move(cfg)),
+      policy_(make_eviction_policy(config_.policy)),
+      tiers_(*policy_),
+      owner_pid_(static_cast<long>(::getpid())) {
   AQUA_EXPECTS(backend_ != nullptr, invalid_argument_error, "store: no backend");
-  policy_ = make_eviction_policy(config_.policy);
   const int n = backend_->device_count();
   if (n == 0 && !backend_->status().empty())
     throw backend_error("the " + backend_->name() + " backend has no device: " +
@@ -97,72 +143,97 @@ store::store(std::shared_ptr<backend> b, store_config cfg)
                "no tier to offload to: give at least one peer or a host tier");
 
   // Everything below is allocated once, here (and in lend): the hot path allocates nothing.
-  tiers_.reserve(config_.peers.size() + 1);
   try {
     device_guard guard(*backend_, config_.device);
     for (const auto& p : config_.peers) {
       if (p.device != config_.device) backend_->enable_peer_access(config_.device, p.device);
-      tiers_.push_back(tier{"peer", backend_->device_label(p.device), p.device, pool(), {}, {}});
-      if (p.bytes > 0) {
-        auto* mem = static_cast<std::byte*>(backend_->allocate_device(p.device, p.bytes));
-        const std::size_t base = tiers_.back().blocks.add_segment(p.bytes);
-        tiers_.back().segments.emplace(base, segment_memory{mem, p.bytes, false});
-      }
+      const std::size_t t = tiers_.add_tier("peer", backend_->device_label(p.device), p.device);
+      if (p.bytes > 0)
+        tiers_.add_segment(t, allocate_named(*backend_, p.device, p.bytes, "peer tier"), p.bytes,
+                           false);
     }
     if (config_.host_bytes > 0) {
-      tiers_.push_back(tier{"host", "cpu", -1, pool(), {}, {}});
-      auto* mem = static_cast<std::byte*>(backend_->allocate_pinned_host(config_.host_bytes));
-      const std::size_t base = tiers_.back().blocks.add_segment(config_.host_bytes);
-      tiers_.back().segments.emplace(base, segment_memory{mem, config_.host_bytes, false});
+      const std::size_t t = tiers_.add_tier("host", "cpu", -1);
+      tiers_.add_segment(t, allocate_named(*backend_, -1, config_.host_bytes, "host tier"),
+                         config_.host_bytes, false);
     }
-    for (auto& t : tiers_) {
-      t.to_tier = backend_->create_stream(config_.device);
-      t.from_tier = backend_->create_stream(config_.device);
-      t.migrate = backend_->create_stream(config_.device);
+    tier_count_ = tiers_.size();
+    for (std::size_t t = 0; t < tier_count_; ++t) {
+      kinds_.push_back(tiers_.kind(t));
+      locations_.push_back(tiers_.location(t));
     }
     events_ = std::make_unique<event_pool>(backend_, config_.device, prealloc_events);
+    engine_ = std::make_unique<copy_engine>(backend_, config_.device, tier_count_,
+                                            config_.chunk_bytes, *events_);
   } catch (...) {
     release_resources();
     throw;
   }
 }
 
-store::~store() {
-  close();
-  release_resources();
-}
+store::~store() { close(); }
 
 void store::release_resources() noexcept {
-  // Called only once no copy can be running (after close(), or from a failed constructor).
-  // Streams go first: an emulated stream drains its queue, whose tasks may name events.
-  for (auto& t : tiers_) {
-    for (stream_t* s : {&t.to_tier, &t.from_tier, &t.migrate}) {
-      if (*s) backend_->destroy_stream(*s);
-      *s = 0;
-    }
+  // Only once no call is in progress (close(), or a failed constructor). The engine goes
+  // first: it drains its lanes, whose queued work may name events and blocks.
+  if (engine_) {
+    const copy_engine_stats c = engine_->stats();
+    std::lock_guard<std::mutex> lock(mutex_);
+    counters_.batched_submissions = c.batched_submissions;
+    counters_.batch_fallbacks = c.batch_fallbacks;
   }
+  engine_.reset();
+  std::vector<segment_memory> memory;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (events_)
-      for (auto& kv : event_refs_) events_->release(kv.first);
-    event_refs_.clear();
-    fences_.clear();
-    entries_.clear();
+    entries_.clear();  // drops their event references before the pool goes
+    memory = tiers_.take_all();
+    if (events_) counters_.events_created = events_->created();
   }
-  events_.reset();
-  for (auto& t : tiers_) {
-    for (auto& kv : t.segments) {
-      if (t.device < 0)
-        backend_->free_pinned_host(kv.second.ptr, kv.second.bytes);
+  try {
+    device_guard guard(*backend_, config_.device);
+    events_.reset();
+    for (const auto& m : memory) {
+      if (m.device < 0)
+        backend_->free_pinned_host(m.ptr, m.bytes);
       else
-        backend_->free_device(t.device, kv.second.ptr);
+        backend_->free_device(m.device, m.ptr);
     }
-    t.segments.clear();
+  } catch (...) {  // the runtime is unloading (exit): the driver reclaims everything anyway
   }
 }
 
-void store::require_open() const {
+void store::begin_call() {
+  if (static_cast<long>(::getpid()) != owner_pid_)
+    AQUA_FAIL(error, "this offload manager belongs to process " + std::to_string(owner_pid_) +
+                         "; a forked child cannot use it (make a new one in the child)");
+  std::lock_guard<std::mutex> lock(mutex_);
   if (closed_.load()) throw error("the offload manager is closed");
+  ++active_calls_;
+}
+
+void store::end_call() noexcept {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (--active_calls_ == 0) changed_.notify_all();
+}
+
+void store::close() noexcept {
+  if (static_cast<long>(::getpid()) != owner_pid_) {  // Note [Fork]: the parent's, not ours
+    closed_.store(true);
+    return;
+  }
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (closed_.exchange(true)) {
+      changed_.wait(lock, [&] { return released_; });  // a concurrent close finishes first
+      return;
+    }
+    changed_.wait(lock, [&] { return active_calls_ == 0; });
+  }
+  release_resources();
+  std::lock_guard<std::mutex> lock(mutex_);
+  released_ = true;
+  changed_.notify_all();
 }
 
 store::entry& store::find_locked(std::uint64_t id, const char* op) {
@@ -175,193 +246,80 @@ store::entry& store::find_locked(std::uint64_t id, const char* op) {
 
 store::entry& store::claim_locked(std::unique_lock<std::mutex>& lock, std::uint64_t id,
                                   const char* op) {
-  for (;;) {
-    entry& e = find_locked(id, op);
-    if (e.busy || e.state == handle_state::submitting) {  // owned for a moment by another thread
+  claim_all_locked(lock, {id}, op);
+  return entries_.at(id);
+}
+
+void store::claim_all_locked(std::unique_lock<std::mutex>& lock,
+                             const std::vector<std::uint64_t>& ids, const char* op) {
+  for (;;) {  // all or none: a wait for one owned entry re-checks them all afterwards
+    bool owned = false;
+    for (std::uint64_t id : ids) {
+      const entry& e = find_locked(id, op);
+      owned = owned || e.busy || e.state == handle_state::submitting;
+    }
+    if (owned) {
       changed_.wait(lock);
       continue;
     }
-    if (e.state != handle_state::in_flight && e.state != handle_state::offloaded)
-      throw invalid_handle_error(std::string(op) + ": handle " + std::to_string(id) + " is " +
-                                 to_string(e.state) + " in another call");
-    return e;
-  }
-}
-
-void store::ref_locked(event_t e) {
-  if (e) ++event_refs_[e];
-}
-
-void store::unref_locked(event_t e) {
-  if (!e) return;
-  auto it = event_refs_.find(e);
-  if (it == event_refs_.end()) return;
-  if (--it->second == 0) {
-    event_refs_.erase(it);
-    events_->release(e);
-  }
-}
-
-void store::release_block_locked(std::size_t t, std::size_t offset, event_t fence) {
-  tier& tr = tiers_[t];
-  tr.owner.erase(offset);
-  if (!fence) {
-    tr.blocks.release(offset);
+    for (std::uint64_t id : ids) {
+      const entry& e = entries_.at(id);
+      if (e.state != handle_state::in_flight && e.state != handle_state::offloaded)
+        throw invalid_handle_error(std::string(op) + ": handle " + std::to_string(id) + " is " +
+                                   to_string(e.state) + " in another call");
+    }
     return;
   }
-  const std::uint64_t token = next_token_++;
-  ref_locked(fence);
-  fences_.emplace(token, fence);
-  tr.blocks.release(offset, token);
 }
 
-void store::retire_entry_locked(std::uint64_t id, entry& e, event_t fence) {
-  if (e.offset != no_offset) release_block_locked(e.tier, e.offset, fence);
-  unref_locked(e.done);
-  unref_locked(e.touched);
-  unref_locked(e.prefetched);
-  --tiers_[e.tier].handles;
+victim_info store::victim_of(std::uint64_t id, const entry& e) const {
+  return victim_info{id, e.nbytes, e.priority, e.inserted, e.last_use};
+}
+
+void store::list_locked(std::uint64_t id, entry& e) {
+  const bool candidate = (e.state == handle_state::in_flight || e.state == handle_state::offloaded) &&
+                         e.offset != no_offset && !e.busy && !e.prefetched;
+  if (candidate && !e.listed) tiers_.list(e.tier, victim_of(id, e));
+  e.listed = e.listed || candidate;
+}
+
+void store::unlist_locked(std::uint64_t id, entry& e) {
+  if (e.listed) tiers_.unlist(e.tier, victim_of(id, e));
+  e.listed = false;
+}
+
+std::vector<event_ref> store::touches(const entry& e) const {
+  return {e.done, e.read[prefetch_read], e.read[demand_read]};
+}
+
+void store::retire_locked(std::uint64_t id, entry& e, std::vector<event_ref> fences) {
+  unlist_locked(id, e);
+  if (e.offset != no_offset) tiers_.release(e.tier, e.offset, fences);
+  tiers_.count_handle(e.tier, -1);
   entries_.erase(id);
   changed_.notify_all();
 }
 
-void store::enqueue_copy(void* dst, const void* src, std::size_t bytes, stream_t s) {
-  auto* d = static_cast<std::byte*>(dst);
-  const auto* p = static_cast<const std::byte*>(src);
-  for (std::size_t done = 0; done < bytes; done += config_.chunk_bytes)
-    backend_->copy_async(d + done, p + done, std::min(config_.chunk_bytes, bytes - done), s);
-}
-
 void store::reap() {
-  std::vector<std::pair<std::uint64_t, event_t>> parked;
+  std::vector<std::pair<std::uint64_t, event_ref>> parked;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (fences_.empty()) return;
-    parked.assign(fences_.begin(), fences_.end());
-    for (auto& kv : parked) ref_locked(kv.second);  // keep them from being recycled meanwhile
+    parked = tiers_.fences();  // one per copy in flight (Note [Fence tokens])
   }
-  std::vector<bool> completed(parked.size());
-  for (std::size_t i = 0; i < parked.size(); ++i) completed[i] = backend_->query(parked[i].second);
-  std::lock_guard<std::mutex> lock(mutex_);
-  for (std::size_t i = 0; i < parked.size(); ++i) {
-    if (completed[i] && fences_.erase(parked[i].first)) {  // another reaper may have been first
-      for (auto& t : tiers_) t.blocks.clear_fence(parked[i].first);
-      unref_locked(parked[i].second);
-    }
-    unref_locked(parked[i].second);
-  }
-}
-
-std::uint64_t store::offload(const void* src, std::size_t nbytes, stream_t user, bool fence_user,
-                             double priority, std::uint64_t base, std::size_t* copy_tier) {
-  std::size_t ignored = 0;
-  if (!copy_tier) copy_tier = &ignored;
-  require_open();
-  AQUA_EXPECTS(nbytes == 0 || src != nullptr, invalid_argument_error, "offload: null source pointer");
-  std::uint64_t id = 0;
-  std::size_t alloc = nbytes;
-  entry based{};
+  if (parked.empty()) return;
+  std::vector<char> completed(parked.size());
   {
-    std::unique_lock<std::mutex> lock(mutex_);
-    if (base != 0) {  // Note [Incremental offload] in store_tiers.cpp
-      entry& b = claim_locked(lock, base, "offload(base=)");
-      AQUA_EXPECTS(b.nbytes <= nbytes, invalid_argument_error,
-                   "offload(base=): the base handle holds " + format_bytes(b.nbytes) +
-                       ", more than the " + format_bytes(nbytes) + " offloaded now");
-      b.busy = true;  // ours until this call ends
-      based = b;
-    }
-    id = next_id_++;
-    entries_.emplace(id, entry{handle_state::submitting, 0, no_offset, nullptr, nbytes, 0, 0,
-                               priority, clock_, clock_});
-    ++clock_;
-  }
-  if (base != 0) {
-    *copy_tier = offload_incremental(id, base, based, src, nbytes, user, fence_user);
-    return id;
-  }
-  if (nbytes == 0) {  // nothing to copy: a handle with no block, already complete
-    std::lock_guard<std::mutex> lock(mutex_);
-    entry& e = entries_.at(id);
-    e.state = handle_state::offloaded;
-    ++tiers_[0].handles;
-    ++counters_.offloads;
-    changed_.notify_all();
-    *copy_tier = 0;
-    return id;
-  }
-  reap();
-  *copy_tier = submit_offload(id, src, nbytes, alloc, user, fence_user);
-  return id;
-}
-
-std::size_t store::submit_offload(std::uint64_t id, const void* src, std::size_t nbytes,
-                                  std::size_t alloc, stream_t user, bool fence_user) {
-  std::optional<placement> got;
-  event_t ready_src = 0, done = 0;
-  try {
-    ready_src = events_->acquire();  // first: a failure here leaves nothing placed
-    done = events_->acquire();
-    try {
-      got = place(alloc, 0, id);
-    } catch (const out_of_memory_error&) {
-      if (alloc == nbytes) throw;
-      got = place(nbytes, 0, id);  // no room for headroom: the exact size then
-    }
-  } catch (...) {
-    if (ready_src) events_->release(ready_src);
-    if (done) events_->release(done);
-    std::lock_guard<std::mutex> lock(mutex_);
-    entries_.erase(id);
-    changed_.notify_all();
-    throw;
-  }
-  const placement& p = *got;
-  tier& tr = tiers_[p.tier];  // streams are immutable; the pool is only touched under the lock
-  bool recorded = false;
-  try {
     device_guard guard(*backend_, config_.device);
-    backend_->record(ready_src, user);
-    backend_->stream_wait(tr.to_tier, ready_src);
-    for (event_t f : p.fences) backend_->stream_wait(tr.to_tier, f);
-    enqueue_copy(p.ptr, src, nbytes, tr.to_tier);
-    backend_->record(done, tr.to_tier);
-    recorded = true;
-    if (fence_user) backend_->stream_wait(user, done);
-  } catch (...) {
-    // Part of the copy may be enqueued: fence the block behind an event recorded after it.
-    if (!recorded) {
-      try {
-        backend_->record(done, tr.to_tier);
-        recorded = true;
-      } catch (...) {  // the stream is unusable; nothing more will run on it
-      }
-    }
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (event_t f : p.fences) unref_locked(f);
-    release_block_locked(p.tier, p.offset, recorded ? done : 0);
-    if (!recorded) events_->release(done);
-    events_->release(ready_src);
-    entries_.erase(id);
-    changed_.notify_all();
-    throw;
+    for (std::size_t i = 0; i < parked.size(); ++i)
+      completed[i] = backend_->query(parked[i].second.get());
   }
-  events_->release(ready_src);  // the wait on it is already captured
   std::lock_guard<std::mutex> lock(mutex_);
-  for (event_t f : p.fences) unref_locked(f);
-  entry& e = entries_.at(id);
-  e.state = handle_state::in_flight;
-  e.tier = p.tier;
-  e.offset = p.offset;
-  e.ptr = p.ptr;
-  e.done = e.touched = done;
-  ref_locked(done);
-  ref_locked(done);  // once as done, once as touched
-  ++tr.handles;
-  ++counters_.offloads;
-  counters_.bytes_offloaded += nbytes;
-  changed_.notify_all();
-  return p.tier;
+  for (std::size_t i = 0; i < parked.size(); ++i)
+    if (completed[i]) tiers_.clear_fence(parked[i].first);
+}
+
+offload_result store::offload(const offload_item& item, stream_t user, bool fence_user) {
+  return offload_many({item}, user, fence_user).front();
 }
 
 void store::fetch(std::uint64_t id, void* dst, stream_t user, bool keep) {
@@ -369,90 +327,204 @@ void store::fetch(std::uint64_t id, void* dst, stream_t user, bool keep) {
 }
 
 std::size_t store::prefetch(std::uint64_t id, void* dst, stream_t user) {
-  require_open();
-  std::size_t t = 0;
-  std::byte* src = nullptr;
-  std::size_t nbytes = 0;
-  event_t done = 0;
-  const event_t dst_ready = events_->acquire();  // before claiming: a failure changes nothing
-  event_t landed = 0;
-  try {
-    landed = events_->acquire();
-    std::unique_lock<std::mutex> lock(mutex_);
-    entry& e = claim_locked(lock, id, "prefetch");
-    if (e.prefetched || e.nbytes == 0) {  // already on its way, or nothing to move
-      events_->release(dst_ready);
-      events_->release(landed);
-      return e.tier;
-    }
-    AQUA_EXPECTS(dst != nullptr, invalid_argument_error, "prefetch: null destination pointer");
-    e.busy = true;
-    t = e.tier;
-    src = e.ptr;
-    nbytes = e.nbytes;
-    done = e.done;
-  } catch (...) {
-    events_->release(dst_ready);
-    if (landed) events_->release(landed);
-    throw;
+  return prefetch_many({id}, {dst}, user).front();
+}
+
+void store::fetch_many(const std::vector<std::uint64_t>& ids, const std::vector<void*>& dsts,
+                       stream_t user, bool keep) {
+  call_scope call(*this);
+  AQUA_EXPECTS(ids.size() == dsts.size(), invalid_argument_error,
+               "fetch_many: as many destinations as handles are needed");
+  {
+    std::unordered_set<std::uint64_t> seen(ids.size() * 2);
+    for (std::uint64_t id : ids)
+      AQUA_EXPECTS(seen.insert(id).second, invalid_argument_error,
+                   "fetch_many: handle " + std::to_string(id) + " is listed twice");
   }
-  const stream_t stream = tiers_[t].from_tier;
-  try {
-    device_guard guard(*backend_, config_.device);
-    backend_->record(dst_ready, user);
-    backend_->stream_wait(stream, dst_ready);
-    backend_->stream_wait(stream, done);
-    enqueue_copy(dst, src, nbytes, stream);
-    backend_->record(landed, stream);
-  } catch (...) {
-    try {
-      backend_->synchronize_stream(stream);
-    } catch (...) {
+  struct job {
+    std::size_t tier;
+    event_ref prefetched;
+    handle_state was;
+  };
+  std::vector<job> jobs;
+  jobs.reserve(ids.size());
+  submission sub;
+  sub.user = user;
+  sub.fence_user = true;
+  std::vector<std::size_t> group_of(tier_count_, no_offset);
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    claim_all_locked(lock, ids, "fetch");  // every handle is checked before any is claimed
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      const entry& e = entries_.at(ids[i]);
+      AQUA_EXPECTS(e.nbytes == 0 || e.prefetched || dsts[i] != nullptr, invalid_argument_error,
+                   "fetch: null destination pointer");
     }
-    events_->release(dst_ready);
-    events_->release(landed);
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      entry& e = entries_.at(ids[i]);
+      unlist_locked(ids[i], e);
+      jobs.push_back(job{e.tier, e.prefetched, e.state});
+      e.state = handle_state::fetching;
+      if (e.prefetched) {
+        sub.user_waits.push_back(e.prefetched);
+        continue;
+      }
+      if (e.nbytes == 0) continue;
+      if (group_of[e.tier] == no_offset) {
+        group_of[e.tier] = sub.groups.size();
+        sub.groups.push_back(copy_group{e.tier, lane::demand, {}, {}});
+      }
+      copy_group& g = sub.groups[group_of[e.tier]];
+      g.after.push_back(e.done);  // the offload (or migration) that wrote it
+      g.ops.push_back(copy_op{dsts[i], e.ptr, e.nbytes});
+    }
+  }
+  std::vector<event_ref> copied;
+  try {
+    copied = engine_->submit(sub);
+  } catch (...) {
     std::lock_guard<std::mutex> lock(mutex_);
-    entries_.at(id).busy = false;
+    for (std::size_t i = 0; i < ids.size(); ++i) {  // handles stay valid: blocks were only read
+      entry& e = entries_.at(ids[i]);
+      e.state = jobs[i].was;
+      list_locked(ids[i], e);
+    }
     changed_.notify_all();
     throw;
   }
-  events_->release(dst_ready);
   std::lock_guard<std::mutex> lock(mutex_);
-  entry& e = entries_.at(id);
-  e.prefetched = landed;  // the user stream waits on it at fetch
-  ref_locked(landed);
-  unref_locked(e.touched);  // a read: the block's latest touch (Note [Block release])
-  e.touched = landed;
-  ref_locked(landed);
-  e.busy = false;
-  e.last_use = clock_++;
-  ++counters_.prefetches;
-  counters_.bytes_fetched += nbytes;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    entry& e = entries_.at(ids[i]);
+    const job& j = jobs[i];
+    event_ref read;
+    if (!j.prefetched && e.nbytes > 0) read = copied[group_of[j.tier]];
+    ++counters_.fetches;
+    if (!j.prefetched) counters_.bytes_fetched += e.nbytes;
+    if (keep) {  // the block stays a clean copy (Note [Block release])
+      if (read) e.read[demand_read] = read;
+      e.prefetched.reset();
+      e.state = j.was;
+      list_locked(ids[i], e);
+      continue;
+    }
+    std::vector<event_ref> fences = touches(e);
+    fences.push_back(read);
+    retire_locked(ids[i], e, std::move(fences));
+  }
   changed_.notify_all();
-  return t;
+}
+
+std::vector<std::size_t> store::prefetch_many(const std::vector<std::uint64_t>& ids,
+                                              const std::vector<void*>& dsts, stream_t user) {
+  call_scope call(*this);
+  AQUA_EXPECTS(ids.size() == dsts.size(), invalid_argument_error,
+               "prefetch_many: as many destinations as handles are needed");
+  std::vector<std::uint64_t> unique;  // a handle listed twice is prefetched once
+  std::vector<void*> unique_dsts;
+  {
+    std::unordered_set<std::uint64_t> seen(ids.size() * 2);
+    for (std::size_t i = 0; i < ids.size(); ++i)
+      if (seen.insert(ids[i]).second) {
+        unique.push_back(ids[i]);
+        unique_dsts.push_back(dsts[i]);
+      }
+  }
+  std::vector<std::size_t> tiers(ids.size());
+  std::vector<std::uint64_t> started;
+  submission sub;
+  sub.user = user;  // the destinations were allocated there: the copies follow it
+  std::vector<std::size_t> group_of(tier_count_, no_offset);
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    claim_all_locked(lock, unique, "prefetch");
+    for (std::size_t i = 0; i < unique.size(); ++i) {
+      const entry& e = entries_.at(unique[i]);
+      AQUA_EXPECTS(e.prefetched || e.nbytes == 0 || unique_dsts[i] != nullptr,
+                   invalid_argument_error, "prefetch: null destination pointer");
+    }
+    for (std::size_t i = 0; i < ids.size(); ++i) tiers[i] = entries_.at(ids[i]).tier;
+    for (std::size_t i = 0; i < unique.size(); ++i) {
+      entry& e = entries_.at(unique[i]);
+      if (e.prefetched || e.nbytes == 0) continue;  // already on its way, or nothing to move
+      unlist_locked(unique[i], e);
+      e.busy = true;
+      started.push_back(unique[i]);
+      if (group_of[e.tier] == no_offset) {
+        group_of[e.tier] = sub.groups.size();
+        sub.groups.push_back(copy_group{e.tier, lane::prefetch, {}, {}});
+      }
+      copy_group& g = sub.groups[group_of[e.tier]];
+      g.after.push_back(e.done);
+      g.ops.push_back(copy_op{unique_dsts[i], e.ptr, e.nbytes});
+    }
+  }
+  std::vector<event_ref> landed;
+  try {
+    landed = engine_->submit(sub);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (std::uint64_t id : started) {
+      entry& e = entries_.at(id);
+      e.busy = false;
+      list_locked(id, e);
+    }
+    changed_.notify_all();
+    throw;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (std::uint64_t id : started) {
+    entry& e = entries_.at(id);
+    const event_ref& ev = landed[group_of[e.tier]];
+    e.prefetched = ev;  // the user stream waits on it at fetch
+    e.read[prefetch_read] = ev;
+    e.busy = false;
+    e.last_use = clock_++;
+    ++counters_.prefetches;
+    counters_.bytes_fetched += e.nbytes;
+  }
+  changed_.notify_all();
+  return tiers;
+}
+
+void store::fence_source(std::uint64_t id, stream_t user) {
+  call_scope call(*this);
+  event_ref source;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    source = find_locked(id, "fence_source").source;
+  }
+  submission sub;
+  sub.user = user;
+  sub.after_user = false;
+  sub.fence_user = true;
+  sub.user_waits.push_back(std::move(source));
+  engine_->submit(sub);
 }
 
 void store::free(std::uint64_t id) {
-  require_open();
+  call_scope call(*this);
   std::unique_lock<std::mutex> lock(mutex_);
   entry& e = claim_locked(lock, id, "free");
-  retire_entry_locked(id, e, e.touched);
+  retire_locked(id, e, touches(e));
   ++counters_.frees;
 }
 
 bool store::ready(std::uint64_t id) {
-  event_t ev = 0;
+  call_scope call(*this);
+  event_ref ev;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     entry& e = find_locked(id, "ready");
     if (e.state == handle_state::offloaded) return true;
     if (e.state != handle_state::in_flight) return false;
     ev = e.done;
-    ref_locked(ev);
   }
-  const bool done = backend_->query(ev);
+  bool done = false;
+  {
+    device_guard guard(*backend_, config_.device);
+    done = backend_->query(ev.get());
+  }
   std::lock_guard<std::mutex> lock(mutex_);
-  unref_locked(ev);
   // The copy that offloaded it completed: the data is in a tier now, and a migration started
   // meanwhile does not change that (the old block stays valid until the move completed).
   auto it = entries_.find(id);
@@ -462,7 +534,8 @@ bool store::ready(std::uint64_t id) {
 }
 
 void store::wait(std::uint64_t id) {
-  std::vector<event_t> evs;
+  call_scope call(*this);
+  std::vector<event_ref> evs;
   {
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {  // look the entry up again after every wait: it may be gone meanwhile
@@ -473,17 +546,16 @@ void store::wait(std::uint64_t id) {
       }
       // Wait for the copy that wrote it unless it is known complete (a fetch in another thread
       // does not make it so), and for a prefetch of it.
-      for (event_t ev : {e.state != handle_state::offloaded ? e.done : 0, e.prefetched})
-        if (ev) {
-          ref_locked(ev);
-          evs.push_back(ev);
-        }
+      if (e.state != handle_state::offloaded && e.done) evs.push_back(e.done);
+      if (e.prefetched) evs.push_back(e.prefetched);
       break;
     }
   }
-  for (event_t ev : evs) backend_->wait(ev);
+  {
+    device_guard guard(*backend_, config_.device);
+    for (const event_ref& ev : evs) backend_->wait(ev.get());
+  }
   std::lock_guard<std::mutex> lock(mutex_);
-  for (event_t ev : evs) unref_locked(ev);
   auto it = entries_.find(id);  // as in ready(): a migration meanwhile changes nothing
   if (it != entries_.end() && it->second.state == handle_state::in_flight)
     it->second.state = handle_state::offloaded;
@@ -495,7 +567,7 @@ handle_info store::info(std::uint64_t id) const {
   if (it == entries_.end())
     throw invalid_handle_error("handle " + std::to_string(id) + " is not live");
   const entry& e = it->second;
-  return {e.state, e.tier, e.nbytes, e.prefetched != 0};
+  return {e.state, e.tier, e.nbytes, static_cast<bool>(e.prefetched)};
 }
 
 bool store::contains(std::uint64_t id) const {
@@ -504,15 +576,14 @@ bool store::contains(std::uint64_t id) const {
 }
 
 void store::synchronize() {
-  require_open();
+  call_scope call(*this);
   std::vector<std::uint64_t> before;  // only copies enqueued before the sync are known complete
   {
     std::lock_guard<std::mutex> lock(mutex_);
     for (const auto& kv : entries_)
       if (kv.second.state == handle_state::in_flight) before.push_back(kv.first);
   }
-  for (auto& t : tiers_)
-    for (stream_t s : {t.to_tier, t.from_tier, t.migrate}) backend_->synchronize_stream(s);
+  engine_->synchronize();
   reap();
   std::lock_guard<std::mutex> lock(mutex_);
   for (std::uint64_t id : before) {
@@ -522,41 +593,48 @@ void store::synchronize() {
   }
 }
 
-void store::close() noexcept {
-  if (closed_.exchange(true)) return;
-  for (auto& t : tiers_) {
-    for (stream_t s : {t.to_tier, t.from_tier, t.migrate}) {
-      try {
-        if (s) backend_->synchronize_stream(s);
-      } catch (...) {  // a dying runtime (cudaErrorCudartUnloading at exit): nothing to wait on
-      }
+store_stats store::stats() {
+  bool open = true;
+  try {
+    begin_call();
+  } catch (const error&) {
+    open = false;  // closed: the counters stand, the tiers are empty
+  }
+  if (open) {
+    try {
+      reap();
+    } catch (...) {
+      end_call();
+      throw;
     }
   }
-}
-
-store_stats store::stats() {
-  reap();
-  std::lock_guard<std::mutex> lock(mutex_);
-  store_stats s = counters_;
-  s.tiers.clear();
-  for (const auto& t : tiers_) {
-    std::size_t lent = 0;
-    for (const auto& kv : t.segments) lent += kv.second.lent ? 1 : 0;
-    s.tiers.push_back(tier_stats{t.kind, t.location, t.device, t.blocks.stats(), t.handles, lent});
+  store_stats s;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    s = counters_;
+    s.tiers.clear();
+    for (std::size_t t = 0; t < tiers_.size(); ++t) s.tiers.push_back(tiers_.stats(t));
+    s.live_handles = 0;  // handles being submitted are not live yet (nor counted in a tier)
+    for (const auto& kv : entries_) s.live_handles += kv.second.state != handle_state::submitting;
+    if (open) {
+      s.events_created = events_->created();
+      const copy_engine_stats c = engine_->stats();
+      s.batched_submissions = c.batched_submissions;
+      s.batch_fallbacks = c.batch_fallbacks;
+    }
   }
-  s.live_handles = 0;  // handles being submitted are not live yet (nor counted in a tier)
-  for (const auto& kv : entries_) s.live_handles += kv.second.state != handle_state::submitting;
-  s.events_created = events_ ? events_->created() : 0;
+  if (open) end_call();
   return s;
 }
 
-stream_t store::copy_stream(std::size_t t, direction d) const {
-  const tier& tr = tiers_.at(t);
-  return d == direction::to_tier ? tr.to_tier : tr.from_tier;
+stream_t store::copy_stream(std::size_t t, aqua::lane l) const {
+  AQUA_EXPECTS(!closed_.load(), error, "the offload manager is closed");
+  AQUA_EXPECTS(t < tier_count_, invalid_argument_error, "copy_stream: no tier " + std::to_string(t));
+  return engine_->stream(t, l);
 }
 
 void store::raw_copy(void* dst, const void* src, std::size_t bytes, stream_t stream) {
-  require_open();
+  call_scope call(*this);
   device_guard guard(*backend_, config_.device);
   backend_->copy_async(dst, src, bytes, stream);
 }

@@ -37,4 +37,22 @@ class debug_guard(TorchDispatchMode):
                     raise PagedOutError(
                         f"{func} would touch a tensor of shape {tuple(leaf.shape)} whose storage "
                         "is paged out; fetch its handle first (aqua_offload.fetch)")
+        if storage.any_deferred():
+            for leaf in _written(func, args, kwargs):
+                if storage.deferred_unfenced(leaf):
+                    raise PagedOutError(
+                        f"{func} would write a tensor of shape {tuple(leaf.shape)} whose snapshot "
+                        "(offload(..., fence='deferred')) may still be copying it; call "
+                        "handle.fence() first (Note [Deferred snapshots])")
         return func(*args, **kwargs)
+
+
+def _written(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:
+    """The tensor arguments an operator writes (in place or out=), from its schema."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write:
+            continue
+        value = kwargs.get(a.name) if a.kwarg_only or i >= len(args) else args[i]
+        out.extend(v for v in tree_leaves(value) if isinstance(v, torch.Tensor))
+    return out

@@ -34,7 +34,8 @@ class Handle:
 
     __slots__ = ("_manager", "_id", "nbytes", "shape", "dtype", "release", "priority", "_tensor",
                  "_key", "_holder", "_terminal", "_tier", "_location", "_prefetch",
-                 "_prefetch_tier", "_prefetch_stream", "_kept", "_lock", "__weakref__")
+                 "_prefetch_tier", "_prefetch_stream", "_kept", "_deferred", "_lock",
+                 "__weakref__")
 
     def __init__(self, manager: "OffloadManager", core_id: int, *, nbytes: int,
                  shape: torch.Size, dtype: torch.dtype, release: bool,
@@ -58,6 +59,7 @@ class Handle:
         self._prefetch_stream: Any = None  # torch stream the prefetch buffer belongs to (CUDA)
         self._lock = threading.RLock()  # serialises fetch/prefetch/free of this handle
         self._kept = False  # a release fetched with keep=True: the tier copy outlives it
+        self._deferred: torch.Tensor | None = None  # source of a fence="deferred" snapshot
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -117,8 +119,16 @@ class Handle:
         """Start the copy back now (see :meth:`OffloadManager.prefetch`)."""
         return self._manager.prefetch(self)
 
+    def fence(self) -> None:
+        """A snapshot taken with ``fence="deferred"``: make the current stream wait until the
+        copy has read the source, so the source may be written again. No host sync; a no-op
+        for other handles, and once the handle was fetched or freed."""
+        self._manager._fence(self)
+
     def _finish(self, state: str) -> None:
         self._terminal = state
+        if self._deferred is not None:
+            self._manager._undefer(self)
         self._tensor = None
         self._holder = None
         self._prefetch = None

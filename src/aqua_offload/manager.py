@@ -45,7 +45,7 @@ _DEFAULT_BYTES = {"cuda": ("8GiB", "16GiB"), "emulation": ("64MiB", "256MiB")}
 # CUDA: chunk copies so a fetch can overtake a long offload on a shared copy engine. Emulation
 # has no shared engine (one worker thread per stream), and glibc's memcpy switches to its faster
 # non-temporal path only for copies of hundreds of MiB, so whole copies are the fast choice.
-_DEFAULT_CHUNK = {"cuda": 32 << 20, "emulation": 1 << 40}
+_DEFAULT_CHUNK = {"cuda": _core.default_chunk_bytes, "emulation": 1 << 40}
 _live: "weakref.WeakSet[OffloadManager]" = weakref.WeakSet()
 
 
@@ -140,7 +140,7 @@ class OffloadManager:
 
     # -- offload -------------------------------------------------------------------------
     def offload(self, tensor: torch.Tensor, release: bool = True, *, priority: float = 0.0,
-                base: Handle | None = None) -> Handle:
+                base: Handle | None = None, fence: str = "now") -> Handle:
         """Start copying ``tensor`` to the fastest tier with room; return at once.
 
         Parameters
@@ -157,6 +157,12 @@ class OffloadManager:
             Incremental offload of append-only state: a live handle (e.g. kept by
             ``fetch(h, keep=True)``) whose bytes are a prefix of this offload's bytes. Only the
             new suffix is copied when ``base``'s block has room; ``base`` is consumed.
+        fence : {"now", "deferred"}
+            Snapshots only. ``"now"`` (default): the current stream waits for the copy, so any
+            later write to ``tensor`` is safe, as with ``tensor.to("cpu", non_blocking=True)``.
+            ``"deferred"``: the current stream does not wait, so the copy overlaps later work;
+            call :meth:`Handle.fence` before writing ``tensor`` again (a write before it may
+            be copied; :func:`debug_guard` raises on one). Fetching or freeing fences too.
 
         Raises
         ------
@@ -165,37 +171,103 @@ class OffloadManager:
         InvalidArgumentError
             Wrong device or layout, the storage is already paged out, a bad priority or base.
         """
+        bases = None if base is None else [base]
+        return self._offload([tensor], release, priority, bases, fence, "offload")[0]
+
+    def offload_many(self, tensors: Sequence[torch.Tensor], release: bool = True, *,
+                     priority: float = 0.0, fence: str = "now") -> list[Handle]:
+        """Offload every tensor in one call into the core: one event on the current stream and
+        one batched submission per tier, so many small tensors cost about one copy of their
+        total size. All or nothing: on an error nothing is offloaded. ``release``,
+        ``priority`` and ``fence`` as for :meth:`offload`."""
+        return self._offload(list(tensors), release, priority, None, fence, "offload_many")
+
+    def _offload(self, tensors: list[torch.Tensor], release: bool, priority: float,
+                 bases: list[Handle | None] | None, fence: str, what: str) -> list[Handle]:
+        """The one offload path (a single offload is a batch of one)."""
         self._check_open()
-        self._check_tensor(tensor, "offload")
+        for t in tensors:
+            self._check_tensor(t, what)
         prio = _check_priority(priority)
-        base_id = 0 if base is None else self._own(base, "offload(base=)")._id
+        if fence not in ("now", "deferred"):
+            raise InvalidArgumentError(f"{what}: fence must be 'now' or 'deferred', got {fence!r}")
+        if fence == "deferred" and release:
+            raise InvalidArgumentError(f"{what}: fence='deferred' is for snapshots "
+                                       "(release=False); a released tensor is never written")
+        base_ids = [0 if b is None else self._own(b, "offload(base=)")._id
+                    for b in (bases or [None] * len(tensors))]
         self._reap_holders()
-        if release:
-            src = tensor.untyped_storage()
-            if not src.resizable():
-                raise InvalidArgumentError(
-                    "offload(release=True): this storage is not owned by torch's allocator (e.g. "
-                    "made by torch.from_numpy or from a buffer), so it cannot be paged out in "
-                    "place; use release=False")
-            key, token = storage.reserve(tensor, "offload(release=True)")
-            try:
-                core_id, tier = self._store.offload(src.data_ptr(), src.nbytes(),
-                                                    current_stream(self.device), False, prio,
-                                                    base_id)
-            except BaseException:
+        stream = current_stream(self.device)
+        if not release:
+            srcs = [_snapshot_source(t) for t in tensors]
+            sizes = [s.numel() * s.element_size() for s in srcs]
+            # A temporary source may be dropped after the call: with fence "now" the current
+            # stream (its allocation stream) waits for the copy; "deferred" keeps it alive below.
+            got = self._store.offload_many(
+                [(s.data_ptr() if n else 0, n, prio, b) for s, n, b in zip(srcs, sizes, base_ids)],
+                stream, fence == "now")
+            handles = []
+            for (cid, tier), t, src, n, b in zip(got, tensors, srcs, sizes, bases or [None] * len(tensors)):
+                if b is not None:
+                    self._consumed(b)
+                h = self._new_handle(cid, tier, t, nbytes=n, release=False, key=None,
+                                     priority=prio)
+                if fence == "deferred" and n:
+                    self._defer_fence(h, t, src, tier)
+                handles.append(h)
+            return handles
+        reserved: list[tuple[int, Any]] = []
+        try:
+            for t in tensors:
+                if not t.untyped_storage().resizable():
+                    raise InvalidArgumentError(
+                        f"{what}(release=True): this storage is not owned by torch's allocator "
+                        "(e.g. made by torch.from_numpy or from a buffer), so it cannot be paged "
+                        "out in place; use release=False")
+                reserved.append(storage.reserve(t, f"{what}(release=True)"))
+            stores = [t.untyped_storage() for t in tensors]
+            got = self._store.offload_many(
+                [(s.data_ptr(), s.nbytes(), prio, b) for s, b in zip(stores, base_ids)],
+                stream, False)
+        except BaseException:
+            for key, token in reserved:
                 storage.unregister(key, token)
-                raise
-            return self._paged_out(core_id, tier, tensor, key, token, prio, base)
-        src_bytes = _snapshot_source(tensor)
-        nbytes = src_bytes.numel() * src_bytes.element_size()
-        # A temporary source may be dropped after the call: the current stream (its allocation
-        # stream) waits for the copy, so its memory is reused only after the copy read it.
-        core_id, tier = self._store.offload(src_bytes.data_ptr() if nbytes else 0, nbytes,
-                                            current_stream(self.device), True, prio, base_id)
-        if base is not None:
-            self._consumed(base)
-        return self._new_handle(core_id, tier, tensor, nbytes=nbytes, release=False, key=None,
-                                priority=prio)
+            raise
+        return [self._paged_out(cid, tier, t, key, token, prio, b)
+                for (cid, tier), t, (key, token), b
+                in zip(got, tensors, reserved, bases or [None] * len(tensors))]
+
+    def _defer_fence(self, handle: Handle, tensor: torch.Tensor, src: torch.Tensor,
+                     tier: int) -> None:
+        """A deferred snapshot: the source's memory must outlive the copy (the caller may drop
+        it), and the source is registered so debug_guard can catch a write before fence()."""
+        handle._deferred = tensor
+        storage.defer(tensor, handle)
+        if self._cuda:
+            self._record_stream(src, self._stream(tier, "to_tier"))
+        else:
+            handle._holder = src
+            with self._holders_lock:
+                self._holders.append(handle)
+
+    def _fence(self, handle: Handle) -> None:
+        """Order the current stream after the copy that read a deferred snapshot's source."""
+        with handle._lock:
+            if handle._deferred is None:
+                return
+            if handle._terminal is None:
+                self._check_open()
+                self._store.fence_source(handle._id, current_stream(self.device))
+            self._undefer(handle)
+
+    @staticmethod
+    def _undefer(handle: Handle) -> None:
+        """The source of a deferred snapshot needs no fence any more: a fetch ordered the
+        current stream after the offload copy, or the snapshot is dropped (whatever the copy
+        reads then no longer matters; the source's memory is kept alive regardless)."""
+        if handle._deferred is not None:
+            storage.undefer(handle._deferred, handle)
+            handle._deferred = None
 
     def _paged_out(self, core_id: int, tier: int, tensor: torch.Tensor, key: int, token: Any,
                    prio: float, base: Handle | None) -> Handle:
@@ -226,43 +298,6 @@ class OffloadManager:
                       release=release, tensor=tensor if release else None, key=key,
                       tier=kind, location=location, priority=priority)
 
-    def offload_many(self, tensors: Sequence[torch.Tensor], release: bool = True, *,
-                     priority: float = 0.0) -> list[Handle]:
-        """Offload every tensor in one call into the core: one event on the current stream and
-        one batched submission per tier, so many small tensors cost about one copy of their
-        total size. All or nothing: on an error nothing is offloaded."""
-        self._check_open()
-        tensors = list(tensors)
-        for t in tensors:
-            self._check_tensor(t, "offload_many")
-        prio = _check_priority(priority)
-        self._reap_holders()
-        stream = current_stream(self.device)
-        if not release:
-            srcs = [_snapshot_source(t) for t in tensors]
-            sizes = [s.numel() * s.element_size() for s in srcs]
-            got = self._store.offload_many(
-                [(s.data_ptr() if n else 0, n, prio) for s, n in zip(srcs, sizes)], stream, True)
-            return [self._new_handle(cid, tier, t, nbytes=n, release=False, key=None,
-                                     priority=prio)
-                    for (cid, tier), t, n in zip(got, tensors, sizes)]
-        reserved: list[tuple[int, Any]] = []
-        try:
-            for t in tensors:
-                if not t.untyped_storage().resizable():
-                    raise InvalidArgumentError("offload_many(release=True): a storage not owned by "
-                                               "torch's allocator cannot be paged out in place")
-                reserved.append(storage.reserve(t, "offload_many(release=True)"))
-            stores = [t.untyped_storage() for t in tensors]
-            got = self._store.offload_many([(s.data_ptr(), s.nbytes(), prio) for s in stores],
-                                           stream, False)
-        except BaseException:
-            for key, token in reserved:
-                storage.unregister(key, token)
-            raise
-        return [self._paged_out(cid, tier, t, key, token, prio, None)
-                for (cid, tier), t, (key, token) in zip(got, tensors, reserved)]
-
     # -- fetch ---------------------------------------------------------------------------
     def fetch(self, handle: Handle | torch.Tensor, out: torch.Tensor | None = None, *,
               keep: bool = False) -> torch.Tensor:
@@ -286,47 +321,7 @@ class OffloadManager:
             For a release: the original tensor object, its storage restored in place (every
             view sees the data again). For a snapshot: ``out`` or a new contiguous tensor.
         """
-        self._check_open()
-        with self._claim([handle], "fetch") as (handle,):
-            if handle._kept:
-                raise InvalidHandleError("fetch: this handle is the kept copy of a tensor already "
-                                         "restored; use it as offload(..., base=h) or free it")
-            stream = current_stream(self.device)
-            if handle.release:
-                if out is not None:
-                    raise InvalidArgumentError("fetch: out= is for snapshots; a released tensor is "
-                                               "restored in place")
-                tensor = handle._tensor
-                dest = self._release_destination(handle, tensor)
-                self._store.fetch(handle._id, 0 if handle._prefetch is not None else
-                                  (dest.data_ptr() if handle.nbytes else 0), stream, keep)
-                self._adopt_prefetch(handle)
-                storage.swap_in(tensor.untyped_storage(), dest.untyped_storage())
-                self._drop_prefetch(handle)
-                if keep:
-                    self._unpage(handle)
-                    handle._kept = True
-                else:
-                    self._retire(handle, "fetched")
-                return tensor
-            if handle._prefetch is not None:
-                buf = handle._prefetch
-                if out is not None:
-                    self._check_out(out, handle)
-                self._store.fetch(handle._id, 0, stream, keep)
-                self._adopt_prefetch(handle)
-                self._drop_prefetch(handle)
-                result = out.copy_(buf) if out is not None else buf
-            else:
-                if out is None:
-                    out = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
-                else:
-                    self._check_out(out, handle)
-                self._store.fetch(handle._id, out.data_ptr() if handle.nbytes else 0, stream, keep)
-                result = out
-            if not keep:
-                handle._finish("fetched")
-            return result
+        return self._fetch([handle], [out], keep, "fetch")[0]
 
     def fetch_many(self, handles: Iterable[Handle | torch.Tensor],
                    outs: Sequence[torch.Tensor | None] | None = None, *,
@@ -335,37 +330,48 @@ class OffloadManager:
         tier). All handles (and ``outs``, one per handle, ``None`` or a tensor as for
         ``fetch(out=)``, snapshots only) are checked before any is fetched. ``keep`` as for
         :meth:`fetch`, for every handle."""
+        handles = list(handles)
+        return self._fetch(handles, [None] * len(handles) if outs is None else list(outs), keep,
+                           "fetch_many")
+
+    def _fetch(self, handles: list[Any], outs: list[torch.Tensor | None], keep: bool,
+               what: str) -> list[torch.Tensor]:
+        """The one fetch path (a single fetch is a batch of one)."""
         self._check_open()
-        with self._claim(list(handles), "fetch_many") as handles:
+        with self._claim(handles, what) as handles:
             if len({id(h) for h in handles}) != len(handles):
-                raise InvalidArgumentError("fetch_many: a handle is listed twice")
-            outs = [None] * len(handles) if outs is None else list(outs)
+                raise InvalidArgumentError(f"{what}: a handle is listed twice")
             if len(outs) != len(handles):
-                raise InvalidArgumentError("fetch_many: outs must have one entry per handle")
+                raise InvalidArgumentError(f"{what}: outs must have one entry per handle")
             for h, o in zip(handles, outs):
                 if h._kept:
-                    raise InvalidHandleError("fetch_many: a kept copy of a restored tensor")
+                    raise InvalidHandleError(
+                        f"{what}: this handle is the kept copy of a tensor already restored; use "
+                        "it as offload(..., base=h) or free it")
                 if o is not None:
-                    if h.release or h._prefetch is not None:
-                        raise InvalidArgumentError("fetch_many: outs are for snapshots not prefetched")
+                    if h.release:
+                        raise InvalidArgumentError(f"{what}: out= is for snapshots; a released "
+                                                   "tensor is restored in place")
                     self._check_out(o, h)
             dests = []
             for h, o in zip(handles, outs):
                 if h.release:
                     dests.append(self._release_destination(h, h._tensor))
-                elif o is not None:
-                    dests.append(o)
+                elif h._prefetch is not None:
+                    dests.append(h._prefetch)
                 else:
-                    dests.append(h._prefetch if h._prefetch is not None else
+                    dests.append(o if o is not None else
                                  torch.empty(h.shape, dtype=h.dtype, device=self.device))
             ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
                     for h, d in zip(handles, dests)]
             self._store.fetch_many([h._id for h in handles], ptrs, current_stream(self.device),
                                    keep)
             results = []
-            for h, d in zip(handles, dests):
+            for h, d, o in zip(handles, dests, outs):
                 self._adopt_prefetch(h)
+                prefetched = h._prefetch is not None
                 self._drop_prefetch(h)
+                self._undefer(h)  # the fetch ordered the current stream after the offload copy
                 if h.release:
                     tensor = h._tensor
                     storage.swap_in(tensor.untyped_storage(), d.untyped_storage())
@@ -375,10 +381,10 @@ class OffloadManager:
                     else:
                         self._retire(h, "fetched")
                     results.append(tensor)
-                else:
-                    if not keep:
-                        h._finish("fetched")
-                    results.append(d)
+                    continue
+                if not keep:
+                    h._finish("fetched")
+                results.append(o.copy_(d) if prefetched and o is not None else d)
             return results
 
     def prefetch(self, handle: Handle | torch.Tensor) -> Handle:
@@ -388,29 +394,25 @@ class OffloadManager:
         return self.prefetch_many([handle])[0]
 
     def prefetch_many(self, handles: Iterable[Handle | torch.Tensor]) -> list[Handle]:
-        """:meth:`prefetch` every handle (all are checked first); already prefetched ones are
-        left as they are. If the core refuses one midway, those before it stay prefetched
-        (a prefetch is only a head start; ``fetch`` works either way)."""
+        """:meth:`prefetch` every handle in one call into the core (all are checked first);
+        already prefetched ones are left as they are."""
         self._check_open()
         with self._claim(list(handles), "prefetch") as handles:
             if any(h._kept for h in handles):
                 raise InvalidHandleError("prefetch: a kept copy of a restored tensor")
-            stream = current_stream(self.device)
-            for handle in handles:
-                if handle._prefetch is not None:
-                    continue
-                if handle.release:
-                    buf = torch.empty(handle.nbytes, dtype=torch.uint8, device=self.device)
-                else:
-                    buf = torch.empty(handle.shape, dtype=handle.dtype, device=self.device)
-                tier = self._store.prefetch(handle._id, buf.data_ptr() if handle.nbytes else 0,
-                                            stream)
-                handle._prefetch = buf
-                handle._prefetch_tier = tier
-                if self._cuda:
-                    handle._prefetch_stream = torch.cuda.current_stream(self.device)
+            todo = list({id(h): h for h in handles if h._prefetch is None}.values())
+            bufs = [torch.empty(h.nbytes, dtype=torch.uint8, device=self.device) if h.release
+                    else torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in todo]
+            tiers = self._store.prefetch_many(
+                [h._id for h in todo], [b.data_ptr() if h.nbytes else 0 for h, b in zip(todo, bufs)],
+                current_stream(self.device))
+            stream = torch.cuda.current_stream(self.device) if self._cuda else None
+            for h, buf, tier in zip(todo, bufs, tiers):
+                h._prefetch = buf
+                h._prefetch_tier = tier
+                h._prefetch_stream = stream
                 with self._holders_lock:
-                    self._prefetched_bytes += handle.nbytes
+                    self._prefetched_bytes += h.nbytes
             return handles
 
     def _release_destination(self, handle: Handle, tensor: torch.Tensor) -> torch.Tensor:
@@ -449,8 +451,9 @@ class OffloadManager:
             self._store.free(handle._id)
             if handle._prefetch is not None and self._cuda:  # reused after the copy into it
                 self._record_stream(handle._prefetch,
-                                    self._stream(handle._prefetch_tier, "from_tier"))
+                                    self._stream(handle._prefetch_tier, "prefetch"))
             self._drop_prefetch(handle)
+            self._undefer(handle)
             self._retire(handle, "freed")
 
     def _discard(self, handle: Handle) -> None:

@@ -101,6 +101,39 @@ def swap_in(storage: torch.UntypedStorage, filled: torch.UntypedStorage) -> None
     storage._swap_data_ptr_(filled)
 
 
+# Note [Deferred snapshots]
+# offload(t, release=False, fence="deferred") does not make the current stream wait for the
+# copy; the caller promises to call handle.fence() before it writes t again. Sources with such
+# a copy unfenced are registered here (StorageImpl address -> handles) so debug_guard can turn
+# a premature write into an error. The source's memory itself is kept alive by the manager
+# (record_stream on CUDA, a holder on emulation), whatever the caller does.
+_deferred: dict[int, list[Any]] = {}
+
+
+def defer(t: torch.Tensor, handle: Any) -> None:
+    with _lock:
+        _deferred.setdefault(storage_key(t), []).append(handle)
+
+
+def undefer(t: torch.Tensor, handle: Any) -> None:
+    key = storage_key(t)
+    with _lock:
+        waiting = _deferred.get(key)
+        if waiting is not None and handle in waiting:
+            waiting.remove(handle)
+            if not waiting:
+                del _deferred[key]
+
+
+def any_deferred() -> bool:
+    return bool(_deferred)
+
+
+def deferred_unfenced(t: torch.Tensor) -> bool:
+    """Whether ``t``'s storage is the source of a deferred snapshot not yet fenced."""
+    return storage_key(t) in _deferred
+
+
 def snapshot_source(tensor: torch.Tensor) -> torch.Tensor:
     """The bytes a snapshot copies: lazy conjugate/negative views and strides materialised."""
     if is_offloaded(tensor):

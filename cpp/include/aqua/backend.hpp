@@ -10,12 +10,23 @@
 //    re-recorded afterwards without affecting waits already enqueued.
 //  - Stream 0 is the user's default stream: on the emulation backend it is the calling host
 //    thread itself (recording completes at once, waiting blocks the caller).
-//  - Destructors and free_* never throw.
+//  - Destructors and free_*/destroy_* never throw.
+//
+// Note [No stray contexts]
+// A thread that has never used CUDA has no current context. Setting a device there and
+// "restoring" device 0 afterwards with cudaSetDevice would create GPU 0's primary context
+// (~0.5 GiB, and an error under exclusive-process mode) on a thread that only ever meant to
+// touch another GPU: the lending consumer thread, a worker. So enter_device() returns the
+// previous *context* (possibly none) and restore_device() puts exactly that back, creating
+// nothing, as torch's MaybeSetDevice does. Every core operation that calls the runtime runs
+// under a device_guard of the compute device: the thread's device is always set explicitly.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "aqua/types.hpp"
@@ -41,8 +52,12 @@ class backend {
   virtual bool can_access_peer(int device, int peer) const = 0;
   /// Idempotent; called once per pair at setup.
   virtual void enable_peer_access(int device, int peer) = 0;
-  /// Makes `device` current for the calling thread and returns the previous one.
-  virtual int exchange_device(int device) = 0;
+  /// Free and total bytes of a device's memory now (cudaMemGetInfo).
+  virtual std::pair<std::size_t, std::size_t> memory_info(int device) = 0;
+  /// Makes `device` current for the calling thread; returns a token of what was current before
+  /// (Note [No stray contexts]) for restore_device.
+  virtual std::uintptr_t enter_device(int device) = 0;
+  virtual void restore_device(std::uintptr_t previous) noexcept = 0;
 
   // --- memory (setup time only) ---
   virtual void* allocate_device(int device, std::size_t bytes) = 0;
@@ -52,7 +67,9 @@ class backend {
   virtual void free_pinned_host(void* ptr, std::size_t bytes) noexcept = 0;
 
   // --- streams and events ---
-  virtual stream_t create_stream(int device) = 0;
+  /// A stream of `device`; `high_priority` streams are served first by the copy engines
+  /// (demand fetches: Note [Lanes] in copy_engine.hpp).
+  virtual stream_t create_stream(int device, bool high_priority = false) = 0;
   virtual void destroy_stream(stream_t stream) noexcept = 0;
   virtual void synchronize_stream(stream_t stream) = 0;
   virtual event_t create_event(int device) = 0;
@@ -63,37 +80,38 @@ class backend {
   virtual void stream_wait(stream_t stream, event_t event) = 0;
 
   // --- copies ---
-  /// Enqueues one copy of `bytes` on `stream` (the store does any chunking).
+  /// Enqueues one copy of `bytes` on `stream` (the copy engine does any chunking).
   virtual void copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) = 0;
-  /// Enqueues `count` independent copies on `stream`. The default loops over copy_async; CUDA
-  /// submits them in one cudaMemcpyBatchAsync where the runtime has it (CUDA >= 12.8).
-  virtual void copy_batch_async(void* const* dsts, const void* const* srcs,
+  /// Enqueues `count` independent copies on `stream`. Returns true when they went in one
+  /// batched submission (cudaMemcpyBatchAsync, CUDA >= 12.8; one task on emulation), false
+  /// when the runtime refused it and they went one copy each (the default).
+  virtual bool copy_batch_async(void* const* dsts, const void* const* srcs,
                                 const std::size_t* sizes, std::size_t count, stream_t stream) {
     for (std::size_t i = 0; i < count; ++i) copy_async(dsts[i], srcs[i], sizes[i], stream);
+    return false;
   }
 
   // --- testing ---
   /// Makes the next `count` copy submissions fail with a backend_error, to exercise failure
   /// paths (migration, reclaim). Only the emulation backend supports it.
   virtual void inject_copy_faults(int count);
+  /// Pretends `device` has `bytes` of memory (its allocations then count against it), so the
+  /// peer budgets of OffloadManager(peers="auto") are testable. Emulation only; 0 undoes it.
+  virtual void set_device_memory(int device, std::size_t bytes);
 };
 
-/// Restores the calling thread's current device on scope exit (no-op on emulation).
+/// Makes a device current for a scope and restores the thread's previous context on exit,
+/// creating none (Note [No stray contexts]; a no-op on emulation).
 class device_guard {
  public:
-  device_guard(backend& b, int device) : backend_(b), previous_(b.exchange_device(device)) {}
-  ~device_guard() {
-    try {
-      backend_.exchange_device(previous_);
-    } catch (...) {  // never throw from a destructor (the runtime may be shutting down)
-    }
-  }
+  device_guard(backend& b, int device) : backend_(b), previous_(b.enter_device(device)) {}
+  ~device_guard() { backend_.restore_device(previous_); }
   device_guard(const device_guard&) = delete;
   device_guard& operator=(const device_guard&) = delete;
 
  private:
   backend& backend_;
-  int previous_;
+  std::uintptr_t previous_;
 };
 
 /// Whether the CUDA backend was compiled into this build.

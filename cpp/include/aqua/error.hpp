@@ -49,7 +49,7 @@ class backend_error : public error {
   std::string error_name_;
 };
 
-/// Formats "what (file:line)" for backend errors.
+/// Formats "what (file:line)", the file relative to the repository's cpp/ folder.
 std::string with_location(const std::string& what, const char* file, int line);
 
 /// Human-readable byte count ("1.50 GiB"), for error messages and logs.
@@ -57,7 +57,8 @@ std::string format_bytes(std::size_t bytes);
 
 }  // namespace aqua
 
-#define AQUA_FAIL(kind, msg) throw ::aqua::kind(msg)
+/// Throws `kind` with `msg` and where it was raised, as the CUDA checks do.
+#define AQUA_FAIL(kind, msg) throw ::aqua::kind(::aqua::with_location((msg), __FILE__, __LINE__))
 #define AQUA_EXPECTS(cond, kind, msg) \
   do {                                 \
     if (!(cond)) AQUA_FAIL(kind, msg); \

@@ -22,6 +22,9 @@
 // the fence tokens back from allocate() and must order its own copy after those events (a
 // stream wait, no host sync). The store clears a fence once its event has completed. This is
 // deferred reuse without ever blocking the host: the device, not the CPU, waits.
+// Fence ranges may overlap (bytes re-allocated and released again before an older fence
+// cleared); they are indexed by offset, with the largest range size bounding how far back an
+// overlap can start, and by token, so allocate() and clear_fence() cost O(log n + overlaps).
 #pragma once
 
 #include <cstddef>
@@ -30,6 +33,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -75,9 +79,9 @@ class pool {
   /// tokens overlapping the block are appended to `fences` (Note [Ordered reuse]).
   std::optional<std::size_t> allocate(std::size_t bytes,
                                       std::vector<std::uint64_t>* fences = nullptr);
-  /// Returns the block at `offset`, optionally fenced by `fence` (non-zero). Throws
+  /// Returns the block at `offset`, fenced by each of `fences` (non-zero tokens). Throws
   /// invalid_argument_error for an offset that is not a live block.
-  void release(std::size_t offset, std::uint64_t fence = 0);
+  void release(std::size_t offset, const std::vector<std::uint64_t>& fences = {});
   /// The copy behind `fence` has completed.
   void clear_fence(std::uint64_t fence);
   /// Size of the live block at `offset` (rounded), or 0 if there is none.
@@ -93,9 +97,13 @@ class pool {
     bool draining;
   };
   struct fence_range {
-    std::size_t offset, size;
+    std::size_t size;
     std::uint64_t token;
   };
+  using fence_map = std::multimap<std::size_t, fence_range>;  // offset -> range
+  /// Calls f(range) for every fence overlapping [offset, offset + size).
+  template <class F>
+  void for_fences(std::size_t offset, std::size_t size, F&& f) const;
   const segment& segment_at(std::size_t offset) const;  // the segment containing offset
   void insert_free(std::size_t offset, std::size_t size);
   void erase_free(std::map<std::size_t, std::size_t>::iterator it);
@@ -108,7 +116,10 @@ class pool {
   std::map<std::size_t, std::size_t> free_by_offset_;           // offset -> size
   std::set<std::pair<std::size_t, std::size_t>> free_by_size_;  // (size, offset), allocatable
   std::map<std::size_t, std::size_t> live_;                     // offset -> size
-  std::vector<fence_range> fences_;  // few: bounded by the copies in flight
+  fence_map fences_;
+  std::unordered_map<std::uint64_t, std::vector<fence_map::iterator>> fences_by_token_;
+  std::multiset<std::size_t> fence_sizes_;  // the largest bounds an overlap search
+  std::size_t fenced_bytes_ = 0;
 };
 
 }  // namespace aqua

@@ -12,21 +12,22 @@ using stream_t = std::uintptr_t;
 /// Opaque backend event (cudaEvent_t or an emulation completion flag).
 using event_t = std::uintptr_t;
 
-/// Where a pool's memory lives.
-enum class memory_kind : std::uint8_t {
-  device,       ///< device memory of a (peer) GPU
-  pinned_host,  ///< page-locked host memory
+/// The copy streams of one tier (Note [Lanes] in copy_engine.hpp).
+enum class lane : std::uint8_t {
+  to_tier,   ///< offloads: compute device -> tier
+  prefetch,  ///< prefetches: tier -> compute device, normal priority
+  demand,    ///< fetches: tier -> compute device, high priority (never behind a prefetch)
+  migrate,   ///< moves down the cascade: this tier -> a lower one
 };
-
-/// Copy direction relative to the compute device.
-enum class direction : std::uint8_t {
-  to_tier,    ///< D2X: compute device -> tier (offload)
-  from_tier,  ///< X2D: tier -> compute device (fetch)
-};
+inline constexpr std::size_t lane_count = 4;
 
 /// Alignment of every pool block: 256 bytes, what cudaMalloc guarantees and what keeps copies
 /// on the fast path for every dtype.
 inline constexpr std::size_t block_alignment = 256;
+
+/// Copies larger than this are enqueued in pieces by default, so a demand fetch is never stuck
+/// behind one huge copy on a shared copy engine. The one source of this default.
+inline constexpr std::size_t default_chunk_bytes = std::size_t{32} << 20;
 
 constexpr std::size_t align_up(std::size_t n, std::size_t a) noexcept {
   return (n + a - 1) / a * a;

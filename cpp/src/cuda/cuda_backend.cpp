@@ -50,6 +50,20 @@ cuda_backend::cuda_backend() {
     throw_cuda_error(err, "cudaGetDeviceCount", __FILE__, __LINE__);
   }
   devices_ = n;
+  if (n > 0) {
+    void* get = nullptr;
+    void* set = nullptr;
+    cudaDriverEntryPointQueryResult found_get{}, found_set{};
+    if (cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &get, 12000, cudaEnableDefault,
+                                         &found_get) == cudaSuccess &&
+        cudaGetDriverEntryPointByVersion("cuCtxSetCurrent", &set, 12000, cudaEnableDefault,
+                                         &found_set) == cudaSuccess &&
+        found_get == cudaDriverEntryPointSuccess && found_set == cudaDriverEntryPointSuccess) {
+      ctx_get_ = reinterpret_cast<ctx_get_fn>(get);
+      ctx_set_ = reinterpret_cast<ctx_set_fn>(set);
+    }
+    cudaGetLastError();
+  }
 }
 
 void cuda_backend::check_device(int device, const char* what) const {
@@ -87,11 +101,40 @@ void cuda_backend::enable_peer_access(int device, int peer) {
   AQUA_CUDA_TRY(err);
 }
 
-int cuda_backend::exchange_device(int device) {
+std::pair<std::size_t, std::size_t> cuda_backend::memory_info(int device) {
+  check_device(device, "memory_info");
+  device_guard guard(*this, device);
+  std::size_t free = 0, total = 0;
+  AQUA_CUDA_TRY(cudaMemGetInfo(&free, &total));
+  return {free, total};
+}
+
+// Note [No stray contexts] (backend.hpp). The token is the previous CUcontext, or (without the
+// driver entry points) the previous device + 1, with 0 meaning "restore nothing".
+std::uintptr_t cuda_backend::enter_device(int device) {
+  if (ctx_get_ && ctx_set_) {
+    void* previous = nullptr;
+    if (ctx_get_(&previous) != 0) previous = nullptr;
+    AQUA_CUDA_TRY(cudaSetDevice(device));
+    // A thread with no context gets its device set and keeps it: nothing to restore, and
+    // restoring "no context" would only make the next call bind one again.
+    return reinterpret_cast<std::uintptr_t>(previous);
+  }
   int current = 0;
   AQUA_CUDA_TRY(cudaGetDevice(&current));
   if (current != device) AQUA_CUDA_TRY(cudaSetDevice(device));
-  return current;
+  return current == device ? 0 : static_cast<std::uintptr_t>(current) + 1;
+}
+
+void cuda_backend::restore_device(std::uintptr_t previous) noexcept {
+  if (previous == 0) return;
+  if (ctx_get_ && ctx_set_) {
+    void* now = nullptr;
+    if (ctx_get_(&now) == 0 && now != reinterpret_cast<void*>(previous))
+      ctx_set_(reinterpret_cast<void*>(previous));
+    return;
+  }
+  ignore(cudaSetDevice(static_cast<int>(previous - 1)));
 }
 
 void* cuda_backend::allocate_device(int device, std::size_t bytes) {
@@ -104,11 +147,11 @@ void* cuda_backend::allocate_device(int device, std::size_t bytes) {
 
 void cuda_backend::free_device(int device, void* ptr) noexcept {
   if (!ptr) return;
-  int current = 0;
-  if (cudaGetDevice(&current) != cudaSuccess) return ignore(cudaErrorCudartUnloading);
-  ignore(cudaSetDevice(device));
-  ignore(cudaFree(ptr));
-  ignore(cudaSetDevice(current));
+  try {
+    device_guard guard(*this, device);
+    ignore(cudaFree(ptr));
+  } catch (...) {  // the runtime is unloading (exit): the driver frees it with the context
+  }
 }
 
 void* cuda_backend::allocate_pinned_host(std::size_t bytes) {
@@ -123,11 +166,14 @@ void cuda_backend::free_pinned_host(void* ptr, std::size_t) noexcept {
   if (ptr) ignore(cudaFreeHost(ptr));
 }
 
-stream_t cuda_backend::create_stream(int device) {
+stream_t cuda_backend::create_stream(int device, bool high_priority) {
   check_device(device, "create_stream");
   device_guard guard(*this, device);
+  int least = 0, greatest = 0;  // numerically lower is higher priority
+  AQUA_CUDA_TRY(cudaDeviceGetStreamPriorityRange(&least, &greatest));
   cudaStream_t s = nullptr;
-  AQUA_CUDA_TRY(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  AQUA_CUDA_TRY(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking,
+                                             high_priority ? greatest : least));
   return to_handle(s);
 }
 
@@ -177,9 +223,9 @@ void cuda_backend::copy_async(void* dst, const void* src, std::size_t bytes, str
   AQUA_CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, to_stream(stream)));
 }
 
-void cuda_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
+bool cuda_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
                                     const std::size_t* sizes, std::size_t count, stream_t stream) {
-  if (count == 0) return;
+  if (count == 0) return true;
 #if CUDART_VERSION >= 12080
   // One submission for many small copies: the driver coalesces them instead of paying a launch
   // per copy. Stream-ordered source access: sources may be written by earlier stream work.
@@ -196,12 +242,13 @@ void cuda_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
                            const_cast<std::size_t*>(sizes), count, &attrs, &attrs_index, 1,
                            &fail_index, to_stream(stream));
 #endif
-  if (err == cudaSuccess) return;
+  if (err == cudaSuccess) return true;
   if (err != cudaErrorNotSupported && err != cudaErrorInvalidValue)
     throw_cuda_error(err, "cudaMemcpyBatchAsync", __FILE__, __LINE__);
-  cudaGetLastError();  // unsupported here: fall back to one copy each
+  cudaGetLastError();  // refused here (counted by the copy engine): one copy each
 #endif
   for (std::size_t i = 0; i < count; ++i) copy_async(dsts[i], srcs[i], sizes[i], stream);
+  return false;
 }
 
 }  // namespace aqua::cuda

@@ -29,14 +29,16 @@ class cuda_backend final : public backend {
   std::string device_label(int device) const override;
   bool can_access_peer(int device, int peer) const override;
   void enable_peer_access(int device, int peer) override;
-  int exchange_device(int device) override;
+  std::pair<std::size_t, std::size_t> memory_info(int device) override;
+  std::uintptr_t enter_device(int device) override;
+  void restore_device(std::uintptr_t previous) noexcept override;
 
   void* allocate_device(int device, std::size_t bytes) override;
   void free_device(int device, void* ptr) noexcept override;
   void* allocate_pinned_host(std::size_t bytes) override;
   void free_pinned_host(void* ptr, std::size_t bytes) noexcept override;
 
-  stream_t create_stream(int device) override;
+  stream_t create_stream(int device, bool high_priority = false) override;
   void destroy_stream(stream_t stream) noexcept override;
   void synchronize_stream(stream_t stream) override;
   event_t create_event(int device) override;
@@ -46,13 +48,19 @@ class cuda_backend final : public backend {
   void wait(event_t event) override;
   void stream_wait(stream_t stream, event_t event) override;
   void copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) override;
-  void copy_batch_async(void* const* dsts, const void* const* srcs, const std::size_t* sizes,
+  bool copy_batch_async(void* const* dsts, const void* const* srcs, const std::size_t* sizes,
                         std::size_t count, stream_t stream) override;
 
  private:
   void check_device(int device, const char* what) const;
   int devices_ = 0;
   std::string status_;
+  // Driver entry points for Note [No stray contexts] (resolved through the runtime, so the
+  // extension never links libcuda); null when the driver lacks them.
+  using ctx_get_fn = int (*)(void**);
+  using ctx_set_fn = int (*)(void*);
+  ctx_get_fn ctx_get_ = nullptr;
+  ctx_set_fn ctx_set_ = nullptr;
 };
 
 }  // namespace aqua::cuda

@@ -8,6 +8,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <unistd.h>
 #include <vector>
 
 #include "aqua/error.hpp"
@@ -55,8 +56,9 @@ void emulation_backend::check_device(int device, const char* what) const {
 void* emulation_backend::allocate_arena(std::size_t bytes) {
   void* p = std::aligned_alloc(page, align_up(bytes, page));
   if (!p)
-    throw out_of_memory_error("emulation backend: host allocation of " + format_bytes(bytes) +
-                                  " failed",
+    throw out_of_memory_error(with_location("emulation backend: host allocation of " +
+                                                format_bytes(bytes) + " failed",
+                                            __FILE__, __LINE__),
                               bytes);
   // Pre-fault every page now, so no page fault lands on the hot path (as pinned memory).
   auto* b = static_cast<unsigned char*>(p);
@@ -64,18 +66,71 @@ void* emulation_backend::allocate_arena(std::size_t bytes) {
   return p;
 }
 
-void* emulation_backend::allocate_device(int device, std::size_t bytes) {
-  check_device(device, "allocate_device");
-  return allocate_arena(bytes);
+std::pair<std::size_t, std::size_t> emulation_backend::memory_info(int device) {
+  check_device(device, "memory_info");
+  {
+    std::lock_guard<std::mutex> lock(memory_mutex_);
+    auto it = budgets_.find(device);
+    if (it != budgets_.end() && it->second.limit > 0)
+      return {it->second.limit - std::min(it->second.used, it->second.limit), it->second.limit};
+  }
+  const auto page_bytes = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  return {static_cast<std::size_t>(sysconf(_SC_AVPHYS_PAGES)) * page_bytes,
+          static_cast<std::size_t>(sysconf(_SC_PHYS_PAGES)) * page_bytes};
 }
 
-void emulation_backend::free_device(int, void* ptr) noexcept { std::free(ptr); }
+void emulation_backend::set_device_memory(int device, std::size_t bytes) {
+  check_device(device, "set_device_memory");
+  std::lock_guard<std::mutex> lock(memory_mutex_);
+  budgets_[device].limit = bytes;
+}
+
+void* emulation_backend::allocate_device(int device, std::size_t bytes) {
+  check_device(device, "allocate_device");
+  {
+    std::lock_guard<std::mutex> lock(memory_mutex_);
+    budget& b = budgets_[device];
+    if (b.limit > 0 && b.used + bytes > b.limit)
+      throw out_of_memory_error(with_location("emulation: allocation of " + format_bytes(bytes) +
+                                                  " on emu:" + std::to_string(device) +
+                                                  " failed: out of memory (as cudaErrorMemoryAllocation)",
+                                              __FILE__, __LINE__),
+                                bytes);
+    b.used += bytes;
+  }
+  void* p = nullptr;
+  try {
+    p = allocate_arena(bytes);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(memory_mutex_);
+    budgets_[device].used -= bytes;
+    throw;
+  }
+  std::lock_guard<std::mutex> lock(memory_mutex_);
+  arenas_[p] = {device, bytes};
+  return p;
+}
+
+void emulation_backend::free_device(int, void* ptr) noexcept {
+  if (!ptr) return;
+  {
+    std::lock_guard<std::mutex> lock(memory_mutex_);
+    auto it = arenas_.find(ptr);
+    if (it != arenas_.end()) {
+      budgets_[it->second.first].used -= it->second.second;
+      arenas_.erase(it);
+    }
+  }
+  std::free(ptr);
+}
 
 void* emulation_backend::allocate_pinned_host(std::size_t bytes) { return allocate_arena(bytes); }
 
 void emulation_backend::free_pinned_host(void* ptr, std::size_t) noexcept { std::free(ptr); }
 
-stream_t emulation_backend::create_stream(int device) {
+stream_t emulation_backend::create_stream(int device, bool) {
+  // Every emulated stream has its own worker thread: a demand fetch never queues behind
+  // another lane's work anyway, so priority has nothing to change here.
   check_device(device, "create_stream");
   return reinterpret_cast<stream_t>(new worker_stream());
 }
@@ -173,16 +228,17 @@ void emulation_backend::take_fault() {
   int left = faults_.load();
   while (left > 0)
     if (faults_.compare_exchange_weak(left, left - 1))
-      throw backend_error("emulation: injected copy fault", "emulationInjectedFault");
+      throw backend_error(with_location("emulation: injected copy fault", __FILE__, __LINE__),
+                          "emulationInjectedFault");
 }
 
-void emulation_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
+bool emulation_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
                                          const std::size_t* sizes, std::size_t count,
                                          stream_t stream) {
   take_fault();
   if (stream == 0) {
     for (std::size_t i = 0; i < count; ++i) std::memcpy(dsts[i], srcs[i], sizes[i]);
-    return;
+    return true;
   }
   // One task for the whole batch, as one DMA descriptor list would be.
   std::vector<std::tuple<void*, const void*, std::size_t>> ops;
@@ -191,6 +247,7 @@ void emulation_backend::copy_batch_async(void* const* dsts, const void* const* s
   as_stream(stream).enqueue([ops = std::move(ops)] {
     for (const auto& [d, s, n] : ops) std::memcpy(d, s, n);
   });
+  return true;
 }
 
 void emulation_backend::copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) {

@@ -13,6 +13,10 @@
 // event is re-recorded later, on whatever stream: a recycled event must never release an
 // earlier waiter (records on different streams complete out of order). Stream 0 is the calling
 // thread: recording on it completes at once and waiting on it blocks the caller.
+//
+// Memory: arenas come from the host. memory_info() reports the host's available memory, unless
+// a test pretends a device is smaller (set_device_memory): then its allocations count against
+// that size and fail beyond it, as cudaMalloc does, so peer budgets are testable here.
 #pragma once
 
 #include <algorithm>
@@ -21,6 +25,8 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "aqua/backend.hpp"
@@ -39,14 +45,16 @@ class emulation_backend final : public backend {
   std::string device_label(int device) const override;
   bool can_access_peer(int device, int peer) const override;
   void enable_peer_access(int device, int peer) override;
-  int exchange_device(int device) override { return device; }
+  std::pair<std::size_t, std::size_t> memory_info(int device) override;
+  std::uintptr_t enter_device(int) override { return 0; }
+  void restore_device(std::uintptr_t) noexcept override {}
 
   void* allocate_device(int device, std::size_t bytes) override;
   void free_device(int device, void* ptr) noexcept override;
   void* allocate_pinned_host(std::size_t bytes) override;
   void free_pinned_host(void* ptr, std::size_t bytes) noexcept override;
 
-  stream_t create_stream(int device) override;
+  stream_t create_stream(int device, bool high_priority = false) override;
   void destroy_stream(stream_t stream) noexcept override;
   void synchronize_stream(stream_t stream) override;
   event_t create_event(int device) override;
@@ -56,9 +64,10 @@ class emulation_backend final : public backend {
   void wait(event_t event) override;
   void stream_wait(stream_t stream, event_t event) override;
   void copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) override;
-  void copy_batch_async(void* const* dsts, const void* const* srcs, const std::size_t* sizes,
+  bool copy_batch_async(void* const* dsts, const void* const* srcs, const std::size_t* sizes,
                         std::size_t count, stream_t stream) override;
   void inject_copy_faults(int count) override;
+  void set_device_memory(int device, std::size_t bytes) override;
 
  private:
   void take_fault();
@@ -79,6 +88,13 @@ class emulation_backend final : public backend {
 
   int devices_;
   std::atomic<int> faults_{0};
+  struct budget {
+    std::size_t limit = 0;  ///< 0: the host's memory
+    std::size_t used = 0;
+  };
+  std::mutex memory_mutex_;
+  std::unordered_map<int, budget> budgets_;                // LOCK: memory_mutex_
+  std::unordered_map<void*, std::pair<int, std::size_t>> arenas_;  // LOCK: memory_mutex_
 };
 
 }  // namespace aqua::host

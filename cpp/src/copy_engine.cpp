@@ -1,0 +1,128 @@
+// The notes this file implements are at the top of include/aqua/copy_engine.hpp.
+#include "aqua/copy_engine.hpp"
+
+#include <algorithm>
+
+#include "aqua/error.hpp"
+
+namespace aqua {
+
+copy_engine::copy_engine(std::shared_ptr<backend> b, int device, std::size_t tiers,
+                         std::size_t chunk_bytes, event_pool& events)
+    : backend_(std::move(b)), device_(device), chunk_bytes_(chunk_bytes), events_(events) {
+  AQUA_EXPECTS(chunk_bytes_ >= block_alignment, invalid_argument_error,
+               "chunk_bytes must be at least 256");
+  device_guard guard(*backend_, device_);
+  streams_.reserve(tiers * lane_count);
+  try {
+    for (std::size_t t = 0; t < tiers; ++t)
+      for (std::size_t l = 0; l < lane_count; ++l)
+        streams_.push_back(
+            backend_->create_stream(device_, static_cast<lane>(l) == lane::demand));
+  } catch (...) {
+    for (stream_t s : streams_) backend_->destroy_stream(s);
+    throw;
+  }
+}
+
+copy_engine::~copy_engine() {
+  drain();
+  device_guard guard(*backend_, device_);
+  for (stream_t s : streams_) backend_->destroy_stream(s);
+}
+
+void copy_engine::enqueue(const copy_group& g, stream_t s) {
+  std::vector<void*> dsts;
+  std::vector<const void*> srcs;
+  std::vector<std::size_t> sizes;
+  for (const copy_op& op : g.ops) {
+    if (op.bytes == 0) continue;
+    if (op.bytes <= chunk_bytes_) {
+      dsts.push_back(op.dst);
+      srcs.push_back(op.src);
+      sizes.push_back(op.bytes);
+      continue;
+    }
+    auto* d = static_cast<std::byte*>(op.dst);
+    const auto* p = static_cast<const std::byte*>(op.src);
+    for (std::size_t done = 0; done < op.bytes; done += chunk_bytes_)
+      backend_->copy_async(d + done, p + done, std::min(chunk_bytes_, op.bytes - done), s);
+  }
+  if (dsts.size() == 1) {
+    backend_->copy_async(dsts[0], srcs[0], sizes[0], s);
+  } else if (dsts.size() > 1) {
+    const bool batched = backend_->copy_batch_async(dsts.data(), srcs.data(), sizes.data(),
+                                                    dsts.size(), s);
+    (batched ? batched_ : fallbacks_).fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
+std::vector<event_ref> copy_engine::submit(const submission& sub) {
+  std::vector<event_ref> out;
+  out.reserve(sub.groups.size());
+  std::vector<stream_t> touched;
+  device_guard guard(*backend_, device_);
+  try {
+    event_ref user_ready;
+    if (sub.after_user && !sub.groups.empty()) {
+      user_ready = events_.acquire();
+      backend_->record(user_ready.get(), sub.user);
+    }
+    std::vector<event_t> waited;
+    for (const copy_group& g : sub.groups) {
+      const stream_t s = stream(g.tier, g.lane);
+      if (std::find(touched.begin(), touched.end(), s) == touched.end()) touched.push_back(s);
+      waited.clear();
+      if (user_ready) {
+        backend_->stream_wait(s, user_ready.get());
+        waited.push_back(user_ready.get());
+      }
+      for (const event_ref& e : g.after) {
+        if (!e || std::find(waited.begin(), waited.end(), e.get()) != waited.end()) continue;
+        backend_->stream_wait(s, e.get());
+        waited.push_back(e.get());
+      }
+      enqueue(g, s);
+      out.push_back(events_.acquire());
+      backend_->record(out.back().get(), s);
+    }
+    if (sub.fence_user) {
+      for (const event_ref& e : out) backend_->stream_wait(sub.user, e.get());
+      for (const event_ref& e : sub.user_waits)
+        if (e) backend_->stream_wait(sub.user, e.get());
+    }
+  } catch (...) {
+    for (stream_t s : touched) {  // Note [Abort rule]
+      try {
+        backend_->synchronize_stream(s);
+      } catch (...) {
+      }
+    }
+    throw;
+  }
+  return out;
+}
+
+void copy_engine::synchronize() {
+  device_guard guard(*backend_, device_);
+  for (stream_t s : streams_) backend_->synchronize_stream(s);
+}
+
+void copy_engine::drain() noexcept {
+  try {
+    device_guard guard(*backend_, device_);
+    for (stream_t s : streams_) {
+      try {
+        backend_->synchronize_stream(s);
+      } catch (...) {  // a dying runtime (cudaErrorCudartUnloading at exit): nothing to wait on
+      }
+    }
+  } catch (...) {
+  }
+}
+
+copy_engine_stats copy_engine::stats() const noexcept {
+  return {batched_.load(std::memory_order_relaxed), fallbacks_.load(std::memory_order_relaxed)};
+}
+
+}  // namespace aqua
