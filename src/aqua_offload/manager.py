@@ -34,6 +34,7 @@ from .devices import (DeviceLike, current_stream, external_stream, parse_peer, r
                       resolve_device, resolve_peers)
 from .errors import InvalidArgumentError, InvalidHandleError, OffloadError
 from .handle import Handle, check_priority as _check_priority
+from .peer_budget import auto_budgets
 from .sizes import parse_size
 
 __all__ = ["OffloadManager", "live_managers"]
@@ -101,22 +102,29 @@ class OffloadManager:
         if not isinstance(policy, str) or policy not in POLICIES:
             raise InvalidArgumentError(f"unknown eviction policy {policy!r} (available: {', '.join(POLICIES)})")
         default_peer, default_host = _DEFAULT_BYTES[backend]
+        self._peer_budgets: list[dict[str, Any]] = []
         lent = isinstance(peers, str) and peers.strip().lower() == "lent"
         if lent:  # 0-byte peer tiers, grown by leases (lending/consumer.py)
             from .lending.consumer import lent_peer_specs
             peer_specs = lent_peer_specs(backend, index)
-        elif isinstance(peer_bytes, Mapping):
-            budgets = {parse_peer(k, backend): parse_size(v, name=f"peer_bytes[{k!r}]")
-                       for k, v in peer_bytes.items()}
-            peer_list = list(budgets) if (isinstance(peers, str) and peers == "auto") \
-                else resolve_peers(peers, backend, index)
-            missing = [p for p in peer_list if p not in budgets]
-            if missing:
-                raise InvalidArgumentError(f"peer_bytes has no budget for peer(s) {missing}")
-            peer_specs = [(p, budgets[p]) for p in peer_list]
         else:
-            size = parse_size(default_peer if peer_bytes is None else peer_bytes, name="peer_bytes")
-            peer_specs = [(p, size) for p in resolve_peers(peers, backend, index)]
+            auto = isinstance(peers, str) and peers.strip().lower() == "auto"
+            if isinstance(peer_bytes, Mapping):
+                budgets = {parse_peer(k, backend): parse_size(v, name=f"peer_bytes[{k!r}]")
+                           for k, v in peer_bytes.items()}
+                peer_list = list(budgets) if auto else resolve_peers(peers, backend, index)
+                missing = [p for p in peer_list if p not in budgets]
+                if missing:
+                    raise InvalidArgumentError(f"peer_bytes has no budget for peer(s) {missing}")
+            else:
+                size = parse_size(default_peer if peer_bytes is None else peer_bytes,
+                                  name="peer_bytes")
+                peer_list = resolve_peers(peers, backend, index)
+                budgets = {p: size for p in peer_list}
+            if auto:  # what each peer can spare (peer_budget.py)
+                peer_specs, self._peer_budgets = auto_budgets(backend, peer_list, budgets)
+            else:
+                peer_specs = [(p, budgets[p]) for p in peer_list]
         host = parse_size(default_host if host_bytes is None else host_bytes, name="host_bytes")
         chunk = _DEFAULT_CHUNK[backend] if chunk_bytes is None else parse_size(chunk_bytes, name="chunk_bytes")
         self._store = _core.Store(backend, index, peer_specs, host, chunk, policy)
@@ -533,6 +541,7 @@ class OffloadManager:
         s["device"] = str(self.device)
         s["policy"] = self.policy
         s["prefetched_bytes"] = self._prefetched_bytes
+        s["peer_budgets"] = [dict(b) for b in self._peer_budgets]
         s["reclaim_last_gbps"] = (s["reclaim_last_bytes_moved"] / s["reclaim_last_s"] / 1e9
                                   if s["reclaim_last_s"] > 0 else 0.0)
         if self._lending is not None:

@@ -52,7 +52,8 @@ def info() -> dict[str, Any]:
         ``peer_access`` (matrix of bools), ``nvlink`` (see :func:`aqua_offload.nvml.
         nvlink_topology`; ``available`` False with a ``reason`` where NVML cannot tell),
         ``default_pools`` (the per-peer and host pool bytes of an ``OffloadManager()`` with no
-        sizes given), ``managers`` (device and per-tier capacity/used of each live manager),
+        sizes given), ``managers`` (device, per-tier capacity/used and, for ``peers="auto"``, the
+        peer budgets of each live manager: ``stats()["peer_budgets"]``),
         ``versions``.
     """
     from . import __version__
@@ -68,6 +69,7 @@ def info() -> dict[str, Any]:
             "backend": stats["backend"],
             "tiers": [{k: t[k] for k in ("tier", "location", "capacity", "used")}
                       for t in stats["tiers"]],
+            "peer_budgets": stats["peer_budgets"],
         })
     if backend == "cuda":
         bus_ids = _pci_bus_ids()

@@ -19,6 +19,20 @@ namespace aqua::host {
 
 namespace {
 constexpr std::size_t page = 4096;
+
+struct memory_book {  // process-wide: a pretended device size outlives backend instances
+  struct budget {
+    std::size_t limit = 0;  ///< 0: the host's memory
+    std::size_t used = 0;
+  };
+  std::mutex mutex;
+  std::unordered_map<int, budget> budgets;                        // LOCK: mutex
+  std::unordered_map<void*, std::pair<int, std::size_t>> arenas;  // LOCK: mutex
+};
+memory_book& book() {
+  static auto* b = new memory_book();  // leaked: used by destructors at exit
+  return *b;
+}
 worker_stream& as_stream(stream_t s) { return *reinterpret_cast<worker_stream*>(s); }
 }  // namespace
 
@@ -69,9 +83,9 @@ void* emulation_backend::allocate_arena(std::size_t bytes) {
 std::pair<std::size_t, std::size_t> emulation_backend::memory_info(int device) {
   check_device(device, "memory_info");
   {
-    std::lock_guard<std::mutex> lock(memory_mutex_);
-    auto it = budgets_.find(device);
-    if (it != budgets_.end() && it->second.limit > 0)
+    std::lock_guard<std::mutex> lock(book().mutex);
+    auto it = book().budgets.find(device);
+    if (it != book().budgets.end() && it->second.limit > 0)
       return {it->second.limit - std::min(it->second.used, it->second.limit), it->second.limit};
   }
   const auto page_bytes = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
@@ -81,15 +95,15 @@ std::pair<std::size_t, std::size_t> emulation_backend::memory_info(int device) {
 
 void emulation_backend::set_device_memory(int device, std::size_t bytes) {
   check_device(device, "set_device_memory");
-  std::lock_guard<std::mutex> lock(memory_mutex_);
-  budgets_[device].limit = bytes;
+  std::lock_guard<std::mutex> lock(book().mutex);
+  book().budgets[device].limit = bytes;
 }
 
 void* emulation_backend::allocate_device(int device, std::size_t bytes) {
   check_device(device, "allocate_device");
   {
-    std::lock_guard<std::mutex> lock(memory_mutex_);
-    budget& b = budgets_[device];
+    std::lock_guard<std::mutex> lock(book().mutex);
+    auto& b = book().budgets[device];
     if (b.limit > 0 && b.used + bytes > b.limit)
       throw out_of_memory_error(with_location("emulation: allocation of " + format_bytes(bytes) +
                                                   " on emu:" + std::to_string(device) +
@@ -102,23 +116,23 @@ void* emulation_backend::allocate_device(int device, std::size_t bytes) {
   try {
     p = allocate_arena(bytes);
   } catch (...) {
-    std::lock_guard<std::mutex> lock(memory_mutex_);
-    budgets_[device].used -= bytes;
+    std::lock_guard<std::mutex> lock(book().mutex);
+    book().budgets[device].used -= bytes;
     throw;
   }
-  std::lock_guard<std::mutex> lock(memory_mutex_);
-  arenas_[p] = {device, bytes};
+  std::lock_guard<std::mutex> lock(book().mutex);
+  book().arenas[p] = {device, bytes};
   return p;
 }
 
 void emulation_backend::free_device(int, void* ptr) noexcept {
   if (!ptr) return;
   {
-    std::lock_guard<std::mutex> lock(memory_mutex_);
-    auto it = arenas_.find(ptr);
-    if (it != arenas_.end()) {
-      budgets_[it->second.first].used -= it->second.second;
-      arenas_.erase(it);
+    std::lock_guard<std::mutex> lock(book().mutex);
+    auto it = book().arenas.find(ptr);
+    if (it != book().arenas.end()) {
+      book().budgets[it->second.first].used -= it->second.second;
+      book().arenas.erase(it);
     }
   }
   std::free(ptr);

@@ -16,7 +16,8 @@
 //
 // Memory: arenas come from the host. memory_info() reports the host's available memory, unless
 // a test pretends a device is smaller (set_device_memory): then its allocations count against
-// that size and fail beyond it, as cudaMalloc does, so peer budgets are testable here.
+// that size and fail beyond it, as cudaMalloc does, so peer budgets are testable here. The
+// pretended sizes are process-wide (like a GPU's), so they outlive any one backend instance.
 #pragma once
 
 #include <algorithm>
@@ -88,13 +89,7 @@ class emulation_backend final : public backend {
 
   int devices_;
   std::atomic<int> faults_{0};
-  struct budget {
-    std::size_t limit = 0;  ///< 0: the host's memory
-    std::size_t used = 0;
-  };
-  std::mutex memory_mutex_;
-  std::unordered_map<int, budget> budgets_;                // LOCK: memory_mutex_
-  std::unordered_map<void*, std::pair<int, std::size_t>> arenas_;  // LOCK: memory_mutex_
+
 };
 
 }  // namespace aqua::host

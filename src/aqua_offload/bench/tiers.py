@@ -4,6 +4,11 @@
   64 x 64 KiB) against offload + fetch of one tensor of the same total bytes (4 MiB), same
   tier, same run. Target (DESIGN.md section 9): batch time <= 1.5x the single copy, i.e. a
   ratio (single median / batch median) >= 0.67.
+- ``bookkeeping``: ``offload_many`` + ``fetch_many`` of ``n`` tiny (256 B) snapshots, per
+  handle, at 2k and at 64k live handles (16k and 2k with ``quick``), host time (the cost
+  measured is the bookkeeping, not the copies; the cyclic GC is paused while timing, as
+  timeit does). Target (DESIGN.md section 9): the per-handle
+  cost at the larger count within 1.5x of that at the smaller, i.e. a ratio >= 0.67.
 - ``reclaim``: a peer segment of ``reclaim_bytes`` (default 1 GiB, 64 MiB with ``quick``) is
   lent and filled with live handles, then reclaimed (every handle migrates to the host tier),
   against the raw copy of the same bytes to host memory (``raw_memcpy`` D2H on CUDA, one numpy
@@ -16,6 +21,7 @@ Rows follow the copy benchmark's schema (``method``, ``direction``, ``bytes``, `
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from typing import Any, Callable
@@ -28,7 +34,7 @@ from .measure import (EMULATION_LABEL, VerificationError, cuda_timer, host_timer
                       row)
 from .models import bench_device, device_label
 
-__all__ = ["run_tier_benchmark", "format_tier_table"]
+__all__ = ["run_tier_benchmark", "format_tier_table", "copy_path"]
 
 
 def _source(n: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -52,20 +58,67 @@ def _batch_rows(m: OffloadManager, count: int, size: int, samples: int,
         result["many"] = m.fetch_many(m.offload_many(small, release=False), outs=small_out)
 
     times: dict[str, list[float]] = {"single": [], "batch": []}
+    before = m.stats()
     for i in range(samples + 1):  # the first round warms up
         for name, fn in (("single", single), ("batch", batch)):
             elapsed = timer(fn)
             if i:
                 times[name].append(elapsed)
+    after = m.stats()
     if not torch.equal(result["one"], one) or not all(
             torch.equal(a, b) for a, b in zip(result["many"], small)):
         raise VerificationError("batched transfer produced wrong bytes")
     base = statistics.median(times["single"])
     total = count * size
+    batch_row = row(f"offload_many+fetch_many x{count}", "roundtrip", total, times["batch"],
+                    "offload+fetch x1", base, device, backend)
+    batch_row["copy_path"] = copy_path(before, after)
     return [row("offload+fetch x1", "roundtrip", total, times["single"], "offload+fetch x1",
-                 base, device, backend),
-            row(f"offload_many+fetch_many x{count}", "roundtrip", total, times["batch"],
-                 "offload+fetch x1", base, device, backend)]
+                 base, device, backend), batch_row]
+
+
+def copy_path(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Which submission path the batches between two ``stats()`` took: ``"batched"`` (one
+    cudaMemcpyBatchAsync, or one task on emulation), ``"per-copy fallback"`` (the runtime
+    refused the batch API), ``"mixed"``, or ``"none"``."""
+    batched = after["batched_submissions"] - before["batched_submissions"]
+    fallback = after["batch_fallbacks"] - before["batch_fallbacks"]
+    if batched and fallback:
+        return "mixed"
+    return "batched" if batched else "per-copy fallback" if fallback else "none"
+
+
+def _bookkeeping_rows(tdev: torch.device, counts: tuple[int, int], samples: int, device: str,
+                      backend: str) -> list[dict[str, Any]]:
+    size = 256  # one pool block: what is measured is the per-handle bookkeeping
+    per_handle: dict[int, list[float]] = {}
+    for n in counts:
+        srcs = [_source(size, 3000 + i % 97, tdev) for i in range(n)]
+        outs = [torch.empty_like(t) for t in srcs]
+        with OffloadManager(tdev, peers=None, host_bytes=n * size + (1 << 20)) as m:
+            per_handle[n] = []
+            for i in range(samples + 1):
+                # As timeit does: the interpreter's cyclic GC scans every live Python object of
+                # the process, whoever made it; that is not this library's bookkeeping.
+                gc.collect()
+                gc.disable()
+                try:
+                    t0 = time.perf_counter()
+                    got = m.fetch_many(m.offload_many(srcs, release=False), outs=outs)
+                    if tdev.type == "cuda":
+                        torch.cuda.synchronize(tdev)
+                    elapsed = time.perf_counter() - t0
+                finally:
+                    gc.enable()
+                if i:
+                    per_handle[n].append(elapsed / n)
+            if not all(torch.equal(a, b) for a, b in zip(got, srcs)):
+                raise VerificationError("bookkeeping benchmark: wrong bytes")
+    small, large = counts
+    base = statistics.median(per_handle[small])
+    return [row(f"offload_many+fetch_many per handle, {n} live", "bookkeeping", size,
+                per_handle[n], f"per handle, {small} live", base, device, backend)
+            for n in counts]
 
 
 def _reclaim_rows(m: OffloadManager, peer: Any, nbytes: int, samples: int, device: str,
@@ -133,10 +186,12 @@ def run_tier_benchmark(*, backend: str = "auto", quick: bool = False, samples: i
         rows = _batch_rows(m, count, size, samples, timer, device, backend)
         m.reclaim(peer)  # the reclaim experiment lends its own segments
         rows += _reclaim_rows(m, peer, reclaim_bytes, samples, device, backend)
+    counts = (2048, 16384) if quick else (2048, 65536)
+    rows += _bookkeeping_rows(tdev, counts, samples, device, backend)
     return {"device": device, "backend": backend,
             "label": EMULATION_LABEL if backend == "emulation" else None, "rows": rows,
             "config": {"count": count, "size": size, "reclaim_bytes": reclaim_bytes,
-                       "samples": samples}}
+                       "samples": samples, "bookkeeping_counts": list(counts)}}
 
 
 def format_tier_table(result: dict[str, Any]) -> str:
@@ -145,10 +200,11 @@ def format_tier_table(result: dict[str, Any]) -> str:
         lines.append(f"*** {result['label']} ***")
     lines.append(f"device: {result['device']}   backend: {result['backend']}   "
                  "ratio = baseline median / median")
-    lines.append(f"{'experiment':<10} {'method':<34} {'bytes':>12} {'median':>11} "
+    lines.append(f"{'experiment':<11} {'method':<46} {'bytes':>12} {'median':>11} "
                  f"{'min':>11} {'max':>11} {'ratio':>7}")
     for r in result["rows"]:
-        lines.append(f"{r['direction']:<10} {r['method']:<34} {r['bytes']:>12} "
-                     f"{r['median_s'] * 1e3:>9.3f}ms {r['min_s'] * 1e3:>9.3f}ms "
-                     f"{r['max_s'] * 1e3:>9.3f}ms {r['ratio']:>7.2f}")
+        path = f"  [{r['copy_path']}]" if "copy_path" in r else ""
+        lines.append(f"{r['direction']:<11} {r['method']:<46} {r['bytes']:>12} "
+                     f"{r['median_s'] * 1e3:>9.4f}ms {r['min_s'] * 1e3:>9.4f}ms "
+                     f"{r['max_s'] * 1e3:>9.4f}ms {r['ratio']:>7.2f}{path}")
     return "\n".join(lines)

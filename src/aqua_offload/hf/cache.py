@@ -264,8 +264,11 @@ class OffloadedCache(DynamicCache):
         new: list[_Segment] = []
         if length > start:
             try:
+                # The packed copy is never written again: the snapshot needs no fence, so decoding
+                # goes on while it is copied (its memory is kept alive until the copy ran).
                 handle = manager.offload(_pack(keys[..., start:, :], values[..., start:, :]),
-                                         release=False, priority=self._priority)
+                                         release=False, priority=self._priority,
+                                         fence="deferred")
             except OutOfMemoryError:
                 # No tier has room: the layer stays resident (correct, just not offloaded);
                 # its next page out rewrites it whole.
