@@ -171,7 +171,13 @@ store::store(std::shared_ptr<backend> b, store_config cfg)
   }
 }
 
-store::~store() { close(); }
+store::~store() {
+  close();
+  if (static_cast<long>(::getpid()) != owner_pid_) {  // Note [Fork]: leak the parent's copies:
+    (void)engine_.release();  // joining its stream workers would hang or crash
+    (void)events_.release();  // the parent's events; references to them still return here
+  }
+}
 
 void store::release_resources() noexcept {
   // Only once no call is in progress (close(), or a failed constructor). The engine goes
