@@ -1,63 +1,190 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: build and install aqua_offload, run the GPU tests and the full
-# suite, benchmark the copies, and (when available) run the GPU tests under compute-sanitizer.
-# Logs and results go to $OUT (default ./gpu_out): one *.log per step, and bench_*.json.
-# A failing step is reported and the later steps still run (a GPU session is precious); the
-# script exits non-zero if any step failed. The install step must succeed.
+# One-shot check on a rented GPU machine: build and install aqua_offload with the CUDA backend,
+# run the GPU tests, the smoke checks (scripts/gpu_smoke.py) and quick benchmarks, then, while
+# time is left, the HF benchmarks and compute-sanitizer. The session is short (15 minutes with
+# machine start), so every stage runs under `timeout` and the whole script ends by HARD_S.
 #
-#   scripts/gpu_check.sh                 # from anywhere; torch with CUDA already installed
-#   OUT=/tmp/run1 PYTHON=python3 scripts/gpu_check.sh
-set -euo pipefail
+#   OUT=/path/to/out bash scripts/gpu_check.sh     # from anywhere; $OUT is what comes back
+#
+# In $OUT: <stage>.log per stage, junit_cuda.xml, info.json, smoke.json, bench_*.json, and
+# summary.txt (PASS/FAIL/SKIP/TIMEOUT and seconds per stage), rewritten as each stage starts
+# and ends so that a run killed midway still says how far it got.
+# Exit status: 0 if no stage failed or timed out, else 1.
+#
+# Environment:
+#   PYTHON     interpreter (default: python); JOBS: build parallelism (default: nproc)
+#   BUDGET_S   seconds from the start after which the optional stages no longer start (420)
+#   HARD_S     no stage runs past this many seconds from the start (450)
+#   BUILD_DIR  scikit-build-core build directory (default: the pyproject's, build/{wheel_tag})
+# For testing this script on a machine without a GPU:
+#   GPU_CHECK_SKIP_INSTALL=1  use the aqua_offload already installed for $PYTHON
+#   GPU_CHECK_KEEP_GOING=1    carry on when the CUDA backend is missing (later stages fail)
+#   GPU_CHECK_DRY_RUN=1       print each stage's command instead of running it
+set -uo pipefail  # no -e: a failed stage is recorded and the next one still runs
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT="${OUT:-./gpu_out}"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-PYTHON="$(command -v "${PYTHON:-python}")"  # absolute: some steps run from /
-failed=()
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$ROOT/gpu_out}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+PYTHON="$(command -v "${PYTHON:-python}")" || { echo "gpu_check: no python found" >&2; exit 1; }
+# (absolute: several stages run from /)
+BUDGET_S="${BUDGET_S:-420}" HARD_S="${HARD_S:-450}" JOBS="${JOBS:-$(nproc)}"
+export ROOT OUT PYTHON JOBS BUILD_DIR="${BUILD_DIR:-}"
+SUMMARY="$OUT/summary.txt"
+STARTED="$(date -u +%FT%TZ)"
+ROWS=()      # finished stages, one summary line each
+FAILED=0
+CHILD=""     # pid of the stage's `timeout`, for the signal trap
 
-# step NAME LOG CMD...: run CMD, tee its output into $OUT/LOG, remember a failure.
-step() {
-  local name="$1" log="$2"
-  shift 2
-  printf '\n=== %s ===\n' "$name"
-  if ! "$@" 2>&1 | tee "$OUT/$log"; then
-    echo "*** FAILED: $name (see $OUT/$log)"
-    failed+=("$name")
-  fi
+row() { printf '%-14s %-8s %5s  %s' "$1" "$2" "$3" "${4:0:110}"; }
+
+write_summary() {  # $1: an extra last line (the stage running now, or the verdict)
+  { echo "# aqua_offload scripts/gpu_check.sh, started $STARTED on $(hostname)," \
+      "BUDGET_S=$BUDGET_S HARD_S=$HARD_S; logs: <stage>.log"
+    row STAGE STATUS SECONDS NOTE; echo
+    if ((${#ROWS[@]})); then printf '%s\n' "${ROWS[@]}"; fi
+    if [[ -n "${1:-}" ]]; then echo "$1"; fi
+  } >"$SUMMARY.tmp" && mv -f "$SUMMARY.tmp" "$SUMMARY"  # never half a file
 }
 
-echo "aqua_offload GPU check; logs in $OUT"
+record() {  # NAME STATUS SECONDS NOTE
+  ROWS+=("$(row "$@")")
+  [[ "$2" == FAIL || "$2" == TIMEOUT ]] && FAILED=1
+  write_summary
+  printf '%s\n' "${ROWS[-1]}"
+}
 
-printf '\n=== install (needs torch, pybind11, scikit-build-core and a CUDA toolkit) ===\n'
-"$PYTHON" -m pip install --no-build-isolation --no-deps -v . 2>&1 | tee "$OUT/install.log"
+# The session may end this script with SIGTERM: say so in the summary and stop the stage.
+on_signal() {
+  [[ -n "$CHILD" ]] && kill -TERM "$CHILD" 2>/dev/null  # timeout passes it to its command
+  write_summary "$(row "${STAGE:-?}" KILLED "" "script got a signal at ${SECONDS}s")"
+  exit 143
+}
+trap on_signal TERM INT HUP
 
-# From / so that the installed package is imported, never the checkout's src/.
-step "environment" env.log bash -c \
-  "nvidia-smi; nvidia-smi topo -m || true; nvcc --version || true; cd / && '$PYTHON' -m aqua_offload info --json '$OUT/info.json'"
-step "aqua_offload sees a GPU" gpu_visible.log bash -c \
-  "cd / && '$PYTHON' -c 'import aqua_offload as aq; b = aq.info()[\"backend\"]; print(\"backend:\", b); assert b == \"cuda\", \"no usable GPU: the cuda tests would skip\"'"
-step "GPU tests (pytest -m cuda)" test_cuda.log "$PYTHON" -m pytest -m cuda -v
-step "full test suite" test_all.log "$PYTHON" -m pytest -q
-step "copy benchmark" bench_copy.log bash -c \
-  "cd / && '$PYTHON' -m aqua_offload bench copy --backend cuda --no-progress --json '$OUT/bench_copy.json' --plot '$OUT/bench_copy.png'"
-step "tiers benchmark" bench_tiers.log bash -c \
-  "cd / && '$PYTHON' -m aqua_offload bench tiers --backend cuda --json '$OUT/bench_tiers.json' --plot '$OUT/bench_tiers.png'"
-step "hf benchmark" bench_hf.log bash -c \
-  "cd / && '$PYTHON' -m aqua_offload bench hf --backend cuda --no-progress --json '$OUT/bench_hf.json' --plot '$OUT/bench_hf.png'"
-step "burst benchmark" bench_burst.log bash -c \
-  "cd / && '$PYTHON' -m aqua_offload bench burst --backend cuda --no-progress --json '$OUT/bench_burst.json' --plot '$OUT/bench_burst.png'"
+# stage NAME LIMIT_S COMMAND: run COMMAND with bash -c under `timeout`, output in $OUT/NAME.log.
+# LIMIT_S is cut to what is left of HARD_S; returns the command's status.
+stage() {
+  local name="$1" limit="$2" cmd="$3" log="$OUT/$1.log" left=$((HARD_S - SECONDS - 12))
+  STAGE="$name"
+  if ((left < 15)); then record "$name" SKIP 0 "no time left (HARD_S=$HARD_S)"; return 0; fi
+  ((limit > left)) && limit=$left
+  if [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]]; then
+    printf '[dry run] %s (timeout %ss):\n%s\n' "$name" "$limit" "$cmd"
+    record "$name" SKIP 0 "dry run"; return 0
+  fi
+  write_summary "$(row "$name" RUNNING "" "since ${SECONDS}s, timeout ${limit}s")"
+  printf '\n=== %s (timeout %ss, at %ss) ===\n' "$name" "$limit" "$SECONDS"
+  local t0=$SECONDS rc status
+  # In the background so that the trap runs at once; --kill-after for a command ignoring TERM.
+  timeout --kill-after=10 "$limit" bash -c "$cmd" >"$log" 2>&1 </dev/null &
+  CHILD=$!
+  wait "$CHILD"; rc=$?
+  CHILD=""
+  local secs=$((SECONDS - t0))
+  if ((rc == 0)); then status=PASS
+  elif ((rc == 124 || (rc == 137 && secs >= limit))); then status=TIMEOUT  # 137 alone: OOM kill
+  else status=FAIL; fi
+  local last; last="$(grep -v '^[[:space:]]*$' "$log" | tail -n 1)"
+  [[ $status == TIMEOUT ]] && last="killed at its ${limit}s limit; last output: $last"
+  record "$name" "$status" "$secs" "rc=$rc: $last"
+  if [[ $status != PASS ]]; then tail -n 25 "$log" | sed 's/^/    | /'; fi
+  return "$rc"
+}
 
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  step "compute-sanitizer memcheck (GPU tests)" sanitizer.log \
-    compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" -m pytest -m cuda -x -q
+# abort WHY: the remaining stages are pointless; leave the reason in the summary.
+abort() {
+  [[ "${GPU_CHECK_KEEP_GOING:-0}" == 1 ]] && { echo "GPU_CHECK_KEEP_GOING=1: going on"; return; }
+  write_summary "ABORTED after ${SECONDS}s: $1"
+  printf '\n*** ABORTED: %s\n' "$1"; cat "$SUMMARY"; exit 1
+}
+
+# optional NAME LIMIT_S COMMAND: a stage that starts only while BUDGET_S has a minute left.
+optional() {
+  local left=$((BUDGET_S - SECONDS))
+  if ((left < 60)); then record "$1" SKIP 0 "budget: ${left}s of BUDGET_S=$BUDGET_S left"; return; fi
+  stage "$1" $(($2 < left ? $2 : left)) "$3"
+}
+
+echo "aqua_offload GPU check: python $PYTHON, results in $OUT"
+write_summary
+
+# 1. Environment: what machine produced these numbers.
+stage environment 30 '
+  rc=0
+  nvidia-smi || rc=1
+  nvidia-smi topo -m || echo "(no topology matrix)"
+  nvcc --version || rc=1
+  "$PYTHON" -m pip list 2>/dev/null | grep -iE "^(torch|numpy|cupy|transformers|pybind11|scikit.build.core|pytest|hypothesis) "
+  echo "cpus $(nproc)"; free -g | head -2
+  "$PYTHON" -c "import sys, torch
+print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda,
+      \"gpus\", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])" || rc=1
+  exit $rc'
+
+# 2. Build and install. A plain (not editable) install: pytest, the smoke script and the
+# benchmarks then all import the same installed files, never src/ (where a dev build may have
+# left an _core*.so for another Python). Only sm_90 kernels: H100/H200, and a faster build.
+if [[ "${GPU_CHECK_SKIP_INSTALL:-0}" == 1 ]]; then
+  record build SKIP 0 "GPU_CHECK_SKIP_INSTALL=1: testing what is installed"
 else
-  echo "compute-sanitizer not found: memcheck skipped" | tee "$OUT/sanitizer.log"
+  stage build 240 '
+    cd "$ROOT" && AQUA_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" PIP_NO_INDEX=1 \
+      PIP_DISABLE_PIP_VERSION_CHECK=1 "$PYTHON" -m pip install --no-build-isolation --no-deps -v \
+      -Ccmake.define.AQUA_CUDA_ARCHITECTURES=90 ${BUILD_DIR:+-Cbuild-dir="$BUILD_DIR"} .' \
+    || abort "the build/install failed (build.log); nothing else can run"
+fi
+# From / so that the installed package is imported; without the CUDA backend every cuda test
+# would only skip, so stop here rather than report a green run that tested nothing.
+stage cuda_backend 45 '
+  cd / && "$PYTHON" -m aqua_offload info --json "$OUT/info.json"
+  "$PYTHON" -c "import aqua_offload as aq, aqua_offload._core as c
+print(\"aqua_offload imported from\", aq.__file__, \"; _core:\", c.__file__)
+backend = aq.info()[\"backend\"]
+print(\"cuda_compiled:\", c.cuda_compiled(), \"backend:\", backend)
+assert c.cuda_compiled(), \"CUDA backend MISSING: the installed aqua_offload was built without it\"
+assert backend == \"cuda\", f\"backend is {backend!r}, not cuda: the CUDA backend sees no usable GPU\"
+print(\"OK: CUDA backend in\", aq.__file__)"' \
+  || abort "the installed aqua_offload has no usable CUDA backend (cuda_backend.log)"
+
+# 3. GPU tests. Only skips (e.g. a conftest that sees no GPU) would be a silent pass: fail them.
+# faulthandler_timeout: a test stuck for a minute prints every thread's stack into the log.
+stage pytest_cuda 150 '
+  cd "$ROOT" && "$PYTHON" -m pytest -m cuda -x -q -p no:cacheprovider --durations=10 \
+    -o faulthandler_timeout=60 --junitxml="$OUT/junit_cuda.xml" && "$PYTHON" -c "import sys, xml.etree.ElementTree as E
+s = E.parse(sys.argv[1]).getroot(); s = s if s.tag == \"testsuite\" else s[0]
+ran = int(s.get(\"tests\")) - int(s.get(\"skipped\"))
+print(ran, \"cuda tests ran,\", s.get(\"skipped\"), \"skipped\"); sys.exit(ran == 0)" "$OUT/junit_cuda.xml"'
+
+# 4. Races and leaks the tests do not reach (exit 2: no usable GPU).
+stage smoke 75 'cd "$ROOT" && "$PYTHON" scripts/gpu_smoke.py --out "$OUT/smoke.json"'
+
+# 5. Quick benchmarks, from / (the installed package). JSON only: plots can be made later.
+stage bench_copy 90 'cd / && "$PYTHON" -m aqua_offload bench copy --backend cuda --quick \
+  --no-progress --json "$OUT/bench_copy.json"'
+stage bench_tiers 90 'cd / && "$PYTHON" -m aqua_offload bench tiers --backend cuda --quick \
+  --json "$OUT/bench_tiers.json"'
+
+# 6. While the budget lasts. memcheck sees torch's allocations only without the caching
+# allocator; cases b-d in --quick mode, as everything under memcheck runs far slower.
+optional bench_hf 90 'cd / && "$PYTHON" -m aqua_offload bench hf --backend cuda --quick \
+  --no-progress --json "$OUT/bench_hf.json"'
+optional bench_burst 90 'cd / && "$PYTHON" -m aqua_offload bench burst --backend cuda --quick \
+  --no-progress --json "$OUT/bench_burst.json"'
+SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer \
+  "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent)")")/compute-sanitizer" \
+  2>/dev/null | head -n 1)"
+if [[ -z "$SANITIZER" ]]; then
+  record memcheck SKIP 0 "compute-sanitizer not found"
+else
+  export SANITIZER
+  optional memcheck 150 'cd "$ROOT" && PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" \
+    --tool memcheck --error-exitcode 1 --target-processes application-only \
+    "$PYTHON" scripts/gpu_smoke.py --quick --cases bcd --out "$OUT/smoke_memcheck.json"'
 fi
 
-printf '\n=== summary ===\n'
-if ((${#failed[@]})); then
-  printf 'FAILED: %s\n' "${failed[@]}"
-  exit 1
-fi
-echo "all checks passed; logs and bench_*.json in $OUT"
+STAGE=""
+if [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]]; then VERDICT="DRY RUN"; elif ((FAILED)); then VERDICT=FAIL
+else VERDICT=PASS; fi
+write_summary "RESULT: $VERDICT after ${SECONDS}s"
+printf '\n'; cat "$SUMMARY"
+exit "$FAILED"
