@@ -170,12 +170,15 @@ def test_tier_benchmark_rows(tmp_path: Path) -> None:
     from aqua_offload.bench import tiers
 
     result = tiers.run_tier_benchmark(backend="emulation", samples=3, count=8, size=4096,
-                                      reclaim_bytes=2 << 20)
+                                      reclaim_bytes=2 << 20, bookkeeping_counts=(64, 512))
     assert result["backend"] == "emulation" and result["label"] == bench_copy.EMULATION_LABEL
     rows = result["rows"]
     assert [(r["direction"], r["method"]) for r in rows] == [
         ("roundtrip", "offload+fetch x1"), ("roundtrip", "offload_many+fetch_many x8"),
-        ("reclaim", "numpy_copy"), ("reclaim", "reclaim")]
+        ("reclaim", "numpy_copy"), ("reclaim", "reclaim"),
+        ("bookkeeping", "offload_many+fetch_many per handle, 64 live"),
+        ("bookkeeping", "offload_many+fetch_many per handle, 512 live")]
+    assert rows[1]["copy_path"] == "batched"  # emulation submits a batch as one task
     for r in rows:
         base = next(b for b in rows if b["method"] == r["baseline"]
                     and b["direction"] == r["direction"])

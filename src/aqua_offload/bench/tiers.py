@@ -114,10 +114,10 @@ def _bookkeeping_rows(tdev: torch.device, counts: tuple[int, int], samples: int,
                     per_handle[n].append(elapsed / n)
             if not all(torch.equal(a, b) for a, b in zip(got, srcs)):
                 raise VerificationError("bookkeeping benchmark: wrong bytes")
-    small, large = counts
+    small = counts[0]
     base = statistics.median(per_handle[small])
-    return [row(f"offload_many+fetch_many per handle, {n} live", "bookkeeping", size,
-                per_handle[n], f"per handle, {small} live", base, device, backend)
+    name = "offload_many+fetch_many per handle, {} live".format
+    return [row(name(n), "bookkeeping", size, per_handle[n], name(small), base, device, backend)
             for n in counts]
 
 
@@ -164,8 +164,10 @@ def _reclaim_rows(m: OffloadManager, peer: Any, nbytes: int, samples: int, devic
 
 def run_tier_benchmark(*, backend: str = "auto", quick: bool = False, samples: int = 5,
                        count: int = 64, size: int = 64 << 10,
-                       reclaim_bytes: int | None = None) -> dict[str, Any]:
-    """Run the batch and reclaim benchmarks; returns ``{"device", "backend", "label", "rows"}``.
+                       reclaim_bytes: int | None = None,
+                       bookkeeping_counts: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Run the batch, reclaim and bookkeeping benchmarks; returns ``{"device", "backend",
+    "label", "rows", "config"}``.
 
     Raises
     ------
@@ -186,7 +188,7 @@ def run_tier_benchmark(*, backend: str = "auto", quick: bool = False, samples: i
         rows = _batch_rows(m, count, size, samples, timer, device, backend)
         m.reclaim(peer)  # the reclaim experiment lends its own segments
         rows += _reclaim_rows(m, peer, reclaim_bytes, samples, device, backend)
-    counts = (2048, 16384) if quick else (2048, 65536)
+    counts = bookkeeping_counts or ((2048, 16384) if quick else (2048, 65536))
     rows += _bookkeeping_rows(tdev, counts, samples, device, backend)
     return {"device": device, "backend": backend,
             "label": EMULATION_LABEL if backend == "emulation" else None, "rows": rows,
