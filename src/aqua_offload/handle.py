@@ -59,7 +59,7 @@ class Handle:
         self._prefetch_stream: Any = None  # torch stream the prefetch buffer belongs to (CUDA)
         self._lock = threading.RLock()  # serialises fetch/prefetch/free of this handle
         self._kept = False  # a release fetched with keep=True: the tier copy outlives it
-        self._deferred: torch.Tensor | None = None  # source of a fence="deferred" snapshot
+        self._deferred: int | None = None  # storage key of a fence="deferred" snapshot's source
 
     # -- state ---------------------------------------------------------------------------
     @property

@@ -249,8 +249,7 @@ class OffloadManager:
                      tier: int) -> None:
         """A deferred snapshot: the source's memory must outlive the copy (the caller may drop
         it), and the source is registered so debug_guard can catch a write before fence()."""
-        handle._deferred = tensor
-        storage.defer(tensor, handle)
+        handle._deferred = storage.defer(tensor, handle)  # a key: the handle never pins tensor
         if self._cuda:
             self._record_stream(src, self._stream(tier, "to_tier"))
         else:

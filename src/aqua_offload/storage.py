@@ -21,6 +21,7 @@ and a paged-out tensor can always be fetched back even if its handle was dropped
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -107,22 +108,25 @@ def swap_in(storage: torch.UntypedStorage, filled: torch.UntypedStorage) -> None
 # a copy unfenced are registered here (StorageImpl address -> handles) so debug_guard can turn
 # a premature write into an error. The source's memory itself is kept alive by the manager
 # (record_stream on CUDA, a holder on emulation), whatever the caller does.
-_deferred: dict[int, list[Any]] = {}
+_deferred: dict[int, list[Any]] = {}  # storage key -> weak references to unfenced handles
 
 
-def defer(t: torch.Tensor, handle: Any) -> None:
-    with _lock:
-        _deferred.setdefault(storage_key(t), []).append(handle)
-
-
-def undefer(t: torch.Tensor, handle: Any) -> None:
+def defer(t: torch.Tensor, handle: Any) -> int:
+    """Register ``t``'s storage as the source of ``handle``'s unfenced copy; returns the key."""
     key = storage_key(t)
     with _lock:
+        _deferred.setdefault(key, []).append(weakref.ref(handle))
+    return key
+
+
+def undefer(key: int, handle: Any) -> None:
+    with _lock:
         waiting = _deferred.get(key)
-        if waiting is not None and handle in waiting:
-            waiting.remove(handle)
-            if not waiting:
-                del _deferred[key]
+        if waiting is None:
+            return
+        waiting[:] = [r for r in waiting if r() is not None and r() is not handle]
+        if not waiting:
+            del _deferred[key]
 
 
 def any_deferred() -> bool:
@@ -131,7 +135,8 @@ def any_deferred() -> bool:
 
 def deferred_unfenced(t: torch.Tensor) -> bool:
     """Whether ``t``'s storage is the source of a deferred snapshot not yet fenced."""
-    return storage_key(t) in _deferred
+    waiting = _deferred.get(storage_key(t))
+    return waiting is not None and any(r() is not None for r in waiting)
 
 
 def snapshot_source(tensor: torch.Tensor) -> torch.Tensor:

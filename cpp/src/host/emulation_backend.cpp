@@ -96,7 +96,10 @@ std::pair<std::size_t, std::size_t> emulation_backend::memory_info(int device) {
 void emulation_backend::set_device_memory(int device, std::size_t bytes) {
   check_device(device, "set_device_memory");
   std::lock_guard<std::mutex> lock(book().mutex);
-  book().budgets[device].limit = bytes;
+  // A fresh device of that size: arenas made before (other managers') are not counted.
+  book().budgets[device] = {bytes, 0};
+  for (auto it = book().arenas.begin(); it != book().arenas.end();)
+    it = it->second.first == device ? book().arenas.erase(it) : std::next(it);
 }
 
 void* emulation_backend::allocate_device(int device, std::size_t bytes) {

@@ -17,7 +17,8 @@
 // Memory: arenas come from the host. memory_info() reports the host's available memory, unless
 // a test pretends a device is smaller (set_device_memory): then its allocations count against
 // that size and fail beyond it, as cudaMalloc does, so peer budgets are testable here. The
-// pretended sizes are process-wide (like a GPU's), so they outlive any one backend instance.
+// pretended sizes are process-wide (like a GPU's), so they outlive any one backend instance,
+// and count only allocations made after they were set.
 #pragma once
 
 #include <algorithm>
