@@ -121,3 +121,23 @@ def test_a_forked_child_exits_cleanly_and_cannot_use_the_parents_manager():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "0"
+
+
+@pytest.mark.cuda
+def test_close_gives_the_peer_gpu_its_memory_back():
+    """CUDA: the peer's free memory (cudaMemGetInfo) is back where it was after close(), with a
+    handle still referenced (the lender may reuse the memory at once)."""
+    peer = 1 if torch.cuda.device_count() > 1 else 0
+    torch.cuda.synchronize()
+    m0 = aq.OffloadManager("cuda:0", peers=[peer], peer_bytes="512MiB", host_bytes="64MiB")
+    m0.close()  # warm-up: contexts, peer access and the runtime's own allocations
+    torch.cuda.empty_cache()
+    before = torch.cuda.mem_get_info(peer)[0]
+    m = aq.OffloadManager("cuda:0", peers=[peer], peer_bytes="512MiB", host_bytes="64MiB")
+    assert before - torch.cuda.mem_get_info(peer)[0] >= 512 * MiB
+    t = torch.randn(1 << 20, device="cuda:0")
+    kept = m.offload(t, release=False)
+    m.close()
+    torch.cuda.empty_cache()
+    assert abs(torch.cuda.mem_get_info(peer)[0] - before) < 32 * MiB
+    assert kept.manager is m
