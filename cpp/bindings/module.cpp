@@ -254,28 +254,40 @@ PYBIND11_MODULE(_core, m) {
           "offload_many",
           [](store& s,
              const std::vector<std::tuple<std::uintptr_t, std::size_t, double, std::uint64_t>>& items,
-             std::uintptr_t stream, bool fence) {
+             std::uintptr_t stream, bool fence, py::object out) {
             std::vector<aqua::offload_item> v;
             v.reserve(items.size());
             for (const auto& [src, n, prio, base] : items) v.push_back({as_ptr(src), n, prio, base});
-            std::vector<std::pair<std::uint64_t, std::size_t>> out;
-            out.reserve(v.size());
-            for (const auto& r : s.offload_many(v, stream, fence)) out.emplace_back(r.id, r.tier);
-            return out;
+            std::vector<aqua::offload_result> got;
+            {
+              py::gil_scoped_release release;
+              got = s.offload_many(v, stream, fence);
+            }
+            py::list result;
+            for (const auto& r : got) result.append(py::make_tuple(r.id, r.tier));
+            // Filled before returning, in C++: an asynchronous exception (KeyboardInterrupt)
+            // landing as this call returns cannot lose the handles the core made.
+            if (!out.is_none()) out.attr("extend")(result);
+            return result;
           },
-          py::arg("items"), py::arg("stream"), py::arg("fence_user"), release_gil(),
-          "Items are (src, nbytes, priority, base handle or 0); returns (handle, tier) each.")
+          py::arg("items"), py::arg("stream"), py::arg("fence_user"), py::arg("out") = py::none(),
+          "Items are (src, nbytes, priority, base handle or 0); returns (handle, tier) each, "
+          "also appended to `out` (a list) when given.")
       .def(
           "fetch_many",
           [](store& s, const std::vector<std::uint64_t>& ids, const std::vector<std::uintptr_t>& dsts,
-             std::uintptr_t stream, bool keep) {
+             std::uintptr_t stream, bool keep, py::object done) {
             std::vector<void*> d;
             d.reserve(dsts.size());
             for (auto p : dsts) d.push_back(as_ptr(p));
-            s.fetch_many(ids, d, stream, keep);
+            {
+              py::gil_scoped_release release;
+              s.fetch_many(ids, d, stream, keep);
+            }
+            if (!done.is_none()) done.attr("append")(true);  // as for offload_many's `out`
           },
           py::arg("handles"), py::arg("dsts"), py::arg("stream"), py::arg("keep") = false,
-          release_gil())
+          py::arg("done") = py::none())
       .def(
           "prefetch_many",
           [](store& s, const std::vector<std::uint64_t>& ids, const std::vector<std::uintptr_t>& dsts,
@@ -323,7 +335,7 @@ PYBIND11_MODULE(_core, m) {
       .def("tier_location", &store::tier_location, py::arg("tier"))
       .def(
           "copy_stream",
-          [](const store& s, std::size_t tier, const std::string& l) {
+          [](store& s, std::size_t tier, const std::string& l) {
             return static_cast<std::uintptr_t>(s.copy_stream(tier, parse_lane(l)));
           },
           py::arg("tier"), py::arg("lane"))

@@ -2,6 +2,7 @@
 #include "aqua/copy_engine.hpp"
 
 #include <algorithm>
+#include <unordered_set>
 
 #include "aqua/error.hpp"
 
@@ -27,8 +28,11 @@ copy_engine::copy_engine(std::shared_ptr<backend> b, int device, std::size_t tie
 
 copy_engine::~copy_engine() {
   drain();
-  device_guard guard(*backend_, device_);
-  for (stream_t s : streams_) backend_->destroy_stream(s);
+  try {
+    device_guard guard(*backend_, device_);
+    for (stream_t s : streams_) backend_->destroy_stream(s);
+  } catch (...) {  // the runtime is unloading (exit): the driver frees the streams anyway
+  }
 }
 
 void copy_engine::enqueue(const copy_group& g, stream_t s) {
@@ -68,19 +72,18 @@ std::vector<event_ref> copy_engine::submit(const submission& sub) {
       user_ready = events_.acquire();
       backend_->record(user_ready.get(), sub.user);
     }
-    std::vector<event_t> waited;
+    std::unordered_set<event_t> waited;  // each distinct event once (a batch shares many)
     for (const copy_group& g : sub.groups) {
       const stream_t s = stream(g.tier, g.lane);
       if (std::find(touched.begin(), touched.end(), s) == touched.end()) touched.push_back(s);
       waited.clear();
       if (user_ready) {
         backend_->stream_wait(s, user_ready.get());
-        waited.push_back(user_ready.get());
+        waited.insert(user_ready.get());
       }
       for (const event_ref& e : g.after) {
-        if (!e || std::find(waited.begin(), waited.end(), e.get()) != waited.end()) continue;
+        if (!e || !waited.insert(e.get()).second) continue;
         backend_->stream_wait(s, e.get());
-        waited.push_back(e.get());
       }
       enqueue(g, s);
       out.push_back(events_.acquire());

@@ -88,13 +88,29 @@ std::vector<std::pair<std::size_t, std::size_t>> pool::blocks_in(std::size_t bas
   return out;
 }
 
+namespace {
+int size_class(std::size_t size) { return 63 - __builtin_clzll(static_cast<unsigned long long>(size)); }
+}  // namespace
+
 template <class F>
 void pool::for_fences(std::size_t offset, std::size_t size, F&& f) const {
-  if (fences_.empty()) return;
-  const std::size_t reach = *fence_sizes_.rbegin();  // no range starting before this overlaps
-  auto it = fences_.lower_bound(offset >= reach ? offset - reach + 1 : 0);
-  for (; it != fences_.end() && it->first < offset + size; ++it)
-    if (it->first + it->second.size > offset) f(it->second);
+  for (int k = 0; k < size_classes; ++k) {
+    const fence_map& m = fences_[k];
+    if (m.empty()) continue;
+    const std::size_t reach = std::size_t{2} << k;  // no range of class k starting before this
+    auto it = m.lower_bound(offset >= reach ? offset - reach + 1 : 0);  // overlaps the query
+    for (; it != m.end() && it->first < offset + size; ++it)
+      if (it->first + it->second.size > offset) f(it->second);
+  }
+}
+
+std::optional<std::size_t> pool::first_block_in(std::size_t base) const {
+  auto it = segments_.find(base);
+  AQUA_EXPECTS(it != segments_.end(), invalid_argument_error,
+               "pool: no segment at offset " + std::to_string(base));
+  auto b = live_.lower_bound(base);
+  if (b == live_.end() || b->first >= base + it->second.size) return std::nullopt;
+  return b->first;
 }
 
 bool pool::fenced(std::size_t base) const {
@@ -143,8 +159,8 @@ void pool::release(std::size_t offset, const std::vector<std::uint64_t>& fences)
   used_ -= size;
   for (std::uint64_t token : fences) {
     if (token == 0) continue;
-    fences_by_token_[token].push_back(fences_.emplace(offset, fence_range{size, token}));
-    fence_sizes_.insert(size);
+    const int k = size_class(size);
+    fences_by_token_[token].emplace_back(k, fences_[k].emplace(offset, fence_range{size, token}));
     fenced_bytes_ += size;
   }
 
@@ -168,10 +184,9 @@ void pool::release(std::size_t offset, const std::vector<std::uint64_t>& fences)
 void pool::clear_fence(std::uint64_t fence) {
   auto found = fences_by_token_.find(fence);
   if (found == fences_by_token_.end()) return;
-  for (auto it : found->second) {
-    fence_sizes_.erase(fence_sizes_.find(it->second.size));
+  for (auto [k, it] : found->second) {
     fenced_bytes_ -= it->second.size;
-    fences_.erase(it);
+    fences_[k].erase(it);
   }
   fences_by_token_.erase(found);
 }

@@ -174,8 +174,11 @@ store::store(std::shared_ptr<backend> b, store_config cfg)
 store::~store() {
   close();
   if (static_cast<long>(::getpid()) != owner_pid_) {  // Note [Fork]: leak the parent's copies:
-    (void)engine_.release();  // joining its stream workers would hang or crash
-    (void)events_.release();  // the parent's events; references to them still return here
+    (void)engine_.release();  // joining its stream workers would hang or crash, and dropping
+    (void)events_.release();  // an event reference takes the pool's lock, which a parent
+    (void)policy_.release();  // thread may have held at the fork
+    new std::unordered_map<std::uint64_t, entry>(std::move(entries_));
+    new tier_set(std::move(tiers_));
   }
 }
 
@@ -633,8 +636,8 @@ store_stats store::stats() {
   return s;
 }
 
-stream_t store::copy_stream(std::size_t t, aqua::lane l) const {
-  AQUA_EXPECTS(!closed_.load(), error, "the offload manager is closed");
+stream_t store::copy_stream(std::size_t t, aqua::lane l) {
+  call_scope call(*this);
   AQUA_EXPECTS(t < tier_count_, invalid_argument_error, "copy_stream: no tier " + std::to_string(t));
   return engine_->stream(t, l);
 }

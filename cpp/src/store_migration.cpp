@@ -121,11 +121,24 @@ std::size_t store::reclaim(int device, std::optional<std::size_t> nbytes) {
   tiers_.reclaiming(t) = true;
   tiers_.drain(t, chosen);
   const std::uint64_t migrated_before = counters_.bytes_migrated;
+  // Until the segments are removed, any way out (an error, a throwing wait) puts them back in
+  // service; it runs with the lock held, as every exit below has it.
+  bool removed = false;
   auto undo = [&] {
+    if (removed) return;
+    removed = true;
     tiers_.undrain(t, chosen);
     tiers_.reclaiming(t) = false;
     changed_.notify_all();
   };
+  struct undo_guard {
+    decltype(undo)& fn;
+    std::unique_lock<std::mutex>& lock;
+    ~undo_guard() {
+      if (!lock.owns_lock()) lock.lock();
+      fn();
+    }
+  } guard{undo, lock};
   // Fail fast, before moving anything, when the tiers below cannot hold what lives here.
   std::size_t live = 0, room = 0;
   for (std::size_t base : chosen)
@@ -141,9 +154,9 @@ std::size_t store::reclaim(int device, std::optional<std::size_t> nbytes) {
   // Move every handle out of the chosen segments.
   for (std::size_t base : chosen) {
     for (;;) {
-      const auto blocks = tiers_.blocks_in(t, base);
-      if (blocks.empty()) break;
-      const std::uint64_t id = tiers_.owner(t, blocks.front().first);
+      const auto first = tiers_.first_block_in(t, base);
+      if (!first) break;
+      const std::uint64_t id = tiers_.owner(t, *first);
       const entry& e = entries_.at(id);
       if (e.busy || e.state == handle_state::submitting || e.state == handle_state::fetching ||
           e.tier != t) {
@@ -179,6 +192,7 @@ std::size_t store::reclaim(int device, std::optional<std::size_t> nbytes) {
   }
   const std::vector<segment_memory> memory = tiers_.remove(t, chosen);
   tiers_.reclaiming(t) = false;
+  removed = true;
   const std::uint64_t moved = counters_.bytes_migrated - migrated_before;
   lock.unlock();
   std::size_t freed = 0;

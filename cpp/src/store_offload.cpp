@@ -6,8 +6,11 @@
 // When h's block has room, the new handle takes the block over and only the suffix is copied,
 // after every touch of the block (Note [Block release]); otherwise a fresh block with 2x
 // headroom gets a full copy, so growth is amortised. h is consumed either way (it is owned,
-// `busy`, from the start of the call, and given back untouched if the call fails). The core
-// trusts the prefix contract; it does not compare bytes.
+// `busy`, from the start of the call, and given back untouched if the call fails). Either way
+// the new copy is ordered after every touch of the base's block, so the new handle's `done`
+// implies the base's copy completed: memory the caller keeps for the base's copy (a deferred
+// snapshot's source) can be kept for the new handle instead. The core trusts the prefix
+// contract; it does not compare bytes.
 #include <algorithm>
 #include <limits>
 #include <optional>
@@ -137,6 +140,10 @@ std::vector<offload_result> store::offload_many(const std::vector<offload_item>&
         tier_of[i] = plans[i].fresh->tier;
         op.dst = plans[i].fresh->ptr;
         after = plans[i].fresh->fences;
+        if (items[i].base) {  // the new handle's copy completes after the base's: whoever
+          const auto base_touches = touches(entries_.at(items[i].base));  // keeps the base's
+          after.insert(after.end(), base_touches.begin(), base_touches.end());  // source alive
+        }                                                  // until then may wait on it
       } else {
         continue;  // nothing to copy
       }

@@ -17,9 +17,11 @@
 // "restoring" device 0 afterwards with cudaSetDevice would create GPU 0's primary context
 // (~0.5 GiB, and an error under exclusive-process mode) on a thread that only ever meant to
 // touch another GPU: the lending consumer thread, a worker. So enter_device() returns the
-// previous *context* (possibly none) and restore_device() puts exactly that back, creating
-// nothing, as torch's MaybeSetDevice does. Every core operation that calls the runtime runs
-// under a device_guard of the compute device: the thread's device is always set explicitly.
+// previous *context* and restore_device() puts exactly that back, creating nothing, as torch's
+// MaybeSetDevice does. A thread that had no context keeps the compute device's (which exists
+// already): there is nothing to restore, and no new context. Every core operation that calls
+// the runtime runs under a device_guard of the compute device: the thread's device is always
+// set explicitly.
 #pragma once
 
 #include <cstddef>
@@ -67,8 +69,8 @@ class backend {
   virtual void free_pinned_host(void* ptr, std::size_t bytes) noexcept = 0;
 
   // --- streams and events ---
-  /// A stream of `device`; `high_priority` streams are served first by the copy engines
-  /// (demand fetches: Note [Lanes] in copy_engine.hpp).
+  /// A stream of `device`; `high_priority` gives it the highest stream priority (which orders
+  /// kernels, not copies: Note [Lanes] in copy_engine.hpp).
   virtual stream_t create_stream(int device, bool high_priority = false) = 0;
   virtual void destroy_stream(stream_t stream) noexcept = 0;
   virtual void synchronize_stream(stream_t stream) = 0;

@@ -4,11 +4,13 @@
 //
 // Note [Lanes]
 // Each tier has four streams of the compute device (types.hpp `lane`): to_tier (offloads),
-// prefetch, demand (high priority: a fetch the caller waits for never queues behind
-// prefetches, and the copy engines serve it first) and migrate (moves down the cascade). Copies
-// in one direction serialise on the hardware anyway; separate streams keep a demand fetch from
-// waiting on unrelated work *in software*, and chunking (below) keeps it from waiting long on
-// the hardware. Dependencies between lanes are events only.
+// prefetch, demand (a fetch the caller waits for never queues behind prefetches) and migrate
+// (moves down the cascade). Copies in one direction serialise on the hardware anyway; separate
+// streams keep a demand fetch from waiting on unrelated work *in software*, and chunking
+// (below) keeps it from waiting long behind a huge copy on the hardware. The demand stream is
+// created with the highest priority, which orders kernels only (CUDA: stream priorities do not
+// affect memory copies); its latency comes from the separate stream and the chunking.
+// Dependencies between lanes are events only.
 //
 // Note [Submission]
 // A submission is a set of groups, one per (tier, lane), each a list of copies and the events

@@ -23,10 +23,13 @@
 // stream wait, no host sync). The store clears a fence once its event has completed. This is
 // deferred reuse without ever blocking the host: the device, not the CPU, waits.
 // Fence ranges may overlap (bytes re-allocated and released again before an older fence
-// cleared); they are indexed by offset, with the largest range size bounding how far back an
-// overlap can start, and by token, so allocate() and clear_fence() cost O(log n + overlaps).
+// cleared). They are indexed by offset within power-of-two size classes (a range of class k is
+// shorter than 2^(k+1), which bounds how far before an offset an overlapping range of that
+// class can start, whatever the sizes of other classes), and by token, so allocate() and
+// clear_fence() cost O(classes * log n + overlaps).
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <iterator>
@@ -71,6 +74,8 @@ class pool {
   std::vector<std::pair<std::size_t, std::size_t>> segments() const;
   /// Live blocks (offset, size) inside the segment at `base`.
   std::vector<std::pair<std::size_t, std::size_t>> blocks_in(std::size_t base) const;
+  /// The lowest live block inside the segment at `base`, if any (O(log n)).
+  std::optional<std::size_t> first_block_in(std::size_t base) const;
   /// Whether any fence overlaps the segment at `base`.
   bool fenced(std::size_t base) const;
 
@@ -116,9 +121,10 @@ class pool {
   std::map<std::size_t, std::size_t> free_by_offset_;           // offset -> size
   std::set<std::pair<std::size_t, std::size_t>> free_by_size_;  // (size, offset), allocatable
   std::map<std::size_t, std::size_t> live_;                     // offset -> size
-  fence_map fences_;
-  std::unordered_map<std::uint64_t, std::vector<fence_map::iterator>> fences_by_token_;
-  std::multiset<std::size_t> fence_sizes_;  // the largest bounds an overlap search
+  static constexpr int size_classes = 64;
+  std::array<fence_map, size_classes> fences_;  // by floor(log2(size))
+  std::unordered_map<std::uint64_t, std::vector<std::pair<int, fence_map::iterator>>>
+      fences_by_token_;
   std::size_t fenced_bytes_ = 0;
 };
 

@@ -136,7 +136,7 @@ class store {
   std::size_t tier_count() const noexcept { return tier_count_; }
   const std::string& tier_kind(std::size_t t) const { return kinds_.at(t); }
   const std::string& tier_location(std::size_t t) const { return locations_.at(t); }
-  stream_t copy_stream(std::size_t t, aqua::lane l) const;
+  stream_t copy_stream(std::size_t t, aqua::lane l);
   int device() const noexcept { return config_.device; }
   backend& get_backend() const noexcept { return *backend_; }
   const store_config& config() const noexcept { return config_; }

@@ -115,6 +115,7 @@ class tier_set {
   /// Live blocks (offset, size) in the segment at `base`, and who owns the first one.
   std::vector<std::pair<std::size_t, std::size_t>> blocks_in(std::size_t t, std::size_t base) const { return tiers_[t].blocks.blocks_in(base); }
   std::uint64_t owner(std::size_t t, std::size_t offset) const { return tiers_[t].owner.at(offset); }
+  std::optional<std::size_t> first_block_in(std::size_t t, std::size_t base) const { return tiers_[t].blocks.first_block_in(base); }
   bool fenced(std::size_t t, const std::vector<std::size_t>& bases) const;
   /// Removes drained, empty, unfenced segments and returns their memory to free.
   std::vector<segment_memory> remove(std::size_t t, const std::vector<std::size_t>& bases);

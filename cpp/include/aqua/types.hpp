@@ -16,7 +16,7 @@ using event_t = std::uintptr_t;
 enum class lane : std::uint8_t {
   to_tier,   ///< offloads: compute device -> tier
   prefetch,  ///< prefetches: tier -> compute device, normal priority
-  demand,    ///< fetches: tier -> compute device, high priority (never behind a prefetch)
+  demand,    ///< fetches: tier -> compute device (never behind a prefetch)
   migrate,   ///< moves down the cascade: this tier -> a lower one
 };
 inline constexpr std::size_t lane_count = 4;

@@ -109,8 +109,8 @@ std::pair<std::size_t, std::size_t> cuda_backend::memory_info(int device) {
   return {free, total};
 }
 
-// Note [No stray contexts] (backend.hpp). The token is the previous CUcontext, or (without the
-// driver entry points) the previous device + 1, with 0 meaning "restore nothing".
+// Note [No stray contexts] (backend.hpp). The token is the previous CUcontext, 0 meaning
+// "restore nothing".
 std::uintptr_t cuda_backend::enter_device(int device) {
   if (ctx_get_ && ctx_set_) {
     void* previous = nullptr;
@@ -120,21 +120,17 @@ std::uintptr_t cuda_backend::enter_device(int device) {
     // restoring "no context" would only make the next call bind one again.
     return reinterpret_cast<std::uintptr_t>(previous);
   }
-  int current = 0;
-  AQUA_CUDA_TRY(cudaGetDevice(&current));
-  if (current != device) AQUA_CUDA_TRY(cudaSetDevice(device));
-  return current == device ? 0 : static_cast<std::uintptr_t>(current) + 1;
+  // Without the entry points nothing tells whether restoring would create a context (a fresh
+  // thread reports device 0 as current): set the device and restore nothing.
+  AQUA_CUDA_TRY(cudaSetDevice(device));
+  return 0;
 }
 
 void cuda_backend::restore_device(std::uintptr_t previous) noexcept {
-  if (previous == 0) return;
-  if (ctx_get_ && ctx_set_) {
-    void* now = nullptr;
-    if (ctx_get_(&now) == 0 && now != reinterpret_cast<void*>(previous))
-      ctx_set_(reinterpret_cast<void*>(previous));
-    return;
-  }
-  ignore(cudaSetDevice(static_cast<int>(previous - 1)));
+  if (previous == 0 || !ctx_get_ || !ctx_set_) return;
+  void* now = nullptr;
+  if (ctx_get_(&now) == 0 && now != reinterpret_cast<void*>(previous))
+    ctx_set_(reinterpret_cast<void*>(previous));
 }
 
 void* cuda_backend::allocate_device(int device, std::size_t bytes) {
