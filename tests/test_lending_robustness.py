@@ -208,13 +208,13 @@ def test_close_that_raises_keeps_serving_reclaims(ledger_path, no_polling):
         def broken_fetch(*args, **kwargs):
             raise OffloadError("restore failed")
 
-        m.fetch = broken_fetch
+        m._fetch = broken_fetch  # close() restores through the one fetch path
         with pytest.raises(OffloadError, match="restore failed"):
             m.close()
         assert not m.closed and m.stats()["lending"]["state"] == "active"
         assert o.reclaim(timeout=10) == 2 * MiB  # the consumer still serves: data moves down
         assert _lent(m) == 0 and all(h.tier == "host" for h in hs)
-        del m.fetch
+        del m._fetch
         _check(m, hs, ts, refs)
     finally:
         m.close()
@@ -228,7 +228,7 @@ def test_stop_waits_for_the_round_in_progress_and_no_round_follows(ledger_path, 
     c = m._lending
     try:
         hs, ts, refs = _fill(m, 8, seed=2)
-        real, calls = m.reclaim, []
+        real, calls = m._reclaim, []  # what the consumer calls
         entered, release = threading.Event(), threading.Event()
 
         def slow_reclaim(device, nbytes=None):
@@ -237,7 +237,7 @@ def test_stop_waits_for_the_round_in_progress_and_no_round_follows(ledger_path, 
             assert release.wait(10)
             return real(device, nbytes)
 
-        m.reclaim = slow_reclaim
+        m._reclaim = slow_reclaim
         first = threading.Thread(target=o.reclaim, args=("1MiB",), kwargs={"timeout": 20})
         first.start()
         assert entered.wait(10)  # the consumer thread is mid-migration
@@ -255,7 +255,7 @@ def test_stop_waits_for_the_round_in_progress_and_no_round_follows(ledger_path, 
             o.reclaim("1MiB", timeout=0.2)
         c.sync()
         assert calls == [MiB] and _lent(m) == 3 * MiB
-        del m.reclaim
+        del m._reclaim
         _check(m, hs, ts, refs)
     finally:
         release.set()

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidArgumentError",
     "BackendError",
     "PagedOutError",
+    "ClosedError",
     "LedgerError",
     "LedgerVersionError",
     "ReclaimError",
@@ -73,6 +74,11 @@ class BackendError(OffloadError, RuntimeError):
 
     def __init__(self, message: str = "", error_name: str = "", **attrs: Any) -> None:
         super().__init__(message, error_name=error_name, **attrs)
+
+
+class ClosedError(OffloadError, RuntimeError):
+    """The manager was closed (or belongs to the parent of this forked process): it takes no
+    new work, and its leftover handles are ``"closed"``."""
 
 
 class PagedOutError(OffloadError, RuntimeError):

@@ -1,8 +1,22 @@
-"""Handle: what ``OffloadManager.offload`` returns, and the only way back to the bytes."""
+"""Handle: what ``OffloadManager.offload`` returns, and the only way back to the bytes.
+
+Note [Handle lifecycle]
+A handle is in one of five states, and only its manager moves it (under the handle's lock):
+
+    live --fetch(keep=True) of a release--> kept --fetch/free--> fetched | freed
+    live --fetch--> fetched      live --free--> freed      any live state --close()--> closed
+
+``live`` and ``kept`` hold bytes in a tier (the core's entry); the others are terminal and every
+call on them is a typed error (``ready()``/``wait()`` of a fetched handle are no-ops). A release
+handle refers to its tensor and storage *weakly*: the storage registry (storage.py) holds the
+handle while the storage lives, so a paged-out tensor can always be fetched through it, and a
+paged-out tensor dropped together with its handle gives its tier bytes back.
+"""
 
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Handle"]
 
-_TERMINAL = ("fetched", "freed")
+LIVE = ("live", "kept")
 
 
 class Handle:
@@ -28,13 +42,15 @@ class Handle:
         Of the offloaded tensor.
     release : bool
         Whether the source storage was paged out (and ``fetch`` restores it in place).
+    priority : float
+        Eviction priority (lower leaves a full tier first).
     """
 
     _aqua_not_state = True  # never walked as part of a workload state (state.py)
 
-    __slots__ = ("_manager", "_id", "nbytes", "shape", "dtype", "release", "priority", "_tensor",
-                 "_key", "_holder", "_terminal", "_tier", "_location", "_prefetch",
-                 "_prefetch_tier", "_prefetch_stream", "_kept", "_deferred", "_lock",
+    __slots__ = ("_manager", "_id", "nbytes", "shape", "dtype", "release", "priority", "_state",
+                 "_tensor", "_storage", "_layout", "_key", "_tier", "_location", "_prefetch",
+                 "_prefetch_tier", "_prefetch_stream", "_deferred", "_array", "_lock",
                  "__weakref__")
 
     def __init__(self, manager: "OffloadManager", core_id: int, *, nbytes: int,
@@ -47,34 +63,45 @@ class Handle:
         self.shape = shape
         self.dtype = dtype
         self.release = release
-        self._tensor = tensor  # release=True: the tensor fetch restores and returns
+        self.priority = priority
+        self._state = "live"
+        # release=True: weak references to the tensor fetch returns and to its storage, and the
+        # tensor's layout, to rebuild a tensor on the storage if the object itself is gone.
+        self._tensor: Any = None
+        self._storage: Any = None
+        self._layout: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None
+        if tensor is not None:
+            self._tensor = weakref.ref(tensor)
+            self._storage = weakref.ref(tensor.untyped_storage())
+            self._layout = (tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
         self._key = key  # release=True: registry key of its storage
-        self._holder: Any = None  # emulation: the paged-out memory, kept until the copy completes
-        self._terminal: str | None = None
         self._tier = tier
         self._location = location
-        self.priority = priority
         self._prefetch: torch.Tensor | None = None  # destination of a prefetch in flight
         self._prefetch_tier = 0
         self._prefetch_stream: Any = None  # torch stream the prefetch buffer belongs to (CUDA)
-        self._lock = threading.RLock()  # serialises fetch/prefetch/free of this handle
-        self._kept = False  # a release fetched with keep=True: the tier copy outlives it
         self._deferred: int | None = None  # storage key of a fence="deferred" snapshot's source
+        self._array: Any = None  # a snapshot of a numpy/CuPy/DLPack array: how to rebuild it
+        self._lock = threading.RLock()  # serialises fetch/prefetch/free of this handle
 
     # -- state ---------------------------------------------------------------------------
     @property
     def state(self) -> str:
-        """``"in_flight"`` (copy running), ``"offloaded"``, ``"fetching"``, ``"fetched"`` or
-        ``"freed"``."""
-        if self._terminal is not None:
-            return self._terminal
+        """``"in_flight"`` (copy running), ``"offloaded"``, ``"fetching"``, ``"fetched"``,
+        ``"freed"`` or ``"closed"`` (its manager was closed)."""
+        if self._state not in LIVE:
+            return self._state
+        if self._manager._closed:
+            return "closed"
         store = self._manager._store
         try:
             state = store.info(self._id)[0]
             if state == "in_flight" and store.ready(self._id):  # non-blocking refresh
                 state = "offloaded"
         except InvalidHandleError:  # finished in another thread a moment ago
-            return self._terminal or "freed"
+            return self._state if self._state not in LIVE else "freed"
+        except Exception:  # the manager closed under us
+            return self._state if self._state not in LIVE else "closed"
         return "in_flight" if state == "submitting" else state
 
     @property
@@ -92,16 +119,23 @@ class Handle:
         return self._location
 
     def _refresh_tier(self) -> None:
-        if self._terminal is None:
+        if self._state in LIVE:
             try:
                 tier = self._manager._store.info(self._id)[1]
-            except InvalidHandleError:
+            except Exception:  # gone a moment ago, or the manager closed
                 return
             self._tier, self._location = self._manager._tiers[tier]
 
     @property
     def manager(self) -> "OffloadManager":
         return self._manager
+
+    @property
+    def _kept(self) -> bool:
+        return self._state == "kept"
+
+    def _live(self) -> bool:
+        return self._state in LIVE
 
     def ready(self) -> bool:
         """Whether the offload copy has completed (never blocks). True once fetched."""
@@ -125,19 +159,41 @@ class Handle:
         for other handles, and once the handle was fetched or freed."""
         self._manager._fence(self)
 
-    def _finish(self, state: str) -> None:
-        self._terminal = state
+    def _end(self, state: str) -> None:
+        """Enter a terminal state (the manager calls this once the core agreed)."""
+        self._state = state
         if self._deferred is not None:
             self._manager._undefer(self)
-        self._tensor = None
-        self._holder = None
+        self._tensor = self._storage = None
         self._prefetch = None
 
+    def _restored_tensor(self, storage: torch.UntypedStorage) -> torch.Tensor:
+        """The tensor fetch returns for a release: the original object if it is alive, else a
+        new tensor of its layout on the (restored) storage."""
+        tensor = self._tensor() if self._tensor is not None else None
+        if tensor is not None:
+            return tensor
+        offset, shape, stride = self._layout
+        return torch.empty(0, dtype=self.dtype, device=storage.device).set_(
+            storage, offset, shape, stride)
+
+    # -- copies and pickling: a handle owns tier bytes; two owners would free them twice ----
+    def __copy__(self) -> "Handle":
+        raise InvalidArgumentError("a Handle cannot be copied: it owns its tier bytes (share the "
+                                   "object itself, or fetch(h, keep=True) and offload again)")
+
+    def __deepcopy__(self, memo: dict) -> "Handle":
+        return self.__copy__()
+
+    def __reduce__(self) -> Any:
+        raise InvalidArgumentError("a Handle cannot be pickled: its bytes live in this process's "
+                                   "memory tiers")
+
     def __del__(self) -> None:
-        # A snapshot (or kept copy) nobody can reach any more can never be fetched: give its
-        # block back. (Released storages stay registered: their handles are never collected.)
+        # Nobody can reach this handle any more, so nobody can fetch it: give its block back.
+        # (A release handle is held by the storage registry while its tensor lives.)
         try:
-            if self._terminal is None and (not self.release or self._kept):
+            if self._state in LIVE:
                 self._manager._discard(self)
         except Exception:  # interpreter shutdown, closed manager: nothing to give back to
             pass
@@ -149,10 +205,14 @@ class Handle:
 
 
 def check_priority(priority: Any) -> float:
-    """An eviction priority: any real number (lower is evicted first), not NaN, not a bool."""
+    """An eviction priority: any real number, infinities included (lower is evicted first);
+    not NaN, not a bool, not an int too large for a float."""
     if isinstance(priority, bool) or not isinstance(priority, (int, float)):
         raise InvalidArgumentError(f"priority must be a number, got {priority!r}")
-    value = float(priority)
+    try:
+        value = float(priority)
+    except OverflowError:
+        raise InvalidArgumentError(f"priority {priority!r} does not fit a float") from None
     if value != value:
         raise InvalidArgumentError("priority must not be NaN")
     return value

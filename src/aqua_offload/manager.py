@@ -15,25 +15,40 @@ torch memory around the copies:
 On the emulation backend the "current stream" is the calling thread (torch CPU ops are
 synchronous), so waiting on it blocks that thread: fetch and snapshots return complete, while
 release offloads still return at once with the copy running on a worker thread.
+
+Note [Calls and close]
+Every public call runs inside ``_call()``, which counts it. ``close()`` first refuses new calls
+(``ClosedError``), then waits until the calls in progress returned, and only then restores the
+paged-out tensors (one batch) and closes the core, which frees every pool. So a tensor whose
+offload succeeded is always restored, and close() never races a fetch of the same handle. A
+forked child sees the parent's manager as closed: it has none of its threads or memory.
+
+Note [Interrupted batches]
+A batch is all or nothing even when an asynchronous exception (KeyboardInterrupt) lands inside
+it. Before the core accepted a batch, the handler undoes the Python side (reservations, and the
+core's handles if the core had already made them: the bindings append them to a list before
+returning, so none can be lost in between). Once the core accepted it, the Python side is
+finished regardless (``finish()`` is idempotent and runs again from the handler): every tensor
+ends paged out and fetchable, or fetched and restored.
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
 import contextlib
+import os
 import threading
 import weakref
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from . import _core, storage
-from .storage import snapshot_source as _snapshot_source
+from . import _core, arrays, storage
 from .devices import (DeviceLike, current_stream, external_stream, parse_peer, record_stream,
                       resolve_device, resolve_peers)
-from .errors import InvalidArgumentError, InvalidHandleError, OffloadError
+from .errors import ClosedError, InvalidArgumentError, InvalidHandleError
 from .handle import Handle, check_priority as _check_priority
+from .holders import HolderWatch
 from .peer_budget import auto_budgets
 from .sizes import parse_size
 
@@ -89,7 +104,7 @@ class OffloadManager:
     -----
     All memory is reserved here, once; ``offload`` and ``fetch`` never allocate device or
     pinned memory. A manager is a context manager; ``close()`` pages every released tensor
-    back in before giving the memory up.
+    back in, then frees every pool before it returns.
     """
 
     _aqua_not_state = True  # never walked as part of a workload state (state.py)
@@ -133,12 +148,13 @@ class OffloadManager:
         self._cuda = backend == "cuda"
         self._tiers = [(self._store.tier_kind(t), self._store.tier_location(t))
                        for t in range(self._store.tier_count)]
-        self._ext_streams: dict[int, Any] = {}
-        self._holders: collections.deque[Handle] = collections.deque()
-        self._holders_lock = threading.RLock()  # a reaped holder may drop its handle: __del__
-        self._released: dict[int, Handle] = {}  # core id -> live release=True handle
-        self._released_lock = threading.Lock()
-        self._prefetched_bytes = 0
+        self._ext_streams: dict[tuple[int, str], Any] = {}
+        self._holders = HolderWatch(self._store.ready)  # emulation (holders.py)
+        self._prefetched_bytes = 0  # LOCK: _calls_cv
+        self._pid = os.getpid()  # a forked child cannot use it (Note [Calls and close])
+        self._calls = 0  # public calls in progress  # LOCK: _calls_cv
+        self._calls_cv = threading.Condition()
+        self._closing = False  # LOCK: _calls_cv
         self._closed = False
         self._lending: Any = None
         _live.add(self)
@@ -147,24 +163,31 @@ class OffloadManager:
             self._lending = attach(self, peer_bytes)
 
     # -- offload -------------------------------------------------------------------------
-    def offload(self, tensor: torch.Tensor, release: bool = True, *, priority: float = 0.0,
+    def offload(self, tensor: Any, release: bool = True, *, priority: float = 0.0,
                 base: Handle | None = None, fence: str = "now") -> Handle:
         """Start copying ``tensor`` to the fastest tier with room; return at once.
 
         Parameters
         ----------
-        tensor : torch.Tensor
-            A strided tensor on this manager's device, any dtype and shape.
+        tensor : torch.Tensor or array
+            A strided tensor on this manager's device, any dtype and shape; or (snapshots only)
+            a numpy array, a CuPy array or any DLPack exporter, fetched back as the same kind of
+            array (:mod:`aqua_offload.arrays`).
         release : bool
             True: page out the tensor's whole storage (every view of it); the tensor must not
-            be touched until fetched (see :func:`is_offloaded`, :func:`debug_guard`).
-            False: take a snapshot; the tensor stays valid and ``fetch`` returns a new one.
+            be touched until fetched (see :func:`is_offloaded`, :func:`debug_guard`). Only a
+            storage torch owns alone can be released (not shared with another process, not
+            exported to numpy/CuPy/JAX). False: take a snapshot; the tensor stays valid and
+            ``fetch`` returns a new one.
         priority : float
             Eviction priority: when a tier is full, lower priorities move down first.
         base : Handle, optional
             Incremental offload of append-only state: a live handle (e.g. kept by
-            ``fetch(h, keep=True)``) whose bytes are a prefix of this offload's bytes. Only the
-            new suffix is copied when ``base``'s block has room; ``base`` is consumed.
+            ``fetch(h, keep=True)``) whose bytes are a prefix of this offload's bytes. The
+            tensor must be contiguous (a transposed or strided view is refused: its bytes are
+            not in the base's order); that its first bytes equal the base's is the caller's
+            contract, not checked. Only the new suffix is copied when ``base``'s block has
+            room; ``base`` is consumed.
         fence : {"now", "deferred"}
             Snapshots only. ``"now"`` (default): the current stream waits for the copy, so any
             later write to ``tensor`` is safe, as with ``tensor.to("cpu", non_blocking=True)``.
@@ -177,94 +200,148 @@ class OffloadManager:
         OutOfMemoryError
             No tier has room, even after eviction; the tensor is untouched.
         InvalidArgumentError
-            Wrong device or layout, the storage is already paged out, a bad priority or base.
+            Wrong device or layout, the storage is already paged out, discarded or shared, a
+            bad priority or base.
         """
-        bases = None if base is None else [base]
-        return self._offload([tensor], release, priority, bases, fence, "offload")[0]
+        return self._offload([tensor], release, priority, [base], fence, "offload")[0]
 
-    def offload_many(self, tensors: Sequence[torch.Tensor], release: bool = True, *,
+    def offload_many(self, tensors: Sequence[Any], release: bool = True, *,
                      priority: float = 0.0, fence: str = "now") -> list[Handle]:
         """Offload every tensor in one call into the core: one event on the current stream and
         one batched submission per tier, so many small tensors cost about one copy of their
-        total size. All or nothing: on an error nothing is offloaded. ``release``,
-        ``priority`` and ``fence`` as for :meth:`offload`."""
-        return self._offload(list(tensors), release, priority, None, fence, "offload_many")
+        total size. All or nothing: on an error (or an interrupt) nothing is offloaded.
+        ``release``, ``priority`` and ``fence`` as for :meth:`offload`."""
+        tensors = list(tensors)
+        return self._offload(tensors, release, priority, [None] * len(tensors), fence,
+                             "offload_many")
 
-    def _offload(self, tensors: list[torch.Tensor], release: bool, priority: float,
-                 bases: list[Handle | None] | None, fence: str, what: str) -> list[Handle]:
+    def _offload(self, tensors: list[Any], release: bool, priority: float,
+                 bases: list[Handle | None], fence: str, what: str) -> list[Handle]:
         """The one offload path (a single offload is a batch of one)."""
-        self._check_open()
-        for t in tensors:
-            self._check_tensor(t, what)
-        prio = _check_priority(priority)
-        if fence not in ("now", "deferred"):
-            raise InvalidArgumentError(f"{what}: fence must be 'now' or 'deferred', got {fence!r}")
-        if fence == "deferred" and release:
-            raise InvalidArgumentError(f"{what}: fence='deferred' is for snapshots "
-                                       "(release=False); a released tensor is never written")
-        base_ids = [0 if b is None else self._own(b, "offload(base=)")._id
-                    for b in (bases or [None] * len(tensors))]
-        self._reap_holders()
-        stream = current_stream(self.device)
-        if not release:
-            srcs = [_snapshot_source(t) for t in tensors]
-            sizes = [s.numel() * s.element_size() for s in srcs]
+        with self._call(what):
+            prio = _check_priority(priority)
+            if fence not in ("now", "deferred"):
+                raise InvalidArgumentError(f"{what}: fence must be 'now' or 'deferred', got "
+                                           f"{fence!r}")
+            if fence == "deferred" and release:
+                raise InvalidArgumentError(f"{what}: fence='deferred' is for snapshots "
+                                           "(release=False); a released tensor is never written")
+            specs: list[arrays.ArraySpec | None] = [None] * len(tensors)
+            if any(arrays.is_array(t) for t in tensors):
+                if release:
+                    raise InvalidArgumentError(f"{what}: arrays (numpy, CuPy, DLPack) are offloaded "
+                                               "as snapshots: pass release=False")
+                for i, t in enumerate(tensors):
+                    if arrays.is_array(t):
+                        tensors[i], specs[i] = arrays.to_bytes(t, self.device, what)
+            for t in tensors:
+                self._check_tensor(t, what)
+            base_ids = [0 if b is None else self._check_base(b, t)._id
+                        for b, t in zip(bases, tensors)]
+            self._holders.reap()
+            if release:
+                return self._page_out(tensors, prio, bases, base_ids, what)
+            return self._snapshot(tensors, prio, bases, base_ids, fence, specs)
+
+    def _snapshot(self, tensors: list[torch.Tensor], prio: float, bases: list[Handle | None],
+                  base_ids: list[int], fence: str, specs: list[Any]) -> list[Handle]:
+        srcs = [storage.snapshot_source(t) for t in tensors]
+        sizes = [s.numel() * s.element_size() for s in srcs]
+        got: list[tuple[int, int]] = []
+        try:
             # A temporary source may be dropped after the call: with fence "now" the current
             # stream (its allocation stream) waits for the copy; "deferred" keeps it alive below.
-            got = self._store.offload_many(
+            self._store.offload_many(
                 [(s.data_ptr() if n else 0, n, prio, b) for s, n, b in zip(srcs, sizes, base_ids)],
-                stream, fence == "now")
+                current_stream(self.device), fence == "now", got)
             handles = []
-            for (cid, tier), t, src, n, b in zip(got, tensors, srcs, sizes, bases or [None] * len(tensors)):
-                if b is not None:
-                    self._consumed(b)
-                h = self._new_handle(cid, tier, t, nbytes=n, release=False, key=None,
-                                     priority=prio)
+            for (cid, tier), t, src, n, spec in zip(got, tensors, srcs, sizes, specs):
+                h = self._new_handle(cid, tier, t, nbytes=n, release=False, priority=prio)
+                h._array = spec
                 if fence == "deferred" and n:
                     self._defer_fence(h, t, src, tier)
                 handles.append(h)
-            return handles
+        except BaseException:
+            self._forget(got)  # Note [Interrupted batches]: the core's handles, if it made them
+            raise
+        for b in bases:
+            if b is not None:
+                b._end("freed")  # consumed by the incremental offload
+        return handles
+
+    def _page_out(self, tensors: list[torch.Tensor], prio: float, bases: list[Handle | None],
+                  base_ids: list[int], what: str) -> list[Handle]:
+        """Release: reserve every storage, let the core copy them, then swap each out."""
+        stores = [t.untyped_storage() for t in tensors]
+        holders = [torch.UntypedStorage(0, device=s.device) for s in stores]
+        sizes = [s.nbytes() for s in stores]
         reserved: list[tuple[int, Any]] = []
+        got: list[tuple[int, int]] = []
         try:
             for t in tensors:
-                if not t.untyped_storage().resizable():
-                    raise InvalidArgumentError(
-                        f"{what}(release=True): this storage is not owned by torch's allocator "
-                        "(e.g. made by torch.from_numpy or from a buffer), so it cannot be paged "
-                        "out in place; use release=False")
+                storage.check_sole_owner(t, f"{what}(release=True)")
                 reserved.append(storage.reserve(t, f"{what}(release=True)"))
-            stores = [t.untyped_storage() for t in tensors]
-            got = self._store.offload_many(
-                [(s.data_ptr(), s.nbytes(), prio, b) for s, b in zip(stores, base_ids)],
-                stream, False)
+            self._store.offload_many([(s.data_ptr(), n, prio, b)
+                                      for s, n, b in zip(stores, sizes, base_ids)],
+                                     current_stream(self.device), False, got)
         except BaseException:
+            self._forget(got)  # the storages were not swapped: their data is where it was
             for key, token in reserved:
                 storage.unregister(key, token)
             raise
-        return [self._paged_out(cid, tier, t, key, token, prio, b)
-                for (cid, tier), t, (key, token), b
-                in zip(got, tensors, reserved, bases or [None] * len(tensors))]
+        handles: list[Handle | None] = [None] * len(tensors)
+
+        def finish() -> None:  # idempotent (Note [Interrupted batches])
+            for i, ((cid, tier), t) in enumerate(zip(got, tensors)):
+                if handles[i] is None:
+                    handles[i] = self._new_handle(cid, tier, t, nbytes=sizes[i], release=True,
+                                                  priority=prio, key=reserved[i][0])
+                if sizes[i] and holders[i].nbytes() == 0:
+                    storage.swap_out(stores[i], holders[i])  # one C call: done or not
+                storage.commit(reserved[i][0], reserved[i][1], handles[i], stores[i])
+                if sizes[i]:
+                    self._keep_alive(cid, tier, holders[i])
+                if bases[i] is not None:
+                    bases[i]._end("freed")
+
+        try:
+            finish()
+        except BaseException:
+            finish()
+            raise
+        return handles  # type: ignore[return-value]
+
+    def _keep_alive(self, core_id: int, tier: int, memory: Any) -> None:
+        """``memory`` may still be read by the offload copy of ``core_id``: keep it until then."""
+        if self._cuda:  # the allocator reuses it only after the copy stream passed this point
+            self._record_stream(memory, self._stream(tier, "to_tier"))
+        else:
+            self._holders.hold(core_id, memory)
+
+    def _forget(self, got: list[tuple[int, int]]) -> None:
+        """Drop core handles no Python handle was made for (an interrupted batch)."""
+        for cid, _tier in got:
+            try:
+                self._store.wait(cid)  # its copy may read memory the caller is about to drop
+                self._store.free(cid)
+            except Exception:
+                pass
 
     def _defer_fence(self, handle: Handle, tensor: torch.Tensor, src: torch.Tensor,
                      tier: int) -> None:
         """A deferred snapshot: the source's memory must outlive the copy (the caller may drop
         it), and the source is registered so debug_guard can catch a write before fence()."""
         handle._deferred = storage.defer(tensor, handle)  # a key: the handle never pins tensor
-        if self._cuda:
-            self._record_stream(src, self._stream(tier, "to_tier"))
-        else:
-            handle._holder = src
-            with self._holders_lock:
-                self._holders.append(handle)
+        self._keep_alive(handle._id, tier, src)
 
     def _fence(self, handle: Handle) -> None:
         """Order the current stream after the copy that read a deferred snapshot's source."""
         with handle._lock:
             if handle._deferred is None:
                 return
-            if handle._terminal is None:
-                self._check_open()
-                self._store.fence_source(handle._id, current_stream(self.device))
+            if handle._live():
+                with self._call("fence"):
+                    self._store.fence_source(handle._id, current_stream(self.device))
             self._undefer(handle)
 
     @staticmethod
@@ -276,30 +353,8 @@ class OffloadManager:
             storage.undefer(handle._deferred, handle)
             handle._deferred = None
 
-    def _paged_out(self, core_id: int, tier: int, tensor: torch.Tensor, key: int, token: Any,
-                   prio: float, base: Handle | None) -> Handle:
-        """After the store accepted a release: page the storage out and protect its memory."""
-        if base is not None:
-            self._consumed(base)
-        src = tensor.untyped_storage()
-        handle = self._new_handle(core_id, tier, tensor, nbytes=src.nbytes(), release=True,
-                                  key=key, priority=prio)
-        holder = storage.swap_out(src)
-        storage.commit(key, token, handle)
-        with self._released_lock:
-            self._released[core_id] = handle
-        if not holder.nbytes():
-            return handle
-        if self._cuda:  # the allocator reuses the memory only after the copy stream passed here
-            self._record_stream(holder, self._stream(tier, "to_tier"))
-        else:
-            handle._holder = holder
-            with self._holders_lock:
-                self._holders.append(handle)
-        return handle
-
     def _new_handle(self, core_id: int, tier: int, tensor: torch.Tensor, *, nbytes: int,
-                    release: bool, key: int | None, priority: float) -> Handle:
+                    release: bool, priority: float, key: int | None = None) -> Handle:
         kind, location = self._tiers[tier]  # where the copy went (Handle.tier stays live)
         return Handle(self, core_id, nbytes=nbytes, shape=tensor.shape, dtype=tensor.dtype,
                       release=release, tensor=tensor if release else None, key=key,
@@ -307,7 +362,7 @@ class OffloadManager:
 
     # -- fetch ---------------------------------------------------------------------------
     def fetch(self, handle: Handle | torch.Tensor, out: torch.Tensor | None = None, *,
-              keep: bool = False) -> torch.Tensor:
+              keep: bool = False) -> Any:
         """Copy the handle's bytes back to this device, ordered before later work on the
         current stream.
 
@@ -324,28 +379,30 @@ class OffloadManager:
 
         Returns
         -------
-        torch.Tensor
-            For a release: the original tensor object, its storage restored in place (every
-            view sees the data again). For a snapshot: ``out`` or a new contiguous tensor.
+        torch.Tensor or array
+            For a release: the original tensor object (or, if it is gone, a tensor of its
+            layout on the restored storage), its storage restored in place (every view sees
+            the data again). For a snapshot: ``out`` or a new contiguous tensor; for an array,
+            an array of the same library, dtype and shape.
         """
         return self._fetch([handle], [out], keep, "fetch")[0]
 
     def fetch_many(self, handles: Iterable[Handle | torch.Tensor],
                    outs: Sequence[torch.Tensor | None] | None = None, *,
-                   keep: bool = False) -> list[torch.Tensor]:
+                   keep: bool = False) -> list[Any]:
         """Fetch every handle in one call into the core (one event, one batched submission per
         tier). All handles (and ``outs``, one per handle, ``None`` or a tensor as for
-        ``fetch(out=)``, snapshots only) are checked before any is fetched. ``keep`` as for
-        :meth:`fetch`, for every handle."""
+        ``fetch(out=)``, snapshots only) are checked before any is fetched; all or nothing,
+        also when interrupted. ``keep`` as for :meth:`fetch`, for every handle."""
         handles = list(handles)
         return self._fetch(handles, [None] * len(handles) if outs is None else list(outs), keep,
                            "fetch_many")
 
-    def _fetch(self, handles: list[Any], outs: list[torch.Tensor | None], keep: bool,
-               what: str) -> list[torch.Tensor]:
+    def _fetch(self, handles: list[Any], outs: list[Any], keep: bool, what: str,
+               closing: bool = False) -> list[Any]:
         """The one fetch path (a single fetch is a batch of one)."""
-        self._check_open()
-        with self._claim(handles, what) as handles:
+        with (contextlib.nullcontext() if closing else self._call(what)), \
+                self._claim(handles, what) as handles:
             if len({id(h) for h in handles}) != len(handles):
                 raise InvalidArgumentError(f"{what}: a handle is listed twice")
             if len(outs) != len(handles):
@@ -356,43 +413,72 @@ class OffloadManager:
                         f"{what}: this handle is the kept copy of a tensor already restored; use "
                         "it as offload(..., base=h) or free it")
                 if o is not None:
-                    if h.release:
-                        raise InvalidArgumentError(f"{what}: out= is for snapshots; a released "
-                                                   "tensor is restored in place")
+                    if h.release or h._array is not None:
+                        raise InvalidArgumentError(f"{what}: out= is for tensor snapshots; a "
+                                                   "released tensor is restored in place")
                     self._check_out(o, h)
-            dests = []
-            for h, o in zip(handles, outs):
-                if h.release:
-                    dests.append(self._release_destination(h, h._tensor))
-                elif h._prefetch is not None:
-                    dests.append(h._prefetch)
-                else:
-                    dests.append(o if o is not None else
-                                 torch.empty(h.shape, dtype=h.dtype, device=self.device))
+            dests = [self._destination(h, o) for h, o in zip(handles, outs)]
+            done: list[bool] = []
             ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
                     for h, d in zip(handles, dests)]
-            self._store.fetch_many([h._id for h in handles], ptrs, current_stream(self.device),
-                                   keep)
-            results = []
-            for h, d, o in zip(handles, dests, outs):
-                self._adopt_prefetch(h)
-                prefetched = h._prefetch is not None
-                self._drop_prefetch(h)
-                self._undefer(h)  # the fetch ordered the current stream after the offload copy
-                if h.release:
-                    tensor = h._tensor
-                    storage.swap_in(tensor.untyped_storage(), d.untyped_storage())
-                    if keep:
-                        self._unpage(h)
-                        h._kept = True
-                    else:
-                        self._retire(h, "fetched")
-                    results.append(tensor)
-                    continue
-                if not keep:
-                    h._finish("fetched")
-                results.append(o.copy_(d) if prefetched and o is not None else d)
+            results: list[Any] = [None] * len(handles)
+
+            def finish() -> None:  # idempotent (Note [Interrupted batches])
+                for i, (h, d, o) in enumerate(zip(handles, dests, outs)):
+                    if results[i] is None:
+                        results[i] = self._restore(h, d, o, keep)
+
+            try:
+                self._store.fetch_many([h._id for h in handles], ptrs,
+                                       current_stream(self.device), keep, done)
+                finish()
+            except BaseException:
+                if done:  # the core fetched them: finish the Python side regardless
+                    finish()
+                raise
             return results
+
+    def _destination(self, h: Handle, out: torch.Tensor | None) -> torch.Tensor:
+        if h._prefetch is not None:
+            return h._prefetch
+        if h.release:
+            s = h._storage() if h._storage is not None else None
+            if s is not None and s.nbytes() != 0:
+                raise InvalidArgumentError("fetch: the paged-out storage was resized meanwhile; "
+                                           "refusing to overwrite it")
+            return torch.empty(h.nbytes, dtype=torch.uint8, device=self.device)
+        if out is not None:
+            return out
+        return torch.empty(h.shape, dtype=h.dtype, device=self.device)
+
+    def _restore(self, h: Handle, dest: torch.Tensor, out: torch.Tensor | None,
+                 keep: bool) -> Any:
+        """After the core fetched ``h`` into ``dest``: the Python side, once per handle."""
+        if h._prefetch is not None:
+            if self._cuda:  # the prefetch buffer is used on the current stream from now on
+                current = torch.cuda.current_stream(self.device)
+                if current != h._prefetch_stream:
+                    self._record_stream(h._prefetch, current)
+            self._drop_prefetch(h)
+        self._holders.drop(h._id)  # the fetch ordered the caller after the offload copy
+        self._undefer(h)
+        if h.release:
+            s = h._storage() if h._storage is not None else None
+            if s is None:  # every tensor of it is gone: a new one on the fetched bytes
+                s = dest.untyped_storage()
+            elif s.nbytes() == 0 and h.nbytes:
+                storage.swap_in(s, dest.untyped_storage())
+            tensor = h._restored_tensor(s)
+            if h._key is not None:
+                storage.unregister(h._key, h)
+            h._state = "kept" if keep else h._state
+            if not keep:
+                h._end("fetched")
+            return tensor
+        result = out.copy_(dest) if out is not None and out is not dest else dest
+        if not keep:
+            h._end("fetched")
+        return arrays.from_bytes(result, h._array) if h._array is not None else result
 
     def prefetch(self, handle: Handle | torch.Tensor) -> Handle:
         """Start copying the handle back now, into memory allocated on the current stream, and
@@ -403,82 +489,67 @@ class OffloadManager:
     def prefetch_many(self, handles: Iterable[Handle | torch.Tensor]) -> list[Handle]:
         """:meth:`prefetch` every handle in one call into the core (all are checked first);
         already prefetched ones are left as they are."""
-        self._check_open()
-        with self._claim(list(handles), "prefetch") as handles:
+        with self._call("prefetch"), self._claim(list(handles), "prefetch") as handles:
             if any(h._kept for h in handles):
                 raise InvalidHandleError("prefetch: a kept copy of a restored tensor")
             todo = list({id(h): h for h in handles if h._prefetch is None}.values())
-            bufs = [torch.empty(h.nbytes, dtype=torch.uint8, device=self.device) if h.release
+            bufs = [torch.empty(h.nbytes, dtype=torch.uint8, device=self.device)
+                    if h.release or h._array is not None
                     else torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in todo]
             tiers = self._store.prefetch_many(
                 [h._id for h in todo], [b.data_ptr() if h.nbytes else 0 for h, b in zip(todo, bufs)],
                 current_stream(self.device))
             stream = torch.cuda.current_stream(self.device) if self._cuda else None
             for h, buf, tier in zip(todo, bufs, tiers):
-                h._prefetch = buf
-                h._prefetch_tier = tier
-                h._prefetch_stream = stream
-                with self._holders_lock:
+                h._prefetch, h._prefetch_tier, h._prefetch_stream = buf, tier, stream
+                with self._calls_cv:
                     self._prefetched_bytes += h.nbytes
             return handles
-
-    def _release_destination(self, handle: Handle, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.untyped_storage().nbytes() != 0:
-            if not self._store.contains(handle._id):  # fetched a moment ago by another thread
-                raise InvalidHandleError("fetch: the handle was already fetched")
-            raise InvalidArgumentError("fetch: the paged-out storage was resized meanwhile; "
-                                       "refusing to overwrite it")
-        if handle._prefetch is not None:
-            return handle._prefetch
-        return torch.empty(handle.nbytes, dtype=torch.uint8, device=self.device)
-
-    def _adopt_prefetch(self, handle: Handle) -> None:
-        """The prefetch buffer is used on the current stream from now on; if that is not the
-        stream it was allocated on, tell the caching allocator (CUDA)."""
-        if handle._prefetch is not None and self._cuda:
-            current = torch.cuda.current_stream(self.device)
-            if current != handle._prefetch_stream:
-                self._record_stream(handle._prefetch, current)
 
     def _drop_prefetch(self, handle: Handle) -> None:
         if handle._prefetch is None:
             return
         handle._prefetch = None
-        with self._holders_lock:
+        with self._calls_cv:
             self._prefetched_bytes -= handle.nbytes
 
     # -- free, waits, lending, stats -----------------------------------------------------
     def free(self, handle: Handle | torch.Tensor) -> None:
-        """Drop the handle's offloaded bytes without fetching them. For a release, the tensor
-        keeps its empty storage: its data is gone."""
-        self._check_open()
-        with self._claim([handle], "free") as (handle,):
-            if handle._holder is not None or (handle._prefetch is not None and not self._cuda):
-                self._store.wait(handle._id)  # emulation: a copy may still use the holder/buffer
+        """Drop the handle's offloaded bytes without fetching them. For a release, the data is
+        gone: the tensor keeps an empty storage, marked *discarded* (:func:`is_discarded`; the
+        guard refuses it, and so does a new offload of it)."""
+        with self._call("free"), self._claim([handle], "free") as (handle,):
+            if self._holders.holding(handle._id) or (handle._prefetch is not None
+                                                      and not self._cuda):
+                self._store.wait(handle._id)  # emulation: a copy may still use the memory
             self._store.free(handle._id)
+            self._holders.drop(handle._id)
             if handle._prefetch is not None and self._cuda:  # reused after the copy into it
                 self._record_stream(handle._prefetch,
                                     self._stream(handle._prefetch_tier, "prefetch"))
             self._drop_prefetch(handle)
-            self._undefer(handle)
-            self._retire(handle, "freed")
+            if handle.release and not handle._kept and handle._key is not None:
+                storage.discard(handle._key, handle)
+            handle._end("freed")
 
     def _discard(self, handle: Handle) -> None:
-        if not self._closed and handle._terminal is None:
+        """Handle.__del__: nobody can fetch it any more."""
+        if not self._closed and not self._closing and handle._live() \
+                and os.getpid() == self._pid:
             self.free(handle)
 
     def _ready(self, handle: Handle) -> bool:
-        if handle._terminal == "fetched":
+        if handle._state == "fetched":
             return True
-        self._own(handle, "ready")
-        return bool(self._store.ready(handle._id))
+        with self._call("ready"):
+            return bool(self._store.ready(self._own(handle, "ready")._id))
 
     def _wait(self, handle: Handle) -> None:
-        if handle._terminal == "fetched":
+        if handle._state == "fetched":
             return
-        self._own(handle, "wait")
-        self._store.wait(handle._id)
-        handle._holder = None
+        with self._call("wait"):
+            self._store.wait(self._own(handle, "wait")._id)
+            self._holders.drop(handle._id)
 
     def lend(self, device: DeviceLike, nbytes: int | str) -> int:
         """Grow the pool on peer ``device`` by ``nbytes`` (a new segment, allocated now).
@@ -488,11 +559,15 @@ class OffloadManager:
         int
             The peer tier's capacity afterwards, in bytes.
         """
-        self._check_open()
-        n = parse_size(nbytes, name="lend nbytes")
-        if n == 0:
-            raise InvalidArgumentError("lend: 0 bytes")
-        return int(self._store.lend(parse_peer(device, self._store.backend), n))
+        self._check_manual("lend")
+        return self._lend(device, nbytes)
+
+    def _lend(self, device: DeviceLike, nbytes: int | str) -> int:
+        with self._call("lend", internal=True):
+            n = parse_size(nbytes, name="lend nbytes")
+            if n == 0:
+                raise InvalidArgumentError("lend: 0 bytes")
+            return int(self._store.lend(parse_peer(device, self._store.backend), n))
 
     def reclaim(self, device: DeviceLike, nbytes: int | str | None = None) -> int:
         """Take memory back from the pool on peer ``device``: whole segments, newest first,
@@ -508,19 +583,30 @@ class OffloadManager:
         Raises
         ------
         InvalidArgumentError
-            More than is lent, an unknown device, or a reclaim of it already in progress.
+            More than is lent, an unknown device, a reclaim of it already in progress, or a
+            manager with ``peers="lent"`` (its leases are lent and reclaimed by their lenders).
         OutOfMemoryError
             The lower tiers cannot take the handles; nothing was reclaimed.
         """
-        self._check_open()
-        n = None if nbytes is None else parse_size(nbytes, name="reclaim nbytes")
-        return int(self._store.reclaim(parse_peer(device, self._store.backend), n))
+        self._check_manual("reclaim")
+        return self._reclaim(device, nbytes)
+
+    def _reclaim(self, device: DeviceLike, nbytes: int | str | None = None) -> int:
+        with self._call("reclaim", internal=True):
+            n = None if nbytes is None else parse_size(nbytes, name="reclaim nbytes")
+            return int(self._store.reclaim(parse_peer(device, self._store.backend), n))
+
+    def _check_manual(self, what: str) -> None:
+        if self._lending is not None:
+            raise InvalidArgumentError(
+                f"{what}: this manager leases its peer memory (peers='lent'); the lenders grow "
+                "and reclaim it (aqua_offload.lending), by hand it would be granted twice")
 
     def synchronize(self) -> None:
         """Block until every copy issued by this manager has completed."""
-        self._check_open()
-        self._store.synchronize()
-        self._reap_holders()
+        with self._call("synchronize"):
+            self._store.synchronize()
+            self._holders.reap()
 
     def stats(self) -> dict[str, Any]:
         """Counters and per-tier pool statistics; see docs/stats.md for every key.
@@ -532,13 +618,16 @@ class OffloadManager:
             ``capacity``, ``used``, ``peak``, ``free``, ``largest_free``, ``fragmentation``,
             ``blocks``, ``free_ranges``, ``segments``, ``lent_segments``, ``fenced``,
             ``handles``), operation counters, bytes moved per direction, evictions,
-            migrations, lending and reclaim latency, ``prefetched_bytes``. Sizes in bytes.
+            migrations, batch paths, lending and reclaim latency, ``prefetched_bytes``,
+            ``peer_budgets``, ``closed``. Sizes in bytes. After ``close()`` the tiers are empty.
         """
-        self._reap_holders()  # drops finished holders, and with them unreachable handles
+        if not self._closed:
+            self._holders.reap()  # drops finished holders
         s = self._store.stats()
         s["backend"] = self._store.backend
         s["device"] = str(self.device)
         s["policy"] = self.policy
+        s["closed"] = self._closed
         s["prefetched_bytes"] = self._prefetched_bytes
         s["peer_budgets"] = [dict(b) for b in self._peer_budgets]
         s["reclaim_last_gbps"] = (s["reclaim_last_bytes_moved"] / s["reclaim_last_s"] / 1e9
@@ -547,34 +636,48 @@ class OffloadManager:
             s["lending"] = self._lending.stats()
         return s
 
-    # -- lifetime ------------------------------------------------------------------------
+    # -- lifetime (Note [Calls and close]) ------------------------------------------------
     @property
     def closed(self) -> bool:
         return self._closed
 
     def close(self, restore: bool = True) -> None:
-        """Release the pools. With ``restore`` (default), every tensor paged out by this
-        manager is fetched back first, so no data is lost; other handles become invalid."""
-        if self._closed:
+        """Refuse new calls, wait for the calls in progress, then (with ``restore``, the
+        default) fetch every tensor this manager paged out, and free every pool segment before
+        returning. Leftover handles are ``"closed"``: calls on them raise :class:`ClosedError`.
+        Without ``restore`` (at exit), paged-out tensors are left discarded."""
+        if os.getpid() != self._pid:  # a forked child: the parent's memory, not ours to touch
+            self._closed = True
             return
-        if restore:
-            with self._released_lock:
-                pending = list(self._released.values())
-            for h in pending:
-                if h._terminal is None:
-                    self.fetch(h)
-        if self._lending is not None:  # after the last step that can fail: no reclaim/lend
-            self._lending.stop()  # after this one, yet a close that raised keeps serving
-        self._closed = True
-        self._store.close()  # waits for every copy: holders and prefetch buffers are free now
-        with self._released_lock:
-            for h in self._released.values():
-                storage.unregister(h._key, h)
-                h._finish("freed")
-            self._released.clear()
-        with self._holders_lock:
-            self._holders.clear()
+        with self._calls_cv:
+            if self._closed or self._closing:
+                self._calls_cv.wait_for(lambda: self._closed or not self._closing)
+                if self._closed:
+                    return
+            self._closing = True
+            self._calls_cv.wait_for(lambda: self._calls == 0)
+        try:
+            if restore:
+                pending = [h for h in storage.handles_of(self) if h._live() and not h._kept]
+                if pending:
+                    self._fetch(pending, [None] * len(pending), False, "close", closing=True)
+            if self._lending is not None:  # after the last step that can fail: no reclaim/lend
+                self._lending.stop()  # after this one, yet a close that raised keeps serving
+        except BaseException:
+            with self._calls_cv:
+                self._closing = False
+                self._calls_cv.notify_all()
+            raise
+        self._store.close()  # frees every pool: copies are done, holders are free now
+        for h in storage.handles_of(self):  # restore=False: their data is gone
+            storage.discard(h._key, h)
+            h._end("closed")
+        self._holders.clear()
+        with self._calls_cv:
             self._prefetched_bytes = 0
+            self._closed = True
+            self._closing = False
+            self._calls_cv.notify_all()
         if self._lending is not None:  # the leased memory is freed now: give the leases back
             self._lending.close()
 
@@ -590,14 +693,33 @@ class OffloadManager:
         return f"<aqua_offload.OffloadManager {self.device} [{tiers}] {state}>"
 
     # -- helpers -------------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise OffloadError("this OffloadManager is closed")
+    @contextlib.contextmanager
+    def _call(self, what: str, internal: bool = False) -> Iterator[None]:
+        """A public call in progress (Note [Calls and close]). ``internal`` calls (the lending
+        consumer's) still run while close() is restoring, until it stops them."""
+        if os.getpid() != self._pid:
+            raise ClosedError(f"{what}: this OffloadManager belongs to process {self._pid}; a "
+                              "forked child cannot use it (make a new one in the child)")
+        with self._calls_cv:
+            if self._closed or (self._closing and not internal):
+                raise ClosedError(f"{what}: this OffloadManager is closed")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._calls_cv:
+                self._calls -= 1
+                if not self._calls:
+                    self._calls_cv.notify_all()
 
     def _check_tensor(self, t: Any, what: str) -> None:
         if not isinstance(t, torch.Tensor):
-            raise InvalidArgumentError(f"{what} expects a torch.Tensor, got {type(t).__name__}")
-        if t.layout != torch.strided or t.is_quantized or t.is_nested:
+            raise InvalidArgumentError(f"{what} expects a torch.Tensor (or a numpy/CuPy/DLPack "
+                                       f"array), got {type(t).__name__}")
+        if t.is_quantized:
+            raise InvalidArgumentError(f"{what}: the tensor is quantized ({t.dtype}); offload "
+                                       "its int_repr() and quantization parameters instead")
+        if t.layout != torch.strided or t.is_nested:
             raise InvalidArgumentError(f"{what}: only strided (dense) tensors can be offloaded, "
                                        f"got layout {t.layout}")
         if t.device != self.device:
@@ -611,7 +733,7 @@ class OffloadManager:
             raise InvalidArgumentError(
                 f"fetch: out is {tuple(out.shape)} {out.dtype} on {out.device}; the handle needs "
                 f"{tuple(handle.shape)} {handle.dtype} on {self.device}")
-        if not out.is_contiguous() or storage.is_offloaded(out):
+        if not out.is_contiguous() or storage.unsafe_to_touch(out):
             raise InvalidArgumentError("fetch: out must be contiguous and not paged out")
 
     def _own(self, handle: Any, what: str) -> Handle:
@@ -624,67 +746,54 @@ class OffloadManager:
             raise InvalidHandleError(f"{what} expects a Handle, got {type(handle).__name__}")
         if handle._manager is not self:
             raise InvalidHandleError(f"{what}: the handle belongs to another OffloadManager")
-        if handle._terminal is not None:
-            raise InvalidHandleError(f"{what}: the handle was already {handle._terminal}")
-        if what == "offload(base=)":
-            if handle.release and not handle._kept:
-                raise InvalidArgumentError(
-                    "offload(base=): the base still holds a paged-out tensor; pass a snapshot "
-                    "or a copy kept by fetch(h, keep=True)")
-            if handle._prefetch is not None:
-                raise InvalidArgumentError("offload(base=): the base has a prefetch in flight; "
-                                           "fetch or free it first")
+        if not handle._live():
+            if handle._state == "closed":
+                raise ClosedError(f"{what}: the handle's manager was closed")
+            raise InvalidHandleError(f"{what}: the handle was already {handle._state}")
         return handle
+
+    def _check_base(self, base: Any, tensor: torch.Tensor) -> Handle:
+        """``base`` may be extended by ``tensor``: a live, unprefetched snapshot or kept copy
+        whose bytes are a prefix of tensor's (Note [Incremental offload] in the core)."""
+        base = self._own(base, "offload(base=)")
+        if base.release and not base._kept:
+            raise InvalidArgumentError(
+                "offload(base=): the base still holds a paged-out tensor; pass a snapshot "
+                "or a copy kept by fetch(h, keep=True)")
+        if base._prefetch is not None:
+            raise InvalidArgumentError("offload(base=): the base has a prefetch in flight; "
+                                       "fetch or free it first")
+        if base._array is not None:
+            raise InvalidArgumentError("offload(base=): an array snapshot cannot be a base")
+        if not tensor.is_contiguous():
+            # A view whose logical order is not its memory order (a transpose, a strided slice)
+            # is the usual way to pass bytes that are not the base's prefix: wrong data, so no.
+            raise InvalidArgumentError(
+                f"offload(base=): the tensor ({tuple(tensor.shape)}, strides {tensor.stride()}) "
+                "is not contiguous, so its bytes are not the base's prefix in order; offload "
+                "the contiguous append-only tensor itself")
+        if base.release and tensor.storage_offset() != 0:
+            raise InvalidArgumentError("offload(base=): a kept release is a prefix only of a "
+                                       "tensor at the start of its storage")
+        return base
 
     @contextlib.contextmanager
     def _claim(self, handles: list[Any], what: str) -> Iterator[list[Handle]]:
         """Hold the handles' locks (in a fixed order) and check them under the locks: the Python
-        side of a handle (prefetch buffer, terminal state) changes with its C++ entry at once."""
+        side of a handle (prefetch buffer, state) changes with its C++ entry at once."""
         hs = [self._own(h, what) for h in handles]
         with contextlib.ExitStack() as stack:
             for h in sorted({id(h): h for h in hs}.values(), key=lambda h: h._id):
                 stack.enter_context(h._lock)
             yield [self._own(h, what) for h in hs]
 
-    def _consumed(self, base: Handle) -> None:
-        """``base`` was taken over by an incremental offload."""
-        base._finish("freed")
-
-    def _unpage(self, handle: Handle) -> None:
-        """A released tensor is back in place; its handle may live on as a kept copy."""
-        storage.unregister(handle._key, handle)
-        with self._released_lock:
-            self._released.pop(handle._id, None)
-        handle._tensor = None
-
-    def _retire(self, handle: Handle, state: str) -> None:
-        if handle.release and not handle._kept:
-            self._unpage(handle)
-        handle._finish(state)
-
-    def _reap_holders(self) -> None:
-        """Drop holders (emulation, release=True) whose copy has completed."""
-        if not self._holders:
-            return
-        with self._holders_lock:
-            while self._holders:
-                h = self._holders[0]
-                if h._holder is not None and h._terminal is None:
-                    try:
-                        if not self._store.ready(h._id):
-                            break
-                    except InvalidHandleError:
-                        pass  # fetched or freed by another thread a moment ago: copy is done
-                h._holder = None
-                self._holders.popleft()
-
-    def _stream(self, tier: int, direction: str) -> Any:
+    def _stream(self, tier: int, lane: str) -> Any:
         """A torch view of one of the core's copy streams (CUDA only), for record_stream."""
-        key = (tier, direction)
+        key = (tier, lane)
         stream = self._ext_streams.get(key)
         if stream is None:
             stream = self._ext_streams[key] = external_stream(
-                self._store.copy_stream(tier, direction), self.device)
+                self._store.copy_stream(tier, lane), self.device)
         return stream
 
     _record_stream = staticmethod(record_stream)

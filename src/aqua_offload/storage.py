@@ -1,4 +1,4 @@
-"""Paging a tensor's whole storage out and back in place.
+"""Paging a tensor's whole storage out and back in place, and the registry of paged storages.
 
 Note [In-place paging]
 ``release=True`` must page out *every* view of a storage and keep object identities, so it acts
@@ -7,15 +7,25 @@ memory into a zero-byte *holder* storage, leaving the original storage empty (0 
 every tensor that views it. Fetching allocates fresh memory, copies into it, and swaps it in.
 
 The holder owns the old memory, which the offload copy may still be reading. It must outlive
-that copy (DESIGN.md section 4):
-  - CUDA: ``record_stream(copy_stream)`` on the holder, then drop it; the caching allocator
-    hands the block to new work only after the copy stream passed that point.
-  - emulation: the handle keeps the holder until the copy's event completed (the manager reaps
-    holders on later calls, and in wait/fetch/free/synchronize).
+that copy (DESIGN.md section 4): ``record_stream(copy_stream)`` on CUDA, a holder kept until
+the copy's event completed on emulation (holders.py).
 
-A module-wide registry maps each paged-out storage to its handle, so a second ``release`` of
-the same storage (through any view, from any manager) is refused, ``is_offloaded`` answers,
-and a paged-out tensor can always be fetched back even if its handle was dropped.
+Only memory the storage owns alone can be paged out this way: a storage shared with another
+process (``share_memory_()``, a file mapping) or aliased by an array that reached it through
+DLPack or the buffer protocol (numpy, CuPy, JAX) would be detached, and the other side would
+write into freed memory. Such storages are refused (:func:`check_sole_owner`); snapshots of
+them are fine.
+
+Note [Paging registry]
+A module-wide registry maps each paged storage (by StorageImpl address) to its handle, so a
+second ``release`` of the same storage (through any view, from any manager) is refused,
+``is_offloaded`` answers, and a paged-out tensor can always be fetched even if its handle was
+dropped. The registry holds the handle; the handle holds its storage weakly. A finalizer on the
+storage's Python object (torch preserves it exactly as long as the StorageImpl lives) drops the
+entry when the last tensor of the storage dies: a paged-out tensor dropped with its handle then
+gives its tier bytes back. A released storage whose handle was freed (or closed without
+restoring) stays registered as *discarded* until it dies: it has no data, touching it would
+crash, so the guard refuses it and so does a new offload.
 """
 
 from __future__ import annotations
@@ -31,14 +41,40 @@ from .errors import InvalidArgumentError
 if TYPE_CHECKING:
     from .handle import Handle
 
-__all__ = ["is_offloaded"]
+__all__ = ["is_offloaded", "is_discarded"]
 
-_lock = threading.Lock()
-_registry: dict[int, Any] = {}  # StorageImpl address -> Handle (or a reservation token)
+_lock = threading.RLock()  # dropping an entry can run a Handle's __del__, which frees
+_registry: dict[int, Any] = {}  # StorageImpl address -> Handle, reservation or _Discarded
+_watched: set[int] = set()      # addresses with a finalizer on their storage object
+
+
+class _Discarded:
+    """The storage's data is gone (Note [Paging registry]); ``storage`` is a weak reference,
+    so a new storage at a reused address is never mistaken for it."""
+
+    def __init__(self, storage: torch.UntypedStorage) -> None:
+        self.storage = weakref.ref(storage)
+
+
+class _Reservation:
+    """Placeholder while an offload of the storage is being submitted."""
 
 
 def storage_key(t: torch.Tensor) -> int:
     return int(t.untyped_storage()._cdata)
+
+
+def _entry(t: torch.Tensor) -> Any:
+    """The registry entry of ``t``'s storage, if it is really this storage's (an address can be
+    reused by a new storage before a dead one's entry is gone)."""
+    s = t.untyped_storage()
+    entry = _registry.get(int(s._cdata))
+    if isinstance(entry, _Discarded):
+        return entry if entry.storage() is s else None
+    if entry is not None and not isinstance(entry, _Reservation):
+        ref = entry._storage
+        return entry if ref is None or ref() is s else None
+    return entry
 
 
 def is_offloaded(t: torch.Tensor) -> bool:
@@ -49,52 +85,185 @@ def is_offloaded(t: torch.Tensor) -> bool:
     """
     if not isinstance(t, torch.Tensor):
         raise InvalidArgumentError(f"is_offloaded expects a torch.Tensor, got {type(t).__name__}")
-    return storage_key(t) in _registry
+    return _type_of(_entry(t)) == "handle"
+
+
+def is_discarded(t: torch.Tensor) -> bool:
+    """Whether ``t``'s storage was paged out and its handle freed (or its manager closed without
+    restoring): the data is gone and the storage has 0 bytes; touching it would crash."""
+    if not isinstance(t, torch.Tensor):
+        raise InvalidArgumentError(f"is_discarded expects a torch.Tensor, got {type(t).__name__}")
+    return isinstance(_entry(t), _Discarded)
+
+
+def _type_of(entry: Any) -> str | None:
+    if entry is None:
+        return None
+    if isinstance(entry, _Discarded):
+        return "discarded"
+    return "reserved" if isinstance(entry, _Reservation) else "handle"
 
 
 def any_offloaded() -> bool:
     return bool(_registry)
 
 
+def unsafe_to_touch(t: torch.Tensor) -> str | None:
+    """``"paged out"`` or ``"discarded"`` when touching ``t`` would read freed memory."""
+    kind = _type_of(_entry(t))
+    return {"handle": "paged out", "discarded": "discarded"}.get(kind or "")
+
+
 def owner(t: torch.Tensor) -> "Handle | None":
     """The handle holding ``t``'s paged-out storage, if any."""
-    found = _registry.get(storage_key(t))
-    return None if found is None or isinstance(found, _Reservation) else found
+    found = _entry(t)
+    return found if _type_of(found) == "handle" else None
 
 
-class _Reservation:
-    """Placeholder while an offload of the storage is being submitted."""
+def handles_of(manager: Any) -> list["Handle"]:
+    """Every paged-out storage's handle that belongs to ``manager``."""
+    with _lock:
+        return [h for h in list(_registry.values())
+                if _type_of(h) == "handle" and h._manager is manager]
 
 
 def reserve(t: torch.Tensor, what: str) -> tuple[int, _Reservation]:
     key = storage_key(t)
     token = _Reservation()
     with _lock:
-        if key in _registry:
+        entry = _entry(t)
+        if isinstance(entry, _Discarded):
+            raise InvalidArgumentError(
+                f"{what}: the tensor's storage was paged out and its handle freed (or its manager "
+                "closed without restoring): its data is gone; make a new tensor")
+        if entry is not None:
             raise InvalidArgumentError(
                 f"{what}: the tensor's storage is already paged out (or being paged out); fetch "
                 "its handle first")
+        stale = _registry.get(key)  # a dead storage's entry at a reused address: replaced
         _registry[key] = token
+    del stale
     return key, token
 
 
-def commit(key: int, token: _Reservation, handle: "Handle") -> None:
+def commit(key: int, token: _Reservation, handle: "Handle",
+           storage: torch.UntypedStorage) -> None:
+    """The reserved storage is paged out now, held by ``handle`` (Note [Paging registry])."""
     with _lock:
-        assert _registry.get(key) is token
-        _registry[key] = handle
+        if _registry.get(key) is token:
+            _registry[key] = handle
+        watch = key not in _watched
+        _watched.add(key)
+    if watch:
+        weakref.finalize(storage, _storage_died, key)
+
+
+def _storage_died(key: int) -> None:
+    entry = None
+    with _lock:
+        _watched.discard(key)
+        if not isinstance(_registry.get(key), _Reservation):
+            entry = _registry.pop(key, None)
+    del entry  # outside the lock: the handle may die now, and its __del__ frees its block
 
 
 def unregister(key: int, expected: Any) -> None:
     with _lock:
+        entry = _registry.pop(key) if _registry.get(key) is expected else None
+    del entry
+
+
+def discard(key: int, expected: Any) -> None:
+    """The storage's data is gone for good (its handle was freed): keep it marked until it dies."""
+    entry = None
+    with _lock:
         if _registry.get(key) is expected:
-            del _registry[key]
+            storage = expected._storage() if expected._storage is not None else None
+            entry = _registry.pop(key)
+            if storage is not None:
+                _registry[key] = _Discarded(storage)
+    del entry
 
 
-def swap_out(storage: torch.UntypedStorage) -> torch.UntypedStorage:
-    """Move ``storage``'s memory into a new holder storage; ``storage`` is left with 0 bytes."""
-    holder = torch.UntypedStorage(0, device=storage.device)
+def check_sole_owner(t: torch.Tensor, what: str) -> None:
+    """Refuse a storage that other owners can reach (Note [In-place paging])."""
+    s = t.untyped_storage()
+    if not s.resizable():
+        raise InvalidArgumentError(
+            f"{what}: this storage is not owned by torch's allocator alone (made by "
+            "torch.from_numpy, from_dlpack or from a buffer, or exposed by tensor.numpy()), so "
+            "it cannot be paged out in place; use release=False")
+    if s.is_shared():
+        raise InvalidArgumentError(
+            f"{what}: this storage is shared with other processes (share_memory_() or a file "
+            "mapping): paging it out would hide their writes; use release=False")
+    if int(s._cdata) in _exported:
+        raise InvalidArgumentError(
+            f"{what}: this storage was exported through DLPack or __cuda_array_interface__ "
+            "(numpy, CuPy, JAX...): the alias would write into freed memory; use release=False")
+
+
+# Note [Exported storages]
+# torch marks a storage non-resizable when tensor.numpy() exposes it, which check_sole_owner
+# sees; it does nothing when a tensor is exported through DLPack (np.from_dlpack, CuPy, JAX) or
+# __cuda_array_interface__. So importing aqua_offload wraps those two exports to remember the
+# storage (until it dies, as torch's own mark lasts), and a release of it is refused. Exports
+# made before aqua_offload was imported are not seen.
+_exported: set[int] = set()
+
+
+def _mark_exported(t: torch.Tensor) -> None:
+    try:
+        storage = t.untyped_storage()
+    except Exception:  # not a plain tensor (sparse, meta...): nothing we could page out anyway
+        return
+    key = int(storage._cdata)
+    with _lock:
+        fresh = key not in _exported
+        _exported.add(key)
+    if fresh:
+        weakref.finalize(storage, _exported.discard, key)
+
+
+def _wrap_exports() -> None:
+    if getattr(torch.Tensor.__dlpack__, "_aqua_wrapped", False):
+        return
+    dlpack = torch.Tensor.__dlpack__
+
+    def __dlpack__(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        _mark_exported(self)
+        return dlpack(self, *args, **kwargs)
+
+    __dlpack__._aqua_wrapped = True  # type: ignore[attr-defined]
+    __dlpack__.__doc__ = dlpack.__doc__
+    torch.Tensor.__dlpack__ = __dlpack__  # type: ignore[method-assign]
+    cai = torch.Tensor.__dict__.get("__cuda_array_interface__")
+    if isinstance(cai, property) and cai.fget is not None:
+        getter = cai.fget
+
+        def interface(self: torch.Tensor) -> Any:
+            _mark_exported(self)
+            return getter(self)
+
+        torch.Tensor.__cuda_array_interface__ = property(interface, doc=cai.__doc__)  # type: ignore[misc]
+    import torch.utils.dlpack as tud
+
+    to_dlpack = tud.to_dlpack
+
+    def wrapped_to_dlpack(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        _mark_exported(tensor)
+        return to_dlpack(tensor, *args, **kwargs)
+
+    tud.to_dlpack = wrapped_to_dlpack
+
+
+_wrap_exports()
+
+
+def swap_out(storage: torch.UntypedStorage, holder: torch.UntypedStorage) -> None:
+    """Move ``storage``'s memory into the empty ``holder``; ``storage`` is left with 0 bytes.
+    One C call: it either happened or not (the caller made ``holder`` beforehand)."""
     storage._swap_data_ptr_(holder)
-    return holder
 
 
 def swap_in(storage: torch.UntypedStorage, filled: torch.UntypedStorage) -> None:
@@ -141,7 +310,11 @@ def deferred_unfenced(t: torch.Tensor) -> bool:
 
 def snapshot_source(tensor: torch.Tensor) -> torch.Tensor:
     """The bytes a snapshot copies: lazy conjugate/negative views and strides materialised."""
-    if is_offloaded(tensor):
+    unsafe = unsafe_to_touch(tensor)
+    if unsafe == "paged out":
         raise InvalidArgumentError("offload(release=False): the tensor's storage is paged out; "
                                    "fetch its handle first")
+    if unsafe == "discarded":
+        raise InvalidArgumentError("offload(release=False): the tensor's storage was discarded "
+                                   "(its handle freed): its data is gone")
     return tensor.resolve_conj().resolve_neg().contiguous()

@@ -188,7 +188,7 @@ class OffloadedCache(DynamicCache):
         if self._manager is None:
             if device is None:
                 raise InvalidArgumentError("OffloadedCache: no manager yet (nothing was cached)")
-            from .. import default_manager
+            from ..defaults import default_manager
             self._manager = default_manager(device)
         elif device is not None and self._manager.device != device:
             raise InvalidArgumentError(

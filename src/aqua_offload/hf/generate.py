@@ -130,7 +130,7 @@ def generate_many(model: Any, inputs: Sequence[torch.Tensor | Mapping[str, Any]]
     user_criteria = generate_kwargs.pop("stopping_criteria", None)
     own = slicer is None
     if own:
-        from .. import default_manager
+        from ..defaults import default_manager
         slicer = TimeSlicer(quantum_ms=20.0, manager=default_manager(model.device))
     clock = time.monotonic
     start = clock()

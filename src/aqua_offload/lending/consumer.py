@@ -123,8 +123,9 @@ class Consumer:
         self._rank = {k: r for r, k in enumerate(self._local)}
         self._cap = lease_caps(cap, backend, self._local)
         env = os.environ.get("AQUA_OFFLOAD_LEASE_CHUNK")
+        what = "lease chunk" if chunk is not None or not env else "$AQUA_OFFLOAD_LEASE_CHUNK"
         chunk = chunk if chunk is not None else env if env else LEASE_CHUNK[backend]
-        self._chunk = max(_ALIGN, parse_size(chunk, name="lease chunk") // _ALIGN * _ALIGN)
+        self._chunk = max(_ALIGN, parse_size(chunk, name=what) // _ALIGN * _ALIGN)
         self._held = {k: 0 for k in self._local}
         self._ledger = Ledger(ledger)
         self._sync_lock = threading.Lock()  # one round at a time; stop() takes it
@@ -233,7 +234,7 @@ class Consumer:
         for key, (ask, asked_at) in asks.items():
             t = time.monotonic()
             try:
-                freed = int(self._m.reclaim(self._local[key], ask))
+                freed = int(self._m._reclaim(self._local[key], ask))
             except OffloadError as exc:  # lower tiers full: nothing lost, tell the producer
                 self._stats["reclaim_failures"] += 1
                 self._error = f"{type(exc).__name__}: {exc}"
@@ -295,7 +296,7 @@ class Consumer:
                                   "error": None, "error_t": None, "since": now})
                 left -= take
         try:
-            self._m.lend(self._local[key], n)
+            self._m._lend(self._local[key], n)
         except Exception as exc:  # noqa: BLE001 - e.g. the device is really out of memory
             self._stats["lease_failures"] += 1
             self._error = f"lend of {format_size(n)} on {self._label[key]} failed: {exc}"
@@ -336,7 +337,7 @@ class Consumer:
         for key, held in self._held.items():
             if held:
                 try:
-                    self._m.reclaim(self._local[key], None)
+                    self._m._reclaim(self._local[key], None)
                     self._held[key] = 0
                 except OffloadError as e:  # keep the data; the memory stays in use
                     log.error("aqua_offload lending: cannot give back %s: %s",

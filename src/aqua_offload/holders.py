@@ -1,0 +1,59 @@
+"""Memory a copy may still read, kept alive until it did (emulation; CUDA uses record_stream).
+
+When a storage is paged out (release=True) or a deferred snapshot's source may be dropped, the
+offload copy can still be reading that memory on a worker thread. On CUDA the caching allocator
+is told with ``record_stream``; on emulation there is no allocator to tell, so the memory is
+held here, by core handle id, until the copy's event completed. The watch never holds a
+Handle: a handle nobody references can die (and free its block) while its memory waits here.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any, Callable
+
+__all__ = ["HolderWatch"]
+
+
+class HolderWatch:
+    """Holders by core handle id, oldest first; ``ready(id)`` says whether its copy completed
+    (raising for a handle gone from the core: its copy is known complete then)."""
+
+    def __init__(self, ready: Callable[[int], bool]) -> None:
+        self._ready = ready
+        self._held: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def hold(self, core_id: int, memory: Any) -> None:
+        with self._lock:
+            self._held[core_id] = memory
+
+    def holding(self, core_id: int) -> bool:
+        return core_id in self._held
+
+    def drop(self, core_id: int) -> None:
+        """The copy reading it completed (a fetch or wait ordered after it)."""
+        with self._lock:
+            self._held.pop(core_id, None)
+
+    def reap(self) -> None:
+        """Drop holders whose copy completed, oldest first, stopping at the first still running
+        (copies of one lane complete in order)."""
+        if not self._held:
+            return
+        dropped = []
+        with self._lock:
+            while self._held:
+                core_id = next(iter(self._held))
+                try:
+                    if not self._ready(core_id):
+                        break
+                except Exception:  # fetched or freed meanwhile, or closed: the copy is done
+                    pass
+                dropped.append(self._held.pop(core_id))
+        del dropped  # freed outside the lock
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held.clear()
