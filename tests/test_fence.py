@@ -3,6 +3,10 @@ current stream wait; handle.fence() does, before the source is written again."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -76,3 +80,37 @@ def test_bad_fence_arguments_change_nothing(manager, backend, bad):
     with pytest.raises(aq.InvalidArgumentError, match="fence"):
         manager.offload(t, **{"release": False, **bad})
     assert manager.stats()["offloads"] == before and not aq.is_offloaded(t)
+
+
+def test_a_consumed_deferred_base_keeps_its_source_alive():
+    """A deferred snapshot of a non-contiguous tensor copies from a temporary the manager keeps
+    alive. Consumed as the base of an offload into a fresh block, that temporary must live
+    until the base's copy ran (the new copy is ordered after it), not die with the base:
+    freed at once, its pages go back to the OS and the copy still reading them crashes. In a
+    child process, so that a crash is a failure, not the end of the suite."""
+    code = textwrap.dedent("""
+        import torch, aqua_offload as aq
+        MiB = 1 << 20
+        m = aq.OffloadManager("cpu", peers=[1], peer_bytes=257 * MiB, host_bytes=1200 * MiB)
+        g = torch.Generator().manual_seed(3)
+        for i in range(3):
+            x = m.offload(torch.randint(1, 255, (256 * MiB,), dtype=torch.uint8, generator=g),
+                          release=False)  # fills the peer
+            wide = torch.randint(1, 255, (2, 64 * MiB), dtype=torch.uint8, generator=g)
+            t = wide[:, ::2]  # non-contiguous: the snapshot copies from a temporary
+            ref = t.contiguous().reshape(-1)
+            grown = torch.cat([ref, torch.full((4096,), 7, dtype=torch.uint8)])
+            # x moves to the host to make room; b's copy waits for that move (a fence)
+            b = m.offload(t, release=False, fence="deferred")
+            del t, wide
+            h = m.offload(grown, release=False, base=b, fence="deferred")  # a fresh block
+            m.stats()  # reaps holders whose copy is done
+            junk = [torch.full((64 * MiB,), 9, dtype=torch.uint8) for _ in range(2)]
+            del junk
+            assert b.state == "freed" and x.tier == "host"
+            assert torch.equal(m.fetch(h), grown)
+            m.free(x)
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "ok", (r.returncode, r.stderr[-2000:])

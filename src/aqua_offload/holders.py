@@ -27,7 +27,15 @@ class HolderWatch:
 
     def hold(self, core_id: int, memory: Any) -> None:
         with self._lock:
-            self._held[core_id] = memory
+            self._held.setdefault(core_id, []).append(memory)
+
+    def transfer(self, old_id: int, new_id: int) -> None:
+        """``new_id``'s copy completes after ``old_id``'s (an incremental offload consumed the
+        base ``old_id``): what ``old_id`` kept alive is now kept until ``new_id`` is ready."""
+        with self._lock:
+            moved = self._held.pop(old_id, None)
+            if moved:
+                self._held.setdefault(new_id, []).extend(moved)
 
     def holding(self, core_id: int) -> bool:
         return core_id in self._held

@@ -264,9 +264,10 @@ class OffloadManager:
         except BaseException:
             self._forget(got)  # Note [Interrupted batches]: the core's handles, if it made them
             raise
-        for b in bases:
-            if b is not None:
-                b._end("freed")  # consumed by the incremental offload
+        for b, h in zip(bases, handles):
+            if b is not None:  # consumed: the new copy completes after the base's (the core
+                self._holders.transfer(b._id, h._id)  # orders it), so its memory waits for it
+                b._end("freed")
         return handles
 
     def _page_out(self, tensors: list[torch.Tensor], prio: float, bases: list[Handle | None],
@@ -300,8 +301,9 @@ class OffloadManager:
                     storage.swap_out(stores[i], holders[i])  # one C call: done or not
                 storage.commit(reserved[i][0], reserved[i][1], handles[i], stores[i])
                 if sizes[i]:
-                    self._keep_alive(cid, tier, holders[i])
-                if bases[i] is not None:
+                    self._keep_alive(cid, tier, holders[i], dropped_now=True)
+                if bases[i] is not None:  # consumed (see _snapshot)
+                    self._holders.transfer(bases[i]._id, cid)
                     bases[i]._end("freed")
 
         try:
@@ -311,9 +313,13 @@ class OffloadManager:
             raise
         return handles  # type: ignore[return-value]
 
-    def _keep_alive(self, core_id: int, tier: int, memory: Any) -> None:
-        """``memory`` may still be read by the offload copy of ``core_id``: keep it until then."""
-        if self._cuda:  # the allocator reuses it only after the copy stream passed this point
+    def _keep_alive(self, core_id: int, tier: int, memory: Any, dropped_now: bool) -> None:
+        """``memory`` may still be read by the offload copy of ``core_id``: keep it until then.
+        On CUDA, memory ``dropped_now`` (a paged-out storage's holder) is handed to the
+        allocator with record_stream: it records its event at once. Memory the caller may keep
+        (a deferred snapshot's source) is held here instead: record_stream would make its
+        eventual free record on a copy stream close() may have destroyed by then."""
+        if self._cuda and dropped_now:
             self._record_stream(memory, self._stream(tier, "to_tier"))
         else:
             self._holders.hold(core_id, memory)
@@ -332,7 +338,7 @@ class OffloadManager:
         """A deferred snapshot: the source's memory must outlive the copy (the caller may drop
         it), and the source is registered so debug_guard can catch a write before fence()."""
         handle._deferred = storage.defer(tensor, handle)  # a key: the handle never pins tensor
-        self._keep_alive(handle._id, tier, src)
+        self._keep_alive(handle._id, tier, src, dropped_now=False)
 
     def _fence(self, handle: Handle) -> None:
         """Order the current stream after the copy that read a deferred snapshot's source."""
