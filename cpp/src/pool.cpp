@@ -133,7 +133,7 @@ void pool::erase_free(std::map<std::size_t, std::size_t>::iterator it) {
 
 std::optional<std::size_t> pool::allocate(std::size_t bytes, std::vector<std::uint64_t>* fences) {
   AQUA_EXPECTS(bytes > 0, invalid_argument_error, "pool: cannot allocate 0 bytes");
-  if (bytes > capacity_) return std::nullopt;
+  if (bytes > capacity_) return std::nullopt;  // also keeps align_up below from wrapping
   const std::size_t size = align_up(bytes, block_alignment);
   // Smallest range that fits; among equals the lowest offset (keeps the low end dense).
   auto fit = free_by_size_.lower_bound({size, 0});

@@ -3,7 +3,11 @@ and the user's current stream."""
 
 from __future__ import annotations
 
+import itertools
+import numbers
+import operator
 import re
+from collections.abc import Mapping, Set
 from typing import Any, Iterable, Union
 
 import torch
@@ -14,7 +18,27 @@ from .errors import BackendError, InvalidArgumentError
 __all__ = ["DeviceLike", "cuda_usable"]
 
 DeviceLike = Union[str, int, torch.device]
-_LABEL = re.compile(r"^(cuda|emu)(?::(\d+))?$")
+_MAX_PEERS = 1024  # more devices than any machine has: a list this long is a mistake
+_LABEL = re.compile(r"(cuda|emu)(?::([0-9]{1,9}))?", re.ASCII)
+
+
+def _index(value: Any) -> int | None:
+    """An integer index (an int or a numpy integer, never a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:  # an Integral that is no index (a bool-like numpy type)
+        return None
+
+
+def _show(value: Any) -> str:
+    """``repr`` for a message, cut short (a list of a million devices, a failing repr)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - the type is enough then
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else f"{text[:60]}...({len(text)} chars)"
 
 
 def cuda_usable() -> bool:
@@ -33,10 +57,17 @@ def resolve_device(device: DeviceLike | None) -> tuple[str, int, torch.device]:
             index = torch.cuda.current_device()
             return "cuda", index, torch.device("cuda", index)
         return "emulation", 0, torch.device("cpu")
+    index = _index(device)
+    if index is not None:
+        device = index
+    elif not isinstance(device, (str, torch.device)):  # a float, a bool, bytes, a list...
+        raise InvalidArgumentError(f"device must be 'cpu', 'cuda', 'cuda:N', an index or a "
+                                   f"torch.device, got {_show(device)}")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidArgumentError(f"not a device: {device!r} ({exc})") from None
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidArgumentError(f"not a device: {_show(device)} ({reason})") from None
     if dev.type == "cpu":
         return "emulation", 0, torch.device("cpu")
     if dev.type != "cuda":
@@ -58,22 +89,23 @@ def resolve_device(device: DeviceLike | None) -> tuple[str, int, torch.device]:
 def parse_peer(peer: DeviceLike, backend: str) -> int:
     """A peer given as an int, ``"cuda:N"``, ``"emu:N"`` or a torch device -> device index.
     On the emulation backend ``"cuda:N"`` names emulated device N, so GPU scripts run as is."""
-    if isinstance(peer, bool):
-        raise InvalidArgumentError(f"not a peer device: {peer!r}")
-    if isinstance(peer, int):
-        index = peer
+    index = _index(peer)
+    if index is not None:
+        pass
     elif isinstance(peer, torch.device) and peer.type == "cuda" and peer.index is not None:
         index = peer.index
-    elif isinstance(peer, str) and (m := _LABEL.match(peer.strip())) and m.group(2) is not None:
+    elif isinstance(peer, str) and (m := _LABEL.fullmatch(peer.strip())) and m.group(2) is not None:
         if m.group(1) == "emu" and backend != "emulation":
-            raise InvalidArgumentError(f"{peer!r} names an emulated device, but the backend is {backend}")
+            raise InvalidArgumentError(f"{_show(peer)} names an emulated device, but the backend "
+                                       f"is {backend}")
         index = int(m.group(2))
-    else:
+    else:  # a bool, a float, bytes, a nested list, 'cuda' without an index...
         raise InvalidArgumentError(
-            f"not a peer device: {peer!r} (expected an index, 'cuda:N' or 'emu:N')")
+            f"not a peer device: {_show(peer)} (expected an index, 'cuda:N' or 'emu:N')")
     count = device_count(backend)
     if not 0 <= index < count:
-        raise InvalidArgumentError(f"peer {peer!r} does not exist ({count} {backend} device(s))")
+        raise InvalidArgumentError(f"peer {_show(peer)} does not exist ({count} {backend} "
+                                   "device(s))")
     return index
 
 
@@ -83,17 +115,33 @@ def resolve_peers(peers: str | DeviceLike | Iterable[DeviceLike] | None, backend
     every emulated peer). ``None``/``"none"``/``[]``: no peer tier. Otherwise the given ones,
     in order (fastest first). The compute device itself may be named: a same-device "peer",
     which exercises the peer code path on a single GPU."""
-    if peers is None or (isinstance(peers, str) and peers.lower() == "none"):
+    word = peers.strip().lower() if isinstance(peers, str) else None
+    if peers is None or word == "none":
         return []
-    if isinstance(peers, str) and peers.lower() == "auto":
+    if word == "auto":
         info_ = _core.backend_info(backend)
         return [j for j in range(info_["device_count"])
                 if j != device and info_["peer_access"][device][j]]
-    if isinstance(peers, (str, int, torch.device)):
+    if isinstance(peers, (str, torch.device)) or _index(peers) is not None:
         peers = [peers]
+    elif isinstance(peers, (bytes, bytearray, memoryview, Mapping, Set, torch.Tensor)):
+        # bytes iterate as ints; a dict or a set has no order ("fastest first"); per-peer
+        # budgets go in peer_bytes
+        raise InvalidArgumentError(
+            f"peers must be 'auto', 'lent', None, a device or a list of devices (fastest first), "
+            f"got {type(peers).__name__} {_show(peers)}")
+    else:
+        try:
+            peers = list(itertools.islice(peers, _MAX_PEERS + 1))  # (not range(10**12) in full)
+        except TypeError:  # a float, a bool (an int: not iterable either), any other object
+            raise InvalidArgumentError(
+                f"peers must be 'auto', 'lent', None, a device or a list of devices, got "
+                f"{_show(peers)}") from None
+        if len(peers) > _MAX_PEERS:
+            raise InvalidArgumentError(f"peers: more than {_MAX_PEERS} devices listed")
     result = [parse_peer(p, backend) for p in peers]
     if len(set(result)) != len(result):
-        raise InvalidArgumentError(f"a peer is listed twice in {peers!r}")
+        raise InvalidArgumentError(f"a peer is listed twice in {_show(peers)}")
     return result
 
 

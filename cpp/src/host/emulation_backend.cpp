@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -68,7 +69,9 @@ void emulation_backend::check_device(int device, const char* what) const {
 }
 
 void* emulation_backend::allocate_arena(std::size_t bytes) {
-  void* p = std::aligned_alloc(page, align_up(bytes, page));
+  // Rounding a size within a page of SIZE_MAX up to pages wraps to 0, which aligned_alloc
+  // would grant: then the pre-fault loop below writes everywhere.
+  void* p = bytes > SIZE_MAX - page ? nullptr : std::aligned_alloc(page, align_up(bytes, page));
   if (!p)
     throw out_of_memory_error(with_location("emulation backend: host allocation of " +
                                                 format_bytes(bytes) + " failed",

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from ..errors import LedgerError
+from ..errors import OffloadError
 from ..sizes import format_size
 from .ledger import FORMAT_VERSION, Ledger
 
@@ -110,10 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the ledger view; 0 on success, 2 when the ledger cannot be read."""
+    """Print the ledger view; 0 on success, 2 when the ledger cannot be read (or its path is
+    no path)."""
     try:
         view = snapshot(Ledger(getattr(args, "ledger", None)))
-    except LedgerError as exc:
+    except OffloadError as exc:  # a LedgerError, or an InvalidArgumentError for --ledger ''
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(view, indent=2) if args.json else _text(view))

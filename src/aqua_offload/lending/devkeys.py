@@ -63,8 +63,12 @@ def lease_caps(cap: Any, backend: str, local: dict[str, int]) -> dict[str, int |
     if cap is None:
         return {k: None for k in local}
     if isinstance(cap, Mapping):
-        per = {parse_peer(d, backend): parse_size(v, name=f"peer_bytes[{d!r}]")
-               for d, v in cap.items()}
+        per: dict[int, int] = {}
+        for d, v in cap.items():
+            j = parse_peer(d, backend)
+            if j in per:  # {1: ..., "cuda:1": ...}: which one was meant?
+                raise InvalidArgumentError(f"peer_bytes names device {j} twice ({d!r})")
+            per[j] = parse_size(v, name=f"peer_bytes[{d!r}]")
         return {k: per.get(j, 0) for k, j in local.items()}
     size = parse_size(cap, name="peer_bytes")
     return {k: size for k in local}

@@ -20,6 +20,19 @@ or a body that fails validation is a *corrupt* one, a larger version is a *newer
 decides: remove the file once no lending process runs, or point ``AQUA_OFFLOAD_LEDGER``
 elsewhere.
 
+Note [Not a regular file]
+The path comes from the user (``AQUA_OFFLOAD_LEDGER``, a ``ledger=`` argument) and may name
+anything: opening a FIFO for reading blocks until a writer appears (forever, for every lending
+process), a character device such as ``/dev/zero`` reads without end, a directory or a socket
+cannot be read at all. So the ledger and its lock file are opened with ``O_NONBLOCK`` (which
+does not block on a FIFO and is meaningless for a regular file) and ``O_NOCTTY``, and anything
+but a regular file is a :class:`LedgerError` (reason ``foreign``: not transient), raised before
+the lock file is made. A symbolic link is followed; one whose target does not exist is refused
+as well, rather than replaced by the first write. The read is bounded (a ledger is a few KiB)
+and the decoded body may nest only as deep as the schema does (``_MAX_DEPTH``): a crafted body
+that would exhaust the recursion limit of the JSON decoder, or of a reader after it, is
+*corrupt*.
+
 Note [Locking and atomic writes]
 Every access is a transaction: take ``flock(LOCK_EX)`` on ``<ledger>.lock`` (a separate file
 that is never replaced, so every process locks the same inode), read and validate, recover the
@@ -65,7 +78,7 @@ import weakref
 import zlib
 from typing import Any, Iterator
 
-from ..errors import LedgerError, LedgerVersionError
+from ..errors import InvalidArgumentError, LedgerError, LedgerVersionError
 from . import notify
 from .state import State, new_body, validate
 
@@ -77,6 +90,10 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIIQI4x")
 _VERSION_END = len(MAGIC) + 4  # magic, then the u32 version: stable across formats
 _MAX_BODY = 64 << 20  # a sane ledger is a few KiB; refuse to parse absurd lengths
+_MAX_DEPTH = 16  # the schema nests 4 deep (body, table, entry, reclaim); Note [Not a regular file]
+_OPEN_FLAGS = os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+# open(2) of a socket (ENXIO), a device without a driver, a directory for writing
+_NOT_A_FILE = (errno.ENXIO, errno.ENODEV, errno.EISDIR, errno.EOPNOTSUPP)
 LOCK_TIMEOUT_S = 30.0
 
 
@@ -106,27 +123,44 @@ def _ensure_dir(directory: str, private: bool, path: str) -> None:
                           f"{ENV_VAR} to a path of your own", path=path, reason="directory")
 
 
+def _corrupt(path: str, what: str) -> LedgerError:
+    return LedgerError(f"lending ledger {path} is corrupt: {what}; refusing to use or reset "
+                       f"it (other processes' leases would be lost). Remove it once no "
+                       f"lending process runs, or set {ENV_VAR} to another path",
+                       path=path, reason="corrupt")
+
+
+def _not_regular(path: str, mode: int, what: str = "lending ledger",
+                 ledger: str | None = None) -> LedgerError:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    kind = next((k for test, k in kinds if test(mode)), f"of mode {stat.filemode(mode)}")
+    return LedgerError(f"{what} {path} is {kind}, not a regular file; refusing to touch it. Set "
+                       f"{ENV_VAR} to the path of a file", path=ledger or path, reason="foreign")
+
+
+def _too_deep(data: Any) -> bool:
+    """Whether ``data`` nests dicts and lists deeper than ``_MAX_DEPTH`` (no recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        elif not isinstance(value, list):
+            continue
+        if depth > _MAX_DEPTH:
+            return True
+        stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return False
+
+
 def decode(raw: bytes, path: str) -> dict[str, Any]:
     """Parse and validate a ledger file's bytes (raises :class:`LedgerError`)."""
     def bad(what: str) -> LedgerError:
-        return LedgerError(f"lending ledger {path} is corrupt: {what}; refusing to use or reset "
-                           f"it (other processes' leases would be lost). Remove it once no "
-                           f"lending process runs, or set {ENV_VAR} to another path",
-                           path=path, reason="corrupt")
+        return _corrupt(path, what)
 
-    if raw[:len(MAGIC)] != MAGIC[:len(raw)]:  # a short prefix of the magic is a torn file
-        raise LedgerError(f"{path} is not an aqua_offload lending ledger (magic {raw[:8]!r}, "
-                          f"expected {MAGIC!r}); refusing to touch it. Set {ENV_VAR} to another "
-                          f"path", path=path, reason="foreign")
-    # The version first (it follows the magic in every format): a newer format may have another
-    # header, which must read as "newer", not as "corrupt".
-    version = struct.unpack_from("<I", raw, len(MAGIC))[0] if len(raw) >= _VERSION_END else 0
-    if version > FORMAT_VERSION:
-        raise LedgerVersionError(
-            f"lending ledger {path} has format version {version}, written by a newer aqua_offload "
-            f"(this one reads up to version {FORMAT_VERSION}); upgrade aqua_offload in every "
-            f"process that lends, or set {ENV_VAR} to another path", path=path, reason="version",
-            version=version, supported=FORMAT_VERSION)
+    _check_prefix(raw, path)
     if len(raw) < _HEADER.size:
         raise bad(f"{len(raw)} bytes, shorter than its {_HEADER.size}-byte header")
     magic, version, _flags, length, crc = _HEADER.unpack_from(raw)
@@ -142,15 +176,71 @@ def decode(raw: bytes, path: str) -> dict[str, Any]:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad(f"body is not JSON ({exc})") from None
+    except RecursionError:  # (not a ValueError) arrays or objects nested thousands deep
+        raise bad(f"body nests deeper than the JSON decoder can follow (at most {_MAX_DEPTH} "
+                  "levels are valid)") from None
+    if _too_deep(data):  # else a later reader (validate, json.dumps) could recurse too deep
+        raise bad(f"body nests more than {_MAX_DEPTH} levels deep")
     problem = validate(data)
     if problem:
         raise bad(problem)
     return data
 
 
+def _check_prefix(raw: bytes, path: str) -> None:
+    """The magic and the version: a foreign file, or one of a newer format."""
+    if raw[:len(MAGIC)] != MAGIC[:len(raw)]:  # a short prefix of the magic is a torn file
+        raise LedgerError(f"{path} is not an aqua_offload lending ledger (magic {raw[:8]!r}, "
+                          f"expected {MAGIC!r}); refusing to touch it. Set {ENV_VAR} to another "
+                          f"path", path=path, reason="foreign")
+    # The version first (it follows the magic in every format): a newer format may have another
+    # header, which must read as "newer", not as "corrupt".
+    version = struct.unpack_from("<I", raw, len(MAGIC))[0] if len(raw) >= _VERSION_END else 0
+    if version > FORMAT_VERSION:
+        raise LedgerVersionError(
+            f"lending ledger {path} has format version {version}, written by a newer aqua_offload "
+            f"(this one reads up to version {FORMAT_VERSION}); upgrade aqua_offload in every "
+            f"process that lends, or set {ENV_VAR} to another path", path=path, reason="version",
+            version=version, supported=FORMAT_VERSION)
+
+
 def encode(data: dict[str, Any]) -> bytes:
     body = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(body), zlib.crc32(body)) + body
+
+
+def _read_upto(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a regular file (a short read is not its end: read on)."""
+    parts: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
+def _check_path(path: Any) -> str:
+    """A ledger path given as an argument: a non-empty str or path-like, no NUL byte."""
+    try:
+        text = os.fspath(path)
+    except TypeError:
+        text = None
+    if not isinstance(text, str) or not text or "\0" in text:
+        shown = repr(path)
+        shown = shown if len(shown) <= 80 else shown[:60] + "..."
+        raise InvalidArgumentError(f"ledger must be a path (a non-empty str or os.PathLike "
+                                   f"without NUL bytes), got {type(path).__name__} {shown}")
+    return text
 
 
 # Note [Fork]: every live Ledger, so that a fork can wait for their transactions.
@@ -189,7 +279,9 @@ class Ledger:
         The file; :func:`default_path` when None.
     """
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        if path is not None:
+            path = _check_path(path)
         self._private = path is None and not os.environ.get(ENV_VAR)
         self.path = os.path.abspath(path) if path is not None else default_path()
         self.directory = os.path.dirname(self.path)
@@ -203,15 +295,43 @@ class Ledger:
     def exists(self) -> bool:
         return os.path.exists(self.path)
 
+    def _check_kind(self) -> None:
+        """Refuse a ledger path that names anything but a regular file (or nothing), before the
+        lock file is made (Note [Not a regular file]); ``_read`` checks again what it opens."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if os.path.islink(self.path):
+                raise LedgerError(
+                    f"lending ledger {self.path} is a symbolic link to "
+                    f"{_readlink(self.path)!r}, which does not exist; refusing to replace it. "
+                    f"Set {ENV_VAR} to the path of a file", path=self.path,
+                    reason="foreign") from None
+            return
+        except OSError as exc:  # a permission, a loop of links, a name too long...
+            raise LedgerError(f"lending ledger {self.path}: cannot look at it: {exc}",
+                              path=self.path, reason="io") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(self.path, st.st_mode)
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         _ensure_dir(self.directory, self._private, self.path)
+        self._check_kind()
         try:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
         except OSError as exc:
+            if exc.errno in _NOT_A_FILE:  # a directory, a socket: not transient
+                raise LedgerError(f"lock file of the lending ledger {self._lock_path} is not a "
+                                  f"regular file ({exc}); refusing to touch it",
+                                  path=self.path, reason="foreign") from None
             raise LedgerError(f"lending ledger {self.path}: cannot open its lock file: {exc}",
                               path=self.path, reason="lock") from None
         try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):  # a FIFO, a device...: flock on it means nothing
+                raise _not_regular(self._lock_path, mode, "lock file of the lending ledger",
+                                   self.path)
             deadline = time.monotonic() + LOCK_TIMEOUT_S
             pause = 0.0005
             while True:  # non-blocking tries: a stopped (SIGSTOP) holder must not hang us forever
@@ -233,17 +353,36 @@ class Ledger:
             os.close(fd)  # releases the flock
 
     def _read(self) -> dict[str, Any] | None:
+        """The decoded ledger, None if there is none (Note [Not a regular file])."""
+        limit = _HEADER.size + _MAX_BODY
         try:
-            with open(self.path, "rb") as f:
-                raw = f.read(_MAX_BODY + _HEADER.size + 1)
+            fd = os.open(self.path, os.O_RDONLY | _OPEN_FLAGS)
         except FileNotFoundError:
             return None
-        except IsADirectoryError:
-            raise LedgerError(f"lending ledger {self.path} is a directory", path=self.path,
-                              reason="foreign") from None
+        except OSError as exc:
+            if exc.errno in _NOT_A_FILE:
+                # a socket, or a device without a driver: no regular file either
+                raise LedgerError(f"lending ledger {self.path} is not a regular file ({exc}); "
+                                  f"refusing to touch it. Set {ENV_VAR} to the path of a file",
+                                  path=self.path, reason="foreign") from None
+            raise LedgerError(f"lending ledger {self.path}: cannot read it: {exc}",
+                              path=self.path, reason="io") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _not_regular(self.path, st.st_mode)
+            os.set_blocking(fd, True)  # a regular file after all: plain reads
+            if st.st_size > limit:  # only the header then: foreign, newer, or corrupt
+                head = _read_upto(fd, _HEADER.size)
+                _check_prefix(head, self.path)
+                raise _corrupt(self.path, f"the file is {st.st_size} bytes, more than a ledger "
+                                          f"can be ({limit})")
+            raw = _read_upto(fd, limit + 1)
         except OSError as exc:
             raise LedgerError(f"lending ledger {self.path}: cannot read it: {exc}",
                               path=self.path, reason="io") from None
+        finally:
+            os.close(fd)
         return decode(raw, self.path)
 
     def _write(self, data: dict[str, Any]) -> None:

@@ -33,6 +33,8 @@ thread then finds its offer gone, which at exit nobody sees).
 from __future__ import annotations
 
 import atexit
+import math
+import numbers
 import os
 import threading
 import time
@@ -167,6 +169,13 @@ class Offer:
         """Take ``nbytes`` of the offer back (all of it when None); block until the consumers
         have migrated their data off and returned the memory.
 
+        Parameters
+        ----------
+        nbytes : int, str or None
+            Bytes to take back (``"8GiB"``); None: all that is offered.
+        timeout : float, optional
+            Seconds to wait for the consumers (0: do not wait); None or ``math.inf``: no limit.
+
         Returns
         -------
         int
@@ -176,7 +185,8 @@ class Offer:
         Raises
         ------
         InvalidArgumentError
-            0 bytes, more than offered, or a withdrawn offer; nothing changed.
+            0 bytes, more than offered, a bad ``timeout`` (negative, NaN, not a number), or a
+            withdrawn offer; nothing changed.
         ReclaimTimeoutError
             Not done within ``timeout`` s: the reclaim stays in force, ``pending`` bytes are
             still with consumers; :meth:`wait` waits for them.
@@ -184,13 +194,15 @@ class Offer:
             A consumer reported that it cannot return the memory (its lower tiers are full);
             it keeps retrying, the reclaim stays in force.
         """
+        # Every argument is checked before the offer is lowered: a bad one changes nothing.
+        timeout = check_timeout(timeout, "reclaim")
+        if nbytes is not None:
+            n = parse_size(nbytes, name="reclaim nbytes")
+            if n <= 0:
+                raise InvalidArgumentError("reclaim: nbytes must be more than 0 (or None for all)")
         self._check_open("reclaim")  # (before the lock: a forked child's copy may be held)
         with self._lock:
             self._check_open("reclaim")
-            if nbytes is not None:
-                n = parse_size(nbytes, name="reclaim nbytes")
-                if n <= 0:
-                    raise InvalidArgumentError("reclaim: nbytes must be more than 0 (or None for all)")
             t0 = time.monotonic()
             with self._ledger.transaction() as st:
                 o = self._entry(st)
@@ -217,7 +229,9 @@ class Offer:
             return n
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait until a pending reclaim (one that timed out) is complete."""
+        """Wait until a pending reclaim (one that timed out) is complete (``timeout`` as for
+        :meth:`reclaim`)."""
+        timeout = check_timeout(timeout, "wait")
         if self.closed:
             return
         with self._lock:
@@ -262,7 +276,14 @@ class Offer:
         -------
         int
             Bytes taken back by this call.
+
+        Raises
+        ------
+        InvalidArgumentError
+            A bad ``timeout`` (as for :meth:`reclaim`) or an offer already withdrawn; nothing
+            changed.
         """
+        timeout = check_timeout(timeout, "withdraw")
         self._check_open("withdraw")
         with self._lock:
             self._check_open("withdraw")
@@ -324,6 +345,32 @@ class Offer:
     def __repr__(self) -> str:
         state = "withdrawn" if self.closed else "open"
         return f"<aqua_offload.lending.Offer #{self.id} {self.device} {state}>"
+
+
+def check_timeout(timeout: Any, what: str) -> float | None:
+    """A timeout in seconds: None (no limit), or a real number >= 0; ``math.inf`` reads as None.
+    Anything else (a string, a bool, NaN, a negative number) is an :class:`InvalidArgumentError`
+    raised before anything is done."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise InvalidArgumentError(f"{what}: timeout must be a number of seconds or None, got "
+                                   f"{type(timeout).__name__} {_show(timeout)}")
+    try:
+        seconds = float(timeout)
+    except (OverflowError, TypeError, ValueError):  # an int beyond any float: as inf
+        seconds = -math.inf if timeout < 0 else math.inf
+    if math.isnan(seconds) or seconds < 0:
+        raise InvalidArgumentError(f"{what}: timeout must be >= 0 seconds (or None for no "
+                                   f"limit), got {_show(timeout)}")
+    return None if math.isinf(seconds) else seconds
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an int of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}...({len(text)} chars)"
 
 
 def stats() -> dict[str, Any]:

@@ -70,12 +70,20 @@ _RECLAIM = {"bytes": _INT, "t0": _NUM, "wall": _NUM}
 _LOGGED = {"wall": _NUM, "what": _STR}
 
 
+_INT_MAX = (1 << 63) - 1  # ids, pids, sizes (parse_size's MAX_SIZE), times: all fit in 63 bits
+
+
 def _typed(value: Any, types: tuple[type, ...]) -> bool:
     # bool is an int to isinstance: never a valid count, id or time here; json reads NaN and
-    # Infinity, which no time or size is either.
+    # Infinity, which no time or size is either. JSON integers have any number of digits: an
+    # id, a pid or a size is never negative nor beyond 63 bits, a time never beyond a float.
     if isinstance(value, float):
         return float in types and math.isfinite(value)
-    return isinstance(value, types) and not isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, types):
+        return False
+    if isinstance(value, int):
+        return (-_INT_MAX if float in types else 0) <= value <= _INT_MAX
+    return True
 
 
 def _bad_field(row: dict[str, Any], fields: dict[str, tuple[type, ...]],
@@ -99,8 +107,8 @@ def validate(data: Any) -> str | None:
     if not isinstance(data, dict):
         return "body is not a JSON object"
     for key in ("seq", "next_id"):
-        if type(data.get(key)) is not int:
-            return f"field {key!r} missing or not an integer"
+        if type(data.get(key)) is not int or not 0 <= data[key] <= _INT_MAX:
+            return f"field {key!r} missing or not an integer in [0, 2**63)"
     if not isinstance(data.get("recovered"), list):
         return "field 'recovered' missing or not a list"
     for r in data["recovered"]:
