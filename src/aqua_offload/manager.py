@@ -43,13 +43,14 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from . import _core, arrays, storage
+from . import _core, arrays, paging, snapshots, storage
 from .devices import (DeviceLike, current_stream, external_stream, parse_peer, record_stream,
-                      resolve_device, resolve_peers)
+                      resolve_device)
 from .errors import ClosedError, InvalidArgumentError, InvalidHandleError
 from .handle import Handle, check_priority as _check_priority
+from .checks import check_base, check_offload, check_out
 from .holders import HolderWatch
-from .peer_budget import auto_budgets
+from .peer_budget import peer_pools
 from .sizes import parse_size
 
 __all__ = ["OffloadManager", "live_managers"]
@@ -123,23 +124,8 @@ class OffloadManager:
             from .lending.consumer import lent_peer_specs
             peer_specs = lent_peer_specs(backend, index)
         else:
-            auto = isinstance(peers, str) and peers.strip().lower() == "auto"
-            if isinstance(peer_bytes, Mapping):
-                budgets = {parse_peer(k, backend): parse_size(v, name=f"peer_bytes[{k!r}]")
-                           for k, v in peer_bytes.items()}
-                peer_list = list(budgets) if auto else resolve_peers(peers, backend, index)
-                missing = [p for p in peer_list if p not in budgets]
-                if missing:
-                    raise InvalidArgumentError(f"peer_bytes has no budget for peer(s) {missing}")
-            else:
-                size = parse_size(default_peer if peer_bytes is None else peer_bytes,
-                                  name="peer_bytes")
-                peer_list = resolve_peers(peers, backend, index)
-                budgets = {p: size for p in peer_list}
-            if auto:  # what each peer can spare (peer_budget.py)
-                peer_specs, self._peer_budgets = auto_budgets(backend, peer_list, budgets)
-            else:
-                peer_specs = [(p, budgets[p]) for p in peer_list]
+            peer_specs, self._peer_budgets = peer_pools(backend, index, peers, peer_bytes,
+                                                        default_peer)
         host = parse_size(default_host if host_bytes is None else host_bytes, name="host_bytes")
         chunk = _DEFAULT_CHUNK[backend] if chunk_bytes is None else parse_size(chunk_bytes, name="chunk_bytes")
         self._store = _core.Store(backend, index, peer_specs, host, chunk, policy)
@@ -220,125 +206,13 @@ class OffloadManager:
         """The one offload path (a single offload is a batch of one)."""
         with self._call(what):
             prio = _check_priority(priority)
-            if fence not in ("now", "deferred"):
-                raise InvalidArgumentError(f"{what}: fence must be 'now' or 'deferred', got "
-                                           f"{fence!r}")
-            if fence == "deferred" and release:
-                raise InvalidArgumentError(f"{what}: fence='deferred' is for snapshots "
-                                           "(release=False); a released tensor is never written")
-            specs: list[arrays.ArraySpec | None] = [None] * len(tensors)
-            if any(arrays.is_array(t) for t in tensors):
-                if release:
-                    raise InvalidArgumentError(f"{what}: arrays (numpy, CuPy, DLPack) are offloaded "
-                                               "as snapshots: pass release=False")
-                for i, t in enumerate(tensors):
-                    if arrays.is_array(t):
-                        tensors[i], specs[i] = arrays.to_bytes(t, self.device, what)
-            for t in tensors:
-                self._check_tensor(t, what)
+            specs = check_offload(tensors, release, fence, self.device, what)
             base_ids = [0 if b is None else self._check_base(b, t)._id
                         for b, t in zip(bases, tensors)]
             self._holders.reap()
             if release:
-                return self._page_out(tensors, prio, bases, base_ids, what)
-            return self._snapshot(tensors, prio, bases, base_ids, fence, specs)
-
-    def _snapshot(self, tensors: list[torch.Tensor], prio: float, bases: list[Handle | None],
-                  base_ids: list[int], fence: str, specs: list[Any]) -> list[Handle]:
-        srcs = [storage.snapshot_source(t) for t in tensors]
-        sizes = [s.numel() * s.element_size() for s in srcs]
-        got: list[tuple[int, int]] = []
-        try:
-            # A temporary source may be dropped after the call: with fence "now" the current
-            # stream (its allocation stream) waits for the copy; "deferred" keeps it alive below.
-            self._store.offload_many(
-                [(s.data_ptr() if n else 0, n, prio, b) for s, n, b in zip(srcs, sizes, base_ids)],
-                current_stream(self.device), fence == "now", got)
-            handles = []
-            for (cid, tier), t, src, n, spec in zip(got, tensors, srcs, sizes, specs):
-                h = self._new_handle(cid, tier, t, nbytes=n, release=False, priority=prio)
-                h._array = spec
-                if fence == "deferred" and n:
-                    self._defer_fence(h, t, src, tier)
-                handles.append(h)
-        except BaseException:
-            self._forget(got)  # Note [Interrupted batches]: the core's handles, if it made them
-            raise
-        for b, h in zip(bases, handles):
-            if b is not None:  # consumed: the new copy completes after the base's (the core
-                self._holders.transfer(b._id, h._id)  # orders it), so its memory waits for it
-                b._end("freed")
-        return handles
-
-    def _page_out(self, tensors: list[torch.Tensor], prio: float, bases: list[Handle | None],
-                  base_ids: list[int], what: str) -> list[Handle]:
-        """Release: reserve every storage, let the core copy them, then swap each out."""
-        stores = [t.untyped_storage() for t in tensors]
-        holders = [torch.UntypedStorage(0, device=s.device) for s in stores]
-        sizes = [s.nbytes() for s in stores]
-        reserved: list[tuple[int, Any]] = []
-        got: list[tuple[int, int]] = []
-        try:
-            for t in tensors:
-                storage.check_sole_owner(t, f"{what}(release=True)")
-                reserved.append(storage.reserve(t, f"{what}(release=True)"))
-            self._store.offload_many([(s.data_ptr(), n, prio, b)
-                                      for s, n, b in zip(stores, sizes, base_ids)],
-                                     current_stream(self.device), False, got)
-        except BaseException:
-            self._forget(got)  # the storages were not swapped: their data is where it was
-            for key, token in reserved:
-                storage.unregister(key, token)
-            raise
-        handles: list[Handle | None] = [None] * len(tensors)
-
-        def finish() -> None:  # idempotent (Note [Interrupted batches])
-            for i, ((cid, tier), t) in enumerate(zip(got, tensors)):
-                if handles[i] is None:
-                    handles[i] = self._new_handle(cid, tier, t, nbytes=sizes[i], release=True,
-                                                  priority=prio, key=reserved[i][0])
-                if sizes[i] and holders[i].nbytes() == 0:
-                    storage.swap_out(stores[i], holders[i])  # one C call: done or not
-                storage.commit(reserved[i][0], reserved[i][1], handles[i], stores[i])
-                if sizes[i]:
-                    self._keep_alive(cid, tier, holders[i], dropped_now=True)
-                if bases[i] is not None:  # consumed (see _snapshot)
-                    self._holders.transfer(bases[i]._id, cid)
-                    bases[i]._end("freed")
-
-        try:
-            finish()
-        except BaseException:
-            finish()
-            raise
-        return handles  # type: ignore[return-value]
-
-    def _keep_alive(self, core_id: int, tier: int, memory: Any, dropped_now: bool) -> None:
-        """``memory`` may still be read by the offload copy of ``core_id``: keep it until then.
-        On CUDA, memory ``dropped_now`` (a paged-out storage's holder) is handed to the
-        allocator with record_stream: it records its event at once. Memory the caller may keep
-        (a deferred snapshot's source) is held here instead: record_stream would make its
-        eventual free record on a copy stream close() may have destroyed by then."""
-        if self._cuda and dropped_now:
-            self._record_stream(memory, self._stream(tier, "to_tier"))
-        else:
-            self._holders.hold(core_id, memory)
-
-    def _forget(self, got: list[tuple[int, int]]) -> None:
-        """Drop core handles no Python handle was made for (an interrupted batch)."""
-        for cid, _tier in got:
-            try:
-                self._store.wait(cid)  # its copy may read memory the caller is about to drop
-                self._store.free(cid)
-            except Exception:
-                pass
-
-    def _defer_fence(self, handle: Handle, tensor: torch.Tensor, src: torch.Tensor,
-                     tier: int) -> None:
-        """A deferred snapshot: the source's memory must outlive the copy (the caller may drop
-        it), and the source is registered so debug_guard can catch a write before fence()."""
-        handle._deferred = storage.defer(tensor, handle)  # a key: the handle never pins tensor
-        self._keep_alive(handle._id, tier, src, dropped_now=False)
+                return paging.page_out(self, tensors, prio, bases, base_ids, what)
+            return snapshots.take(self, tensors, prio, bases, base_ids, fence, specs)
 
     def _fence(self, handle: Handle) -> None:
         """Order the current stream after the copy that read a deferred snapshot's source."""
@@ -350,14 +224,7 @@ class OffloadManager:
                     self._store.fence_source(handle._id, current_stream(self.device))
             self._undefer(handle)
 
-    @staticmethod
-    def _undefer(handle: Handle) -> None:
-        """The source of a deferred snapshot needs no fence any more: a fetch ordered the
-        current stream after the offload copy, or the snapshot is dropped (whatever the copy
-        reads then no longer matters; the source's memory is kept alive regardless)."""
-        if handle._deferred is not None:
-            storage.undefer(handle._deferred, handle)
-            handle._deferred = None
+    _undefer = staticmethod(storage.undefer_handle)
 
     def _new_handle(self, core_id: int, tier: int, tensor: torch.Tensor, *, nbytes: int,
                     release: bool, priority: float, key: int | None = None) -> Handle:
@@ -422,8 +289,8 @@ class OffloadManager:
                     if h.release or h._array is not None:
                         raise InvalidArgumentError(f"{what}: out= is for tensor snapshots; a "
                                                    "released tensor is restored in place")
-                    self._check_out(o, h)
-            dests = [self._destination(h, o) for h, o in zip(handles, outs)]
+                    check_out(o, h, self.device)
+            dests = [paging.destination(h, o, self.device) for h, o in zip(handles, outs)]
             done: list[bool] = []
             ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
                     for h, d in zip(handles, dests)]
@@ -432,7 +299,7 @@ class OffloadManager:
             def finish() -> None:  # idempotent (Note [Interrupted batches])
                 for i, (h, d, o) in enumerate(zip(handles, dests, outs)):
                     if results[i] is None:
-                        results[i] = self._restore(h, d, o, keep)
+                        results[i] = paging.restore(self, h, d, o, keep)
 
             try:
                 self._store.fetch_many([h._id for h in handles], ptrs,
@@ -443,48 +310,6 @@ class OffloadManager:
                     finish()
                 raise
             return results
-
-    def _destination(self, h: Handle, out: torch.Tensor | None) -> torch.Tensor:
-        if h._prefetch is not None:
-            return h._prefetch
-        if h.release:
-            s = h._storage() if h._storage is not None else None
-            if s is not None and s.nbytes() != 0:
-                raise InvalidArgumentError("fetch: the paged-out storage was resized meanwhile; "
-                                           "refusing to overwrite it")
-            return torch.empty(h.nbytes, dtype=torch.uint8, device=self.device)
-        if out is not None:
-            return out
-        return torch.empty(h.shape, dtype=h.dtype, device=self.device)
-
-    def _restore(self, h: Handle, dest: torch.Tensor, out: torch.Tensor | None,
-                 keep: bool) -> Any:
-        """After the core fetched ``h`` into ``dest``: the Python side, once per handle."""
-        if h._prefetch is not None:
-            if self._cuda:  # the prefetch buffer is used on the current stream from now on
-                current = torch.cuda.current_stream(self.device)
-                if current != h._prefetch_stream:
-                    self._record_stream(h._prefetch, current)
-            self._drop_prefetch(h)
-        self._holders.drop(h._id)  # the fetch ordered the caller after the offload copy
-        self._undefer(h)
-        if h.release:
-            s = h._storage() if h._storage is not None else None
-            if s is None:  # every tensor of it is gone: a new one on the fetched bytes
-                s = dest.untyped_storage()
-            elif s.nbytes() == 0 and h.nbytes:
-                storage.swap_in(s, dest.untyped_storage())
-            tensor = h._restored_tensor(s)
-            if h._key is not None:
-                storage.unregister(h._key, h)
-            h._state = "kept" if keep else h._state
-            if not keep:
-                h._end("fetched")
-            return tensor
-        result = out.copy_(dest) if out is not None and out is not dest else dest
-        if not keep:
-            h._end("fetched")
-        return arrays.from_bytes(result, h._array) if h._array is not None else result
 
     def prefetch(self, handle: Handle | torch.Tensor) -> Handle:
         """Start copying the handle back now, into memory allocated on the current stream, and
@@ -718,30 +543,6 @@ class OffloadManager:
                 if not self._calls:
                     self._calls_cv.notify_all()
 
-    def _check_tensor(self, t: Any, what: str) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise InvalidArgumentError(f"{what} expects a torch.Tensor (or a numpy/CuPy/DLPack "
-                                       f"array), got {type(t).__name__}")
-        if t.is_quantized:
-            raise InvalidArgumentError(f"{what}: the tensor is quantized ({t.dtype}); offload "
-                                       "its int_repr() and quantization parameters instead")
-        if t.layout != torch.strided or t.is_nested:
-            raise InvalidArgumentError(f"{what}: only strided (dense) tensors can be offloaded, "
-                                       f"got layout {t.layout}")
-        if t.device != self.device:
-            raise InvalidArgumentError(f"{what}: tensor is on {t.device}, this manager serves "
-                                       f"{self.device}")
-
-    def _check_out(self, out: Any, handle: Handle) -> None:
-        if not isinstance(out, torch.Tensor):
-            raise InvalidArgumentError(f"fetch: out must be a torch.Tensor, got {type(out).__name__}")
-        if out.device != self.device or out.dtype != handle.dtype or out.shape != handle.shape:
-            raise InvalidArgumentError(
-                f"fetch: out is {tuple(out.shape)} {out.dtype} on {out.device}; the handle needs "
-                f"{tuple(handle.shape)} {handle.dtype} on {self.device}")
-        if not out.is_contiguous() or storage.unsafe_to_touch(out):
-            raise InvalidArgumentError("fetch: out must be contiguous and not paged out")
-
     def _own(self, handle: Any, what: str) -> Handle:
         if isinstance(handle, torch.Tensor):
             found = storage.owner(handle)
@@ -759,29 +560,7 @@ class OffloadManager:
         return handle
 
     def _check_base(self, base: Any, tensor: torch.Tensor) -> Handle:
-        """``base`` may be extended by ``tensor``: a live, unprefetched snapshot or kept copy
-        whose bytes are a prefix of tensor's (Note [Incremental offload] in the core)."""
-        base = self._own(base, "offload(base=)")
-        if base.release and not base._kept:
-            raise InvalidArgumentError(
-                "offload(base=): the base still holds a paged-out tensor; pass a snapshot "
-                "or a copy kept by fetch(h, keep=True)")
-        if base._prefetch is not None:
-            raise InvalidArgumentError("offload(base=): the base has a prefetch in flight; "
-                                       "fetch or free it first")
-        if base._array is not None:
-            raise InvalidArgumentError("offload(base=): an array snapshot cannot be a base")
-        if not tensor.is_contiguous():
-            # A view whose logical order is not its memory order (a transpose, a strided slice)
-            # is the usual way to pass bytes that are not the base's prefix: wrong data, so no.
-            raise InvalidArgumentError(
-                f"offload(base=): the tensor ({tuple(tensor.shape)}, strides {tensor.stride()}) "
-                "is not contiguous, so its bytes are not the base's prefix in order; offload "
-                "the contiguous append-only tensor itself")
-        if base.release and tensor.storage_offset() != 0:
-            raise InvalidArgumentError("offload(base=): a kept release is a prefix only of a "
-                                       "tensor at the start of its storage")
-        return base
+        return check_base(self._own(base, "offload(base=)"), tensor)
 
     @contextlib.contextmanager
     def _claim(self, handles: list[Any], what: str) -> Iterator[list[Handle]]:

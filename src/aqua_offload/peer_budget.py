@@ -11,11 +11,14 @@ What each peer was asked, had free and gave is in ``stats()["peer_budgets"]``.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 from . import _core
+from .devices import parse_peer, resolve_peers
+from .errors import InvalidArgumentError
+from .sizes import parse_size
 
-__all__ = ["AUTO_FRACTION", "MIN_PEER_BYTES", "PeerBudgetWarning", "auto_budgets"]
+__all__ = ["AUTO_FRACTION", "MIN_PEER_BYTES", "PeerBudgetWarning", "auto_budgets", "peer_pools"]
 
 #: Share of a peer's free memory ``peers="auto"`` takes at most: the rest stays for the work
 #: running there (its activations, its allocator's growth).
@@ -60,3 +63,28 @@ def auto_budgets(backend: str, peers: list[int], cap: dict[int, int]) -> tuple[
         warnings.warn("OffloadManager(peers='auto') skipped peer(s) with too little free memory: "
                       + "; ".join(skipped), PeerBudgetWarning, stacklevel=3)
     return specs, report
+
+
+def peer_pools(backend: str, device: int, peers: Any, peer_bytes: Any,
+               default: str) -> tuple[list[tuple[int, int]], list[dict[str, Any]]]:
+    """The ``(device, bytes)`` peer pools of an ``OffloadManager(peers=..., peer_bytes=...)``
+    (not ``"lent"``), and with ``peers="auto"`` the report of :func:`auto_budgets`."""
+    auto = isinstance(peers, str) and peers.strip().lower() == "auto"
+    if isinstance(peer_bytes, Mapping):
+        budgets = {}
+        for k, v in peer_bytes.items():
+            p = parse_peer(k, backend)
+            if p in budgets:
+                raise InvalidArgumentError(f"peer_bytes names peer {p} twice ({k!r})")
+            budgets[p] = parse_size(v, name=f"peer_bytes[{k!r}]")
+        peer_list = list(budgets) if auto else resolve_peers(peers, backend, device)
+        missing = [p for p in peer_list if p not in budgets]
+        if missing:
+            raise InvalidArgumentError(f"peer_bytes has no budget for peer(s) {missing}")
+    else:
+        size = parse_size(default if peer_bytes is None else peer_bytes, name="peer_bytes")
+        peer_list = resolve_peers(peers, backend, device)
+        budgets = {p: size for p in peer_list}
+    if auto:
+        return auto_budgets(backend, peer_list, budgets)
+    return [(p, budgets[p]) for p in peer_list], []

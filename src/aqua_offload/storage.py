@@ -288,6 +288,15 @@ def defer(t: torch.Tensor, handle: Any) -> int:
     return key
 
 
+def undefer_handle(handle: Any) -> None:
+    """The source of ``handle`` (a deferred snapshot) needs no fence any more: a fetch ordered
+    the current stream after the offload copy, or the snapshot is dropped (whatever the copy
+    reads then no longer matters; the source's memory is kept alive regardless)."""
+    if handle._deferred is not None:
+        undefer(handle._deferred, handle)
+        handle._deferred = None
+
+
 def undefer(key: int, handle: Any) -> None:
     with _lock:
         waiting = _deferred.get(key)

@@ -1,0 +1,88 @@
+"""Argument checks of OffloadManager: what can be offloaded, fetched into, or extended."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import arrays, storage
+from .errors import InvalidArgumentError
+from .handle import Handle
+
+__all__ = ["check_offload", "check_tensor", "check_out", "check_base"]
+
+
+def check_offload(tensors: list[Any], release: bool, fence: str, device: torch.device,
+                  what: str) -> list[Any]:
+    """Check an offload batch before anything changes; arrays are replaced in ``tensors`` by
+    their bytes (:mod:`aqua_offload.arrays`), and their specs returned (None for tensors)."""
+    if fence not in ("now", "deferred"):
+        raise InvalidArgumentError(f"{what}: fence must be 'now' or 'deferred', got {fence!r}")
+    if fence == "deferred" and release:
+        raise InvalidArgumentError(f"{what}: fence='deferred' is for snapshots (release=False); "
+                                   "a released tensor is never written")
+    specs: list[Any] = [None] * len(tensors)
+    if any(arrays.is_array(t) for t in tensors):
+        if release:
+            raise InvalidArgumentError(f"{what}: arrays (numpy, CuPy, DLPack) are offloaded as "
+                                       "snapshots: pass release=False")
+        for i, t in enumerate(tensors):
+            if arrays.is_array(t):
+                tensors[i], specs[i] = arrays.to_bytes(t, device, what)
+    for t in tensors:
+        check_tensor(t, device, what)
+    return specs
+
+
+def check_tensor(t: Any, device: torch.device, what: str) -> None:
+    """A tensor this manager can offload: dense, not quantized, on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise InvalidArgumentError(f"{what} expects a torch.Tensor (or a numpy/CuPy/DLPack "
+                                   f"array), got {type(t).__name__}")
+    if t.is_quantized:
+        raise InvalidArgumentError(f"{what}: the tensor is quantized ({t.dtype}); offload "
+                                   "its int_repr() and quantization parameters instead")
+    if t.layout != torch.strided or t.is_nested:
+        raise InvalidArgumentError(f"{what}: only strided (dense) tensors can be offloaded, "
+                                   f"got layout {t.layout}")
+    if t.device != device:
+        raise InvalidArgumentError(f"{what}: tensor is on {t.device}, this manager serves "
+                                   f"{device}")
+
+
+def check_out(out: Any, handle: Handle, device: torch.device) -> None:
+    """A tensor a snapshot can be fetched into."""
+    if not isinstance(out, torch.Tensor):
+        raise InvalidArgumentError(f"fetch: out must be a torch.Tensor, got {type(out).__name__}")
+    if out.device != device or out.dtype != handle.dtype or out.shape != handle.shape:
+        raise InvalidArgumentError(
+            f"fetch: out is {tuple(out.shape)} {out.dtype} on {out.device}; the handle needs "
+            f"{tuple(handle.shape)} {handle.dtype} on {device}")
+    if not out.is_contiguous() or storage.unsafe_to_touch(out):
+        raise InvalidArgumentError("fetch: out must be contiguous and not paged out")
+
+
+def check_base(base: Handle, tensor: torch.Tensor) -> Handle:
+    """``base`` may be extended by ``tensor``: a live, unprefetched snapshot or kept copy
+    whose bytes are a prefix of tensor's (Note [Incremental offload] in the core)."""
+    if base.release and not base._kept:
+        raise InvalidArgumentError(
+            "offload(base=): the base still holds a paged-out tensor; pass a snapshot "
+            "or a copy kept by fetch(h, keep=True)")
+    if base._prefetch is not None:
+        raise InvalidArgumentError("offload(base=): the base has a prefetch in flight; "
+                                   "fetch or free it first")
+    if base._array is not None:
+        raise InvalidArgumentError("offload(base=): an array snapshot cannot be a base")
+    if not tensor.is_contiguous():
+        # A view whose logical order is not its memory order (a transpose, a strided slice)
+        # is the usual way to pass bytes that are not the base's prefix: wrong data, so no.
+        raise InvalidArgumentError(
+            f"offload(base=): the tensor ({tuple(tensor.shape)}, strides {tensor.stride()}) "
+            "is not contiguous, so its bytes are not the base's prefix in order; offload "
+            "the contiguous append-only tensor itself")
+    if base.release and tensor.storage_offset() != 0:
+        raise InvalidArgumentError("offload(base=): a kept release is a prefix only of a "
+                                   "tensor at the start of its storage")
+    return base

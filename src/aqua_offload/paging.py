@@ -1,0 +1,145 @@
+"""The manager's side of in-place paging (Note [In-place paging] in storage.py), and of every
+fetch.
+
+After the core accepted a batch of releases, each storage is swapped out and its memory kept
+alive for the copy still reading it; after the core fetched a batch, each handle's Python side
+is finished (a release's storage swapped back in, a snapshot or array returned). Both steps are
+idempotent per handle, so an interrupted batch is finished from its exception handler (Note
+[Interrupted batches] in manager.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import arrays, storage
+from .devices import current_stream
+from .errors import InvalidArgumentError
+from .handle import Handle
+
+if TYPE_CHECKING:
+    from .manager import OffloadManager
+
+__all__ = ["page_out", "page_in", "destination", "restore", "keep_alive", "forget"]
+
+
+def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
+             bases: list[Handle | None], base_ids: list[int], what: str) -> list[Handle]:
+    """Release: reserve every storage, let the core copy them, then swap each out."""
+    stores = [t.untyped_storage() for t in tensors]
+    holders = [torch.UntypedStorage(0, device=s.device) for s in stores]
+    sizes = [s.nbytes() for s in stores]
+    reserved: list[tuple[int, Any]] = []
+    got: list[tuple[int, int]] = []
+    try:
+        for t in tensors:
+            storage.check_sole_owner(t, f"{what}(release=True)")
+            reserved.append(storage.reserve(t, f"{what}(release=True)"))
+        m._store.offload_many([(s.data_ptr(), n, prio, b)
+                                  for s, n, b in zip(stores, sizes, base_ids)],
+                                 current_stream(m.device), False, got)
+    except BaseException:
+        forget(m, got)  # the storages were not swapped: their data is where it was
+        for key, token in reserved:
+            storage.unregister(key, token)
+        raise
+    handles: list[Handle | None] = [None] * len(tensors)
+
+    def finish() -> None:  # idempotent (Note [Interrupted batches])
+        for i, ((cid, tier), t) in enumerate(zip(got, tensors)):
+            if handles[i] is None:
+                handles[i] = m._new_handle(cid, tier, t, nbytes=sizes[i], release=True,
+                                              priority=prio, key=reserved[i][0])
+            if sizes[i] and holders[i].nbytes() == 0:
+                storage.swap_out(stores[i], holders[i])  # one C call: done or not
+            storage.commit(reserved[i][0], reserved[i][1], handles[i], stores[i])
+            if sizes[i]:
+                keep_alive(m, cid, tier, holders[i], dropped_now=True)
+            if bases[i] is not None:  # consumed (see OffloadManager._snapshot)
+                m._holders.transfer(bases[i]._id, cid)
+                bases[i]._end("freed")
+
+    try:
+        finish()
+    except BaseException:
+        finish()
+        raise
+    return handles  # type: ignore[return-value]
+
+def keep_alive(m: "OffloadManager", core_id: int, tier: int, memory: Any,
+               dropped_now: bool) -> None:
+    """``memory`` may still be read by the offload copy of ``core_id``: keep it until then.
+    On CUDA, memory ``dropped_now`` (a paged-out storage's holder) is handed to the
+    allocator with record_stream: it records its event at once. Memory the caller may keep
+    (a deferred snapshot's source) is held here instead: record_stream would make its
+    eventual free record on a copy stream close() may have destroyed by then."""
+    if m._cuda and dropped_now:
+        m._record_stream(memory, m._stream(tier, "to_tier"))
+    else:
+        m._holders.hold(core_id, memory)
+
+def forget(m: "OffloadManager", got: list[tuple[int, int]]) -> None:
+    """Drop core handles no Python handle was made for (an interrupted batch)."""
+    for cid, _tier in got:
+        try:
+            m._store.wait(cid)  # its copy may read memory the caller is about to drop
+            m._store.free(cid)
+        except Exception:
+            pass
+
+
+def page_in(h: Handle, dest: torch.Tensor, keep: bool) -> torch.Tensor:
+    """After the core fetched release handle ``h`` into ``dest``: its storage gets ``dest``'s
+    memory (every view sees the data again); returns the tensor fetch returns."""
+    s = h._storage() if h._storage is not None else None
+    if s is None:  # every tensor of it is gone: a new one on the fetched bytes
+        s = dest.untyped_storage()
+    elif s.nbytes() == 0 and h.nbytes:
+        storage.swap_in(s, dest.untyped_storage())
+    tensor = h._restored_tensor(s)
+    if h._key is not None:
+        storage.unregister(h._key, h)
+    if keep:
+        h._state = "kept"
+    else:
+        h._end("fetched")
+    return tensor
+
+
+def destination(h: Handle, out: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Where the core fetches ``h``: its prefetch buffer, fresh bytes for a release's storage
+    (allocated on the current stream before the core records its event), ``out``, or a new
+    tensor of the snapshot's shape."""
+    if h._prefetch is not None:
+        return h._prefetch
+    if h.release:
+        s = h._storage() if h._storage is not None else None
+        if s is not None and s.nbytes() != 0:
+            raise InvalidArgumentError("fetch: the paged-out storage was resized meanwhile; "
+                                       "refusing to overwrite it")
+        return torch.empty(h.nbytes, dtype=torch.uint8, device=device)
+    if out is not None:
+        return out
+    return torch.empty(h.shape, dtype=h.dtype, device=device)
+
+
+def restore(m: "OffloadManager", h: Handle, dest: torch.Tensor, out: torch.Tensor | None,
+            keep: bool) -> Any:
+    """After the core fetched ``h`` into ``dest``: the Python side, once per handle."""
+    if h._prefetch is not None:
+        if m._cuda:  # the prefetch buffer is used on the current stream from now on
+            current = torch.cuda.current_stream(m.device)
+            if current != h._prefetch_stream:
+                m._record_stream(h._prefetch, current)
+        m._drop_prefetch(h)
+    m._holders.drop(h._id)  # the fetch ordered the caller after the offload copy
+    storage.undefer_handle(h)
+    if h.release:
+        return page_in(h, dest, keep)
+    result = out.copy_(dest) if out is not None and out is not dest else dest
+    if not keep:
+        h._end("fetched")
+    return arrays.from_bytes(result, h._array) if h._array is not None else result
+
