@@ -1,4 +1,10 @@
-"""Shared fixtures. GPU tests are marked `cuda` and skip with a reason when no GPU is usable."""
+"""Shared fixtures. GPU tests are marked `cuda` and skip with a reason when no GPU is usable.
+
+One API suite runs on every backend (RMM's pattern): a test that takes the ``backend`` fixture
+(or ``manager``, built from it) runs on emulation always and on CUDA when a GPU is present; the
+CUDA case carries the ``cuda`` marker, so ``pytest -m cuda`` selects it and it skips with a
+reason elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -56,11 +62,113 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(ua.cpu(), ub.cpu())
 
 
+class Backend:
+    """One backend under test: where tensors live and how managers are made on it.
+
+    Attributes
+    ----------
+    name : str
+        ``"emulation"`` or ``"cuda"``.
+    device : torch.device
+        Device of the tensors (``cpu`` on emulation, ``cuda:0`` on CUDA).
+    peer : int
+        The peer device tests lend from: emulated device 1, or ``cuda:1`` when a second GPU is
+        present, else ``cuda:0`` itself (a same-device "peer": the peer code path on one GPU).
+    peer_label : str
+        The peer's location as handles report it (``"emu:1"``, ``"cuda:1"``, ``"cuda:0"``).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        if name == "cuda":
+            self.device = torch.device("cuda", 0)
+            self.peer = 1 if torch.cuda.device_count() > 1 else 0
+            self.peer_label = f"cuda:{self.peer}"
+        else:
+            self.device = torch.device("cpu")
+            self.peer = 1
+            self.peer_label = "emu:1"
+        self._made: list[aq.OffloadManager] = []
+
+    @property
+    def cuda(self) -> bool:
+        return self.name == "cuda"
+
+    def manager(self, peers: object = "peer", **kw: object) -> aq.OffloadManager:
+        """An OffloadManager on this backend, closed at teardown. ``peers="peer"`` (default)
+        means this backend's test peer; anything else is passed through."""
+        if isinstance(peers, str) and peers == "peer":
+            peers = [self.peer]
+        m = aq.OffloadManager(self.device, peers=peers, **kw)
+        self._made.append(m)
+        return m
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Random non-zero bits on this backend's device (see :func:`random_tensor`)."""
+        return random_tensor(shape, dtype, device=str(self.device), generator=generator)
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def close_all(self) -> None:
+        for m in self._made:
+            m.close()
+        self._made.clear()
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+BACKENDS = ["emulation", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest):
+    """Every backend: emulation always, CUDA when a GPU is present (marked ``cuda``)."""
+    if request.param == "cuda" and _gpu_reason() is not None:
+        pytest.skip(_gpu_reason())
+    b = Backend(request.param)
+    yield b
+    b.close_all()
+
+
 @pytest.fixture
-def manager():
-    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="1MiB", host_bytes="4MiB")
-    yield m
-    m.close()
+def manager(backend: Backend):
+    """A small manager on every backend: its test peer (1 MiB) and pinned host (4 MiB)."""
+    return backend.manager(peer_bytes="1MiB", host_bytes="4MiB")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "emulation_only(reason): runs on the emulation backend only; the reason says "
+        "why it has no CUDA case (see helpers.emulation_only)")
+
+
+@pytest.fixture
+def managers(backend: Backend):
+    """Factory of managers on every backend (closed at teardown), sized for the store suites:
+    ``peer`` bytes on this backend's test peer (``peers="peer"``) and ``host`` pinned bytes;
+    other keywords go to OffloadManager."""
+    from helpers import HOST, PEER
+
+    def make(peer=PEER, host=HOST, policy="lru", peers="peer", **kw) -> aq.OffloadManager:
+        return backend.manager(peers=peers, peer_bytes=peer, host_bytes=host, policy=policy,
+                               **kw)
+
+    return make
+
+
+@pytest.fixture
+def faults(backend: Backend):
+    """Fault injection into the emulation backend's copy submissions, always reset. The hook
+    exists on emulation only: a test using it is emulation-only (helpers.emulation_only)."""
+    assert not backend.cuda, "fault injection is an emulation hook: mark the test emulation_only"
+    try:
+        yield _core.inject_copy_faults
+    finally:
+        _core.inject_copy_faults(0)
 
 
 def run_with_timeout(fn, timeout=120.0):

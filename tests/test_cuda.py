@@ -229,3 +229,110 @@ def test_incremental_offload_on_gpu(cascade_manager):
     grown = torch.cat([kv, torch.randn(1 << 10, device=DEV)])
     h2 = m.offload(grown, release=False, base=h)
     assert torch.equal(m.fetch(h2), grown)
+
+
+# -- prefetch and fetch/free on different streams --------------------------------------------
+@pytest.mark.parametrize("release", [False, True])
+def test_prefetch_on_one_stream_fetch_on_another(gpu_manager, release):
+    """The prefetch is issued on stream a behind queued kernels; the fetch on stream b must order
+    b after the copy back: a kernel enqueued on b right after the fetch sees every byte (no host
+    sync before it; the comparison comes after)."""
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    for _ in range(5):
+        with torch.cuda.stream(a):
+            t = torch.randn(16 << 20, device=DEV)  # 64 MiB
+            ref = t.clone()
+            h = gpu_manager.offload(t, release=release)
+            _busy()  # the copy back, ordered after a's work so far, starts late
+            assert gpu_manager.prefetch(h) is h
+        with torch.cuda.stream(b):
+            out = gpu_manager.fetch(h)
+            seen = out.clone()  # reads on b right after the fetch
+        if release:
+            assert out is t
+        torch.cuda.synchronize()  # only now: ref was written on a
+        assert torch.equal(seen, ref) and torch.equal(out, ref)
+        assert gpu_manager.stats()["prefetched_bytes"] == 0
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_prefetch_on_one_stream_free_on_another(gpu_manager, release):
+    """A prefetched handle freed from stream b while its copy back (issued on stream a behind
+    queued kernels) has not run yet: the prefetch buffer must not serve new allocations before
+    that copy finished, or the copy would overwrite the new owner's bytes. A same-sized
+    allocation on a right after the free is filled by a kernel and must keep its value."""
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    n = 16 << 20  # float32 elements: 64 MiB
+    for _ in range(5):
+        with torch.cuda.stream(a):
+            t = torch.full((n,), 7.0, device=DEV)
+            h = gpu_manager.offload(t, release=release)
+            _busy()
+            gpu_manager.prefetch(h)  # the buffer is allocated on a; its copy waits for a's work
+        with torch.cuda.stream(b):
+            gpu_manager.free(h)
+        assert h.state == "freed"
+        with torch.cuda.stream(a):
+            junk = torch.empty(n, device=DEV)  # may be handed the prefetch buffer's memory
+            junk.fill_(-1.0)
+        torch.cuda.synchronize()
+        assert bool((junk == -1.0).all()), "a freed prefetch buffer was overwritten after reuse"
+        del junk, t
+    gpu_manager.synchronize()
+    s = gpu_manager.stats()
+    assert s["prefetched_bytes"] == 0 and s["live_handles"] == 0
+    assert all(t["used"] == 0 and t["fenced"] == 0 for t in s["tiers"])
+
+
+# -- a compute device other than cuda:0 ------------------------------------------------------
+@pytest.fixture
+def second_gpu() -> torch.device:
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs a second GPU: only one CUDA device is visible")
+    return torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("peers", ["same-device", "cuda:0", "host-only"])
+def test_compute_device_other_than_0(second_gpu, peers):
+    """A manager of cuda:1 while cuda:0 stays the current device: offloads, fetched tensors,
+    prefetch buffers, the cascade and lending all act on cuda:1 (or its peer), never on the
+    current device."""
+    dev = second_gpu
+    if peers == "cuda:0" and not aq.info()["peer_access"][1][0]:
+        pytest.skip("cuda:1 cannot reach cuda:0 as a peer on this machine")
+    peer_list = {"same-device": [1], "cuda:0": [0], "host-only": None}[peers]
+    want = {"same-device": ("peer", "cuda:1"), "cuda:0": ("peer", "cuda:0"),
+            "host-only": ("host", "cpu")}[peers]
+    with torch.cuda.device(0), aq.OffloadManager(dev, peers=peer_list, peer_bytes="64MiB",
+                                                  host_bytes="256MiB") as m:
+        assert m.device == dev and m.stats()["device"] == "cuda:1"
+        for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.bool):
+            t = random_tensor((1000, 33), dtype, device=str(dev))
+            ref = t.clone()
+            s = m.offload(t, release=False)
+            h = m.offload(t)
+            assert (h.tier, h.location) == want
+            assert aq.is_offloaded(t)
+            out = m.fetch(s)
+            assert out.device == dev and same_bytes(out, ref)
+            assert m.fetch(h) is t and t.device == dev and same_bytes(t, ref)
+        # on one of cuda:1's streams (the current device follows it), with a prefetch
+        with torch.cuda.stream(torch.cuda.Stream(dev)):
+            t = torch.randn(4 << 20, device=dev)
+            ref = t.clone()
+            h = m.offload(t)
+            m.prefetch(h)
+            assert m.fetch(h) is t and torch.equal(t, ref)
+        # the cascade: 6 x 16 MiB through a 64 MiB peer, fetched right after the evictions
+        ts = [torch.randn(4 << 20, device=dev) for _ in range(6)]
+        refs = [x.clone() for x in ts]
+        hs = [m.offload(x, release=bool(i % 2)) for i, x in enumerate(ts)]
+        if peer_list is not None:
+            assert m.stats()["evictions"] >= 2
+        for hh, r in zip(hs, refs):
+            out = m.fetch(hh)
+            assert out.device == dev and torch.equal(out, r)
+        if peer_list is not None:
+            assert m.lend(want[1], "16MiB") == 80 << 20
+            assert m.reclaim(want[1]) >= 16 << 20
+        assert torch.cuda.current_device() == 0  # the manager never switched it

@@ -1,5 +1,6 @@
 """Bad input gets a clear typed error and changes nothing: not the tensor, not the pools, not
-any other handle."""
+any other handle; and a process ends cleanly whatever is in flight. Manager behaviour runs on
+every backend (``backend``/``manager`` fixtures); pure argument validation runs once."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import aqua_offload as aq
-from conftest import random_tensor, same_bytes
+from conftest import same_bytes
 
 
 def snapshot_state(m: aq.OffloadManager) -> list[tuple[int, int, int]]:
@@ -21,9 +22,9 @@ def snapshot_state(m: aq.OffloadManager) -> list[tuple[int, int, int]]:
 
 
 @pytest.fixture
-def witness(manager):
+def witness(backend, manager):
     """A live handle whose data must survive every error in the test."""
-    t = random_tensor((333,), torch.float32)
+    t = backend.tensor((333,), torch.float32)
     ref = t.clone()
     h = manager.offload(t)
     yield h
@@ -38,22 +39,28 @@ def test_not_a_tensor(manager, witness):
     assert snapshot_state(manager) == before
 
 
-def test_wrong_device(manager, witness):
+def test_wrong_device(backend, manager, witness):
     t = torch.empty(10, device="meta")
     before = snapshot_state(manager)
     with pytest.raises(aq.InvalidArgumentError, match="meta"):
         manager.offload(t)
+    if backend.cuda:  # a CPU tensor, offered to a GPU's manager
+        cpu = torch.ones(10)
+        for release in (True, False):
+            with pytest.raises(aq.InvalidArgumentError, match="cpu"):
+                manager.offload(cpu, release=release)
+        assert not aq.is_offloaded(cpu) and bool((cpu == 1).all())
     assert snapshot_state(manager) == before
 
 
-def test_sparse_tensor_rejected(manager, witness):
-    t = torch.eye(4).to_sparse()
+def test_sparse_tensor_rejected(backend, manager, witness):
+    t = torch.eye(4, device=backend.device).to_sparse()
     with pytest.raises(aq.InvalidArgumentError, match="strided"):
         manager.offload(t)
 
 
-def test_storage_already_paged_out(manager, witness):
-    base = random_tensor((10, 10), torch.int64)
+def test_storage_already_paged_out(backend, manager, witness):
+    base = backend.tensor((10, 10), torch.int64)
     ref = base.clone()
     view = base[2:4]
     h = manager.offload(base)
@@ -61,7 +68,7 @@ def test_storage_already_paged_out(manager, witness):
     for release in (True, False):
         with pytest.raises(aq.InvalidArgumentError, match="paged out"):
             manager.offload(view, release=release)
-    other = aq.OffloadManager("cpu", peers=None, host_bytes="64KiB")
+    other = backend.manager(peers=None, host_bytes="64KiB")
     with pytest.raises(aq.InvalidArgumentError, match="paged out"):
         other.offload(base)
     other.close()
@@ -69,8 +76,8 @@ def test_storage_already_paged_out(manager, witness):
     assert manager.fetch(h) is base and same_bytes(base, ref)
 
 
-def test_double_fetch_and_use_after_free(manager, witness):
-    t = random_tensor((50,), torch.float64)
+def test_double_fetch_and_use_after_free(backend, manager, witness):
+    t = backend.tensor((50,), torch.float64)
     ref = t.clone()
     h = manager.offload(t)
     manager.fetch(h)
@@ -84,9 +91,9 @@ def test_double_fetch_and_use_after_free(manager, witness):
             op(s)
 
 
-def test_foreign_handle(manager, witness):
-    other = aq.OffloadManager("cpu", peers=None, host_bytes="64KiB")
-    t = random_tensor((20,), torch.float32)
+def test_foreign_handle(backend, manager, witness):
+    other = backend.manager(peers=None, host_bytes="64KiB")
+    t = backend.tensor((20,), torch.float32)
     ref = t.clone()
     h = other.offload(t)
     before_mine, before_other = snapshot_state(manager), snapshot_state(other)
@@ -99,16 +106,16 @@ def test_foreign_handle(manager, witness):
     other.close()
 
 
-def test_not_a_handle(manager):
+def test_not_a_handle(backend, manager):
     with pytest.raises(aq.InvalidHandleError):
         manager.fetch(42)
     with pytest.raises(aq.InvalidHandleError, match="not paged out"):
-        manager.fetch(torch.ones(3))
+        manager.fetch(torch.ones(3, device=backend.device))
 
 
-def test_out_of_memory_changes_nothing(manager, witness):
-    t = random_tensor((3_000_000,), torch.uint8)  # 3 MB > peer 1 MiB; host is 4 MiB but...
-    fill = [manager.offload(random_tensor((250_000,), torch.float32), release=False)
+def test_out_of_memory_changes_nothing(backend, manager, witness):
+    t = backend.tensor((3_000_000,), torch.uint8)  # 3 MB > peer 1 MiB; host is 4 MiB but...
+    fill = [manager.offload(backend.tensor((250_000,), torch.float32), release=False)
             for _ in range(4)]  # ...1 MB in each of 4 host-tier or peer blocks
     ref = t.clone()
     before = snapshot_state(manager)
@@ -116,43 +123,59 @@ def test_out_of_memory_changes_nothing(manager, witness):
         manager.offload(t)
     err = info.value
     assert err.requested == t.numel()
-    assert "peer emu:1" in str(err) and "host cpu" in str(err) and "largest free block" in str(err)
+    assert f"peer {backend.peer_label}" in str(err) and "host cpu" in str(err)
+    assert "largest free block" in str(err)
     assert not aq.is_offloaded(t) and same_bytes(t, ref)
     assert snapshot_state(manager) == before
     for h in fill:
         h.free()
 
 
-def test_too_big_for_any_tier_ever(manager, witness):
-    t = random_tensor((5 << 20,), torch.uint8)
+def test_too_big_for_any_tier_ever(backend, manager, witness):
+    t = backend.tensor((5 << 20,), torch.uint8)
     ref = t.clone()
     with pytest.raises(aq.OutOfMemoryError, match="5.00 MiB"):
         manager.offload(t, release=False)
     assert same_bytes(t, ref) and manager.stats()["live_handles"] == 1  # just the witness
 
 
-def test_non_resizable_storage_cannot_be_released(manager, witness):
-    arr = np.arange(100, dtype=np.float32) + 1
-    t = torch.from_numpy(arr)
+@pytest.mark.parametrize("source", ["numpy", "dlpack"])
+def test_non_resizable_storage_cannot_be_released(backend, manager, witness, source):
+    """Memory torch's allocator does not own (numpy's, a DLPack import's) cannot be paged out
+    in place; a snapshot of it is fine."""
+    if source == "numpy":
+        if backend.cuda:
+            pytest.skip("numpy arrays live on the CPU: the DLPack case covers CUDA")
+        arr = np.arange(100, dtype=np.float32) + 1
+        t = torch.from_numpy(arr)
+    else:
+        lender = backend.tensor((100,), torch.float32)  # kept alive: t borrows its memory
+        t = torch.from_dlpack(lender)
+    assert not t.untyped_storage().resizable()
+    ref = t.clone()
     with pytest.raises(aq.InvalidArgumentError, match="release=False"):
         manager.offload(t)
-    assert not aq.is_offloaded(t) and t[5].item() == 6.0
+    assert not aq.is_offloaded(t) and same_bytes(t, ref)
     assert torch.equal(manager.fetch(manager.offload(t, release=False)), t)
 
 
-def test_bad_out_argument_keeps_handle_valid(manager, witness):
-    t = random_tensor((4, 4), torch.float32)
+def test_bad_out_argument_keeps_handle_valid(backend, manager, witness):
+    dev = backend.device
+    t = backend.tensor((4, 4), torch.float32)
     s = manager.offload(t, release=False)
-    for bad in (torch.empty(4, 5), torch.empty(4, 4, dtype=torch.float64), torch.empty(4, 8)[:, ::2],
-                "x"):
+    bads = [torch.empty(4, 5, device=dev), torch.empty(4, 4, dtype=torch.float64, device=dev),
+            torch.empty(4, 8, device=dev)[:, ::2], "x"]
+    if backend.cuda:
+        bads.append(torch.empty(4, 4))  # right shape and dtype, on the CPU
+    for bad in bads:
         with pytest.raises(aq.InvalidArgumentError):
             manager.fetch(s, out=bad)
     assert s.state in ("in_flight", "offloaded")
     assert same_bytes(manager.fetch(s), t)
-    r = random_tensor((4, 4), torch.float32)
+    r = backend.tensor((4, 4), torch.float32)
     h = manager.offload(r)
     with pytest.raises(aq.InvalidArgumentError, match="in place"):
-        manager.fetch(h, out=torch.empty(4, 4))
+        manager.fetch(h, out=torch.empty(4, 4, device=dev))
     assert aq.is_offloaded(r)
 
 
@@ -180,17 +203,18 @@ def test_cuda_device_without_gpu_is_a_backend_error():
     assert info.value.error_name.startswith("cuda")
 
 
-def test_closed_manager_refuses_work():
-    m = aq.OffloadManager("cpu", peers=None, host_bytes="64KiB")
-    s = m.offload(random_tensor((10,), torch.float32), release=False)
+def test_closed_manager_refuses_work(backend):
+    m = backend.manager(peers=None, host_bytes="64KiB")
+    s = m.offload(backend.tensor((10,), torch.float32), release=False)
     m.close()
-    for op in (lambda: m.offload(torch.ones(2)), lambda: m.fetch(s), lambda: m.synchronize()):
+    for op in (lambda: m.offload(torch.ones(2, device=backend.device)), lambda: m.fetch(s),
+               lambda: m.synchronize()):
         with pytest.raises(aq.OffloadError, match="closed"):
             op()
 
 
-def test_debug_guard_turns_a_touch_into_an_error(manager):
-    t = torch.randn(1000) + 3.0  # moderate values: the test compares sums
+def test_debug_guard_turns_a_touch_into_an_error(backend, manager):
+    t = torch.randn(1000).to(backend.device) + 3.0  # moderate values: the test compares sums
     ref = t.clone()
     view = t[10:20]
     h = manager.offload(t)
@@ -204,33 +228,73 @@ def test_debug_guard_turns_a_touch_into_an_error(manager):
         assert torch.equal(t, ref) and float(t.sum()) == float(ref.sum())
 
 
-def _run(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=60)
+def _run(backend, code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a child process, with ``dev`` (the backend's device, a string) and
+    ``peer`` (its test peer, an index) defined; a child still running after ``timeout``
+    seconds fails the test (a hang at exit)."""
+    script = f"dev = {str(backend.device)!r}\npeer = {backend.peer}\n" + textwrap.dedent(code)
+    try:
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the child process did not end within {timeout} s (hung at exit?); "
+                    f"stdout {e.stdout!r}, stderr {e.stderr!r}")
 
 
-def test_shutdown_with_live_handles_neither_crashes_nor_hangs():
-    proc = _run("""
+def test_shutdown_with_live_handles_neither_crashes_nor_hangs(backend):
+    proc = _run(backend, """
         import torch, aqua_offload as aq
-        m = aq.OffloadManager("cpu", peer_bytes="64MiB", host_bytes="64MiB")
-        big = [torch.randn(2_000_000) for _ in range(8)]
+        m = aq.OffloadManager(dev, peers=[peer], peer_bytes="64MiB", host_bytes="64MiB")
+        big = [torch.randn(2_000_000, device=dev) for _ in range(8)]
         hs = [m.offload(t) for t in big[:4]] + [m.offload(t, release=False) for t in big[4:]]
-        aq.offload(torch.randn(1000))  # and a default manager
+        aq.offload(torch.randn(1000, device=dev))  # and a default manager
         print("ok", flush=True)
     """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
 
 
-def test_dropping_a_manager_with_in_flight_snapshots_is_safe():
-    proc = _run("""
+def test_dropping_a_manager_with_in_flight_snapshots_is_safe(backend):
+    proc = _run(backend, """
         import gc, torch, aqua_offload as aq
         for _ in range(20):
-            m = aq.OffloadManager("cpu", peer_bytes="16MiB", host_bytes="16MiB")
-            hs = [m.offload(torch.randn(1_000_000), release=False) for _ in range(3)]
+            m = aq.OffloadManager(dev, peers=[peer], peer_bytes="16MiB", host_bytes="16MiB")
+            hs = [m.offload(torch.randn(1_000_000, device=dev), release=False) for _ in range(3)]
             del m, hs
             gc.collect()
         print("ok", flush=True)
     """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_process_exit_with_copies_in_flight(backend):
+    """sys.exit(0) right after offloading 64-256 MiB tensors (releases and a snapshot, an
+    eviction's migration and a prefetch queued too): the process ends with code 0, promptly,
+    without a crash or a message from a dying runtime. The atexit hook waits for the copies
+    before the pools (and on CUDA the runtime) go away. The child checks that some copy was
+    still in flight when it called exit: on CUDA the copies queue behind matmuls on the
+    current stream."""
+    proc = _run(backend, """
+        import sys, torch, aqua_offload as aq
+        mib = 1 << 20
+        m = aq.OffloadManager(dev, peers=[peer], peer_bytes="256MiB", host_bytes="512MiB")
+        ts = [torch.empty(n * mib, dtype=torch.uint8, device=dev).fill_(i + 1)
+              for i, n in enumerate((64, 128, 256))]
+        if dev.startswith("cuda"):  # keep the current stream busy: the copies wait for it
+            a = torch.randn(4096, 4096, device=dev)
+            for _ in range(20):
+                a = a @ a
+                a = a / a.norm()
+        # 64 and 128 MiB go to the peer; 256 MiB needs the whole peer: both move down
+        hs = [m.offload(ts[0]), m.offload(ts[1], release=False), m.offload(ts[2])]
+        m.prefetch(hs[1])
+        ready = [h.ready() for h in hs]
+        print("exiting", [h.tier for h in hs], ready, flush=True)
+        assert not all(ready), "every copy had completed: nothing was in flight at exit"
+        sys.exit(0)
+    """, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.startswith("exiting"), proc.stdout
+    for sign in ("Traceback", "terminate called", "Segmentation", "Error"):
+        assert sign not in proc.stderr, proc.stderr[-4000:]

@@ -1,4 +1,5 @@
-"""Hypothesis stateful test of the public API on the emulation backend.
+"""Hypothesis stateful test of the public API, one TestCase per backend (emulation always, CUDA
+when a GPU is present: ``TestOffloadMachineCuda`` is marked ``cuda``).
 
 Note [Stateful model]
 The machine owns a few *groups*: one random storage and several tensors viewing it (the
@@ -7,13 +8,14 @@ views). A group is resident, paged out (offloaded with release=True) or dead (it
 was freed: its data is gone). For every live handle the model keeps a bitwise reference of what
 was offloaded, and checks every fetch against it byte for byte. After each step the manager's
 counters and pool accounting must agree with the model exactly:
-  per tier  used == sum(block of the live handles there) + pending
-(pending: blocks awaiting deferred reuse; stats() reaps the completed ones first. A core that
-reuses blocks without parking them reports no "pending", and then used must match exactly).
-A handle's block is align256(nbytes), except after an incremental offload (base=): the grown
-handle keeps its base's block, or gets a fresh one with 2x headroom. Handles move down the
-cascade (eviction when the peer tier is full, reclaim): the model follows ``h.location``, and a
-migrated handle's block is align256(nbytes) again. The peer tier's capacity changes with lend
+  per tier  used == sum(block of the live handles there)
+A block released while a copy may still touch it is free at once (reusable in stream order,
+Note [Ordered reuse] in pool.hpp): it is counted in the tier's ``fenced`` bytes, never in
+``used``; after synchronize() no byte is fenced. A handle's block is align256(nbytes), except
+after an incremental offload (base=): the grown handle keeps its base's block, or gets a fresh
+one with 2x headroom. Handles move down the cascade (eviction when the peer tier is full,
+reclaim): the model follows ``h.location``, and a migrated handle's block is align256(nbytes)
+again. The peer tier's capacity changes with lend
 and reclaim (whole segments, newest first); the model keeps the list of segments.
 
 A paged-out tensor is never read by the model: touching it crashes the process (DESIGN.md §5).
@@ -31,10 +33,13 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
                                  rule)
 
 import aqua_offload as aq
+from conftest import Backend
+from helpers import align
+from helpers import bits as tensor_bytes
+from helpers import storage_bits as storage_bytes
 
 PEER_BYTES = 16 << 10
 HOST_BYTES = 64 << 10
-A = 256
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool,
           torch.complex64, torch.int16, torch.float64]
@@ -42,36 +47,22 @@ if hasattr(torch, "float8_e4m3fn"):
     DTYPES.append(torch.float8_e4m3fn)
 
 
-def align(n: int) -> int:
-    return (n + A - 1) // A * A
-
-
 def esize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def random_storage(nbytes: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """Random bytes (never zeros); for bool, random 0/1 so every byte is a valid bool."""
+def random_storage(nbytes: int, seed: int, dtype: torch.dtype,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Random bytes on ``device``; for bool, random 0/1 so every byte is a valid bool."""
     g = torch.Generator().manual_seed(seed)
     raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
     if dtype == torch.bool:
         raw &= 1
-    return raw
-
-
-def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The logical bytes of ``t`` (row-major), as a fresh uint8 tensor."""
-    # A fresh tensor, not t.contiguous(): a one-element view with stride 3 counts as
-    # contiguous yet cannot be viewed as bytes.
-    return torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1).view(torch.uint8)
-
-
-def storage_bytes(t: torch.Tensor) -> torch.Tensor:
-    s = t.untyped_storage()
-    return torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,)).clone()
+    return raw.to(device)
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two byte tensors (tensor_bytes/storage_bytes: on the CPU) are equal."""
     return a.shape == b.shape and torch.equal(a, b)
 
 
@@ -79,10 +70,10 @@ class Group:
     """A storage and the tensors viewing it (Note [Stateful model])."""
 
     def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], front: int, back: int,
-                 seed: int) -> None:
+                 seed: int, *, device: torch.device) -> None:
         es = esize(dtype)
         n = math.prod(shape)
-        raw = random_storage((front + n + back) * es, seed, dtype)
+        raw = random_storage((front + n + back) * es, seed, dtype, device)
         base = raw[front * es:(front + n) * es].view(dtype).reshape(shape)
         self.dtype = dtype
         self.views = [base, raw]
@@ -151,9 +142,13 @@ group_specs = st.tuples(
 
 
 class OffloadMachine(RuleBasedStateMachine):
+    backend: Backend  # set by machine_for(): one subclass (and one TestCase) per backend
+
     def __init__(self) -> None:
         super().__init__()
-        self.m = aq.OffloadManager("cpu", peers="auto", peer_bytes=PEER_BYTES,
+        self.dev = self.backend.device
+        self.peer = self.backend.peer_label
+        self.m = aq.OffloadManager(self.dev, peers=[self.backend.peer], peer_bytes=PEER_BYTES,
                                    host_bytes=HOST_BYTES)
         self.kinds = [t["tier"] for t in self.m.stats()["tiers"]]
         assert self.kinds == ["peer", "host"]
@@ -202,7 +197,7 @@ class OffloadMachine(RuleBasedStateMachine):
         for r in self.recs:
             loc = r.handle.location
             if loc != r.loc:
-                assert (r.loc, loc) == ("emu:1", "cpu"), (r.loc, loc)
+                assert (r.loc, loc) == (self.peer, "cpu"), (r.loc, loc)
                 r.loc = loc
                 r.block = align(r.handle.nbytes)
 
@@ -221,7 +216,7 @@ class OffloadMachine(RuleBasedStateMachine):
         assert h.release and h.nbytes == nbytes
         assert h.shape == v.shape and h.dtype == v.dtype
         assert h.tier in ("peer", "host")
-        assert h.location == ("cpu" if h.tier == "host" else "emu:1")
+        assert h.location == ("cpu" if h.tier == "host" else self.peer)
         assert h.state in ("in_flight", "offloaded")
         g.state = "offloaded"
         g.check_paged_out()
@@ -269,12 +264,12 @@ class OffloadMachine(RuleBasedStateMachine):
     # -- rules ----------------------------------------------------------------------------
     @initialize(specs=st.lists(group_specs, min_size=1, max_size=3))
     def first_groups(self, specs):
-        self.groups += [Group(*spec) for spec in specs]
+        self.groups += [Group(*spec, device=self.dev) for spec in specs]
 
     @precondition(lambda self: len(self.groups) < 10)
     @rule(spec=group_specs)
     def new_group(self, spec):
-        self.groups.append(Group(*spec))
+        self.groups.append(Group(*spec, device=self.dev))
 
     @precondition(lambda self: self.resident())
     @rule(data=st.data())
@@ -305,8 +300,8 @@ class OffloadMachine(RuleBasedStateMachine):
         """Write new bytes into a resident storage: snapshots taken before must not see them."""
         g = data.draw(st.sampled_from(self.resident()))
         s = g.views[0].untyped_storage()
-        dst = torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,))
-        dst.copy_(random_storage(s.nbytes(), seed, g.dtype))
+        dst = torch.empty(0, dtype=torch.uint8, device=s.device).set_(s, 0, (s.nbytes(),), (1,))
+        dst.copy_(random_storage(s.nbytes(), seed, g.dtype, s.device))
         g.snap()
 
     @precondition(lambda self: self.paged_out())
@@ -335,7 +330,7 @@ class OffloadMachine(RuleBasedStateMachine):
             # any view of the paged-out storage finds its handle
             out = self.m.fetch(data.draw(st.sampled_from(rec.group.views)))
         elif how == "out" and not h.release:
-            given = torch.empty(h.shape, dtype=h.dtype)
+            given = torch.empty(h.shape, dtype=h.dtype, device=self.dev)
             out = self.m.fetch(h, out=given)
             assert out is given
         else:
@@ -381,14 +376,12 @@ class OffloadMachine(RuleBasedStateMachine):
     def synchronize(self):
         self.m.synchronize()
         s = self.m.stats()
-        for t in s["tiers"]:
-            assert t.get("pending", 0) == 0
         self.follow_migrations()
         for t in s["tiers"]:
             assert t["used"] == self.used_by_model(t["location"])
             assert t["blocks"] == sum(1 for r in self.recs
                                       if r.loc == t["location"] and r.handle.nbytes > 0)
-            assert t["fenced"] == 0
+            assert t["fenced"] == 0, t  # every copy completed: nothing is fenced any more
         for r in self.recs:
             assert r.handle.ready()
             assert r.handle.state == "offloaded"
@@ -478,7 +471,7 @@ class OffloadMachine(RuleBasedStateMachine):
         largest = max(t["capacity"] for t in before["tiers"])
         es = esize(dtype)
         n = -(-(largest + 1) // es) + extra
-        t = random_storage(n * es, seed, dtype).view(dtype)
+        t = random_storage(n * es, seed, dtype, self.dev).view(dtype)
         ref = storage_bytes(t)
         with pytest.raises(aq.OutOfMemoryError) as info:
             self.m.offload(t, release=release)
@@ -498,7 +491,7 @@ class OffloadMachine(RuleBasedStateMachine):
         for i in range(count):
             release = data.draw(st.booleans())
             priority = data.draw(st.sampled_from([0, 0, -1, 1, 2.5]))
-            g = Group(torch.uint8, (nbytes,), 0, 0, seed + i)
+            g = Group(torch.uint8, (nbytes,), 0, 0, seed + i, device=self.dev)
             before = self.m.stats()
             try:
                 h = self.m.offload(g.views[0], release=release, priority=priority)
@@ -525,7 +518,7 @@ class OffloadMachine(RuleBasedStateMachine):
 
     @rule(nbytes=st.sampled_from([256, 1024, 4096, 8192]))
     def lend(self, nbytes):
-        cap = self.m.lend("emu:1", nbytes)
+        cap = self.m.lend(self.peer, nbytes)
         self.segments.append((nbytes, True))
         assert cap == self.peer_capacity()
         self.counts["lends"] += 1
@@ -540,7 +533,7 @@ class OffloadMachine(RuleBasedStateMachine):
         before = self.m.stats()
         if amount is not None and amount > cap:
             with pytest.raises(aq.InvalidArgumentError):
-                self.m.reclaim("emu:1", amount)
+                self.m.reclaim(self.peer, amount)
             assert self.m.stats() == before
             return
         want = cap if amount is None else amount
@@ -549,7 +542,7 @@ class OffloadMachine(RuleBasedStateMachine):
             chosen += 1
             covered += self.segments[-chosen][0]
         try:
-            got = self.m.reclaim("emu:1", amount)
+            got = self.m.reclaim(self.peer, amount)
         except aq.OutOfMemoryError as e:
             # the host tier could not take a handle: nothing reclaimed, no byte lost
             event("reclaim: OutOfMemoryError")
@@ -623,10 +616,10 @@ class OffloadMachine(RuleBasedStateMachine):
             self.m.synchronize()
             before = self.m.stats()
             with pytest.raises(aq.InvalidArgumentError):  # the base holds more bytes
-                self.m.offload(prefix[:-1].clone(), release=False, base=h)
+                self.m.offload(prefix[:-1].to(self.dev, copy=True), release=False, base=h)
             assert self.m.stats() == before
         suffix = random_storage(grow, seed, torch.uint8)
-        g = Group(torch.uint8, (base_n + grow,), 0, 0, seed)
+        g = Group(torch.uint8, (base_n + grow,), 0, 0, seed, device=self.dev)
         dst = g.views[0]
         dst.copy_(torch.cat([prefix, suffix]))
         g.snap()
@@ -693,7 +686,9 @@ class OffloadMachine(RuleBasedStateMachine):
             assert all(r.handle.tier == kind for r in here)
             # a zero-byte handle holds no block and counts on tier 0 (its h.tier says so)
             assert t["handles"] == len(here)
-            assert t["used"] == self.used_by_model(t["location"]) + t.get("pending", 0)
+            # fenced bytes are free (reusable in stream order), never part of used
+            assert type(t["fenced"]) is int and t["fenced"] >= 0, t
+            assert t["used"] == self.used_by_model(t["location"]), t
             assert t["blocks"] == sum(1 for r in here if r.handle.nbytes > 0)
         assert sum(t["handles"] for t in s["tiers"]) == len(self.recs)
 
@@ -718,7 +713,7 @@ class OffloadMachine(RuleBasedStateMachine):
             s = self.m.stats()
             assert s["live_handles"] == 0 and s["prefetched_bytes"] == 0
             for t in s["tiers"]:
-                assert t["used"] == 0 and t.get("pending", 0) == 0 and t["blocks"] == 0
+                assert t["used"] == 0 and t["fenced"] == 0 and t["blocks"] == 0, t
                 assert t["handles"] == 0
                 assert t["free_ranges"] == t["segments"]
             peer = s["tiers"][0]
@@ -729,20 +724,34 @@ class OffloadMachine(RuleBasedStateMachine):
             self.m.close()
 
 
-OffloadMachine.TestCase.settings = settings(
+SETTINGS = settings(
     max_examples=100, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                            HealthCheck.data_too_large],
 )
-TestOffloadMachine = OffloadMachine.TestCase
 
 
-def test_zero_byte_handles_live_on_tier_zero():
+def machine_for(name: str):
+    """The machine's TestCase on one backend (a subclass with ``backend`` set); the CUDA one is
+    marked ``cuda`` (skipped with a reason when no GPU is usable, see conftest.py)."""
+    machine = type(f"OffloadMachine{name.capitalize()}", (OffloadMachine,),
+                   {"backend": Backend(name), "__module__": __name__})
+    case = machine.TestCase
+    case.settings = SETTINGS
+    if name == "cuda":
+        case.pytestmark = [pytest.mark.cuda]
+    return case
+
+
+TestOffloadMachineEmulation = machine_for("emulation")
+TestOffloadMachineCuda = machine_for("cuda")
+
+
+def test_zero_byte_handles_live_on_tier_zero(backend):
     """The accounting invariant above relies on this: a handle with no bytes holds no block
     and is counted on the first tier."""
-    with aq.OffloadManager("cpu", peers="auto", peer_bytes=PEER_BYTES,
-                           host_bytes=HOST_BYTES) as m:
-        t = torch.empty(0, dtype=torch.float32)
+    with backend.manager(peer_bytes=PEER_BYTES, host_bytes=HOST_BYTES) as m:
+        t = torch.empty(0, dtype=torch.float32, device=backend.device)
         h = m.offload(t, release=False)
         s = m.stats()
         assert h.nbytes == 0 and h.tier == "peer"

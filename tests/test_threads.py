@@ -1,4 +1,5 @@
-"""Thread stress on one shared OffloadManager (emulation backend).
+"""Thread stress on one shared OffloadManager, on every backend (``backend`` fixture: emulation
+always, CUDA when a GPU is present).
 
 Every thread checks its own data bitwise after each fetch; the pools are small enough that
 OutOfMemoryError happens now and then, and then the tensor must be untouched. Joins have a
@@ -15,30 +16,24 @@ import pytest
 import torch
 
 import aqua_offload as aq
+from helpers import JOIN_TIMEOUT_S
+from helpers import bits as tensor_bytes
+from helpers import storage_bits as storage_bytes
 
-JOIN_TIMEOUT_S = 60.0
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8,
           torch.complex64, torch.int32]
 
 
-def random_tensor(rng: random.Random, gen: torch.Generator, max_bytes: int) -> torch.Tensor:
+def random_tensor(rng: random.Random, gen: torch.Generator, max_bytes: int,
+                  device: torch.device) -> torch.Tensor:
     dtype = rng.choice(DTYPES)
     es = torch.empty(0, dtype=dtype).element_size()
     n = rng.randrange(0, max_bytes // es + 1)
-    raw = torch.randint(0, 256, (n * es,), dtype=torch.uint8, generator=gen)
+    raw = torch.randint(0, 256, (n * es,), dtype=torch.uint8, generator=gen).to(device)
     t = raw.view(dtype)
     if n >= 6 and rng.random() < 0.5:
         t = t[: n - n % 6].view(-1, 6)
     return t
-
-
-def storage_bytes(t: torch.Tensor) -> torch.Tensor:
-    s = t.untyped_storage()
-    return torch.empty(0, dtype=torch.uint8).set_(s, 0, (s.nbytes(),), (1,)).clone()
-
-
-def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1).view(torch.uint8)
 
 
 def run_threads(targets, timeout: float = JOIN_TIMEOUT_S) -> list[BaseException]:
@@ -66,21 +61,22 @@ def run_threads(targets, timeout: float = JOIN_TIMEOUT_S) -> list[BaseException]
 
 
 def assert_drained(m: aq.OffloadManager) -> dict:
+    """Nothing live, one free range per tier, and (every copy done) no byte fenced."""
     m.synchronize()
     s = m.stats()
     assert s["live_handles"] == 0
     for t in s["tiers"]:
         assert t["used"] == 0, t
-        assert t.get("pending", 0) == 0, t
+        assert t["fenced"] == 0, t
         assert t["blocks"] == 0 and t["handles"] == 0, t
         assert t["used"] + t["free"] == t["capacity"]
         assert t["free_ranges"] == 1 and t["largest_free"] == t["capacity"], t
     return s
 
 
-def test_thread_stress_shared_manager():
+def test_thread_stress_shared_manager(backend):
     n_threads, iters = 8, 200
-    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="16KiB", host_bytes="48KiB")
+    m = backend.manager(peer_bytes="16KiB", host_bytes="48KiB")
     counts = [dict(offloads=0, fetches=0, frees=0, ooms=0, reap_races=0)
               for _ in range(n_threads)]
     stop = threading.Event()
@@ -115,7 +111,7 @@ def test_thread_stress_shared_manager():
         for _ in range(iters):
             r = rng.random()
             if len(live) < 3 and r < 0.55:
-                t = random_tensor(rng, gen, 8 << 10)
+                t = random_tensor(rng, gen, 8 << 10, backend.device)
                 release = rng.random() < 0.5
                 if not release and t.dim() == 2 and rng.random() < 0.5:
                     t = t[:, 1::2]  # non-contiguous snapshot
@@ -150,7 +146,10 @@ def test_thread_stress_shared_manager():
             s = m.stats()
             for t in s["tiers"]:
                 assert t["used"] + t["free"] == t["capacity"]
-                assert t["used"] >= t.get("pending", 0)
+                assert t["largest_free"] <= t["free"], t
+                # fenced bytes are free bytes a copy may still touch (reusable in stream
+                # order); the key must be there, and it drains to 0 in assert_drained
+                assert type(t["fenced"]) is int and t["fenced"] >= 0, t
             assert sum(t["handles"] for t in s["tiers"]) == s["live_handles"]
             if random.random() < 0.1:
                 m.synchronize()
@@ -187,7 +186,7 @@ def test_thread_stress_shared_manager():
     m.close()
 
 
-def test_offload_while_another_thread_fetches_a_released_tensor(monkeypatch):
+def test_offload_while_another_thread_fetches_a_released_tensor(backend, monkeypatch):
     """Regression test (a race once found here): holder reaping must not trip on a handle
     another thread is retiring.
 
@@ -196,11 +195,11 @@ def test_offload_while_another_thread_fetches_a_released_tensor(monkeypatch):
     offloads an unrelated tensor: that must succeed, and B's fetch must complete intact."""
     from aqua_offload import storage
 
-    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="64KiB", host_bytes="64KiB")
+    m = backend.manager(peer_bytes="64KiB", host_bytes="64KiB")
     gen = torch.Generator().manual_seed(5)
-    t = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=gen)
+    t = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=gen).to(backend.device)
     ref = t.clone()
-    h = m.offload(t)  # release=True: the emulation backend parks a holder on the manager
+    h = m.offload(t)  # release=True (on emulation a holder is parked on the manager)
 
     in_window, resume = threading.Event(), threading.Event()
     real_swap_in = storage.swap_in
@@ -216,7 +215,8 @@ def test_offload_while_another_thread_fetches_a_released_tensor(monkeypatch):
     b.start()
     try:
         assert in_window.wait(JOIN_TIMEOUT_S)
-        other = torch.randint(0, 256, (1024,), dtype=torch.uint8, generator=gen)
+        other = torch.randint(0, 256, (1024,), dtype=torch.uint8,
+                              generator=gen).to(backend.device)
         h2 = m.offload(other, release=False)
         assert torch.equal(m.fetch(h2), other)
     finally:
@@ -229,16 +229,16 @@ def test_offload_while_another_thread_fetches_a_released_tensor(monkeypatch):
         m.close()
 
 
-def test_second_fetch_while_first_is_retiring(monkeypatch):
+def test_second_fetch_while_first_is_retiring(backend, monkeypatch):
     """Thread B fetches a released tensor and is paused right after the storage was restored
     (storage.swap_in returned, handle not yet retired). A second fetch of the same handle waits
     for B (fetches of one handle are serialised) and then fails with InvalidHandleError, like
     any double fetch, changing nothing."""
     from aqua_offload import storage
 
-    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="64KiB", host_bytes="64KiB")
+    m = backend.manager(peer_bytes="64KiB", host_bytes="64KiB")
     gen = torch.Generator().manual_seed(6)
-    t = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=gen)
+    t = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=gen).to(backend.device)
     ref = t.clone()
     h = m.offload(t)
 
@@ -282,15 +282,15 @@ def test_second_fetch_while_first_is_retiring(monkeypatch):
 
 
 @pytest.mark.parametrize("release", [True, False])
-def test_racing_fetches_of_one_handle(release):
+def test_racing_fetches_of_one_handle(backend, release):
     """Two threads fetch the same handle at once: exactly one gets the tensor, the other
     InvalidHandleError; the data is intact."""
-    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="64KiB", host_bytes="64KiB")
+    m = backend.manager(peer_bytes="64KiB", host_bytes="64KiB")
     gen = torch.Generator().manual_seed(7)
     barrier = threading.Barrier(2)
     for round_ in range(150):
         t = torch.randint(0, 256, (4096 + 256 * (round_ % 8),), dtype=torch.uint8,
-                          generator=gen).view(torch.float32)
+                          generator=gen).to(backend.device).view(torch.float32)
         ref = storage_bytes(t)
         h = m.offload(t, release=release)
         results: list = [None, None]
@@ -320,15 +320,16 @@ def test_racing_fetches_of_one_handle(release):
 
 
 @pytest.mark.parametrize("release", [True, False])
-def test_racing_fetch_and_free_of_one_handle(release):
+def test_racing_fetch_and_free_of_one_handle(backend, release):
     """One thread fetches, another frees the same handle: exactly one wins, the other gets
     InvalidHandleError; a won fetch has the data, a won free leaves an empty storage."""
-    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="64KiB", host_bytes="64KiB")
+    m = backend.manager(peer_bytes="64KiB", host_bytes="64KiB")
     gen = torch.Generator().manual_seed(11)
     barrier = threading.Barrier(2)
     wins = {"fetch": 0, "free": 0}
     for round_ in range(150):
-        t = torch.randint(0, 256, (8192,), dtype=torch.uint8, generator=gen).view(torch.int64)
+        t = torch.randint(0, 256, (8192,), dtype=torch.uint8,
+                          generator=gen).to(backend.device).view(torch.int64)
         ref = storage_bytes(t)
         h = m.offload(t, release=release)
         results: dict = {}
@@ -397,15 +398,19 @@ def _main_thread_progress_while(blocking_call) -> tuple[float, float, int, float
 
 
 @pytest.mark.parametrize("call", ["wait", "fetch"])
-def test_gil_released_while_blocked(call):
+def test_gil_released_while_blocked(backend, call):
     """A thread blocked in Handle.wait() or in a large fetch must not hold the GIL: the main
     thread keeps running Python code for the whole time the call blocks."""
-    chunk = 64 << 20
+    if backend.cuda and call == "fetch":
+        pytest.skip("on CUDA fetch does not block the host: it enqueues the copy and orders "
+                    "the current stream after it (the 'wait' case blocks on a GPU too)")
+    # a GPU copies 1 GiB from device to pinned host in about 20 ms: bigger chunks there
+    chunk = (128 if backend.cuda else 64) << 20
     for n in (4, 8, 16):  # more data when the machine finished the copies before we looked
-        m = aq.OffloadManager("cpu", peers=None, host_bytes=n * chunk)
-        gen = torch.Generator().manual_seed(3)
-        tensors = [torch.randint(0, 256, (chunk,), dtype=torch.uint8, generator=gen)
-                   for _ in range(n)]
+        m = backend.manager(peers=None, host_bytes=n * chunk)
+        gen = torch.Generator(device=backend.device).manual_seed(3)
+        tensors = [torch.empty(chunk, dtype=torch.uint8, device=backend.device)
+                   .random_(0, 256, generator=gen) for _ in range(n)]
         refs = [t.clone() for t in tensors]
         if call == "wait":
             # release offloads return at once; the copies queue on one stream, so the last
@@ -439,13 +444,14 @@ def test_gil_released_while_blocked(call):
     m.close()
 
 
-def test_reclaim_and_lend_race_offload_and_fetch():
+def test_reclaim_and_lend_race_offload_and_fetch(backend):
     """Four workers offload / prefetch / fetch (also kept fetches followed by incremental
     offloads) with bitwise checks, while a fifth thread keeps lending to and reclaiming from the
     peer tier. No deadlock, no byte lost; a reclaim raises nothing but OutOfMemoryError (the
     host tier full), and then nothing was reclaimed."""
     n_workers, rounds = 4, 60
-    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="32KiB", host_bytes="96KiB")
+    m = backend.manager(peer_bytes="32KiB", host_bytes="96KiB")
+    peer = backend.peer_label
     lender_done = threading.Event()
     counts = [dict(offloads=0, fetches=0, frees=0, ooms=0, incremental=0, prefetches=0)
               for _ in range(n_workers)]
@@ -477,7 +483,7 @@ def test_reclaim_and_lend_race_offload_and_fetch():
                 return
             c["offloads"] += 1
             c["incremental"] += base is not None
-            assert h.location in ("emu:1", "cpu")
+            assert h.location in (peer, "cpu")
             live.append([h, t, ref, False])
 
         i = 0
@@ -486,7 +492,7 @@ def test_reclaim_and_lend_race_offload_and_fetch():
             assert i < 100_000
             r = rng.random()
             if len(live) < 6 and r < 0.5:
-                offload(random_tensor(rng, gen, 8 << 10), rng.random() < 0.5)
+                offload(random_tensor(rng, gen, 8 << 10, backend.device), rng.random() < 0.5)
                 continue
             if not live:
                 continue
@@ -501,7 +507,7 @@ def test_reclaim_and_lend_race_offload_and_fetch():
                     entry[3] = True
                 suffix = torch.randint(0, 256, (rng.choice([0, 100, 1000]),), dtype=torch.uint8,
                                        generator=gen)
-                grown = torch.cat([ref, suffix])
+                grown = torch.cat([ref, suffix]).to(backend.device)  # ref: the bytes kept
                 before = len(live)
                 offload(grown, rng.random() < 0.5, base=h)
                 if len(live) > before:
@@ -536,7 +542,7 @@ def test_reclaim_and_lend_race_offload_and_fetch():
             for _ in range(rounds):
                 cap = m.stats()["tiers"][0]["capacity"]  # only this thread changes it
                 n = rng.choice([256, 4 << 10, 8 << 10, 16 << 10, 32 << 10])
-                assert m.lend("emu:1", n) == cap + n
+                assert m.lend(peer, n) == cap + n
                 log["lends"] += 1
                 log["lent"] += n
                 cap += n
@@ -544,7 +550,7 @@ def test_reclaim_and_lend_race_offload_and_fetch():
                 amount = None if amount is None else min(amount, cap)
                 before = m.stats()
                 try:
-                    got = m.reclaim("emu:1", amount)
+                    got = m.reclaim(peer, amount)
                 except aq.OutOfMemoryError:
                     log["reclaim_ooms"] += 1
                     after = m.stats()
@@ -586,28 +592,29 @@ def test_reclaim_and_lend_race_offload_and_fetch():
     m.close()
 
 
-def test_free_after_prefetch_and_reclaim_never_exposes_a_reused_block():
+def test_free_after_prefetch_and_reclaim_never_exposes_a_reused_block(backend):
     """Regression (review): a prefetched handle migrated by reclaim, then freed, released its
     new block fenced only by the (older) prefetch; the next offload into that block could be
     overwritten by the migration still running."""
     mib = 1 << 20
+    dev = backend.device
     for _ in range(3):
-        m = aq.OffloadManager("cpu", peers=["emu:1"], peer_bytes=48 * mib, host_bytes=160 * mib)
-        big = torch.randn(36 * mib // 4)
+        m = backend.manager(peer_bytes=48 * mib, host_bytes=160 * mib)
+        big = torch.randn(36 * mib // 4, device=dev)
         m.offload(big, release=False)
-        x = torch.full((2 * mib // 4,), 1.0)
+        x = torch.full((2 * mib // 4,), 1.0, device=dev)
         h = m.offload(x, release=False)
         m.prefetch(h)
         h.wait()
-        c = torch.randn(16 * mib // 4)
+        c = torch.randn(16 * mib // 4, device=dev)
         m.offload(c, release=True)  # the peer is full: evicts `big` (a long migration)
-        r = threading.Thread(target=m.reclaim, args=("emu:1",), daemon=True)
+        r = threading.Thread(target=m.reclaim, args=(backend.peer_label,), daemon=True)
         r.start()
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         while h.tier != "host" and time.monotonic() < deadline:
             pass
         m.free(h)
-        z = torch.full((2 * mib // 4,), 2.0)
+        z = torch.full((2 * mib // 4,), 2.0, device=dev)
         hy = m.offload(z, release=False)
         r.join(JOIN_TIMEOUT_S)
         assert not r.is_alive()
@@ -615,11 +622,11 @@ def test_free_after_prefetch_and_reclaim_never_exposes_a_reused_block():
         m.close()
 
 
-def test_synchronize_does_not_mark_later_offloads_complete():
+def test_synchronize_does_not_mark_later_offloads_complete(backend):
     """Regression (review): synchronize() marked every in-flight handle offloaded, including
     offloads submitted by other threads after its stream syncs: their sources (emulation
     holders) were then dropped while the copies still read them."""
-    m = aq.OffloadManager("cpu", peers=None, host_bytes="64MiB")
+    m = backend.manager(peers=None, host_bytes="64MiB")
     stop = threading.Event()
 
     def syncer() -> None:
@@ -631,10 +638,12 @@ def test_synchronize_does_not_mark_later_offloads_complete():
     gen = torch.Generator().manual_seed(11)
     try:
         for _ in range(400):
-            t = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=gen)
+            t = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8,
+                              generator=gen).to(backend.device)
             ref = t.clone()
             h = m.offload(t)  # release: the holder is reaped once the copy is seen complete
-            filler = [torch.randint(0, 256, (1 << 16,), dtype=torch.uint8) for _ in range(2)]
+            filler = [torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, device=backend.device)
+                      for _ in range(2)]
             assert m.fetch(h) is t and torch.equal(t, ref)
             del filler
     finally:
@@ -644,13 +653,14 @@ def test_synchronize_does_not_mark_later_offloads_complete():
     m.close()
 
 
-def test_concurrent_prefetches_of_one_handle():
+def test_concurrent_prefetches_of_one_handle(backend):
     """Regression (review): two threads prefetching one handle each allocated a buffer; one was
     dropped while the copy still wrote into it (heap corruption on emulation)."""
-    m = aq.OffloadManager("cpu", peers="auto", peer_bytes="8MiB", host_bytes="8MiB")
+    m = backend.manager(peer_bytes="8MiB", host_bytes="8MiB")
     gen = torch.Generator().manual_seed(12)
     for _ in range(200):
-        t = torch.randint(0, 256, (1 << 15,), dtype=torch.uint8, generator=gen)
+        t = torch.randint(0, 256, (1 << 15,), dtype=torch.uint8,
+                          generator=gen).to(backend.device)
         h = m.offload(t, release=False)
         barrier = threading.Barrier(2)
 

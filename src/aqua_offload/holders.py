@@ -5,6 +5,8 @@ offload copy can still be reading that memory on a worker thread. On CUDA the ca
 is told with ``record_stream``; on emulation there is no allocator to tell, so the memory is
 held here, by core handle id, until the copy's event completed. The watch never holds a
 Handle: a handle nobody references can die (and free its block) while its memory waits here.
+Memory is dropped outside the lock: the last reference to a tensor can run finalizers (a
+paged-out storage's, Note [Paging registry]) that free handles and call back into the watch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class HolderWatch:
     def __init__(self, ready: Callable[[int], bool]) -> None:
         self._ready = ready
         self._held: collections.OrderedDict[int, Any] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def hold(self, core_id: int, memory: Any) -> None:
         with self._lock:
@@ -43,7 +45,8 @@ class HolderWatch:
     def drop(self, core_id: int) -> None:
         """The copy reading it completed (a fetch or wait ordered after it)."""
         with self._lock:
-            self._held.pop(core_id, None)
+            memory = self._held.pop(core_id, None)
+        del memory  # outside the lock: freeing it can run finalizers that call back in
 
     def reap(self) -> None:
         """Drop holders whose copy completed, oldest first, stopping at the first still running
@@ -64,4 +67,5 @@ class HolderWatch:
 
     def clear(self) -> None:
         with self._lock:
-            self._held.clear()
+            held, self._held = self._held, collections.OrderedDict()
+        del held

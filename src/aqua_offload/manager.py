@@ -17,7 +17,8 @@ synchronous), so waiting on it blocks that thread: fetch and snapshots return co
 release offloads still return at once with the copy running on a worker thread.
 
 Note [Calls and close]
-Every public call runs inside ``_call()``, which counts it. ``close()`` first refuses new calls
+Every public call runs inside ``_call()``, which registers a token that lives exactly as long as
+the call's frame (a WeakSet: no decrement to miss when an interrupt lands in a ``finally``). ``close()`` first refuses new calls
 (``ClosedError``), then waits until the calls in progress returned, and only then restores the
 paged-out tensors (one batch) and closes the core, which frees every pool. So a tensor whose
 offload succeeded is always restored, and close() never races a fetch of the same handle. A
@@ -138,7 +139,7 @@ class OffloadManager:
         self._holders = HolderWatch(self._store.ready)  # emulation (holders.py)
         self._prefetched_bytes = 0  # LOCK: _calls_cv
         self._pid = os.getpid()  # a forked child cannot use it (Note [Calls and close])
-        self._calls = 0  # public calls in progress  # LOCK: _calls_cv
+        self._calls: weakref.WeakSet[_Call] = weakref.WeakSet()  # calls in progress
         self._calls_cv = threading.Condition()
         self._closing = False  # LOCK: _calls_cv
         self._closed = False
@@ -486,7 +487,8 @@ class OffloadManager:
                 if self._closed:
                     return
             self._closing = True
-            self._calls_cv.wait_for(lambda: self._calls == 0)
+            while self._calls:  # a call's token dies with its frame (Note [Calls and close]);
+                self._calls_cv.wait(0.005)  # polled: no callback to run when it does
         try:
             if restore:
                 pending = [h for h in storage.handles_of(self) if h._live() and not h._kept]
@@ -534,14 +536,9 @@ class OffloadManager:
         with self._calls_cv:
             if self._closed or (self._closing and not internal):
                 raise ClosedError(f"{what}: this OffloadManager is closed")
-            self._calls += 1
-        try:
-            yield
-        finally:
-            with self._calls_cv:
-                self._calls -= 1
-                if not self._calls:
-                    self._calls_cv.notify_all()
+            call = _Call(); self._calls.add(call)  # noqa: E702 - one line, no interrupt between
+        yield  # `call` dies with this frame, however it ends: nothing to undo by hand
+        del call
 
     def _own(self, handle: Any, what: str) -> Handle:
         if isinstance(handle, torch.Tensor):
@@ -582,6 +579,12 @@ class OffloadManager:
         return stream
 
     _record_stream = staticmethod(record_stream)
+
+
+class _Call:
+    """A public call in progress: alive exactly as long as the call's frame."""
+
+    __slots__ = ("__weakref__",)
 
 
 @atexit.register

@@ -32,39 +32,37 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
     holders = [torch.UntypedStorage(0, device=s.device) for s in stores]
     sizes = [s.nbytes() for s in stores]
     reserved: list[tuple[int, Any]] = []
-    got: list[tuple[int, int]] = []
-    try:
-        for t in tensors:
-            storage.check_sole_owner(t, f"{what}(release=True)")
-            reserved.append(storage.reserve(t, f"{what}(release=True)"))
-        m._store.offload_many([(s.data_ptr(), n, prio, b)
-                                  for s, n, b in zip(stores, sizes, base_ids)],
-                                 current_stream(m.device), False, got)
-    except BaseException:
-        forget(m, got)  # the storages were not swapped: their data is where it was
-        for key, token in reserved:
-            storage.unregister(key, token)
-        raise
+    got: list[tuple[int, int]] = []  # filled by the core before it returns
     handles: list[Handle | None] = [None] * len(tensors)
 
     def finish() -> None:  # idempotent (Note [Interrupted batches])
         for i, ((cid, tier), t) in enumerate(zip(got, tensors)):
             if handles[i] is None:
                 handles[i] = m._new_handle(cid, tier, t, nbytes=sizes[i], release=True,
-                                              priority=prio, key=reserved[i][0])
+                                           priority=prio, key=reserved[i][0])
             if sizes[i] and holders[i].nbytes() == 0:
                 storage.swap_out(stores[i], holders[i])  # one C call: done or not
             storage.commit(reserved[i][0], reserved[i][1], handles[i], stores[i])
             if sizes[i]:
                 keep_alive(m, cid, tier, holders[i], dropped_now=True)
-            if bases[i] is not None:  # consumed (see OffloadManager._snapshot)
+            if bases[i] is not None:  # consumed (see snapshots.take)
                 m._holders.transfer(bases[i]._id, cid)
                 bases[i]._end("freed")
 
     try:
+        for t in tensors:
+            storage.check_sole_owner(t, f"{what}(release=True)")
+            storage.reserve(t, f"{what}(release=True)", reserved)
+        m._store.offload_many([(s.data_ptr(), n, prio, b)
+                               for s, n, b in zip(stores, sizes, base_ids)],
+                              current_stream(m.device), False, got)
         finish()
     except BaseException:
-        finish()
+        if got:  # the core accepted the batch: every tensor ends paged out
+            finish()
+        else:  # nothing was swapped: the data is where it was
+            for key, token in reserved:
+                storage.unregister(key, token)
         raise
     return handles  # type: ignore[return-value]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import math
 from abc import ABC, abstractmethod
 from typing import Any, Hashable
 
@@ -209,14 +210,25 @@ def make_policy(policy: str | SchedulingPolicy) -> SchedulingPolicy:
     return _POLICIES[policy]()
 
 
+def _as_float(value: Any) -> float | None:
+    """A real number as a float (None for a bool, a non-number or an int too large)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range (2**1024)
+        return None
+
+
 def _check_weight(weight: Any) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 \
-            or weight == float("inf"):
+    w = _as_float(weight)
+    if w is None or not 0 < w < math.inf:
         raise InvalidArgumentError(f"weight must be a positive finite number, got {weight!r}")
-    return float(weight)
+    return w
 
 
 def _check_run_time(ran_s: Any) -> float:
-    if isinstance(ran_s, bool) or not isinstance(ran_s, (int, float)) or not 0 <= ran_s < float("inf"):
+    r = _as_float(ran_s)
+    if r is None or not 0 <= r < math.inf:
         raise InvalidArgumentError(f"run time must be a finite number >= 0, got {ran_s!r}")
-    return float(ran_s)
+    return r

@@ -29,27 +29,31 @@ def take(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
     to be rebuilt at fetch."""
     srcs = [storage.snapshot_source(t) for t in tensors]
     sizes = [s.numel() * s.element_size() for s in srcs]
-    got: list[tuple[int, int]] = []
+    got: list[tuple[int, int]] = []  # filled by the core before it returns
+    handles: list[Handle | None] = [None] * len(tensors)
+
+    def finish() -> None:  # idempotent (Note [Interrupted batches] in manager.py)
+        for i, ((cid, tier), t, src, n, spec) in enumerate(zip(got, tensors, srcs, sizes, specs)):
+            if handles[i] is None:
+                handles[i] = m._new_handle(cid, tier, t, nbytes=n, release=False, priority=prio)
+                handles[i]._array = spec
+            if fence == "deferred" and n and handles[i]._deferred is None:
+                _defer_fence(m, handles[i], t, src, tier)
+            if bases[i] is not None:  # consumed: the new copy completes after the base's (the
+                m._holders.transfer(bases[i]._id, cid)  # core orders it), so what the base
+                bases[i]._end("freed")                    # kept alive waits for the new one
+
     try:
         # A temporary source may be dropped after the call: with fence "now" the current
-        # stream (its allocation stream) waits for the copy; "deferred" keeps it alive below.
+        # stream (its allocation stream) waits for the copy; "deferred" keeps it alive.
         m._store.offload_many(
             [(s.data_ptr() if n else 0, n, prio, b) for s, n, b in zip(srcs, sizes, base_ids)],
             current_stream(m.device), fence == "now", got)
-        handles = []
-        for (cid, tier), t, src, n, spec in zip(got, tensors, srcs, sizes, specs):
-            h = m._new_handle(cid, tier, t, nbytes=n, release=False, priority=prio)
-            h._array = spec
-            if fence == "deferred" and n:
-                _defer_fence(m, h, t, src, tier)
-            handles.append(h)
+        finish()
     except BaseException:
-        paging.forget(m, got)  # the core's handles, if it made them
+        if got:  # accepted: finish, then the caller never sees these handles and they free
+            finish()  # their blocks as they die
         raise
-    for b, h in zip(bases, handles):
-        if b is not None:  # consumed: the new copy completes after the base's (the core
-            m._holders.transfer(b._id, h._id)  # orders it), so its memory waits for it
-            b._end("freed")
     return handles
 
 def _defer_fence(m: "OffloadManager", handle: Handle, tensor: torch.Tensor, src: torch.Tensor,

@@ -127,7 +127,10 @@ def handles_of(manager: Any) -> list["Handle"]:
                 if _type_of(h) == "handle" and h._manager is manager]
 
 
-def reserve(t: torch.Tensor, what: str) -> tuple[int, _Reservation]:
+def reserve(t: torch.Tensor, what: str, reserved: list[tuple[int, Any]]) -> None:
+    """Reserve ``t``'s storage for a release, appending ``(key, token)`` to ``reserved``
+    *before* registering it: an interrupt anywhere leaves nothing the caller cannot undo
+    with :func:`unregister` (Note [Interrupted batches] in manager.py)."""
     key = storage_key(t)
     token = _Reservation()
     with _lock:
@@ -140,10 +143,10 @@ def reserve(t: torch.Tensor, what: str) -> tuple[int, _Reservation]:
             raise InvalidArgumentError(
                 f"{what}: the tensor's storage is already paged out (or being paged out); fetch "
                 "its handle first")
+        reserved.append((key, token))
         stale = _registry.get(key)  # a dead storage's entry at a reused address: replaced
         _registry[key] = token
     del stale
-    return key, token
 
 
 def commit(key: int, token: _Reservation, handle: "Handle",

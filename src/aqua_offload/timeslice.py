@@ -17,13 +17,32 @@ Note [Turns]
 ``_running`` names the slice holding the turn; it is set when the turn is *granted*, before the
 thread wakes, so exactly one slice holds it at any time. A slice gives the turn away only from
 its own thread (checkpoint, exit); a slice that fails while waiting never held it.
+
+Note [Admission]
+A state is checked when its slice enters, before anything changes (no slice admitted, no policy
+change, nobody charged), so that a bad state fails in ``slice()`` rather than at the first
+preemption, in another slice's turn:
+  - every tensor that would be paged (on the manager's device, parameters as the slicer says)
+    can be paged out in place: strided, not quantized, not nested, a resizable storage
+    (``UnpageableStateError``);
+  - no storage is also in another live slice's state (``SharedStateError``): paging it out with
+    one slice would pull it from under the other one, which may be running. Views count (the
+    storage is compared). A model shared by the slices is fine where nothing of it is paged
+    (``parameters=False`` and no buffers in the states).
+Each slice keeps the storages its owner's last walk found (at entry, then at each preemption),
+as weak references: a slice never walks another's state (Note [Who pages what]), and a record
+whose tensor died or moved to another storage is stale, not a match (storage addresses are
+reused). A storage a running slice added since its last walk is not seen: the check is as good
+as those records.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator
 
 import torch
@@ -31,15 +50,32 @@ import torch
 from .errors import InvalidArgumentError, OffloadError, OutOfMemoryError
 from .handle import Handle
 from .manager import OffloadManager
-from .policies import SchedulingPolicy, make_policy
+from .policies import SchedulingPolicy, _as_float, _check_weight, make_policy
 from .sizes import parse_size
-from .state import collect_tensors
+from .state import Path, collect_tensor_paths, collect_tensors, format_path, walk_tensors
+from .storage import is_offloaded
 
-__all__ = ["TimeSlicer", "Slice", "SlicerClosedError"]
+__all__ = ["TimeSlicer", "Slice", "SlicerClosedError", "SharedStateError",
+           "UnpageableStateError"]
 
 
 class SlicerClosedError(OffloadError):
     """The slicer was closed while this slice waited for its turn (its state was restored)."""
+
+
+class SharedStateError(InvalidArgumentError):
+    """A slice's state shares a storage with another live slice's state (Note [Admission]).
+
+    Attributes ``path`` (in the entering state), ``other_slice`` (its name) and ``other_path``
+    (in that slice's state) say where, as ``state['kv'][3]``-style expressions.
+    """
+
+
+class UnpageableStateError(InvalidArgumentError):
+    """A tensor of a slice's state cannot be paged out in place (Note [Admission]).
+
+    Attributes ``path`` (where in the state) and ``reason`` (why: quantized, nested, ...).
+    """
 
 
 class Slice:
@@ -82,6 +118,9 @@ class Slice:
         self._last_run = 0.0
         self._want_page_out = False
         self._want_prefetch = False
+        # Storages of its state as its owner last saw them: key -> (path, weakref to the
+        # tensor that stood for the storage) (Note [Admission]).
+        self._storages: dict[int, tuple[Path, weakref.ref]] = {}
 
     def checkpoint(self) -> None:
         """A yield point: returns at once unless the quantum expired and others wait; then
@@ -104,7 +143,9 @@ class TimeSlicer:
     Parameters
     ----------
     quantum_ms : float
-        How long a slice runs before it yields at its next checkpoint, if others wait.
+        How long a slice runs before it yields at its next checkpoint, if others wait: finite,
+        >= 0. 0 yields at every checkpoint while others wait (for a slice that must never be
+        preempted, use ``policy="fcfs"``).
     manager : OffloadManager, optional
         Where preempted state is paged out; default: the module's manager of the state's device.
     policy : {"fair", "rr", "fcfs"} or SchedulingPolicy
@@ -116,6 +157,11 @@ class TimeSlicer:
         Seconds as a float (default ``time.monotonic``); injectable for tests.
     parameters : bool
         Page out ``nn.Module`` parameters too (default: buffers only).
+
+    Raises
+    ------
+    InvalidArgumentError
+        A bad argument (nothing is created).
     """
 
     _aqua_not_state = True  # never walked as part of a workload state (state.py)
@@ -123,12 +169,18 @@ class TimeSlicer:
     def __init__(self, quantum_ms: float = 20.0, manager: OffloadManager | None = None,
                  policy: str | SchedulingPolicy = "fair", memory_budget: int | str | None = None,
                  clock: Callable[[], float] = time.monotonic, parameters: bool = False) -> None:
-        if isinstance(quantum_ms, bool) or not isinstance(quantum_ms, (int, float)) \
-                or not quantum_ms >= 0:
-            raise InvalidArgumentError(f"quantum_ms must be a number >= 0, got {quantum_ms!r}")
+        quantum = _as_float(quantum_ms)
+        if quantum is None or not 0 <= quantum < math.inf:
+            raise InvalidArgumentError(
+                f"quantum_ms must be a finite number >= 0 (0: yield at every checkpoint while "
+                f"others wait; policy='fcfs' never preempts), got {quantum_ms!r}")
         if manager is not None and not isinstance(manager, OffloadManager):
             raise InvalidArgumentError(f"manager must be an OffloadManager, got {manager!r}")
-        self.quantum_s = float(quantum_ms) / 1e3
+        if not isinstance(parameters, bool):
+            raise InvalidArgumentError(f"parameters must be a bool, got {parameters!r}")
+        if not callable(clock):
+            raise InvalidArgumentError(f"clock must be callable, got {clock!r}")
+        self.quantum_s = quantum / 1e3
         self.manager = manager
         self.policy = make_policy(policy)
         self.memory_budget = None if memory_budget is None else \
@@ -151,20 +203,40 @@ class TimeSlicer:
         Parameters
         ----------
         state : object
-            What to page out when preempted (see :mod:`aqua_offload.state`).
+            What to page out when preempted (see :mod:`aqua_offload.state`). Checked on entry
+            (Note [Admission]).
         name : str, optional
         weight : float
-            Share of the device under ``fair`` (a weight-2 slice gets twice the service).
+            Share of the device under ``fair`` (a weight-2 slice gets twice the service):
+            positive and finite.
         hooks : nn.Module, optional
             Install a forward pre-hook: every forward call of the module in this thread is a
             yield point (a HF ``generate`` loop gets one per token). Removed on exit.
+
+        Raises
+        ------
+        UnpageableStateError, SharedStateError
+            The state cannot be time-sliced (Note [Admission]); nothing changed.
+        InvalidArgumentError
+            A bad name, weight or hooks, or a nested slice; nothing changed.
+        SlicerClosedError
+            The slicer is closed, or was closed while the slice waited for its turn.
         """
         if getattr(self._local, "slice", None) is not None:
             raise InvalidArgumentError("nested slices: this thread is already inside a slice")
+        if name is not None and not isinstance(name, str):
+            raise InvalidArgumentError(f"name must be a str, got {type(name).__name__}")
+        weight = _check_weight(weight)
+        if hooks is not None and not isinstance(hooks, torch.nn.Module):
+            raise InvalidArgumentError(f"hooks must be an nn.Module, got {type(hooks).__name__}")
+        if self._closed:  # checked again below, under the lock: this only skips the walk
+            raise SlicerClosedError("the TimeSlicer is closed")
         s = Slice(self, state, name or f"slice-{id(state):x}", weight)
+        shared = self._admission_walk(s)
         with self._cv:
             if self._closed:
                 raise SlicerClosedError("the TimeSlicer is closed")
+            self._check_shared_locked(s, shared)
             now = self._clock()
             if self._running is not None:  # charge it up to now: the newcomer starts level
                 self._charge_locked(self._running, now)
@@ -189,6 +261,57 @@ class TimeSlicer:
             if handle is not None:
                 handle.remove()
             self._local.slice = None
+
+    def _admission_walk(self, s: Slice) -> dict[int, Path]:
+        """Check that ``s.state`` can be paged and record its storages (Note [Admission]);
+        return those that count for sharing (the storages holding bytes or paged out)."""
+        if s.state is None:
+            return {}
+        found = list(walk_tensors(s.state, parameters=self.parameters))
+        if self.manager is not None:
+            device = self.manager.device
+        else:  # the device _manager_for would pick, without creating its manager now
+            device = next((t.device for _, t in found
+                           if t.layout == torch.strided and t.device.type != "meta"), None)
+        record: dict[int, tuple[Path, weakref.ref]] = {}
+        shared: dict[int, Path] = {}
+        for path, t in found:
+            if t.device != device:
+                continue  # stays where it is (state.py)
+            why = _unpageable_reason(t)
+            if why is not None:
+                where = format_path(path)
+                raise UnpageableStateError(
+                    f"slice {s.name!r}: {where} cannot be paged out when the slice is "
+                    f"preempted: {why}; keep it out of the slice's state", path=where,
+                    reason=why)
+            st = t.untyped_storage()
+            key = st._cdata
+            if key not in record:
+                record[key] = (path, weakref.ref(t))
+                if st.nbytes() > 0 or is_offloaded(t):  # an empty storage is never paged
+                    shared[key] = path
+        s._storages = record
+        return shared
+
+    def _check_shared_locked(self, s: Slice, shared: dict[int, Path]) -> None:
+        if not shared:
+            return
+        for other in self._slices:
+            record = other._storages  # once: its owner may replace it meanwhile (unlocked)
+            common = shared.keys() & record.keys()
+            for key in (k for k in shared if k in common):  # the first in s's walk order
+                other_path, ref = record[key]
+                t = ref()
+                if t is None or t.untyped_storage()._cdata != key:
+                    continue  # stale: that tensor died or moved (Note [Admission])
+                where, there = format_path(shared[key]), format_path(other_path)
+                raise SharedStateError(
+                    f"slice {s.name!r}: {where} shares its storage with {there} of the live "
+                    f"slice {other.name!r}: paging it out with one slice would pull it from "
+                    "under the other. Give each slice its own tensors (a shared model belongs "
+                    "in hooks=, not in the state)", path=where, other_slice=other.name,
+                    other_path=there)
 
     def _hook_for(self, s: Slice) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: Any) -> None:
@@ -219,6 +342,7 @@ class TimeSlicer:
         if s._handles is not None:  # failed while paged out: restore, never lose data
             self._page_in(s)
         s.state = None  # a finished slice keeps its stats, not its workload's memory
+        s._storages = {}
 
     # -- turns -----------------------------------------------------------------------------
     def _grant_next_locked(self) -> None:
@@ -317,8 +441,9 @@ class TimeSlicer:
         if s.state is None:
             return []
         device = self._manager_for(s).device
-        return [t for t in collect_tensors(s.state, device, parameters=self.parameters)
-                if t.untyped_storage().nbytes() > 0]
+        found = collect_tensor_paths(s.state, device, parameters=self.parameters)
+        s._storages = {key: (path, weakref.ref(t)) for key, path, t in found}  # Note [Admission]
+        return [t for _, _, t in found if t.untyped_storage().nbytes() > 0]
 
     def _manager_for(self, s: Slice) -> OffloadManager:
         if self.manager is not None:
@@ -384,3 +509,22 @@ class TimeSlicer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unpageable_reason(t: torch.Tensor) -> str | None:
+    """Why the slicer could not page ``t`` out in place (``offload(release=True)``), or None.
+    The manager refuses the same tensors; this says so at slice entry (Note [Admission])."""
+    if t.is_quantized:
+        return f"it is a quantized tensor ({t.dtype}), which cannot be offloaded"
+    if t.is_nested:
+        return "it is a nested tensor, which cannot be offloaded"
+    if t.layout != torch.strided:
+        return f"its layout is {t.layout}; only strided (dense) tensors can be offloaded"
+    try:
+        st = t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError) as exc:  # tensor subclasses
+        return f"it has no storage of its own ({type(t).__name__}: {exc})"
+    if not st.resizable() and st.nbytes() > 0:
+        return ("its storage is not owned by torch's allocator (e.g. made by torch.from_numpy, "
+                "from DLPack or from a buffer), so it cannot be released in place")
+    return None

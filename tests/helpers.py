@@ -1,0 +1,149 @@
+"""Helpers shared by the store suites (test_cascade.py, test_migration.py, test_prefetch.py,
+test_incremental.py, test_batch.py, test_lend_reclaim.py, test_stats.py, test_threads.py,
+test_stateful.py): sizes, random bytes, bitwise comparison on any device, and checks of the pool
+accounting against the handles' own view of where they live.
+
+The fixtures built on them (``managers``, ``faults``) live in conftest.py, below ``backend``.
+
+Pool accounting (``check_accounting``): ``h.location`` is live (it follows migrations); per
+tier, ``used`` is the sum of the 256-aligned blocks of the handles living there. ``fenced``
+(bytes released while a copy may still touch them) is free memory, not part of ``used``; it
+drains to 0 once every copy completed (``check_drained``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import aqua_offload as aq
+
+K = 1 << 10
+M = 1 << 20
+A = 256
+SLOT = 4 * K
+PEER = 4 * SLOT
+HOST = 16 * SLOT
+JOIN_TIMEOUT_S = 60.0
+
+
+# -- bytes ----------------------------------------------------------------------------------
+def align(n: int) -> int:
+    return (n + A - 1) // A * A
+
+
+def rand_u8(n: int, gen: torch.Generator | None = None,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` random bytes, none of them zero, on ``device`` (drawn on the CPU: a seeded
+    generator gives the same bytes on every backend)."""
+    return torch.randint(1, 256, (n,), dtype=torch.uint8, generator=gen).to(device)
+
+
+def rand_tensor(nbytes: int, dtype: torch.dtype = torch.float32,
+                gen: torch.Generator | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Random non-zero bytes reinterpreted as ``dtype`` (floats may be NaN: compare bits)."""
+    return rand_u8(nbytes, gen, device).view(dtype)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The logical bytes of ``t`` (row-major) as a fresh uint8 CPU tensor, from any device."""
+    # A fresh tensor, not t.contiguous(): a one-element view with stride 3 counts as
+    # contiguous yet cannot be viewed as bytes.
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1).view(torch.uint8)
+
+
+def storage_bits(t: torch.Tensor) -> torch.Tensor:
+    """Every byte of ``t``'s storage as a fresh uint8 CPU tensor, from any device. Never call
+    it on a paged-out tensor (it reads the storage)."""
+    s = t.untyped_storage()
+    raw = torch.empty(0, dtype=torch.uint8, device=s.device).set_(s, 0, (s.nbytes(),), (1,))
+    return raw.to("cpu", copy=True)
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bits (on any devices)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+# -- pool accounting ------------------------------------------------------------------------
+def tier_of(m: aq.OffloadManager, location: str) -> dict:
+    return next(t for t in m.stats()["tiers"] if t["location"] == location)
+
+
+def check_accounting(m: aq.OffloadManager, handles, blocks: dict | None = None) -> None:
+    """Per tier: used == sum of the 256-aligned blocks of the live handles living there
+    (``blocks`` overrides the block size of some handles, e.g. one with headroom)."""
+    blocks = blocks or {}
+    s = m.stats()
+    live = [h for h in handles if h.state not in ("fetched", "freed")]
+    assert s["live_handles"] == len(live)
+    for t in s["tiers"]:
+        here = [h for h in live if h.location == t["location"]]
+        want = sum(blocks.get(id(h), align(h.nbytes)) for h in here)
+        assert t["used"] == want, (t, [(h.nbytes, h.location) for h in here])
+        assert t["used"] + t["free"] == t["capacity"], t
+        assert t["handles"] == len(here), t
+        assert t["blocks"] == sum(1 for h in here if h.nbytes > 0), t
+        assert t["largest_free"] <= t["free"]
+        assert type(t["fenced"]) is int and t["fenced"] >= 0, t
+
+
+def check_drained(m: aq.OffloadManager) -> dict:
+    """Everything freed or fetched: no byte used on any tier, each segment one free range, and
+    once every copy completed no byte is fenced."""
+    m.synchronize()
+    s = m.stats()
+    assert s["live_handles"] == 0
+    assert s["prefetched_bytes"] == 0
+    for t in s["tiers"]:
+        assert t["used"] == 0, t
+        assert t["blocks"] == 0 and t["handles"] == 0, t
+        assert t["free"] == t["capacity"], t
+        assert t["free_ranges"] == t["segments"], t
+        assert t["fenced"] == 0, t
+    return s
+
+
+def victims_of(before: dict, handles) -> list:
+    """Handles whose location changed since ``before`` (id -> location)."""
+    return [h for h in handles if before[id(h)] != h.location]
+
+
+def locations(handles) -> dict:
+    return {id(h): h.location for h in handles}
+
+
+# -- emulation only -------------------------------------------------------------------------
+def emulation_only(reason: str):
+    """Decorator: the test runs on the emulation backend only (``backend`` is parametrized with
+    ``"emulation"`` alone, so no CUDA case is collected), and carries the ``emulation_only``
+    marker with ``reason`` (why it has no CUDA counterpart): ``pytest -m emulation_only``
+    lists them all."""
+    def decorate(fn):
+        fn = pytest.mark.parametrize("backend", ["emulation"], indirect=True)(fn)
+        fn = pytest.mark.usefixtures("backend")(fn)
+        return pytest.mark.emulation_only(reason=reason)(fn)
+    return decorate
+
+
+def run_emulated(devices: int, body: str) -> dict:
+    """Run ``body`` in a child process with ``devices`` emulated devices (emu:0 computes, the
+    others are peers); ``body`` fills the dict ``result``, which comes back decoded."""
+    code = textwrap.dedent("""
+        import json, torch, aqua_offload as aq
+        def rand(n):
+            return torch.randint(1, 256, (n,), dtype=torch.uint8)
+        result = {}
+    """) + textwrap.dedent(body) + "\nprint(json.dumps(result))\n"
+    env = dict(os.environ, AQUA_EMULATED_DEVICES=str(devices))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,279 @@
+"""One handle lifecycle under close(), interrupts, forks and drops (issue 14): every promise
+holds under every interleaving, or the call is refused with a typed error."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import pickle
+import sys
+import threading
+
+import pytest
+import torch
+
+import aqua_offload as aq
+from conftest import run_with_timeout, same_bytes
+
+
+# -- close() under concurrency (Note [Calls and close]) --------------------------------------
+def test_close_while_threads_offload_restores_every_successful_offload(backend):
+    m = backend.manager(peer_bytes="4MiB", host_bytes="64MiB")
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []
+    refused, errors = [], []
+    started = threading.Barrier(4)
+
+    def work(seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        started.wait()
+        for _ in range(2000):
+            t = backend.tensor((256,), torch.int32, generator=g)
+            ref = t.clone()
+            try:
+                m.offload(t)
+            except aq.ClosedError:
+                refused.append(1)
+                return
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+                return
+            done.append((t, ref))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for th in threads:
+        th.start()
+    started.wait()
+    while len(done) < 200:
+        pass
+    m.close()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    assert all(not aq.is_offloaded(t) for t, _ in done)
+    bad = [i for i, (t, ref) in enumerate(done) if not same_bytes(t, ref)]
+    assert not bad, f"{len(bad)} of {len(done)} successful offloads came back wrong"
+
+
+def test_close_racing_a_thread_that_fetches_its_own_handles(backend):
+    for _ in range(5):
+        m = backend.manager(peer_bytes="4MiB", host_bytes="16MiB")
+        pairs = [(t := backend.tensor((512,)), t.clone()) for _ in range(200)]
+        hs = [m.offload(t) for t, _ in pairs]
+        errors: list[BaseException] = []
+
+        def fetcher() -> None:
+            for h in hs:
+                try:
+                    m.fetch(h)
+                except (aq.ClosedError, aq.InvalidHandleError):
+                    pass  # closed under us (close restores it), or restored by close already
+                except BaseException as e:  # noqa: BLE001
+                    errors.append(e)
+
+        th = threading.Thread(target=fetcher)
+        th.start()
+        m.close()  # must neither raise nor leave the manager open
+        th.join(60)
+        assert m.closed and not errors, errors
+        assert all(same_bytes(t, ref) for t, ref in pairs)
+
+
+def test_leftover_handles_say_they_are_closed(backend):
+    m = backend.manager(peer_bytes="1MiB", host_bytes="4MiB")
+    snap = m.offload(backend.tensor((100,)), release=False)
+    t = backend.tensor((100,))
+    rel = m.offload(t)
+    m.close(restore=False)
+    assert snap.state == rel.state == "closed"
+    assert m.stats()["live_handles"] == 0
+    for call in (snap.ready, snap.wait, snap.free, snap.prefetch, lambda: m.fetch(snap),
+                 lambda: m.offload(backend.tensor((4,)))):
+        with pytest.raises(aq.ClosedError):
+            call()
+    assert aq.is_discarded(t) and not aq.is_offloaded(t)  # restore=False: its data is gone
+
+
+# -- asynchronous exceptions (Note [Interrupted batches]) -------------------------------------
+class _Interrupt:
+    """A tracer raising KeyboardInterrupt at the n-th line executed inside aqua_offload."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.fired = n, False
+
+    def __call__(self, frame, event, arg):  # noqa: ANN001
+        if "aqua_offload" not in frame.f_code.co_filename:
+            return None
+        return self._local
+
+    def _local(self, frame, event, arg):  # noqa: ANN001
+        if event == "line" and not self.fired:
+            self.n -= 1
+            if self.n < 0:
+                self.fired = True
+                raise KeyboardInterrupt
+        return self._local
+
+
+def _interrupted(fn, n: int) -> bool:
+    tracer = _Interrupt(n)
+    sys.settrace(tracer)
+    try:
+        fn()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    return tracer.fired
+
+
+def test_an_interrupt_anywhere_in_offload_many_is_all_or_nothing():
+    m = aq.OffloadManager("cpu", peers=[1], peer_bytes="4MiB", host_bytes="16MiB")
+    for n in range(0, 400, 3):
+        ts = [torch.randint(1, 255, (1000 + i,), dtype=torch.uint8) for i in range(4)]
+        refs = [t.clone() for t in ts]
+        box: dict = {}
+        fired = _interrupted(lambda: box.update(hs=m.offload_many(ts)), n)
+        paged = [aq.is_offloaded(t) for t in ts]
+        assert all(paged) or not any(paged), (n, paged)
+        if all(paged):  # every one is fetchable, through its tensor
+            for t, ref in zip(ts, refs):
+                assert aq.fetch(t) is t and torch.equal(t, ref)
+        else:
+            assert all(torch.equal(t, r) for t, r in zip(ts, refs))
+        gc.collect()
+        m.synchronize()
+        assert m.stats()["live_handles"] == 0, n  # no core handle leaked
+        if not fired:
+            break
+    m.close()
+
+
+def test_an_interrupt_anywhere_in_fetch_many_is_all_or_nothing():
+    m = aq.OffloadManager("cpu", peers=[1], peer_bytes="4MiB", host_bytes="16MiB")
+    for n in range(0, 400, 3):
+        ts = [torch.randint(1, 255, (1000 + i,), dtype=torch.uint8) for i in range(4)]
+        refs = [t.clone() for t in ts]
+        hs = m.offload_many(ts)
+        fired = _interrupted(lambda: m.fetch_many(hs), n)
+        paged = [aq.is_offloaded(t) for t in ts]
+        assert all(paged) or not any(paged), (n, paged)
+        if all(paged):
+            m.fetch_many(hs)
+        assert all(torch.equal(t, r) for t, r in zip(ts, refs)), n
+        assert all(h.state == "fetched" for h in hs)
+        m.synchronize()
+        assert m.stats()["live_handles"] == 0, n
+        if not fired:
+            break
+    m.close()
+
+
+# -- no landmines --------------------------------------------------------------------------
+def test_a_freed_release_leaves_a_discarded_tensor_that_is_refused_and_guarded(manager, backend):
+    t = backend.tensor((1000,))
+    manager.free(manager.offload(t))
+    assert aq.is_discarded(t) and not aq.is_offloaded(t)
+    with pytest.raises(aq.InvalidArgumentError, match="data is gone"):
+        manager.offload(t)
+    with pytest.raises(aq.InvalidArgumentError, match="discarded"):
+        manager.offload(t, release=False)
+    with aq.debug_guard(), pytest.raises(aq.PagedOutError, match="discarded"):
+        t.sum()
+
+
+def test_the_guard_covers_threads_started_under_all_threads(manager, backend):
+    t = backend.tensor((1000,))
+    h = manager.offload(t)
+    seen: list[BaseException] = []
+
+    def touch() -> None:
+        try:
+            t.sum()
+        except aq.PagedOutError as e:
+            seen.append(e)
+
+    with aq.debug_guard(all_threads=True):
+        th = threading.Thread(target=touch)
+        th.start()
+        th.join(30)
+    assert len(seen) == 1
+    manager.fetch(h)
+
+
+def test_a_paged_out_tensor_dropped_with_its_handle_gives_its_bytes_back(manager, backend):
+    used = lambda: sum(t["used"] for t in manager.stats()["tiers"])  # noqa: E731
+    before = used()
+    t = backend.tensor((4096,))
+    view = t[10:20]
+    h = manager.offload(t)
+    assert used() > before
+    del t, h
+    gc.collect()
+    assert used() > before  # a view keeps the storage: still fetchable through it
+    assert aq.is_offloaded(view)
+    del view
+    gc.collect()
+    manager.synchronize()
+    assert used() == before and manager.stats()["live_handles"] == 0
+
+
+def test_a_handle_whose_tensors_died_still_fetches_its_data(manager, backend):
+    t = backend.tensor((64, 8))
+    ref = t.clone()
+    h = manager.offload(t)
+    del t
+    gc.collect()
+    out = manager.fetch(h)
+    assert same_bytes(out, ref)
+
+
+@pytest.mark.parametrize("how", [copy.copy, copy.deepcopy, pickle.dumps])
+def test_handles_refuse_copies(manager, backend, how):
+    t = backend.tensor((100,))
+    ref = t.clone()
+    h = manager.offload(t, release=False)
+    with pytest.raises(aq.InvalidArgumentError):
+        how(h)
+    assert same_bytes(manager.fetch(h), ref)
+
+
+def test_a_transposed_view_cannot_extend_a_base(manager, backend):
+    t = backend.tensor((16, 16))
+    h = manager.offload(t, release=False)
+    manager.fetch(h, keep=True)
+    before = manager.stats()["offloads"]
+    with pytest.raises(aq.InvalidArgumentError, match="contiguous"):
+        manager.offload(t.t(), release=False, base=h)
+    assert manager.stats()["offloads"] == before and h.state in ("in_flight", "offloaded")
+
+
+# -- memory the tensor does not own alone --------------------------------------------------
+def test_a_dlpack_export_is_refused_for_release_but_snapshots_work():
+    import numpy as np
+
+    m = aq.OffloadManager("cpu", peers=None, host_bytes="4MiB")
+    t = torch.arange(100, dtype=torch.float32)
+    alias = np.from_dlpack(t)
+    with pytest.raises(aq.InvalidArgumentError, match="DLPack"):
+        m.offload(t)
+    assert not aq.is_offloaded(t) and alias[5] == 5.0
+    assert torch.equal(m.fetch(m.offload(t, release=False)), t)
+    m.close()
+
+
+@pytest.mark.parametrize("make", [lambda t: t.numpy(), lambda t: t.share_memory_()],
+                         ids=["numpy", "share_memory"])
+def test_aliased_or_shared_storages_are_refused_for_release(make):
+    m = aq.OffloadManager("cpu", peers=None, host_bytes="4MiB")
+    t = torch.arange(100, dtype=torch.float32)
+    keep = make(t)
+    with pytest.raises(aq.InvalidArgumentError):
+        m.offload(t)
+    assert not aq.is_offloaded(t) and keep is not None
+    m.close()
+
+
+def test_a_quantized_tensor_is_refused_as_quantized(manager):
+    q = torch.quantize_per_tensor(torch.randn(10), 0.1, 0, torch.qint8)
+    with pytest.raises(aq.InvalidArgumentError, match="quantized"):
+        manager.offload(q)
