@@ -65,13 +65,13 @@ def to_bytes(obj: Any, device: torch.device, what: str) -> tuple[torch.Tensor, A
         a = np.asarray(obj)
         if a.dtype.hasobject:
             raise InvalidArgumentError(f"{what}: object arrays hold pointers, not data")
+        shape = tuple(a.shape)  # ascontiguousarray makes a 0-d array 1-d
         a = np.ascontiguousarray(a)
         flat = a.reshape(-1).view(np.uint8)
         if not flat.flags.writeable:  # torch wants writable memory to share; copy instead
             flat = flat.copy()
         t = torch.from_numpy(flat)
-        return (t if device.type == "cpu" else t.to(device)), ArraySpec("numpy", a.dtype,
-                                                                         tuple(a.shape))
+        return (t if device.type == "cpu" else t.to(device)), ArraySpec("numpy", a.dtype, shape)
     try:
         t = torch.from_dlpack(obj)
     except Exception as exc:
