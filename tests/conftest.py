@@ -188,3 +188,13 @@ def run_with_timeout(fn, timeout=120.0):
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]
+
+
+@pytest.fixture
+def ledger_path(tmp_path, monkeypatch):
+    """A private lending ledger (children spawned with this environment share it), leased in
+    1 MiB chunks so a lease spans several segments."""
+    path = tmp_path / "ledger"
+    monkeypatch.setenv("AQUA_OFFLOAD_LEDGER", str(path))
+    monkeypatch.setenv("AQUA_OFFLOAD_LEASE_CHUNK", "1MiB")
+    return path

@@ -48,14 +48,6 @@ def _typed(info: pytest.ExceptionInfo, cls: type) -> BaseException:
     return e
 
 
-@pytest.fixture
-def ledger_path(tmp_path, monkeypatch):
-    path = tmp_path / "ledger"
-    monkeypatch.setenv("AQUA_OFFLOAD_LEDGER", str(path))
-    monkeypatch.setenv("AQUA_OFFLOAD_LEASE_CHUNK", "1MiB")
-    return path
-
-
 # -- sizes ----------------------------------------------------------------------------------
 TOO_LARGE = [2**64, 2**64 - 1, 2**64 - 4096, 2**63, 2**70, 10**40, "20000000TiB", "16777216TiB",
              "9223372036854775808", "1" + "0" * 63, "1" * 65, "99999999999999999999TiB"]

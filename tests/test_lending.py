@@ -22,14 +22,6 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def ledger_path(tmp_path, monkeypatch):
-    path = tmp_path / "ledger"
-    monkeypatch.setenv("AQUA_OFFLOAD_LEDGER", str(path))
-    monkeypatch.setenv("AQUA_OFFLOAD_LEASE_CHUNK", "1MiB")  # several segments per lease
-    return path
-
-
-@pytest.fixture
 def no_polling(monkeypatch):
     """The consumer thread wakes only on datagrams: whatever it does was notified."""
     monkeypatch.setattr(consumer_mod, "SLICE_S", 3600.0)

@@ -25,15 +25,6 @@ CTX = mp.get_context("spawn")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def ledger_path(tmp_path, monkeypatch):
-    # Children are spawned with this environment: they share the test's private ledger.
-    path = tmp_path / "ledger"
-    monkeypatch.setenv("AQUA_OFFLOAD_LEDGER", str(path))
-    monkeypatch.setenv("AQUA_OFFLOAD_LEASE_CHUNK", "1MiB")
-    return path
-
-
 def _until(cond, timeout=30.0, what="condition"):
     deadline = time.monotonic() + timeout
     while not cond():

@@ -33,14 +33,6 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def ledger_path(tmp_path, monkeypatch):
-    path = tmp_path / "ledger"
-    monkeypatch.setenv("AQUA_OFFLOAD_LEDGER", str(path))
-    monkeypatch.setenv("AQUA_OFFLOAD_LEASE_CHUNK", "1MiB")
-    return path
-
-
-@pytest.fixture
 def no_polling(monkeypatch):
     monkeypatch.setattr(consumer_mod, "SLICE_S", 3600.0)
 
