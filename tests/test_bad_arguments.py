@@ -37,7 +37,8 @@ from conftest import run_with_timeout
 MiB = 1 << 20
 MAX_SIZE = 2**63 - 1  # the largest size: Python's and torch's byte counts are signed 64-bit
 HANG_S = 20.0  # a prompt error takes milliseconds; the old code blocked forever
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# The aqua_offload under test (the installed one in CI, src/ in a dev tree), for child processes.
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(aq.__file__)))
 
 
 def _typed(info: pytest.ExceptionInfo, cls: type) -> BaseException:
