@@ -22,6 +22,12 @@ __all__ = [
     "LedgerVersionError",
     "ReclaimError",
     "ReclaimTimeoutError",
+    "RemoteError",
+    "RemoteConnectError",
+    "RemoteLostError",
+    "RemoteAuthError",
+    "RemoteProtocolError",
+    "RemoteVersionError",
 ]
 
 
@@ -116,6 +122,54 @@ class ReclaimTimeoutError(OffloadError, TimeoutError):
 
     def __init__(self, message: str = "", pending: int = 0, **attrs: Any) -> None:
         super().__init__(message, pending=pending, **attrs)
+
+
+class RemoteError(OffloadError, RuntimeError):
+    """A remote lender (:mod:`aqua_offload.remote`) could not be used. ``address`` names the
+    lender (``"host:port"``) where one is known."""
+
+    address: str
+
+    def __init__(self, message: str = "", address: str = "", **attrs: Any) -> None:
+        super().__init__(message, address=address, **attrs)
+
+
+class RemoteConnectError(RemoteError, ConnectionError):
+    """No lender answers at the address (refused, unreachable, unknown host, no handshake
+    within the deadline). Nothing was changed."""
+
+
+class RemoteLostError(RemoteError, ConnectionError):
+    """The lender died or stopped answering within the deadline. Every block it held for this
+    borrower is lost; ``reason`` says what was seen."""
+
+    reason: str
+
+    def __init__(self, message: str = "", address: str = "", reason: str = "",
+                 **attrs: Any) -> None:
+        super().__init__(message, address=address, reason=reason, **attrs)
+
+
+class RemoteAuthError(RemoteError, PermissionError):
+    """The lender and the borrower do not share the same token (either side may refuse)."""
+
+
+class RemoteProtocolError(RemoteError):
+    """A message that breaks the remote protocol: bad framing, a length over the limit, an
+    unknown kind, a field of the wrong type or range."""
+
+
+class RemoteVersionError(RemoteProtocolError):
+    """The peer speaks another version of the remote protocol (``version``; this side speaks
+    ``supported``)."""
+
+    version: int
+    supported: int
+
+    def __init__(self, message: str = "", address: str = "", version: int = 0,
+                 supported: int = 0, **attrs: Any) -> None:
+        super().__init__(message, address=address, version=version, supported=supported,
+                         **attrs)
 
 
 def _install() -> None:
