@@ -1,9 +1,12 @@
 """Command line of the simulator: ``python -m aqua_offload.sim [SCENARIO|validate] ...``.
 
-``SCENARIO`` is a built-in name (``--list``) or a ``.toml``/``.yaml`` file; the pseudo-scenario
-``validate`` runs the real TimeSlicer on the emulation backend against the simulator instead
-(see :mod:`aqua_offload.sim.validate`). Exit status: 0 done, 1 validation out of tolerance,
-2 unusable scenario or arguments (a message on stderr, no traceback).
+``SCENARIO`` is a built-in name (``--list``) or a ``.toml``/``.yaml`` file. Three pseudo-scenarios
+do something else: ``validate`` runs the real TimeSlicer on the emulation backend against the
+simulator (:mod:`aqua_offload.sim.validate`), ``sweep`` draws the regime map
+(:mod:`aqua_offload.sim.sweep`) and ``place`` places models on GPUs and simulates the placement
+against a naive one (:mod:`aqua_offload.sim.placer`). ``--json`` without a path prints only the
+JSON document, on stdout. Exit status: 0 done, 1 validation out of tolerance, 2 unusable
+scenario or arguments (a message on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..errors import InvalidArgumentError
 from .scenario import POLICIES, TIERS, builtin_scenarios, load_scenario
@@ -35,13 +38,16 @@ def _positive_ms(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the simulator's options to ``parser``."""
     parser.add_argument("scenario", nargs="?", default="paper-burst",
-                        help="built-in scenario name, a .toml/.yaml file, or 'validate' "
-                             "(default: paper-burst)")
+                        help="built-in scenario name, a .toml/.yaml file, or 'validate', "
+                             "'sweep', 'place' (default: paper-burst)")
     parser.add_argument("--list", action="store_true", help="list the built-in scenarios")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--json", type=Path, metavar="PATH", nargs="?", const=Path("-"),
+                        help="write the results as JSON (no PATH or '-': only the JSON, on "
+                             "stdout)")
     parser.add_argument("--plot", type=Path, metavar="PATH",
                         help="write an image (.png, .pdf or .svg): TTFT CDF and p99 per "
-                             "policy/tier (needs matplotlib)")
+                             "policy/tier; sweep: heatmaps; place: per-model TTFT p99 (needs "
+                             "matplotlib)")
     parser.add_argument("--policies", nargs="+", choices=POLICIES, metavar="POLICY",
                         help=f"policies to run (from: {', '.join(POLICIES)}; default: the "
                              "scenario's)")
@@ -51,12 +57,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantum-ms", type=_positive_ms, metavar="MS",
                         help="time-slice quantum (default: the scenario's)")
     parser.add_argument("--quick", action="store_true",
-                        help="validate: fewer tasks (about 1 s of workload)")
+                        help="validate: fewer tasks (about 1 s of workload); sweep: a small "
+                             "grid (seconds)")
+    parser.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                        help="sweep: worker processes (default 1)")
+    parser.add_argument("--requests", type=_positive_int, nargs="+", metavar="N",
+                        help="sweep: burst sizes (default: the grid's)")
+    parser.add_argument("--pressures", type=_positive_float, nargs="+", metavar="X",
+                        help="sweep: KV demand / capacity ratios (default: the grid's)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="sweep: a progress bar on stderr (default: when stderr is a "
+                             "terminal; needs tqdm)")
+    parser.add_argument("--spec", type=Path, metavar="PATH",
+                        help="place: a placement problem (.toml; default: the built-in "
+                             "example)")
     parser.add_argument("--policy", choices=("fair", "rr", "fcfs"), default="fair",
                         help="validate: the policy to compare (default fair)")
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 PLOT_FORMATS = (".png", ".pdf", ".svg")
+PSEUDO = ("validate", "sweep", "place")
 
 
 def _output_problem(path: Path, what: str) -> str | None:
@@ -78,6 +114,8 @@ def check_outputs(args: argparse.Namespace) -> str | None:
     """Check ``--json`` and ``--plot`` before anything runs (a long simulation must not end
     in an unwritable path): the message of the first problem, or None."""
     plot = None if args.scenario == "validate" else args.plot  # validate plots nothing
+    if args.spec is not None and args.scenario != "place":
+        return "--spec is for 'place' only"
     if plot is not None:
         if plot.suffix.lower() not in PLOT_FORMATS:
             return (f"--plot {plot}: unknown image format {plot.suffix or '(no suffix)'!r} "
@@ -87,7 +125,7 @@ def check_outputs(args: argparse.Namespace) -> str | None:
         except ImportError:
             return "--plot needs matplotlib (pip install matplotlib)"
     for what, path in (("--json", args.json), ("--plot", plot)):
-        if path is not None:
+        if path is not None and str(path) != "-":
             problem = _output_problem(path, what)
             if problem:
                 return problem
@@ -100,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         for name, desc in builtin_scenarios().items():
             print(f"{name:<14} {desc}")
         print(f"{'validate':<14} the real TimeSlicer (emulation backend) vs the simulator")
+        print(f"{'sweep':<14} the regime map: gains of time slicing over a grid of workloads")
+        print(f"{'place':<14} place models on GPUs, lend memory, simulate vs a naive placement")
         return 0
     problem = check_outputs(args)
     if problem:
@@ -108,6 +148,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.scenario == "validate":
             return _validate(args)
+        if args.scenario == "sweep":
+            return _sweep(args)
+        if args.scenario == "place":
+            return _place(args)
         scenario = load_scenario(args.scenario)
         changes = {}
         if args.seed is not None:
@@ -121,11 +165,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from .report import PlotError, format_table, to_json, write_plot
-    print(format_table(results, f"scenario {scenario.name} (simulated): {scenario.description}"))
+    if not _stdout_json(args):
+        print(format_table(results, f"scenario {scenario.name} (simulated): "
+                                    f"{scenario.description}"))
     try:
         if args.json is not None:
-            args.json.write_text(json.dumps(to_json(scenario, results), indent=2) + "\n")
-            print(f"wrote {args.json}")
+            _write_json(args, to_json(scenario, results))
         if args.plot is not None:
             write_plot(args.plot, results, scenario.name)
             print(f"wrote {args.plot}")
@@ -135,18 +180,76 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stdout_json(args: argparse.Namespace) -> bool:
+    return args.json is not None and str(args.json) == "-"
+
+
+def _write_json(args: argparse.Namespace, doc: Any) -> None:
+    """Print ``doc`` on stdout (``--json`` alone or ``-``) or write it to the path."""
+    text = json.dumps(doc, indent=2) + "\n"
+    if _stdout_json(args):
+        sys.stdout.write(text)
+        return
+    args.json.write_text(text)
+    print(f"wrote {args.json}")
+
+
 def _validate(args: argparse.Namespace) -> int:
     from .validate import format_validation, validate
     result = validate(quick=args.quick, policy=args.policy)
-    print(format_validation(result))
+    if not _stdout_json(args):
+        print(format_validation(result))
     if args.json is not None:
         try:
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            _write_json(args, result)
         except OSError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        print(f"wrote {args.json}")
     return 0 if result["ok"] else 1
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import DEFAULT_GRID, QUICK_GRID, SweepBase, format_sweep, grid_with, run_sweep
+    from .sweep import write_heatmaps
+    grid = grid_with(QUICK_GRID if args.quick else DEFAULT_GRID, requests=args.requests,
+                     pressures=args.pressures)
+    base = SweepBase() if args.seed is None else SweepBase(seed=args.seed)
+    if args.quantum_ms is not None:
+        base = dataclasses.replace(base, quantum_s=args.quantum_ms / 1e3)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    doc = run_sweep(grid, base, jobs=args.jobs, progress=progress)
+    if not _stdout_json(args):
+        print(format_sweep(doc))
+    try:
+        if args.json is not None:
+            _write_json(args, doc)
+        if args.plot is not None:
+            write_heatmaps(args.plot, doc)
+            if not _stdout_json(args):
+                print(f"wrote {args.plot}")
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _place(args: argparse.Namespace) -> int:
+    from .placer import format_placement, load_problem, place_and_simulate, write_place_plot
+    problem = load_problem(args.spec)
+    doc = place_and_simulate(problem, seed=args.seed)
+    if not _stdout_json(args):
+        print(format_placement(doc))
+    try:
+        if args.json is not None:
+            _write_json(args, doc)
+        if args.plot is not None:
+            write_place_plot(args.plot, doc)
+            if not _stdout_json(args):
+                print(f"wrote {args.plot}")
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

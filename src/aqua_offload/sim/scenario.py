@@ -88,6 +88,7 @@ class TraceSpec:
     rate_per_s: float = 1.0
     path: str | None = None
     model: str | None = None
+    weight: float = 1.0  # fair-share weight of every request of a burst or poisson stream
     rows: tuple[TraceRequest, ...] | None = field(default=None, compare=False, repr=False)
     # ^ a csv trace as read (and checked) when the scenario was loaded: it is read once
 
@@ -95,11 +96,11 @@ class TraceSpec:
         if self.kind == "burst":
             return burst_trace(self.requests, self.prompt_tokens, self.output_tokens,
                                at_s=self.at_s, window_s=self.window_s, seed=seed,
-                               model=self.model)
+                               model=self.model, weight=self.weight)
         if self.kind == "poisson":
             return poisson_trace(self.requests, self.rate_per_s, self.prompt_tokens,
                                  self.output_tokens, start_s=self.at_s, seed=seed,
-                                 model=self.model)
+                                 model=self.model, weight=self.weight)
         reqs = list(self.rows) if self.rows is not None else load_csv_trace(self.path or "")
         return [r if r.model or not self.model else replace(r, model=self.model) for r in reqs]
 
@@ -145,9 +146,9 @@ class Scenario:
 _TOP = ("name", "description", "seed", "quantum_ms", "policies", "tiers", "prefetch", "gpu",
         "links", "models", "gpus", "reclaims", "traces")
 _TRACE_KEYS = {"burst": ("kind", "requests", "prompt_tokens", "output_tokens", "at_s",
-                         "window_s", "model"),
+                         "window_s", "model", "weight"),
                "poisson": ("kind", "requests", "prompt_tokens", "output_tokens", "at_s",
-                           "rate_per_s", "model"),
+                           "rate_per_s", "model", "weight"),
                "csv": ("kind", "path", "model")}
 
 
@@ -241,7 +242,8 @@ def _parse_traces(d: dict[str, Any], base_dir: Path | None) -> tuple[TraceSpec, 
             output_tokens=_get(t, "output_tokens", path, _tokens, 128),
             at_s=_get(t, "at_s", path, _num(), 0.0),
             window_s=_get(t, "window_s", path, _num(), 0.0),
-            rate_per_s=_get(t, "rate_per_s", path, _num(0.0, strict=True), 1.0), model=model))
+            rate_per_s=_get(t, "rate_per_s", path, _num(0.0, strict=True), 1.0), model=model,
+            weight=_get(t, "weight", path, _num(0.0, strict=True), 1.0)))
     return tuple(specs)
 
 

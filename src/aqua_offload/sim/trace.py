@@ -63,22 +63,23 @@ def _sorted(requests: list[TraceRequest]) -> list[TraceRequest]:
 
 def burst_trace(requests: int, prompt_tokens: TokenSpec, output_tokens: TokenSpec, *,
                 at_s: float = 0.0, window_s: float = 0.0, seed: int = 0,
-                model: str | None = None) -> list[TraceRequest]:
+                model: str | None = None, weight: float = 1.0) -> list[TraceRequest]:
     """``requests`` arrivals spread uniformly at random over ``[at_s, at_s + window_s]``
-    (all at ``at_s`` when the window is 0)."""
+    (all at ``at_s`` when the window is 0), each of fair-share ``weight``."""
     rng = random.Random(seed)
     out = []
     for _ in range(requests):
         t = at_s + (rng.uniform(0.0, window_s) if window_s > 0 else 0.0)
         out.append(TraceRequest(t, draw_tokens(prompt_tokens, rng),
-                                draw_tokens(output_tokens, rng), model))
+                                draw_tokens(output_tokens, rng), model, weight))
     return _sorted(out)
 
 
 def poisson_trace(requests: int, rate_per_s: float, prompt_tokens: TokenSpec,
                   output_tokens: TokenSpec, *, start_s: float = 0.0, seed: int = 0,
-                  model: str | None = None) -> list[TraceRequest]:
-    """``requests`` arrivals of a Poisson process of ``rate_per_s`` starting at ``start_s``."""
+                  model: str | None = None, weight: float = 1.0) -> list[TraceRequest]:
+    """``requests`` arrivals of a Poisson process of ``rate_per_s`` starting at ``start_s``,
+    each of fair-share ``weight``."""
     if not rate_per_s > 0:
         raise TraceError(f"rate_per_s must be > 0, got {rate_per_s!r}")
     rng = random.Random(seed)
@@ -86,7 +87,7 @@ def poisson_trace(requests: int, rate_per_s: float, prompt_tokens: TokenSpec,
     for _ in range(requests):
         t += rng.expovariate(rate_per_s)
         out.append(TraceRequest(t, draw_tokens(prompt_tokens, rng),
-                                draw_tokens(output_tokens, rng), model))
+                                draw_tokens(output_tokens, rng), model, weight))
     return out
 
 
