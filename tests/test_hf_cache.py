@@ -19,7 +19,8 @@ import aqua_offload as aq
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
-from aqua_offload.hf import OffloadedCache, generate_many  # noqa: E402
+from aqua_offload.hf import OffloadedCache, cache_kwarg, generate_many  # noqa: E402
+from aqua_offload.hf.layers import raw_keys, raw_values  # noqa: E402
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
 
 from conftest import run_with_timeout, same_bytes  # noqa: E402
@@ -108,17 +109,29 @@ def prompts(batch: int, length: int, seed: int, padded: bool = False) -> dict[st
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def gen(model, inputs, n, **kw):
+def gen(model, inputs, n, kv=None, **kw):
+    """Greedy generate; ``kv``: the cache, under the keyword this transformers wants."""
+    if kv is not None:
+        kw[cache_kwarg()] = kv
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)
 
 
 def full_layers(cache) -> int:
-    return sum(type(layer) is DynamicLayer for layer in cache.layers)
+    return sum(isinstance(layer, DynamicLayer) and not isinstance(layer, DynamicSlidingWindowLayer)
+               for layer in cache.layers)
 
 
 def sliding_layers(cache) -> int:
-    return sum(type(layer) is DynamicSlidingWindowLayer for layer in cache.layers)
+    return sum(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
+
+
+def offloaded_full(cache) -> bool:
+    """Every full-attention layer of ``cache`` lives in the tiers (placeholders on meta)."""
+    return all(cache.is_offloaded(i) and raw_keys(layer).device.type == "meta"
+               for i, layer in enumerate(cache.layers)
+               if isinstance(layer, DynamicLayer)
+               and not isinstance(layer, DynamicSlidingWindowLayer))
 
 
 def assert_no_leak(m: aq.OffloadManager) -> None:
@@ -149,12 +162,12 @@ def test_greedy_tokens_match_default_cache(family, offload_sliding, batch, padde
     ref = gen(model, inputs, n)  # the default cache
     m = small_manager()
     cache = OffloadedCache(m, config=model.config, offload_sliding=offload_sliding)
-    out = gen(model, inputs, n, past_key_values=cache)
+    out = gen(model, inputs, n, kv=cache)
     assert out.shape == (batch, 7 + n)
     assert torch.equal(out, ref)
     # and the cache holds bitwise the keys/values of a DynamicCache after the same decoding
     ref_cache = transformers.DynamicCache(config=model.config)
-    assert torch.equal(gen(model, inputs, n, past_key_values=ref_cache), ref)
+    assert torch.equal(gen(model, inputs, n, kv=ref_cache), ref)
     _assert_same_cache(cache, ref_cache)
     full, sliding = full_layers(cache), sliding_layers(cache)
     assert full + sliding == model.config.num_hidden_layers
@@ -175,10 +188,10 @@ def test_sliding_models_really_slide():
         model = model_of(family)
         ref = transformers.DynamicCache(config=model.config)
         inputs = prompts(1, 7, seed=5)
-        gen(model, inputs, 24, past_key_values=ref)
+        gen(model, inputs, 24, kv=ref)
         assert sliding_layers(ref) == n_sliding
         for layer in ref.layers:
-            expected = WINDOW - 1 if type(layer) is DynamicSlidingWindowLayer else 7 + 23
+            expected = WINDOW - 1 if isinstance(layer, DynamicSlidingWindowLayer) else 7 + 23
             assert layer.keys.shape[-2] == expected
     # Same weights without the window: different tokens (so the window matters above).
     model = model_of("qwen2_sliding")
@@ -197,10 +210,10 @@ def test_default_manager_and_no_config():
     inputs = prompts(2, 5, seed=21)
     ref = gen(model, inputs, 16)
     with OffloadedCache() as cache:
-        out = gen(model, inputs, 16, past_key_values=cache)
+        out = gen(model, inputs, 16, kv=cache)
         assert torch.equal(out, ref)
         assert cache.stats()["offloaded_layers"] == model.config.num_hidden_layers
-        assert all(layer.keys.device.type == "meta" for layer in cache.layers)
+        assert offloaded_full(cache) and full_layers(cache) == len(cache.layers)
     assert cache.stats()["segments"] == 0 and cache.stats()["bytes_in_tiers"] == 0
 
 
@@ -210,10 +223,10 @@ def test_layers_offloaded_and_page_outs_incremental():
     batch, p, n = 2, 5, 40
     inputs = prompts(batch, p, seed=31)
     ref_cache = transformers.DynamicCache(config=model.config)
-    ref = gen(model, inputs, n, past_key_values=ref_cache)
+    ref = gen(model, inputs, n, kv=ref_cache)
     m = small_manager()
     cache = OffloadedCache(m, config=model.config)
-    out = gen(model, inputs, n, past_key_values=cache)
+    out = gen(model, inputs, n, kv=cache)
     assert torch.equal(out, ref)
     layers = model.config.num_hidden_layers
     tokens = p + n - 1  # the last token is never fed back
@@ -221,10 +234,11 @@ def test_layers_offloaded_and_page_outs_incremental():
     assert st["layers"] == layers and st["offloaded_layers"] == layers
     assert st["resident_layers"] == 0
     for layer, ref_layer in zip(cache.layers, ref_cache.layers):
-        assert layer.keys.device.type == "meta" and layer.values.device.type == "meta"
-        assert layer.keys.shape == ref_layer.keys.shape == (batch, 2, tokens, 16)
-        assert layer.values.shape == ref_layer.values.shape
-        assert layer.keys.dtype == ref_layer.keys.dtype
+        keys, values = raw_keys(layer), raw_values(layer)  # the placeholders
+        assert keys.device.type == "meta" and values.device.type == "meta"
+        assert keys.shape == ref_layer.keys.shape == (batch, 2, tokens, 16)
+        assert values.shape == ref_layer.values.shape
+        assert keys.dtype == ref_layer.keys.dtype
     per_token = 2 * batch * 2 * 16 * 4  # keys + values, 2 kv heads of 16 floats
     # Exactly one copy of the cache lives in the tiers.
     assert st["bytes_in_tiers"] == layers * per_token * tokens
@@ -252,11 +266,11 @@ def test_no_leak_after_close_or_drop(how):
     cache = OffloadedCache(m, config=model.config, offload_sliding=True)
     if how == "context":
         with cache:
-            assert torch.equal(gen(model, inputs, 20, past_key_values=cache), ref)
+            assert torch.equal(gen(model, inputs, 20, kv=cache), ref)
             st = m.stats()
             assert st["live_handles"] > 0 and sum(t["used"] for t in st["tiers"]) > 0
     else:
-        assert torch.equal(gen(model, inputs, 20, past_key_values=cache), ref)
+        assert torch.equal(gen(model, inputs, 20, kv=cache), ref)
         st = m.stats()
         assert st["live_handles"] > 0 and sum(t["used"] for t in st["tiers"]) > 0
         if how == "close":
@@ -275,10 +289,10 @@ def test_close_then_reuse_gives_the_same_tokens():
     m = small_manager()
     cache = OffloadedCache(m, config=model.config)
     a, b = prompts(1, 6, seed=51), prompts(2, 4, seed=52)
-    assert torch.equal(gen(model, a, 16, past_key_values=cache), gen(model, a, 16))
+    assert torch.equal(gen(model, a, 16, kv=cache), gen(model, a, 16))
     cache.close()
     assert_no_leak(m)
-    assert torch.equal(gen(model, b, 16, past_key_values=cache), gen(model, b, 16))
+    assert torch.equal(gen(model, b, 16, kv=cache), gen(model, b, 16))
     cache.reset()
     assert cache.get_seq_length() == 0
     assert_no_leak(m)
@@ -292,10 +306,10 @@ def test_iteration_matches_dynamic_cache(family, offload_sliding):
     model = model_of(family)
     inputs = prompts(2, 6, seed=61)
     ref_cache = transformers.DynamicCache(config=model.config)
-    ref = gen(model, inputs, 20, past_key_values=ref_cache)
+    ref = gen(model, inputs, 20, kv=ref_cache)
     m = small_manager()
     cache = OffloadedCache(m, config=model.config, offload_sliding=offload_sliding)
-    assert torch.equal(gen(model, inputs, 20, past_key_values=cache), ref)
+    assert torch.equal(gen(model, inputs, 20, kv=cache), ref)
     offloaded = cache.stats()["offloaded_layers"]
     assert offloaded >= 1
     for _ in range(2):  # iterating does not consume or change the offloaded cache
@@ -309,8 +323,7 @@ def test_iteration_matches_dynamic_cache(family, offload_sliding):
             if sw is not None:
                 assert same_bytes(sw, rsw)
         assert cache.stats()["offloaded_layers"] == offloaded
-    assert all(layer.keys.device.type == "meta" for layer in cache.layers
-               if type(layer) is DynamicLayer)
+    assert offloaded_full(cache)
     cache.close()
     assert_no_leak(m)
     m.close()
@@ -327,17 +340,17 @@ def _decoded_pair(family, offload_sliding=False, batch=3, p=6, n=14, seed=71):
     model = model_of(family)
     inputs = prompts(batch, p, seed=seed)
     ref_cache = transformers.DynamicCache(config=model.config)
-    seqs = gen(model, inputs, n, past_key_values=ref_cache)
+    seqs = gen(model, inputs, n, kv=ref_cache)
     m = small_manager()
     cache = OffloadedCache(m, config=model.config, offload_sliding=offload_sliding)
-    assert torch.equal(gen(model, inputs, n, past_key_values=cache), seqs)
+    assert torch.equal(gen(model, inputs, n, kv=cache), seqs)
     return model, m, cache, ref_cache, seqs
 
 
 def _continue(model, cache, ref_cache, ids, n=10):
     """Generate further from both caches (only the uncached tokens are fed): same tokens."""
-    out = gen(model, {"input_ids": ids}, n, past_key_values=cache)
-    ref = gen(model, {"input_ids": ids}, n, past_key_values=ref_cache)
+    out = gen(model, {"input_ids": ids}, n, kv=cache)
+    ref = gen(model, {"input_ids": ids}, n, kv=ref_cache)
     assert torch.equal(out, ref)
     assert out.shape[-1] == ids.shape[-1] + n
     _assert_same_cache(cache, ref_cache)
@@ -347,7 +360,7 @@ def _continue(model, cache, ref_cache, ids, n=10):
 def _finish_cache(m, cache):
     layers = full_layers(cache)
     assert cache.stats()["offloaded_layers"] >= layers
-    assert all(l.keys.device.type == "meta" for l in cache.layers if type(l) is DynamicLayer)
+    assert offloaded_full(cache)
     cache.close()
     assert_no_leak(m)
     m.close()
@@ -420,7 +433,7 @@ def test_beam_search_matches_default_cache():
     ref = gen(model, inputs, 10, num_beams=3)
     m = small_manager()
     cache = OffloadedCache(m, config=model.config)
-    out = gen(model, inputs, 10, num_beams=3, past_key_values=cache)
+    out = gen(model, inputs, 10, num_beams=3, kv=cache)
     assert torch.equal(out, ref)
     cache.close()
     assert_no_leak(m)
@@ -434,12 +447,12 @@ def test_prompt_lookup_decoding_crops_inside_generate():
     base = prompts(1, 6, seed=85)["input_ids"]
     inputs = {"input_ids": torch.cat([base, base, base], dim=-1)}
     ref_cache = transformers.DynamicCache(config=model.config)
-    ref = gen(model, inputs, 20, prompt_lookup_num_tokens=3, past_key_values=ref_cache)
+    ref = gen(model, inputs, 20, prompt_lookup_num_tokens=3, kv=ref_cache)
     assert torch.equal(ref, gen(model, inputs, 20, prompt_lookup_num_tokens=3))
     m = small_manager()
     cache = OffloadedCache(m, config=model.config)
     assert torch.equal(gen(model, inputs, 20, prompt_lookup_num_tokens=3,
-                           past_key_values=cache), ref)
+                           kv=cache), ref)
     _assert_same_cache(cache, ref_cache)
     _finish_cache(m, cache)
 
@@ -449,10 +462,10 @@ def test_short_prompts_and_single_token(p, n):
     model = model_of("llama_gqa")
     inputs = prompts(2, p, seed=87)
     ref_cache = transformers.DynamicCache(config=model.config)
-    ref = gen(model, inputs, n, past_key_values=ref_cache)
+    ref = gen(model, inputs, n, kv=ref_cache)
     m = small_manager()
     cache = OffloadedCache(m, config=model.config)
-    assert torch.equal(gen(model, inputs, n, past_key_values=cache), ref)
+    assert torch.equal(gen(model, inputs, n, kv=cache), ref)
     assert cache.get_seq_length() == p + n - 1
     _assert_same_cache(cache, ref_cache)
     _finish_cache(m, cache)
@@ -463,10 +476,10 @@ def test_half_precision_is_bitwise():
     model = make_llama().to(torch.bfloat16)
     inputs = prompts(2, 5, seed=89)
     ref_cache = transformers.DynamicCache(config=model.config)
-    ref = gen(model, inputs, 12, past_key_values=ref_cache)
+    ref = gen(model, inputs, 12, kv=ref_cache)
     m = small_manager()
     cache = OffloadedCache(m, config=model.config)
-    assert torch.equal(gen(model, inputs, 12, past_key_values=cache), ref)
+    assert torch.equal(gen(model, inputs, 12, kv=cache), ref)
     assert all(layer.keys.dtype == torch.bfloat16 for layer in cache.layers)
     _assert_same_cache(cache, ref_cache)
     assert next(iter(cache))[0].dtype == torch.bfloat16
@@ -480,14 +493,14 @@ def test_host_tier_fallback_gives_the_same_tokens():
     ref = gen(model, inputs, 24)
     m = aq.OffloadManager("cpu", peer_bytes="1KiB", host_bytes="4MiB")
     cache = OffloadedCache(m, config=model.config)
-    assert torch.equal(gen(model, inputs, 24, past_key_values=cache), ref)
+    assert torch.equal(gen(model, inputs, 24, kv=cache), ref)
     tiers = {t["tier"]: t for t in m.stats()["tiers"]}
     assert tiers["host"]["used"] > 0  # the layers did not fit the peer tier
     assert tiers["peer"]["used"] <= tiers["peer"]["capacity"]
     assert cache.stats()["offloaded_layers"] == model.config.num_hidden_layers
     # and the data that went down the cascade comes back intact
     ref_cache = transformers.DynamicCache(config=model.config)
-    gen(model, inputs, 24, past_key_values=ref_cache)
+    gen(model, inputs, 24, kv=ref_cache)
     _assert_same_cache(cache, ref_cache)
     cache.close()
     assert_no_leak(m)
@@ -502,10 +515,10 @@ def test_no_room_anywhere_stays_resident(tiers):
     model = model_of("llama_gqa")
     inputs = prompts(3, 6, seed=101)
     ref_cache = transformers.DynamicCache(config=model.config)
-    ref = gen(model, inputs, 16, past_key_values=ref_cache)
+    ref = gen(model, inputs, 16, kv=ref_cache)
     m = aq.OffloadManager("cpu", **tiers)
     cache = OffloadedCache(m, config=model.config)
-    assert torch.equal(gen(model, inputs, 16, past_key_values=cache), ref)
+    assert torch.equal(gen(model, inputs, 16, kv=cache), ref)
     st = cache.stats()
     assert st["offloaded_layers"] == 0
     assert st["resident_layers"] == model.config.num_hidden_layers
@@ -526,10 +539,10 @@ def test_partly_full_tiers_give_the_same_tokens():
     model = model_of("llama_gqa")
     inputs = prompts(2, 6, seed=111)
     ref_cache = transformers.DynamicCache(config=model.config)
-    ref = gen(model, inputs, 30, past_key_values=ref_cache)
+    ref = gen(model, inputs, 30, kv=ref_cache)
     m = aq.OffloadManager("cpu", peer_bytes="8KiB", host_bytes="8KiB")
     cache = OffloadedCache(m, config=model.config)
-    assert torch.equal(gen(model, inputs, 30, past_key_values=cache), ref)
+    assert torch.equal(gen(model, inputs, 30, kv=cache), ref)
     st = cache.stats()
     assert st["bytes_offloaded"] > 0  # some offloads succeeded...
     assert st["resident_layers"] > 0  # ...and some layers did not fit at the end
@@ -598,7 +611,7 @@ def test_time_sliced_offloaded_caches_give_solo_tokens(family, offload_sliding):
         return c
 
     results = run_with_timeout(lambda: generate_many(
-        model, reqs, slicer=slicer, cache=make, max_new_tokens=20, do_sample=False))
+        model, reqs, slicer=slicer, cache_factory=make, max_new_tokens=20, do_sample=False))
     assert len(caches) == 3
     for r, want in zip(results, solo):
         assert torch.equal(r.sequences, want)
@@ -623,7 +636,7 @@ def test_time_sliced_fair_quantum_1ms():
     m = small_manager()
     slicer = aq.TimeSlicer(quantum_ms=1, manager=m, policy="fair")
     results = run_with_timeout(lambda: generate_many(
-        model, reqs, slicer=slicer, cache=lambda: OffloadedCache(m, config=model.config),
+        model, reqs, slicer=slicer, cache_factory=lambda: OffloadedCache(m, config=model.config),
         max_new_tokens=24, do_sample=False))
     assert [r.name for r in results] == ["req-0", "req-1"]
     for r, want in zip(results, solo):
@@ -640,8 +653,8 @@ def test_aqua_preempt_drops_the_prefetched_layer():
     cache = OffloadedCache(m, config=model.config)
     inputs = prompts(1, 6, seed=141)
     ref_cache = transformers.DynamicCache(config=model.config)
-    gen(model, inputs, 12, past_key_values=ref_cache)
-    gen(model, inputs, 12, past_key_values=cache)
+    gen(model, inputs, 12, kv=ref_cache)
+    gen(model, inputs, 12, kv=cache)
     # The last layer's update prefetched the first layer for the next step.
     assert m.stats()["prefetched_bytes"] > 0
     cache.aqua_preempt()
@@ -658,7 +671,7 @@ def test_prefetch_off_gives_the_same_tokens():
     inputs = prompts(2, 5, seed=151)
     m = small_manager()
     with OffloadedCache(m, config=model.config, prefetch=False) as cache:
-        assert torch.equal(gen(model, inputs, 16, past_key_values=cache), gen(model, inputs, 16))
+        assert torch.equal(gen(model, inputs, 16, kv=cache), gen(model, inputs, 16))
         assert m.stats()["prefetched_bytes"] == 0
         assert m.stats()["prefetches"] == 0
     assert_no_leak(m)

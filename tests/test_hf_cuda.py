@@ -13,7 +13,7 @@ import aqua_offload as aq
 pytestmark = pytest.mark.cuda
 transformers = pytest.importorskip("transformers")
 
-from aqua_offload.hf import OffloadedCache, generate_many  # noqa: E402
+from aqua_offload.hf import OffloadedCache, cache_kwarg, generate_many  # noqa: E402
 
 DEV = "cuda:0"
 
@@ -57,7 +57,7 @@ def test_greedy_tokens_match_on_gpu(gpu_manager, sliding, offload_sliding):
     ids = torch.randint(1, 512, (3, 37), generator=g).to(DEV)
     ref = model.generate(ids, max_new_tokens=40, do_sample=False)
     with OffloadedCache(gpu_manager, config=model.config, offload_sliding=offload_sliding) as c:
-        out = model.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=c)
+        out = model.generate(ids, max_new_tokens=40, do_sample=False, **{cache_kwarg(): c})
         assert torch.equal(out, ref)
         assert c.stats()["offloaded_layers"] > 0
     _no_leak(gpu_manager)
@@ -70,7 +70,7 @@ def test_generate_many_time_sliced_on_gpu(gpu_manager):
     solo = [model.generate(r, max_new_tokens=24, do_sample=False) for r in reqs]
     for cache in (None, lambda: OffloadedCache(gpu_manager, config=model.config)):
         slicer = aq.TimeSlicer(quantum_ms=0, manager=gpu_manager, policy="rr")
-        res = generate_many(model, reqs, slicer=slicer, cache=cache, max_new_tokens=24,
+        res = generate_many(model, reqs, slicer=slicer, cache_factory=cache, max_new_tokens=24,
                             do_sample=False)
         slicer.close()
         assert all(torch.equal(r.sequences, s) for r, s in zip(res, solo))

@@ -174,7 +174,7 @@ def test_offloaded_cache_requests(model, manager):
     reqs = [ids(6, 31), ids(3, 32)]
     slicer = aq.TimeSlicer(quantum_ms=0, manager=manager, policy="rr")
     results = run_with_timeout(lambda: generate_many(
-        model, reqs, slicer=slicer, cache=lambda: OffloadedCache(manager, config=model.config),
+        model, reqs, slicer=slicer, cache_factory=lambda: OffloadedCache(manager, config=model.config),
         max_new_tokens=NEW, do_sample=False))
     for r, req in zip(results, reqs):
         assert torch.equal(r.sequences, solo(model, req))
@@ -236,7 +236,9 @@ class _SpyModel:
     "shared_cache", "arrivals_len", "names_len", "weights_len", "negative_arrival",
     "nan_arrival", "inf_arrival", "string_input", "list_input", "none_input",
     "slicer_str", "slicer_object",
-    "negative_weight", "nan_weight", "mapping_with_cache", "string_arrival"])
+    "negative_weight", "nan_weight", "mapping_with_shared_cache", "string_arrival",
+    "shared_cache_new_name", "factory_is_instance", "factory_not_callable", "bad_seed",
+    "seeds_len", "request_cache_not_a_cache", "both_cache_names"])
 def test_bad_arguments_raise_before_threads(model, manager, monkeypatch, case):
     spy = _SpyModel(model)
     good = [ids(4, 51), ids(5, 52)]
@@ -270,8 +272,25 @@ def test_bad_arguments_raise_before_threads(model, manager, monkeypatch, case):
         kw["weights"] = [1.0, -1.0]
     elif case == "nan_weight":
         kw["weights"] = [1.0, float("nan")]
-    elif case == "mapping_with_cache":
-        inputs = [good[0], {"input_ids": good[1], "past_key_values": transformers.DynamicCache()}]
+    elif case == "mapping_with_shared_cache":
+        shared = transformers.DynamicCache()
+        inputs = [{"input_ids": good[0], "cache": shared},
+                  {"input_ids": good[1], "past_key_values": shared}]
+    elif case == "shared_cache_new_name":  # empty, so falsy: must not be ignored
+        kw["cache"] = transformers.DynamicCache()
+    elif case == "factory_is_instance":
+        kw["cache_factory"] = transformers.DynamicCache()
+    elif case == "factory_not_callable":
+        kw["cache_factory"] = 3
+    elif case == "bad_seed":
+        kw["seeds"] = [1, -2]
+    elif case == "seeds_len":
+        kw["seeds"] = [1]
+    elif case == "request_cache_not_a_cache":
+        inputs = [good[0], {"input_ids": good[1], "cache": [(1, 2)]}]
+    elif case == "both_cache_names":
+        inputs = [good[0], {"input_ids": good[1], "cache": transformers.DynamicCache(),
+                            "past_key_values": transformers.DynamicCache()}]
     elif case == "string_arrival":
         kw["arrivals"] = [0.0, "soon"]
     monkeypatch.setattr(hf_generate, "threading", _NoThreads)
@@ -320,7 +339,7 @@ def test_failing_request_propagates_after_the_others(model, manager, policy, off
     make = (lambda: OffloadedCache(manager, config=model.config)) if offloaded else None
     with pytest.raises(RuntimeError, match="boom"):
         run_with_timeout(lambda: generate_many(
-            model, reqs, slicer=slicer, cache=make, names=["a", "b", "c"],
+            model, reqs, slicer=slicer, cache_factory=make, names=["a", "b", "c"],
             stopping_criteria=transformers.StoppingCriteriaList([crit]),
             max_new_tokens=NEW, do_sample=False))
     assert crit.calls == 3
@@ -333,7 +352,7 @@ def test_failing_request_propagates_after_the_others(model, manager, policy, off
     # the slicer is still usable: the good requests again, with the same tokens
     good = [reqs[0], reqs[2]]
     results = run_with_timeout(lambda: generate_many(
-        model, good, slicer=slicer, cache=make, max_new_tokens=NEW, do_sample=False))
+        model, good, slicer=slicer, cache_factory=make, max_new_tokens=NEW, do_sample=False))
     for r, req in zip(results, good):
         assert torch.equal(r.sequences, solo(model, req))
     slicer.close()
@@ -350,7 +369,7 @@ def test_failed_request_gives_its_offloaded_cache_back(model, manager):
     slicer = aq.TimeSlicer(quantum_ms=1, manager=manager)
     with pytest.raises(RuntimeError, match="boom"):
         run_with_timeout(lambda: generate_many(
-            model, reqs, slicer=slicer, cache=lambda: OffloadedCache(manager, config=model.config),
+            model, reqs, slicer=slicer, cache_factory=lambda: OffloadedCache(manager, config=model.config),
             stopping_criteria=transformers.StoppingCriteriaList([crit]),
             max_new_tokens=NEW, do_sample=False))
     gc.collect()
@@ -369,7 +388,7 @@ def test_finished_requests_caches_are_not_retained(model, manager):
 
     slicer = aq.TimeSlicer(quantum_ms=1, manager=manager)
     run_with_timeout(lambda: generate_many(model, [ids(5, 67), ids(4, 68)], slicer=slicer,
-                                           cache=make, max_new_tokens=8, do_sample=False))
+                                           cache_factory=make, max_new_tokens=8, do_sample=False))
     gc.collect()
     assert len(refs) == 2
     assert [r() for r in refs] == [None, None]

@@ -14,6 +14,13 @@ from aqua_offload.state import collect_tensors
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 
+def kv(cache):
+    """The cache under the keyword this transformers' forward wants (cache= from 5.24)."""
+    from aqua_offload.hf import cache_kwarg
+
+    return {cache_kwarg(): cache}
+
+
 def tiny_llama():
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4,
@@ -26,7 +33,7 @@ def test_dynamic_cache_tensors_are_found():
     model = tiny_llama()
     cache = transformers.DynamicCache()
     with torch.no_grad():
-        model(torch.randint(0, 128, (1, 8)), past_key_values=cache, use_cache=True)
+        model(torch.randint(0, 128, (1, 8)), **kv(cache), use_cache=True)
     found = collect_tensors(cache, torch.device("cpu"))
     # one key and one value tensor per layer, (batch, kv heads, tokens, head dim)
     assert len(found) == 4 and all(t.shape == (1, 2, 8, 16) for t in found)
@@ -43,12 +50,12 @@ def test_time_sliced_decoding_gives_the_same_tokens():
         cache = transformers.DynamicCache()
         ids = prompt
         with torch.no_grad():
-            logits = model(ids, past_key_values=cache, use_cache=True).logits
+            logits = model(ids, **kv(cache), use_cache=True).logits
             out = []
             for _ in range(steps):
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
                 out.append(int(nxt))
-                logits = model(nxt, past_key_values=cache, use_cache=True).logits
+                logits = model(nxt, **kv(cache), use_cache=True).logits
         return out
 
     alone = [decode(p) for p in prompts]
@@ -64,11 +71,11 @@ def test_time_sliced_decoding_gives_the_same_tokens():
                 ids = prompts[k]
                 out = []
                 with torch.no_grad():
-                    logits = model(ids, past_key_values=cache, use_cache=True).logits
+                    logits = model(ids, **kv(cache), use_cache=True).logits
                     for _ in range(12):
                         nxt = logits[:, -1].argmax(-1, keepdim=True)
                         out.append(int(nxt))
-                        logits = model(nxt, past_key_values=cache, use_cache=True).logits
+                        logits = model(nxt, **kv(cache), use_cache=True).logits
                 results[k] = out
         except BaseException as exc:
             errors.append(exc)

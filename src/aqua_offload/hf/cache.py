@@ -5,9 +5,10 @@ A layer's keys/values are on the device only while the layer is in use: ``update
 fetches layer i (prefetched during layer i-1), starts prefetching the next offloaded layer on
 the library's copy streams, runs transformers' own layer update, then pages the layer out and
 leaves shape-only ``meta`` placeholders behind (``get_seq_length`` and mask sizes read shapes
-only; a stray read of the data fails loudly instead of returning garbage). The tensors returned
-to attention are the real ones: they are freed by torch once attention used them, so the page
-out takes snapshots (``release=False``) rather than paging the storages out in place.
+only). Model code that reads ``layers[i].keys`` directly gets the real tensors, fetched on
+access (hf/layers.py, Note [Readable layers]). The tensors returned to attention are the real
+ones: they are freed by torch once attention used them, so the page out takes snapshots
+(``release=False``) rather than paging the storages out in place.
 
 Note [Segments]
 A full-attention layer only ever grows at the end of its sequence axis, so its offloaded form
@@ -20,20 +21,38 @@ copied O(log n) times over the whole generation, instead of n times for a full r
 step. Segments are fetched with ``keep=True``, so the tier keeps them for the next step. Any
 operation that may rewrite the prefix (sliding windows, crop, beam reorder, batch edits) ends
 with a full rewrite of the layer instead.
+
+Note [Layer kinds]
+Only transformers' plain ``DynamicLayer`` (and, with ``offload_sliding``,
+``DynamicSlidingWindowLayer``) is offloaded; it becomes an ``OffloadedLayer`` in place. Every
+other kind stays resident and untouched: linear-attention and hybrid layers (Qwen3-Next,
+their conv/recurrent states are small and rewritten every step), ``DummyLayer`` (NemotronH's
+mlp/moe layers, no data), indexed (DSA) and quantized layers. Cache-wide operations (crop,
+beam reorder, batch edits) run transformers' own code on every layer after the offloaded ones
+were brought in.
+
+Note [Copies]
+``copy.deepcopy(cache)`` (transformers' prefix reuse: compute a prompt once, deep-copy it per
+continuation) gives a cache on the same manager that owns its own handles: every segment is
+fetched and offloaded again as a new snapshot, in one batched call each. Handles themselves
+refuse to be copied (two owners would free one block twice).
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import InvalidArgumentError, OutOfMemoryError
 from ..handle import Handle, check_priority
 from ..manager import OffloadManager
+from .layers import (OffloadedLayer, OffloadedSlidingLayer, adopt, is_paged, pack, raw_keys,
+                     raw_values, set_paged, unpack)
 
 __all__ = ["OffloadedCache"]
 
@@ -49,26 +68,27 @@ class _Slot:
     """The offloaded form of one layer (Note [Segments])."""
 
     segments: list[_Segment] = field(default_factory=list)
-    tokens: int = 0            # tokens the segments cover, in order
-    paged: bool = False        # the layer holds meta placeholders; the segments are its data
+    tokens: int = 0            # tokens the segments cover, in order; -1: rewrite whole
     prefetched: bool = False   # a prefetch of every segment is in flight
 
 
 class OffloadedCache(DynamicCache):
     """A ``DynamicCache`` that keeps only the layers in use on the device.
 
-    Use it as ``model.generate(..., past_key_values=OffloadedCache(config=model.config))``.
-    Every other layer lives in the manager's tiers (peer GPU first, then pinned host): layer
-    i+1 is prefetched while layer i computes, and a page out copies only the appended tokens
-    (Note [Segments]). Greedy decoding gives the same tokens as the default cache.
+    Use it as ``model.generate(..., cache=OffloadedCache(config=model.config))`` (transformers
+    >= 5.24; ``past_key_values=`` before, see :func:`aqua_offload.hf.cache_kwarg`), alone or as
+    both halves of an ``EncoderDecoderCache``. Every other layer lives in the manager's tiers
+    (peer GPU first, then pinned host): layer i+1 is prefetched while layer i computes, and a
+    page out copies only the appended tokens (Note [Segments]). Decoding gives the same tokens
+    as the default cache.
 
     Parameters
     ----------
     manager : OffloadManager, optional
         Where layers are offloaded; default: the module's manager of the model's device.
     config : transformers.PretrainedConfig, optional
-        The model's config, so that sliding-window layers get their own (smaller) layer type,
-        as in ``DynamicCache(config=...)``. Recommended.
+        The model's config, so that sliding-window, linear-attention and dummy layers get their
+        own layer type, as in ``DynamicCache(config=...)``. Recommended.
     offload_sliding : bool
         Also offload sliding-window layers (rewritten whole at every step, as their window
         moves). Default False: they are small and stay resident.
@@ -79,8 +99,10 @@ class OffloadedCache(DynamicCache):
 
     Notes
     -----
-    Layers of other kinds (linear attention, KV-sharing, indexed) stay resident. The cache owns
-    its handles: ``close()`` (or dropping the cache) gives their memory back to the tiers.
+    Layers of other kinds stay resident (Note [Layer kinds]). ``layers[i].keys`` and
+    ``.values`` read the real tensors even while the layer is offloaded (fetched on access).
+    ``copy.deepcopy`` gives an independent cache on the same manager (Note [Copies]). The cache
+    owns its handles: ``close()`` (or dropping the cache) gives their memory back to the tiers.
     """
 
     def __init__(self, manager: OffloadManager | None = None, *, config: Any = None,
@@ -98,6 +120,10 @@ class OffloadedCache(DynamicCache):
         self._lock = threading.RLock()  # a cache is used by one thread at a time; close() may race
         self.bytes_offloaded = 0  # cumulative bytes copied to the tiers
         self.bytes_fetched = 0    # cumulative bytes copied back
+        if self.layer_class_to_replicate is DynamicLayer:
+            self.layer_class_to_replicate = OffloadedLayer
+        for i, layer in enumerate(self.layers):
+            adopt(layer, self, i, self._offload_sliding)
 
     # -- the transformers Cache interface ------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -108,10 +134,12 @@ class OffloadedCache(DynamicCache):
             if self.layer_class_to_replicate is not None:
                 while len(self.layers) <= layer_idx:
                     self.layers.append(self.layer_class_to_replicate())
+            layer = self.layers[layer_idx]
+            if self._offloadable(layer) is not None and "_aq_cache" not in layer.__dict__:
+                adopt(layer, self, layer_idx, self._offload_sliding)
             self._bring_in(layer_idx, manager)
             if self._prefetch_next:
                 self._prefetch_after(layer_idx, manager)
-            layer = self.layers[layer_idx]
             before = _length(layer)
             keys, values = layer.update(key_states, value_states, *args, **kwargs)
             self._page_out(layer_idx, manager, before)
@@ -133,17 +161,59 @@ class OffloadedCache(DynamicCache):
         """Drop every layer's data (offloaded segments included), keeping the layer objects."""
         with self._lock:
             for i in range(len(self._slots)):
-                self._drop_segments(i)  # the layers' reset drops the placeholders
+                self._drop_segments(i)
             super().reset()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | None, ...]]:
-        # Copies of offloaded layers; the cache itself stays offloaded.
-        for i, layer in enumerate(self.layers):
-            keys, values = layer.keys, layer.values
-            slot = self._slots[i] if i < len(self._slots) else None
-            if slot is not None and slot.paged:
-                keys, values = self._materialize(i, self._manager_for(None))
-            yield keys, values, getattr(layer, "_sliding_window_tensor", None)
+        # The layers' properties fetch copies of offloaded layers; the cache stays offloaded.
+        for layer in self.layers:
+            yield layer.keys, layer.values, getattr(layer, "_sliding_window_tensor", None)
+
+    # -- copies (Note [Copies]) -------------------------------------------------------------
+    def __deepcopy__(self, memo: dict[int, Any]) -> "OffloadedCache":
+        with self._lock:
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            own = {"_lock", "_slots", "_manager", "layers"}
+            for name, value in self.__dict__.items():
+                if name not in own:
+                    new.__dict__[name] = copy.deepcopy(value, memo)
+            new._manager = self._manager  # shared: the copy lives in the same tiers
+            new._lock = threading.RLock()
+            new.layers = []
+            for i, layer in enumerate(self.layers):
+                borrowed = layer.__dict__.pop("_aq_borrowed", None)
+                try:
+                    twin = copy.deepcopy(layer, memo)
+                finally:
+                    if borrowed is not None:
+                        layer.__dict__["_aq_borrowed"] = borrowed
+                if "_aq_cache" in twin.__dict__:
+                    adopt(twin, new, i, new._offload_sliding)
+                new.layers.append(twin)
+            new._slots = self._copy_slots()
+            return new
+
+    def __copy__(self) -> "OffloadedCache":
+        # A shallow copy would share handles (two owners, one block freed twice): copy deeply.
+        return self.__deepcopy__({})
+
+    def _copy_slots(self) -> list[_Slot]:
+        segs = [(i, seg) for i, slot in enumerate(self._slots) for seg in slot.segments]
+        slots = [_Slot(tokens=slot.tokens) for slot in self._slots]
+        if not segs:
+            return slots
+        manager = self._manager_of([seg.handle for _, seg in segs])
+        bufs = manager.fetch_many([seg.handle for _, seg in segs], keep=True)
+        for slot in self._slots:
+            slot.prefetched = False  # the fetch consumed the prefetches
+        self.bytes_fetched += sum(seg.handle.nbytes for _, seg in segs)
+        # Fresh buffers, never written again: the snapshots need no fence.
+        handles = manager.offload_many(bufs, release=False, priority=self._priority,
+                                       fence="deferred")
+        for (i, seg), h in zip(segs, handles):
+            slots[i].segments.append(_Segment(h, seg.tokens))
+        return slots
 
     # -- lifetime and reporting -----------------------------------------------------------
     def close(self) -> None:
@@ -160,7 +230,7 @@ class OffloadedCache(DynamicCache):
         """Called by a :class:`~aqua_offload.TimeSlicer` before it pages this cache out: a
         prefetched layer would otherwise stay on the device while the workload is parked."""
         with self._lock:
-            for i, slot in enumerate(self._slots):
+            for slot in self._slots:
                 if slot.prefetched:
                     handles = [seg.handle for seg in slot.segments]
                     self._manager_of(handles).fetch_many(handles, keep=True)  # then dropped
@@ -169,19 +239,41 @@ class OffloadedCache(DynamicCache):
     def stats(self) -> dict[str, Any]:
         """Offloaded and resident layers, segments, bytes in the tiers and traffic so far."""
         with self._lock:
-            paged = [s for s in self._slots if s.paged]
-            return {"layers": len(self.layers), "offloaded_layers": len(paged),
-                    "resident_layers": len(self.layers) - len(paged),
+            paged = sum(1 for layer in self.layers if is_paged(layer))
+            return {"layers": len(self.layers), "offloaded_layers": paged,
+                    "resident_layers": len(self.layers) - paged,
                     "segments": sum(len(s.segments) for s in self._slots),
                     "bytes_in_tiers": sum(seg.handle.nbytes for s in self._slots
                                           for seg in s.segments),
                     "bytes_offloaded": self.bytes_offloaded,
                     "bytes_fetched": self.bytes_fetched}
 
+    def is_offloaded(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx``'s data lives in the tiers (its tensors are placeholders
+        that a read of ``keys``/``values`` fetches)."""
+        return 0 <= layer_idx < len(self.layers) and is_paged(self.layers[layer_idx])
+
     def __repr__(self) -> str:
         st = self.stats()
         return (f"OffloadedCache(layers={st['layers']}, offloaded={st['offloaded_layers']}, "
                 f"segments={st['segments']}, bytes_in_tiers={st['bytes_in_tiers']})")
+
+    # -- reads and writes from outside (hf/layers.py, Note [Readable layers]) -----------------
+    def _read_paged(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            layer = self.layers[i]
+            if not is_paged(layer):
+                return raw_keys(layer), raw_values(layer)
+            manager = self._manager_of([seg.handle for seg in self._slots[i].segments])
+            pair = self._materialize(i, manager)
+            if self._prefetch_next:
+                self._prefetch_after(i, manager)  # the reader moves on to the next layer
+            return pair
+
+    def _write_paged(self, i: int) -> None:
+        with self._lock:
+            self._restore_placeholders(i)
+            self._slot(i).tokens = -1  # written from outside: its prefix is unknown
 
     # -- paging (Note [Layer residency]) --------------------------------------------------
     def _manager_for(self, device: torch.device | None) -> OffloadManager:
@@ -205,25 +297,29 @@ class OffloadedCache(DynamicCache):
             self._slots.append(_Slot())
         return self._slots[i]
 
-    def _offloadable(self, layer: Any) -> str | None:
-        """``append`` (prefix preserved by update), ``rewrite`` (whole layer), or None."""
-        if type(layer) is DynamicLayer:
+    @staticmethod
+    def _offloadable(layer: Any) -> str | None:
+        """``append`` (prefix preserved by update), ``rewrite`` (whole layer), or None
+        (Note [Layer kinds])."""
+        if type(layer) is OffloadedLayer:
             return "append"
-        if type(layer) is DynamicSlidingWindowLayer and self._offload_sliding:
+        if type(layer) is OffloadedSlidingLayer:
             return "rewrite"
         return None
 
     def _materialize(self, i: int, manager: OffloadManager) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's keys and values, fetched from its segments (the segments stay)."""
         slot, layer = self._slots[i], self.layers[i]
+        keys_like, values_like = raw_keys(layer), raw_values(layer)
         if not slot.segments:
-            return (torch.empty(layer.keys.shape, dtype=layer.keys.dtype, device=manager.device),
-                    torch.empty(layer.values.shape, dtype=layer.values.dtype, device=manager.device))
+            return (torch.empty(keys_like.shape, dtype=keys_like.dtype, device=manager.device),
+                    torch.empty(values_like.shape, dtype=values_like.dtype,
+                                device=manager.device))
         handles = [seg.handle for seg in slot.segments]
         got = manager.fetch_many(handles, keep=True)
         slot.prefetched = False
         self.bytes_fetched += sum(h.nbytes for h in handles)
-        pairs = [_unpack(buf, layer.keys, layer.values, seg.tokens)
+        pairs = [unpack(buf, keys_like, values_like, seg.tokens)
                  for buf, seg in zip(got, slot.segments)]
         if len(pairs) == 1:
             return pairs[0]
@@ -231,18 +327,18 @@ class OffloadedCache(DynamicCache):
                 torch.cat([v for _, v in pairs], dim=-2))
 
     def _bring_in(self, i: int, manager: OffloadManager) -> None:
-        slot = self._slot(i)
-        if slot.paged:
-            layer = self.layers[i]
-            layer.keys, layer.values = self._materialize(i, manager)
-            slot.paged = False
+        layer = self.layers[i]
+        self._slot(i)
+        if is_paged(layer):
+            keys, values = self._materialize(i, manager)
+            set_paged(layer, keys, values, False)
 
     def _prefetch_after(self, i: int, manager: OffloadManager) -> None:
         """Start copying the next offloaded layer (circularly, as the next step starts at 0)."""
         n = len(self._slots)
         for j in [*range(i + 1, n), *range(0, i)]:
             slot = self._slots[j]
-            if slot.paged and slot.segments:
+            if slot.segments and j < len(self.layers) and is_paged(self.layers[j]):
                 if not slot.prefetched:
                     manager.prefetch_many([seg.handle for seg in slot.segments])
                     slot.prefetched = True
@@ -251,9 +347,9 @@ class OffloadedCache(DynamicCache):
     def _page_out(self, i: int, manager: OffloadManager, before: int) -> None:
         layer, slot = self.layers[i], self._slot(i)
         kind = self._offloadable(layer)
-        if kind is None or not layer.is_initialized:
+        if kind is None or not layer.is_initialized or is_paged(layer):
             return
-        keys, values = layer.keys, layer.values
+        keys, values = raw_keys(layer), raw_values(layer)
         length = _length(layer)
         start, merged, popped = 0, list(slot.segments), False
         if kind == "append" and 0 <= before == slot.tokens <= length:
@@ -266,7 +362,7 @@ class OffloadedCache(DynamicCache):
             try:
                 # The packed copy is never written again: the snapshot needs no fence, so decoding
                 # goes on while it is copied (its memory is kept alive until the copy ran).
-                handle = manager.offload(_pack(keys[..., start:, :], values[..., start:, :]),
+                handle = manager.offload(pack(keys[..., start:, :], values[..., start:, :]),
                                          release=False, priority=self._priority,
                                          fence="deferred")
             except OutOfMemoryError:
@@ -274,6 +370,7 @@ class OffloadedCache(DynamicCache):
                 # its next page out rewrites it whole.
                 if popped:
                     slot.segments.extend(reversed(merged))
+                slot.tokens = -1
                 return
             new.append(_Segment(handle, length - start))
             self.bytes_offloaded += handle.nbytes
@@ -283,61 +380,43 @@ class OffloadedCache(DynamicCache):
             manager.free(seg.handle)
         slot.segments.extend(new)
         slot.tokens = length
-        layer.keys = torch.empty(keys.shape, dtype=keys.dtype, device="meta")
-        layer.values = torch.empty(values.shape, dtype=values.dtype, device="meta")
-        slot.paged = True
+        set_paged(layer, torch.empty(keys.shape, dtype=keys.dtype, device="meta"),
+                  torch.empty(values.shape, dtype=values.dtype, device="meta"), True)
 
     def _restore_placeholders(self, i: int) -> None:
         """Before an operation that reads every layer: bring it back (resident)."""
-        slot = self._slots[i]
-        if slot.paged:
-            self._bring_in(i, self._manager_of([s.handle for s in slot.segments]))
+        if i < len(self.layers) and is_paged(self.layers[i]):
+            self._bring_in(i, self._manager_of([s.handle for s in self._slots[i].segments]))
 
     def _drop_segments(self, i: int) -> None:
         slot = self._slots[i]
         for seg in slot.segments:
             seg.handle.manager.free(seg.handle)
         self._slots[i] = _Slot()
+        if i < len(self.layers) and is_paged(self.layers[i]):
+            layer = self.layers[i]  # its data is gone: empty placeholders, reset next
+            set_paged(layer, raw_keys(layer), raw_values(layer), False)
 
     def _rewriting(self, op: str, *args: Any) -> None:
         """Run a DynamicCache operation that may rewrite any layer, then page out whole."""
         with self._lock:
-            for i in range(len(self._slots)):
+            ours = [i for i, layer in enumerate(self.layers)
+                    if self._offloadable(layer) is not None]
+            for i in ours:
                 self._restore_placeholders(i)
             getattr(super(), op)(*args)
-            for i in range(len(self._slots)):
-                self._slots[i].tokens = -1  # prefix unknown: full rewrite
-                if self._slots[i].segments or self.layers[i].is_initialized:
-                    device = self.layers[i].keys.device if self.layers[i].is_initialized else None
-                    self._page_out(i, self._manager_for(device), -1)
+            for i in ours:
+                layer, slot = self.layers[i], self._slot(i)
+                slot.tokens = -1  # prefix unknown: full rewrite
+                keys = raw_keys(layer)
+                if layer.is_initialized and keys is not None:
+                    self._page_out(i, self._manager_for(keys.device), -1)
+                elif slot.segments:
+                    self._drop_segments(i)
 
 
 def _length(layer: Any) -> int:
-    if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+    keys = raw_keys(layer)
+    if not layer.is_initialized or keys is None or keys.numel() == 0:
         return 0
-    return int(layer.keys.shape[-2])
-
-
-def _pack(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One contiguous byte tensor: the keys' bytes, then the values' (a device copy of the new
-    tokens only; the snapshot needs a contiguous source anyway)."""
-    return torch.cat([keys.contiguous().reshape(-1).view(torch.uint8),
-                      values.contiguous().reshape(-1).view(torch.uint8)])
-
-
-def _unpack(buf: torch.Tensor, keys_like: torch.Tensor, values_like: torch.Tensor,
-            tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of a fetched segment as keys and values of ``tokens`` tokens (shapes from the
-    layer's placeholders, sequence axis -2)."""
-    kshape = (*keys_like.shape[:-2], tokens, keys_like.shape[-1])
-    vshape = (*values_like.shape[:-2], tokens, values_like.shape[-1])
-    kbytes = keys_like.element_size() * _numel(kshape)
-    return (buf[:kbytes].view(keys_like.dtype).view(kshape),
-            buf[kbytes:].view(values_like.dtype).view(vshape))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return int(keys.shape[-2])

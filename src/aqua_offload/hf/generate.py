@@ -5,6 +5,7 @@ a stopping criterion (called once per generated token, after the token exists) i
 point: it records the first token's time and calls ``checkpoint()``, where the slicer may
 park the request and page its KV cache out. Only the slice holding the turn runs model code
 (TimeSlicer, Note [Turns]), so the threads never run the shared model concurrently.
+Per-request arguments, caches and seeds: hf/requests.py.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import InvalidArgumentError
 from ..timeslice import Slice, TimeSlicer
+from .compat import cache_kwarg
+from .requests import (RngState, check_seeds, prepare_requests, request_caches,
+                       resolve_factory, split_cache)
 
 __all__ = ["GenerateResult", "generate_many", "summarize"]
 
@@ -63,9 +67,11 @@ class GenerateResult:
 class _YieldPoint(StoppingCriteria):
     """Never stops generation: records the first token's time and yields the turn."""
 
-    def __init__(self, slice_: Slice, clock: Callable[[], float]) -> None:
+    def __init__(self, slice_: Slice, clock: Callable[[], float],
+                 rng: RngState | None = None) -> None:
         self.slice = slice_
         self.clock = clock
+        self.rng = rng
         self.first_token: float | None = None
         self.calls = 0
 
@@ -73,14 +79,18 @@ class _YieldPoint(StoppingCriteria):
         self.calls += 1
         if self.first_token is None:
             self.first_token = self.clock()
+        if self.rng is not None:  # Note [Seeds] (hf/requests.py)
+            self.rng.save()
         self.slice.checkpoint()
+        if self.rng is not None:
+            self.rng.restore()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def generate_many(model: Any, inputs: Sequence[torch.Tensor | Mapping[str, Any]], *,
                   slicer: TimeSlicer | None = None, arrivals: Sequence[float] | None = None,
                   names: Sequence[str] | None = None, weights: Sequence[float] | None = None,
-                  cache: Callable[[], Any] | None = None,
+                  cache_factory: Any = None, seeds: Sequence[int | None] | None = None,
                   **generate_kwargs: Any) -> list[GenerateResult]:
     """Run several ``model.generate`` requests concurrently, time-sliced per token.
 
@@ -90,7 +100,10 @@ def generate_many(model: Any, inputs: Sequence[torch.Tensor | Mapping[str, Any]]
         Shared by every request.
     inputs : sequence of tensors or mappings
         Per request: ``input_ids`` (a tensor), or the keyword arguments of ``generate``
-        for it (e.g. a tokenizer's output: ``input_ids``, ``attention_mask``).
+        for it (e.g. a tokenizer's output: ``input_ids``, ``attention_mask``). A mapping may
+        carry the request's own cache (``cache=`` or ``past_key_values=``, e.g. a previous
+        turn's), not shared with another request; it is left open. Its other keys are merged
+        with ``generate_kwargs`` (hf/requests.py, Note [Request arguments]).
     slicer : TimeSlicer, optional
         Schedules the requests (``policy="fcfs"`` runs each to completion in arrival order).
         Default: a ``fair`` slicer with a 20 ms quantum on the default manager of the model's
@@ -99,10 +112,18 @@ def generate_many(model: Any, inputs: Sequence[torch.Tensor | Mapping[str, Any]]
         Per request, seconds after the call at which it arrives (a burst: all 0, the default).
     names, weights : sequences, optional
         Slice names and ``fair`` weights per request.
-    cache : callable, optional
-        Makes each request's KV cache (e.g. ``lambda: OffloadedCache(config=model.config)``);
-        default: ``DynamicCache(config=model.config)``. The cache is the slice's state: its
-        tensors are paged out when the request is preempted.
+    cache_factory : Cache class or callable, optional
+        Makes each request's KV cache: a Cache class (``OffloadedCache`` is built on the
+        slicer's manager; an encoder-decoder model gets an ``EncoderDecoderCache`` of two), or
+        a function returning a new cache per call (e.g. ``lambda:
+        OffloadedCache(manager, config=model.config)``). Default: ``DynamicCache``. The
+        cache is the slice's state: its tensors are paged out when the request is preempted.
+        Caches made here are closed when their request ends. A cache instance is refused (it
+        would be shared by every request).
+    seeds : sequence of int or None, optional
+        Per request, a seed for sampling: the request gets the tokens of
+        ``torch.manual_seed(seed); model.generate(...)`` run alone, whatever the interleaving
+        (hf/requests.py, Note [Seeds]). None: unseeded (the global generators, shared).
     **generate_kwargs
         Passed to every ``generate`` call (``max_new_tokens``, ``do_sample``, ...).
 
@@ -111,10 +132,17 @@ def generate_many(model: Any, inputs: Sequence[torch.Tensor | Mapping[str, Any]]
     list of GenerateResult
         In the order of ``inputs``. If a request raised, the first error is raised once every
         request has ended.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Before any request starts: bad per-request sequences, inputs, slicer, seeds, a cache
+        instance for all requests, or a cache shared by two requests.
     """
     n = len(inputs)
     arrivals = _per_request(arrivals, n, 0.0, "arrivals", lambda a: a >= 0)
     weights = _per_request(weights, n, 1.0, "weights", lambda w: w > 0)
+    seeds = check_seeds(seeds, n)
     if names is None:
         names = [f"req-{i}" for i in range(n)]
     elif isinstance(names, str) or len(names) != n:
@@ -122,12 +150,10 @@ def generate_many(model: Any, inputs: Sequence[torch.Tensor | Mapping[str, Any]]
     names = [str(x) for x in names]
     if slicer is not None and not isinstance(slicer, TimeSlicer):
         raise InvalidArgumentError(f"slicer must be a TimeSlicer, got {slicer!r}")
-    requests = [_as_kwargs(x) for x in inputs]
-    if "past_key_values" in generate_kwargs or any("past_key_values" in r for r in requests):
-        raise InvalidArgumentError("generate_many: a cache cannot be shared by requests; pass "
-                                   "cache=<a function making one cache per request>")
-    make_cache = cache or (lambda: DynamicCache(config=model.config))
-    user_criteria = generate_kwargs.pop("stopping_criteria", None)
+    shared, shared_cache = split_cache(dict(generate_kwargs), "generate_kwargs")
+    make_cache = resolve_factory(model, cache_factory, shared_cache,
+                                 slicer.manager if slicer is not None else None)
+    requests = prepare_requests([_as_kwargs(x) for x in inputs], shared)
     own = slicer is None
     if own:
         from ..defaults import default_manager
@@ -136,31 +162,66 @@ def generate_many(model: Any, inputs: Sequence[torch.Tensor | Mapping[str, Any]]
     start = clock()
     results: list[GenerateResult | None] = [None] * n
     errors: list[BaseException] = []
+    live: dict[int, int] = {}  # id of each live cache -> its request (made caches included)
+    live_lock = threading.Lock()
+
+    def claim(i: int, kv: Any) -> None:
+        """A factory returning one cache twice would share it: refuse (Note [Request
+        arguments])."""
+        with live_lock:
+            parts = request_caches(kv)
+            for c in parts:
+                if id(c) in live:
+                    raise InvalidArgumentError(
+                        f"generate_many: cache_factory returned, for request {i}, a cache that "
+                        f"request {live[id(c)]} uses; it must make a new cache per call")
+            for c in parts:
+                live[id(c)] = i
+
+    def release(kv: Any) -> None:
+        with live_lock:
+            for c in request_caches(kv):
+                live.pop(id(c), None)
+
+    for i, (_, kv) in enumerate(requests):
+        if kv is not None:
+            claim(i, kv)
 
     def run(i: int) -> None:
+        kwargs, kv = requests[i]
+        made = kv is None
         try:
             delay = start + arrivals[i] - clock()
             if delay > 0:
                 time.sleep(delay)
             arrived = clock()
-            kv = make_cache()
+            if made:
+                kv = make_cache()
+                claim(i, kv)
+            rng = RngState(seeds[i], model.device) if seeds[i] is not None else None
             try:
                 with slicer.slice(state=kv, name=names[i], weight=weights[i]) as s:
-                    point = _YieldPoint(s, clock)
-                    criteria = StoppingCriteriaList([*(user_criteria or []), point])
-                    out = model.generate(**requests[i], past_key_values=kv,
-                                         stopping_criteria=criteria, **generate_kwargs)
-            finally:  # an OffloadedCache gives its tier memory back, also on failure
-                close = getattr(kv, "close", None)
-                if callable(close):
-                    close()
+                    if rng is not None:
+                        rng.start()  # holding the turn (Note [Seeds])
+                    point = _YieldPoint(s, clock, rng)
+                    criteria = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
+                                                     point])
+                    call = {**kwargs, "stopping_criteria": criteria, cache_kwarg(): kv}
+                    out = model.generate(**call)
+            finally:  # a made OffloadedCache gives its tier memory back, also on failure
+                if made and kv is not None:
+                    release(kv)
+                    for c in request_caches(kv):
+                        close = getattr(c, "close", None)
+                        if callable(close):
+                            close()
             done = clock()
             seqs = getattr(out, "sequences", out)
             results[i] = GenerateResult(
                 name=names[i], sequences=seqs,
                 ttft_s=(point.first_token if point.first_token is not None else done) - arrived,
                 latency_s=done - arrived, preemptions=s.preemptions,
-                new_tokens=_new_tokens(seqs, requests[i], point.calls),
+                new_tokens=_new_tokens(seqs, kwargs, point.calls),
                 arrival_s=arrived - start, bytes_paged_out=s.bytes_paged_out,
                 bytes_paged_in=s.bytes_paged_in, output=out)
         except BaseException as e:  # re-raised in the caller's thread
