@@ -2,7 +2,8 @@
 
 Subcommands: ``info`` (backend, GPUs, peer access, NVLink, pools, versions), ``bench`` (the
 benchmarks of :mod:`aqua_offload.bench`), ``sim`` (the simulator, :mod:`aqua_offload.sim`) and
-``lending`` (the cross-process lending ledger, :mod:`aqua_offload.lending`). Each subcommand
+``lending`` (the cross-process lending ledger, :mod:`aqua_offload.lending`) and ``lend`` (a
+lender of the remote tier over NIXL, :mod:`aqua_offload.remote`). Each subcommand
 module owns its arguments (``add_arguments``/``run``); this file only assembles them, so
 ``aqua-offload bench copy ...`` and ``python -m aqua_offload.bench copy ...`` are one
 implementation.
@@ -63,7 +64,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             ("sim", "aqua_offload.sim.__main__",
              "simulate an N-GPU server: TTFT and throughput per policy and tier"),
             ("lending", "aqua_offload.lending.__main__",
-             "show the cross-process lending ledger: offers, leases, pending reclaims")):
+             "show the cross-process lending ledger: offers, leases, pending reclaims"),
+            ("lend", "aqua_offload.remote.__main__",
+             "lend host or GPU memory to other processes or nodes over NIXL")):
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=text, description=(mod.__doc__ or text).split("\n\n")[0])
         mod.add_arguments(p)
