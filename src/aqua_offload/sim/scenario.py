@@ -64,6 +64,7 @@ class GPUConfig:
     reserved_bytes: int = 0      # activations and workspace: never used for KV
     max_batch: int = 256         # most requests resident (holding a turn) at once
     max_prefill_tokens: int = 8192  # prefill tokens per iteration (chunk budget)
+    nvlink_domain: int = 0       # GPUs page to each other's loans only within one domain
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def _parse_gpus(d: dict[str, Any], models: dict[str, ModelSpec]) -> tuple[GPUCon
     for k, t in enumerate(_list_of_tables(d, "gpus", required=True)):
         path = f"gpus[{k}]"
         _check_keys(t, path, ("count", "memory", "serves", "lends", "reserved", "max_batch",
-                              "max_prefill_tokens"))
+                              "max_prefill_tokens", "nvlink_domain"))
         serves = _get(t, "serves", path, _str, None)
         if serves is not None and serves not in models:
             raise _fail(f"{path}.serves", f"unknown model {serves!r} (models: "
@@ -211,7 +212,8 @@ def _parse_gpus(d: dict[str, Any], models: dict[str, ModelSpec]) -> tuple[GPUCon
         for _ in range(count):
             gpus.append(GPUConfig(len(gpus), memory, serves, lends, reserved,
                                   _get(t, "max_batch", path, _int(1), 256),
-                                  _get(t, "max_prefill_tokens", path, _int(1), 8192)))
+                                  _get(t, "max_prefill_tokens", path, _int(1), 8192),
+                                  _get(t, "nvlink_domain", path, _int(0), 0)))
     if not any(g.serves for g in gpus):
         raise _fail("gpus", "no GPU serves a model (set serves = \"<model>\" on one)")
     return tuple(gpus)

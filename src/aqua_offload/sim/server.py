@@ -7,7 +7,8 @@ to GPU b crosses a's egress and b's ingress, so two consumers paging into one pr
 its ingress. Host memory and the switch are not bottlenecks (not modelled); host capacity is
 unlimited. Paging never splits a request's state: it lands whole on one lender (the one with
 the most free lent bytes, lowest index on ties; never the paging GPU's own loan, when a GPU
-both serves and lends) or, if none has room, on the host.
+both serves and lends; only a lender in the same ``nvlink_domain``: GPUs of different domains
+have no NVLink between them) or, if none has room, on the host.
 
 Note [Streams]
 Copies between one pair of endpoints (this GPU to the host, this GPU to that peer, and back)
@@ -78,6 +79,7 @@ class Server:
     def __init__(self, engine: EventEngine, gpus: tuple[GPUConfig, ...], links: LinkSpec) -> None:
         self.engine = engine
         self.gpus = gpus
+        self._domain = {g.index: g.nvlink_domain for g in gpus}
         self.net = Network(engine)
         for g in gpus:
             self.net.add_channel(f"gpu{g.index}.pcie.d2h", links.pcie_bytes_per_s,
@@ -164,8 +166,11 @@ class Server:
     # -- internals -----------------------------------------------------------------------------
     def _choose_pool(self, nbytes: int, gpu: int) -> LentPool | None:
         best = None
+        domain = self._domain[gpu]
         for pool in self.pools.values():  # GPU order: ties go to the lowest index
             if pool.gpu == gpu:  # its own loan: paging into itself would free nothing
+                continue
+            if self._domain[pool.gpu] != domain:  # no NVLink path between them
                 continue
             if pool.free >= nbytes and (best is None or pool.free > best.free):
                 best = pool
