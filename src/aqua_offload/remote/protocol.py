@@ -33,6 +33,7 @@ import hmac
 import json
 import os
 import secrets
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -319,10 +320,15 @@ def load_token(token: str | bytes | None = None, *, token_file: str | os.PathLik
     elif token_file is not None:
         where = f"token file {os.fspath(token_file)!r}"
         try:
-            with open(token_file, "rb") as f:
-                raw = f.read(MAX_TOKEN_FILE + 1)
+            # O_NONBLOCK: a FIFO in the token's place must not hang the lender at start.
+            fd = os.open(token_file, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
             raise InvalidArgumentError(f"cannot read {where}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidArgumentError(f"{where} is not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(MAX_TOKEN_FILE + 1)
         if len(raw) > MAX_TOKEN_FILE:
             raise InvalidArgumentError(f"{where} is over {MAX_TOKEN_FILE} bytes: not a token")
     else:
