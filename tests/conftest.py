@@ -198,3 +198,36 @@ def ledger_path(tmp_path, monkeypatch):
     monkeypatch.setenv("AQUA_OFFLOAD_LEDGER", str(path))
     monkeypatch.setenv("AQUA_OFFLOAD_LEASE_CHUNK", "1MiB")
     return path
+
+
+@pytest.fixture
+def remote_lender():
+    """An in-process NIXL lender on loopback: 16 MiB of host memory in 4 MiB segments, token
+    ``remote_helpers.TOKEN``, closed at teardown. Tests using it carry ``needs_nixl``."""
+    from remote_helpers import TOKEN
+
+    from aqua_offload.remote import Lender
+
+    with Lender(TOKEN, host_bytes="16MiB", segment_bytes="4MiB") as lender:
+        yield lender
+
+
+@pytest.fixture
+def remote_clients():
+    """Factory of RemoteClients (``make(address, **kw)``, token ``remote_helpers.TOKEN``,
+    deadline 5 s unless given), closed at teardown."""
+    from remote_helpers import TOKEN
+
+    from aqua_offload.remote import RemoteClient
+
+    made = []
+
+    def make(address: str, **kw):
+        kw.setdefault("deadline_s", 5.0)
+        c = RemoteClient(address, kw.pop("token", TOKEN), **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
