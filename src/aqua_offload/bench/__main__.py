@@ -170,10 +170,23 @@ def _add_burst(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantum-ms", type=float, default=20.0)
     p.add_argument("--spread-s", type=float, default=0.0,
                    help="seconds between arrivals (default 0: all at once)")
-    p.set_defaults(func=lambda a: _run("burst", a, lambda: burst.run_burst_benchmark(
+    p.add_argument("--validate", action="store_true",
+                   help="instead: one small workload through the real TimeSlicer and through "
+                        "the simulator calibrated on this machine; prints the errors")
+    p.set_defaults(func=_run_burst)
+
+
+def _run_burst(a: argparse.Namespace) -> int:
+    if a.validate:
+        if a.plot is not None:
+            print("aqua_offload.bench burst: --validate draws no plot", file=sys.stderr)
+            return 2
+        return _run("burst", a, lambda: burst.run_burst_validation(
+            backend=a.backend, quick=a.quick), burst.format_burst_validation)
+    return _run("burst", a, lambda: burst.run_burst_benchmark(
         model=a.model, backend=a.backend, quick=a.quick, requests=a.requests,
         new_tokens=a.new_tokens, quantum_ms=a.quantum_ms, spread_s=a.spread_s,
-        progress=_progress(a, "burst")), burst.format_burst_table))
+        progress=_progress(a, "burst")), burst.format_burst_table)
 
 
 def add_benchmarks(sub: argparse._SubParsersAction) -> None:

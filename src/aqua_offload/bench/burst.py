@@ -22,7 +22,8 @@ from ..timeslice import TimeSlicer
 from .measure import EMULATION_LABEL, VerificationError
 from .models import bench_device, build_model, cpu_threads, device_label, random_prompts
 
-__all__ = ["run_burst_benchmark", "format_burst_table"]
+__all__ = ["run_burst_benchmark", "format_burst_table", "run_burst_validation",
+           "format_burst_validation"]
 
 
 def run_burst_benchmark(*, model: str | None = None, backend: str = "auto", quick: bool = False,
@@ -107,3 +108,32 @@ def format_burst_table(result: dict[str, Any]) -> str:
                      f"{r['bytes_paged'] / 2**20:>7.1f}MiB {r['preemptions']:>8} "
                      f"{r['ttft_p99_gain']:>8.1f}x {r['throughput_ratio']:>6.2f}")
     return "\n".join(lines)
+
+
+def run_burst_validation(*, backend: str = "auto", quick: bool = False, policy: str = "fair"
+                         ) -> dict[str, Any]:
+    """``bench burst --validate``: the same small workload through the real
+    :class:`~aqua_offload.TimeSlicer` on this machine's backend and through the simulator with
+    costs calibrated here (:func:`aqua_offload.sim.validate.validate`); returns its result
+    (relative errors of TTFT p50/p99 and throughput, turn orders) plus ``device``, ``backend``,
+    ``label`` and ``rows`` for the JSON and plot paths of the other benchmarks."""
+    from ..sim.validate import validate
+
+    backend, device = bench_device(backend)
+    name = "cpu" if backend == "emulation" else str(device)
+    result = validate(quick=quick, policy=policy, device=name)
+    label = device_label(device)
+    result.update({"device": label, "backend": backend,
+                   "label": EMULATION_LABEL if backend == "emulation" else None,
+                   "rows": [{"metric": k, "real": result["real"][k], "sim": result["sim"][k],
+                             "rel_error": result["rel_error"][k], "device": label,
+                             "backend": backend} for k in result["real"]]})
+    return result
+
+
+def format_burst_validation(result: dict[str, Any]) -> str:
+    """The validation table, under the emulation label when it ran on the emulation backend."""
+    from ..sim.validate import format_validation
+
+    head = [f"*** {result['label']} ***"] if result["label"] else []
+    return "\n".join(head + [f"device: {result['device']}", format_validation(result)])

@@ -1,6 +1,8 @@
 """Validation: the real TimeSlicer against the simulator, on the same small workload.
 
-The real side runs one thread per task on the emulation backend (``device="cpu"``): each task
+The real side runs one thread per task on the emulation backend (``device="cpu"``, the
+default) or on a GPU (``device="cuda:0"``: the host tier is then real pinned memory over PCIe;
+``aqua-offload bench burst --validate`` picks the device as every benchmark does): each task
 enters ``TimeSlicer.slice`` at its arrival time with a state of a few MiB of random tensors,
 does ``steps`` steps of ``step_s`` (a sleep: a stand-in for a kernel that leaves the CPU to the
 copy threads) and calls ``checkpoint()`` between steps, so preempted state is really paged out
@@ -79,16 +81,19 @@ def compress_turns(ids: Sequence[Any]) -> list[Any]:
     return out
 
 
-def _state(nbytes: int, seed: int) -> list[Any]:
+def _state(nbytes: int, seed: int, device: str = "cpu") -> list[Any]:
     import torch
     g = torch.Generator().manual_seed(seed)
     half = nbytes // 8  # two float32 tensors of nbytes / 2 each: never zeros
-    return [torch.rand(half, generator=g) + 1.0, torch.rand(half, generator=g) + 1.0]
+    return [(torch.rand(half, generator=g) + 1.0).to(device),
+            (torch.rand(half, generator=g) + 1.0).to(device)]
 
 
-def calibrate(state_bytes: int, step_s: float, samples: int = 5) -> Calibration:
+def calibrate(state_bytes: int, step_s: float, samples: int = 5,
+              device: str = "cpu") -> Calibration:
     """Time ``samples`` sleeps of ``step_s`` and offload/fetch round trips of a state of
-    ``state_bytes`` on the emulation backend (medians)."""
+    ``state_bytes`` on ``device`` (``"cpu"``: the emulation backend; ``"cuda:N"``: the host
+    tier over PCIe) (medians)."""
     from ..manager import OffloadManager
     steps = []
     for _ in range(samples):
@@ -96,14 +101,15 @@ def calibrate(state_bytes: int, step_s: float, samples: int = 5) -> Calibration:
         time.sleep(step_s)
         steps.append(time.perf_counter() - t0)
     outs, ins = [], []
-    with OffloadManager("cpu", peers=None, host_bytes=max(4 * state_bytes, 1 << 20)) as m:
-        state = _state(state_bytes, 0)
+    with OffloadManager(device, peers=None, host_bytes=max(4 * state_bytes, 1 << 20)) as m:
+        state = _state(state_bytes, 0, device)
         for _ in range(samples):
             t0 = time.perf_counter()
             hs = m.offload_many(state, release=True)
             m.synchronize()
             t1 = time.perf_counter()
             m.fetch_many(hs)
+            _sync(device)
             t2 = time.perf_counter()
             outs.append(t1 - t0)
             ins.append(t2 - t1)
@@ -112,11 +118,19 @@ def calibrate(state_bytes: int, step_s: float, samples: int = 5) -> Calibration:
                        nbytes / statistics.median(ins))
 
 
+def _sync(device: str) -> None:
+    """Wait for the device's streams (a fetch returns before a GPU copy lands)."""
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize(device)
+
+
 def run_real(tasks: Sequence[ValidationTask], *, step_s: float, quantum_s: float,
-             policy: str = "fair", state_bytes: int = 4 << 20, timeout_s: float = 60.0
-             ) -> Measured:
-    """Run ``tasks`` as threads under a real :class:`~aqua_offload.TimeSlicer` (emulation
-    backend, host tier). Tasks with equal arrival times enter in list order."""
+             policy: str = "fair", state_bytes: int = 4 << 20, timeout_s: float = 60.0,
+             device: str = "cpu") -> Measured:
+    """Run ``tasks`` as threads under a real :class:`~aqua_offload.TimeSlicer` (host tier; on
+    ``device``: ``"cpu"`` is the emulation backend). Tasks with equal arrival times enter in
+    list order."""
     from ..manager import OffloadManager
     from ..timeslice import TimeSlicer
     host = max(4 * state_bytes * len(tasks), 1 << 20)
@@ -125,9 +139,9 @@ def run_real(tasks: Sequence[ValidationTask], *, step_s: float, quantum_s: float
     entered: dict[str, float] = {}
     done: dict[str, float] = {}
     errors: list[BaseException] = []
-    with OffloadManager("cpu", peers=None, host_bytes=host) as m:
+    with OffloadManager(device, peers=None, host_bytes=host) as m:
         ts = TimeSlicer(quantum_ms=quantum_s * 1e3, manager=m, policy=policy)
-        states = [_state(state_bytes, k + 1) for k in range(len(tasks))]
+        states = [_state(state_bytes, k + 1, device) for k in range(len(tasks))]
         t0 = time.monotonic() + 0.05  # time for every thread to start
 
         def body(k: int, task: ValidationTask) -> None:
@@ -193,16 +207,18 @@ def _rel(sim: float, real: float) -> float:
 
 def validate(*, quick: bool = False, policy: str = "fair", step_s: float = 0.02,
              quantum_s: float = 0.06, state_bytes: int = 4 << 20, tolerance: float = 0.25,
-             tasks: Sequence[ValidationTask] | None = None) -> dict[str, Any]:
-    """Calibrate, run the real slicer and the simulator on the same workload, compare.
+             tasks: Sequence[ValidationTask] | None = None,
+             device: str = "cpu") -> dict[str, Any]:
+    """Calibrate, run the real slicer and the simulator on the same workload, compare
+    (``device``: ``"cpu"`` for the emulation backend, ``"cuda:N"`` for a GPU).
 
     Returns a dict with the calibration, both sides' TTFT p50/p99 and throughput, their
     relative errors, the turn orders, and ``ok`` (every error within ``tolerance``).
     """
     tasks = list(tasks or default_workload(quick))
-    calib = calibrate(state_bytes, step_s)
+    calib = calibrate(state_bytes, step_s, device=device)
     real = run_real(tasks, step_s=step_s, quantum_s=quantum_s, policy=policy,
-                    state_bytes=state_bytes)
+                    state_bytes=state_bytes, device=device)
     sim = simulate_workload(tasks, calib, quantum_s=quantum_s, policy=policy,
                             state_bytes=state_bytes)
     pairs = {"ttft_p50_s": (sim.ttft_p50_s, percentile(real.ttft_s, 50)),
@@ -210,7 +226,9 @@ def validate(*, quick: bool = False, policy: str = "fair", step_s: float = 0.02,
              "throughput_steps_s": (sim.throughput_tok_s, real.throughput_steps_s)}
     errors = {k: _rel(s, r) for k, (s, r) in pairs.items()}
     sim_turns = compress_turns(sim.turns.get(0, []))
-    return {"backend": "emulation (device='cpu', host tier)", "policy": policy,
+    backend = ("emulation (device='cpu', host tier)" if device == "cpu" else
+               f"cuda ({device}, host tier)")
+    return {"backend": backend, "device": device, "policy": policy,
             "tasks": len(tasks), "step_s": step_s, "quantum_s": quantum_s,
             "state_bytes": state_bytes, "tolerance": tolerance,
             "calibration": {"step_s": calib.step_s, "out_bytes_per_s": calib.out_bytes_per_s,
