@@ -119,18 +119,28 @@ class Placement:
     gpu_model: list[str | None]
     loans: dict[tuple[int, int], int] = field(default_factory=dict)
     deficit: dict[int, int] = field(default_factory=dict)     # per borrowing GPU
+    spare: dict[int, int] = field(default_factory=dict)       # per GPU with memory to spare
     uncovered: dict[int, int] = field(default_factory=dict)   # per borrowing GPU, to host
     cost: tuple[float, int, int] = (0.0, 0, 0)
     method: str = ""
 
     def lends(self, gpu: int) -> int:
+        """Bytes the plan lends from ``gpu`` (its loans summed)."""
         return sum(b for (lender, _), b in self.loans.items() if lender == gpu)
+
+    def pool(self, gpu: int) -> int:
+        """Bytes ``gpu`` offers its domain when it lends at all: its whole spare. The loans
+        are sized by the peak-deficit estimate; parked state can exceed it (stale prefetches,
+        uneven bursts), and spare memory costs its owner nothing to offer."""
+        return self.spare.get(gpu, 0) if self.lends(gpu) else 0
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "gpu_model": self.gpu_model,
                 "loans": [{"lender": a, "borrower": b, "bytes": n}
                           for (a, b), n in sorted(self.loans.items())],
                 "deficit_bytes": {str(g): n for g, n in sorted(self.deficit.items())},
+                "pool_bytes": {str(g): self.pool(g) for g in range(len(self.gpu_model))
+                               if self.pool(g)},
                 "uncovered_bytes": {str(g): n for g, n in sorted(self.uncovered.items())},
                 "weighted_uncovered": self.cost[0], "uncovered_total": self.cost[1]}
 
@@ -184,7 +194,7 @@ def evaluate(problem: PlacementProblem, gpu_model: Sequence[str | None],
                     left[lender] -= take
                     uncovered[b] -= take
     weighted = sum(n / models[gpu_model[g]].slo_s for g, n in uncovered.items())  # type: ignore
-    return Placement(list(gpu_model), loans, deficit, uncovered,
+    return Placement(list(gpu_model), loans, deficit, spare, uncovered,
                      (weighted, sum(uncovered.values()), len(loans)), method)
 
 
@@ -271,16 +281,16 @@ def _greedy(problem: PlacementProblem, reps: list[str]) -> Placement:
 # -- simulation ------------------------------------------------------------------------------
 def placement_scenario(problem: PlacementProblem, placement: Placement, seed: int = 0
                        ) -> Scenario:
-    """The simulator's scenario of a placement: each GPU serves its model and lends what the
-    placement lends from it, within its NVLink domain; one burst per model (its replicas'
-    requests, routed round robin). GPUs that serve nothing get an idle one-parameter model
+    """The simulator's scenario of a placement: each GPU serves its model; a GPU the plan
+    lends from offers its whole spare (:meth:`Placement.pool`) within its NVLink domain; one
+    burst per model (its replicas' requests, routed round robin). GPUs that serve nothing get an idle one-parameter model
     (the simulator wants every GPU to be described; it receives no requests)."""
     s = problem.server
     models = {m.name: m.spec() for m in problem.models}
     models["idle"] = ModelSpec("idle", 1.0, 0, 0)
     gpus = []
     for g, name in enumerate(placement.gpu_model):
-        gpus.append(GPUConfig(g, s.memory_bytes[g], name or "idle", placement.lends(g),
+        gpus.append(GPUConfig(g, s.memory_bytes[g], name or "idle", placement.pool(g),
                               s.reserved_bytes, s.max_batch, nvlink_domain=s.domains[g]))
     traces = tuple(TraceSpec("burst", m.requests * m.replicas, m.prompt_tokens, m.output_tokens,
                              window_s=problem.window_s, model=m.name) for m in problem.models)
