@@ -61,3 +61,22 @@ def test_validation_agrees_and_detects_a_wrong_model():
         # the small quantum halves p99 (an error of 0.50 +- 0.01 from run to run, so 0.5 was a
         # coin flip); the fcfs model misses by ~2x. Both are far outside the 0.25 tolerance.
         assert abs(wrong.ttft_p99_s - real_p99) / real_p99 > 0.4, kwargs
+
+
+def test_bench_burst_validate_reports_the_error_of_the_calibrated_simulator(tmp_path, capsys):
+    import json
+
+    from aqua_offload.bench.__main__ import main as bench
+    out = tmp_path / "v.json"
+    assert bench(["burst", "--validate", "--quick", "--backend", "emulation", "--json",
+                  str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "EMULATION" in text and "rel err" in text
+    v = json.loads(out.read_text())
+    assert v["device"] and v["backend"] == "emulation" and v["tasks"] == 4
+    assert {r["metric"] for r in v["rows"]} == {"ttft_p50_s", "ttft_p99_s",
+                                                 "throughput_steps_s"}
+    for r in v["rows"]:  # the error reported is the error of these two numbers
+        assert r["rel_error"] == abs(r["sim"] - r["real"]) / r["real"] and r["real"] > 0
+    assert all(e < 0.5 for e in v["rel_error"].values()), v
+    assert bench(["burst", "--validate", "--plot", str(tmp_path / "v.png")]) == 2
