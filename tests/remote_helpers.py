@@ -31,6 +31,15 @@ NIXL_REASON = nixl_unavailable()
 # Tests that need NIXL: marked `remote`, skipped with the reason where nixl_cu13 cannot import.
 needs_nixl = [pytest.mark.remote,
               pytest.mark.skipif(NIXL_REASON is not None, reason=str(NIXL_REASON))]
+
+
+def requires_nixl(fn):
+    """Decorator form of ``needs_nixl`` for one test."""
+    for mark in needs_nixl:
+        fn = mark(fn)
+    return fn
+
+
 SPAWN_TIMEOUT_S = 60.0  # a lender starts in ~1 s; a loaded 2-core machine is slower
 # The aqua_offload under test (the installed one in CI, src/ in a dev tree), for child processes.
 PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(aq.__file__)))
@@ -48,7 +57,8 @@ class LenderProcess:
 
     def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.ready = tmp_path / f"ready-{time.monotonic_ns()}.json"
-        self.log = open(tmp_path / f"lender-{time.monotonic_ns()}.log", "w+")
+        self.log_path = tmp_path / f"lender-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aqua_offload.remote", "--ready-file", str(self.ready),
              *args], env=env or child_env(), stdout=self.log, stderr=subprocess.STDOUT)
@@ -62,15 +72,14 @@ class LenderProcess:
         self.address = json.loads(self.ready.read_text())["address"]
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        return self.log_path.read_text()
 
     def kill(self) -> None:
         """SIGKILL: no goodbye, no cleanup."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(SPAWN_TIMEOUT_S)
+        self.log.close()
 
     def stop(self) -> int:
         """SIGTERM and wait (hard timeout); the exit status."""

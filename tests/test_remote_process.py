@@ -1,0 +1,129 @@
+"""``aqua-offload lend`` in a child process, borrowed from this one: default transports and
+UCX_TLS=tcp (the network path), SIGTERM, SIGKILL and SIGSTOP of the lender. Every child has a
+hard timeout; a dead or silent lender is a typed error within the deadline, never a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from remote_helpers import (SPAWN_TIMEOUT_S, TOKEN, LenderProcess, child_env, raw_connect,
+                            recv_all, requires_nixl)
+
+from aqua_offload.errors import RemoteAuthError, RemoteLostError
+from aqua_offload.remote import RemoteClient
+from conftest import random_tensor, run_with_timeout
+
+MiB = 1 << 20
+DEADLINE_S = 3.0
+
+
+def _round_trip(c: RemoteClient, seed: int) -> None:
+    t = random_tensor((6 * MiB,), torch.uint8, generator=torch.Generator().manual_seed(seed))
+    back = torch.zeros_like(t)
+    rt, rb = c.register(t), c.register(back)
+    blocks = c.allocate([4 * MiB, 2 * MiB])
+    c.write([(rt, blocks[0], 0, 4 * MiB), ((rt, 4 * MiB), blocks[1], 0, 2 * MiB)])
+    c.read([(rb, blocks[0], 0, 4 * MiB), ((rb, 4 * MiB), blocks[1], 0, 2 * MiB)])
+    assert torch.equal(back, t)
+
+
+@pytest.mark.parametrize("tls", [None, "tcp"])
+@requires_nixl
+def test_round_trip_then_sigkill(tmp_path, monkeypatch, remote_clients, tls) -> None:
+    env = child_env(**({"UCX_TLS": tls} if tls else {}))
+    lender = LenderProcess(tmp_path, "--host-bytes", "16MiB", "--segment", "4MiB", env=env)
+    try:
+        if tls:
+            monkeypatch.setenv("UCX_TLS", tls)  # this side's agent starts on TCP only, too
+        c = remote_clients(lender.address, deadline_s=DEADLINE_S)
+        monkeypatch.delenv("UCX_TLS", raising=False)
+        _round_trip(c, seed=1 if tls else 2)
+        t = torch.ones(MiB, dtype=torch.uint8)
+        (blk,) = c.allocate([MiB])
+        r = c.register(t)
+        lender.kill()  # SIGKILL: no goodbye
+        t0 = time.monotonic()
+        with pytest.raises(RemoteLostError):
+            run_with_timeout(lambda: (c.write([(r, blk, 0, MiB)]), c.ping()), 60)
+        assert time.monotonic() - t0 < DEADLINE_S + 10, "lost within the deadline, no hang"
+        with pytest.raises(RemoteLostError):
+            c.read([(r, blk, 0, MiB)])
+        assert c.stats()["lost"]
+    finally:
+        lender.kill()
+
+
+@requires_nixl
+def test_a_stopped_lender_is_lost_at_the_deadline_over_tcp(tmp_path, monkeypatch,
+                                                           remote_clients) -> None:
+    # Over TCP the lender's own progress moves the bytes: stopped (SIGSTOP), it leaves a
+    # transfer in progress forever. NIXL has no timeout; the client's deadline ends it.
+    lender = LenderProcess(tmp_path, "--host-bytes", "8MiB", "--segment", "4MiB",
+                           env=child_env(UCX_TLS="tcp"))
+    try:
+        monkeypatch.setenv("UCX_TLS", "tcp")
+        c = remote_clients(lender.address, deadline_s=DEADLINE_S)
+        monkeypatch.delenv("UCX_TLS")
+        t = random_tensor((4 * MiB,), torch.uint8, generator=torch.Generator().manual_seed(3))
+        r = c.register(t)
+        (blk,) = c.allocate([4 * MiB])
+        c.write([(r, blk, 0, 4 * MiB)])
+        os.kill(lender.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(RemoteLostError) as info:
+            run_with_timeout(lambda: c.read([(r, blk, 0, 4 * MiB)]), 60)
+        assert time.monotonic() - t0 < DEADLINE_S + 10
+        assert "progress" in info.value.reason or "answer" in info.value.reason
+    finally:
+        os.kill(lender.proc.pid, signal.SIGCONT)
+        lender.kill()
+
+
+@requires_nixl
+def test_cli_lender_survives_garbage_refuses_tokens_and_stops_cleanly(
+        tmp_path, remote_clients) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    env = child_env()
+    env.pop("AQUA_OFFLOAD_REMOTE_TOKEN")
+    lender = LenderProcess(tmp_path, "--host-bytes", "8MiB", "--segment", "4MiB",
+                           "--token-file", str(token_file), env=env)
+    try:
+        s = raw_connect(lender.address)
+        s.sendall(os.urandom(5000))
+        recv_all(s, timeout=15)
+        s.close()
+        with pytest.raises(RemoteAuthError):
+            RemoteClient(lender.address, "not-the-token-" + "x" * 20, deadline_s=DEADLINE_S)
+        _round_trip(remote_clients(lender.address, deadline_s=DEADLINE_S), seed=4)
+        assert lender.stop() == 0
+        out = lender.output()
+        # The client refused the lender first (its proof did not match): the lender saw a
+        # handshake abandoned, not a wrong proof.
+        assert "3 connections" in out and "1 protocol errors" in out, out
+    finally:
+        lender.kill()
+
+
+@pytest.mark.parametrize("args", [[], ["--bytes", "1MiB"], ["--device", "cuda:0"],
+                                  ["--host-bytes", "1MiB", "--interval", "0"]])
+def test_cli_usage_errors(args) -> None:
+    env = child_env()
+    proc = subprocess.run([sys.executable, "-m", "aqua_offload.remote", *args], env=env,
+                          capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
+    assert proc.returncode == 2, proc.stderr
+    assert "aqua-offload lend:" in proc.stderr
+
+
+def test_cli_refuses_a_short_token() -> None:
+    env = child_env(AQUA_OFFLOAD_REMOTE_TOKEN="short")
+    proc = subprocess.run([sys.executable, "-m", "aqua_offload.remote", "--host-bytes", "1MiB"],
+                          env=env, capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
+    assert proc.returncode == 2 and "at least 16" in proc.stderr
+
