@@ -71,7 +71,7 @@ def test_prefix_reuse_matches_dynamic_cache(manager, arch):
     for out, want in zip(outs, ref):
         assert torch.equal(out.sequences, want.sequences)
         assert all(torch.equal(a, b) for a, b in zip(out.scores, want.scores))
-        out.cache.close()
+        getattr(out, cache_kwarg()).close()  # the copy generate used (out.cache from 5.24)
     # the prompt cache itself is untouched by its continuations
     assert prompt.get_seq_length() == 8
     assert prompt.stats()["offloaded_layers"] >= 1
