@@ -93,6 +93,110 @@ def test_leftover_handles_say_they_are_closed(backend):
     assert aq.is_discarded(t) and not aq.is_offloaded(t)  # restore=False: its data is gone
 
 
+# -- asynchronous exceptions (Note [Interrupted batches]) -------------------------------------
+# A tracer raises KeyboardInterrupt at the n-th line executed inside aqua_offload, for every n
+# until a call completes untouched. Each sweep runs in its own process with a hard timeout, so a
+# hang (close() waiting on a call that never ends) is a failure, not a stuck suite.
+_INTERRUPT = """
+    import gc, sys
+    class Interrupt:
+        def __init__(self, n):
+            self.n, self.fired = n, False
+        def __call__(self, frame, event, arg):
+            return self.local if "aqua_offload" in frame.f_code.co_filename else None
+        def local(self, frame, event, arg):
+            if event == "line" and not self.fired:
+                self.n -= 1
+                if self.n < 0:
+                    self.fired = True
+                    raise KeyboardInterrupt
+            return self.local
+    def interrupted(fn, n):
+        tracer = Interrupt(n)
+        sys.settrace(tracer)
+        try:
+            fn()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        return tracer.fired
+    m = aq.OffloadManager("cpu", peers=[1], peer_bytes="4MiB", host_bytes="16MiB")
+    result.update(mixed=[], wrong=[], leaked=[], reused=[], sweeps=0)
+    for n in range(5000):
+        ts = [rand(1000 + 8 * i) for i in range(4)]
+        refs = [t.clone() for t in ts]
+        fired = STEP
+        paged = [aq.is_offloaded(t) for t in ts]
+        if any(paged) and not all(paged):
+            result["mixed"].append(n)
+        try:
+            if all(paged):
+                m.fetch_many(ts)  # every one is fetchable, through its tensor
+            if not all(torch.equal(t, r) for t, r in zip(ts, refs)):
+                result["wrong"].append(n)
+        except Exception as exc:
+            result["wrong"].append([n, repr(exc)])
+        del ts, refs
+        gc.collect(0)  # the young cycles an interrupt's traceback made (a full collect: 10x slower)
+        m.synchronize()
+        if m.stats()["live_handles"]:
+            result["leaked"].append(n)
+        fresh = [rand(1000 + 8 * i) for i in range(4)]  # may reuse the addresses just freed
+        if any(aq.is_offloaded(t) for t in fresh):
+            result["reused"].append(n)
+        result["sweeps"] = n
+        if not fired:
+            break
+    m.close()
+    result["closed"] = m.closed
+"""
+
+
+@pytest.mark.parametrize("step", [
+    "interrupted(lambda: m.offload_many(ts), n)",
+    "(lambda hs: interrupted(lambda: m.fetch_many(hs), n))(m.offload_many(ts))",
+    "(lambda hs: interrupted(lambda: m.prefetch_many(hs), n))(m.offload_many(ts))",
+    "interrupted(lambda: m.offload(ts[0]), n) if not ts.__delitem__(slice(1, None)) else 0",
+    "(lambda h: interrupted(lambda: m.fetch(h), n))(m.offload(ts[0]))"
+    " if not ts.__delitem__(slice(1, None)) else 0",
+], ids=["offload_many", "fetch_many", "prefetch_many", "offload", "fetch"])
+def test_an_interrupt_anywhere_in_a_batch_is_all_or_nothing(step):
+    from helpers import run_emulated
+    result = run_emulated(2, _INTERRUPT.replace("STEP", step))
+    assert result["sweeps"] > 50  # the tracer reached deep into the call
+    assert result["closed"]
+    assert result["mixed"] == [] and result["wrong"] == [] and result["leaked"] == []
+    assert result["reused"] == []
+
+
+_INTERRUPT_CLOSE = """
+    import gc, sys
+""" + _INTERRUPT.split("    m = aq.OffloadManager")[0].split("import gc, sys")[1] + """
+    result.update(wrong=[], sweeps=0)
+    for n in range(5000):
+        m = aq.OffloadManager("cpu", peers=[1], peer_bytes="4MiB", host_bytes="16MiB")
+        ts = [rand(1000 + 8 * i) for i in range(4)]
+        refs = [t.clone() for t in ts]
+        m.offload_many(ts)
+        snap = m.offload(rand(64), release=False)
+        fired = interrupted(m.close, n)
+        m.close()  # again: completes the interrupted one, or returns at once
+        if not (m.closed and snap.state == "closed"
+                and all(torch.equal(t, r) for t, r in zip(ts, refs))):
+            result["wrong"].append(n)
+        result["sweeps"] = n
+        if not fired:
+            break
+"""
+
+
+def test_an_interrupt_anywhere_in_close_leaves_it_completable():
+    from helpers import run_emulated
+    result = run_emulated(2, _INTERRUPT_CLOSE)
+    assert result["sweeps"] > 20 and result["wrong"] == []
+
+
 # -- no landmines --------------------------------------------------------------------------
 def test_a_freed_release_leaves_a_discarded_tensor_that_is_refused_and_guarded(manager, backend):
     t = backend.tensor((1000,))

@@ -50,7 +50,7 @@ class Handle:
 
     __slots__ = ("_manager", "_id", "nbytes", "shape", "dtype", "release", "priority", "_state",
                  "_tensor", "_storage", "_layout", "_key", "_tier", "_location", "_prefetch",
-                 "_prefetch_tier", "_prefetch_stream", "_deferred", "_array", "_lock",
+                 "_prefetch_tier", "_prefetch_stream", "_pending", "_deferred", "_array", "_lock",
                  "__weakref__")
 
     def __init__(self, manager: "OffloadManager", core_id: int, *, nbytes: int,
@@ -80,6 +80,9 @@ class Handle:
         self._prefetch: torch.Tensor | None = None  # destination of a prefetch in flight
         self._prefetch_tier = 0
         self._prefetch_stream: Any = None  # torch stream the prefetch buffer belongs to (CUDA)
+        # (buffer, stream) of a prefetch whose core call may have happened: kept alive until
+        # the manager settles it (Note [Interrupted batches] in manager.py)
+        self._pending: tuple[torch.Tensor, Any] | None = None
         self._deferred: int | None = None  # storage key of a fence="deferred" snapshot's source
         self._array: Any = None  # a snapshot of a numpy/CuPy/DLPack array: how to rebuild it
         self._lock = threading.RLock()  # serialises fetch/prefetch/free of this handle
@@ -165,7 +168,7 @@ class Handle:
         if self._deferred is not None:
             self._manager._undefer(self)
         self._tensor = self._storage = None
-        self._prefetch = None
+        self._prefetch = self._pending = None
 
     def _restored_tensor(self, storage: torch.UntypedStorage) -> torch.Tensor:
         """The tensor fetch returns for a release: the original object if it is alive, else a

@@ -30,7 +30,11 @@ it. Before the core accepted a batch, the handler undoes the Python side (reserv
 core's handles if the core had already made them: the bindings append them to a list before
 returning, so none can be lost in between). Once the core accepted it, the Python side is
 finished regardless (``finish()`` is idempotent and runs again from the handler): every tensor
-ends paged out and fetchable, or fetched and restored.
+ends paged out and fetchable, or fetched and restored. A prefetch cannot be finished that way
+(the handler itself may be interrupted before the buffer is recorded, and the core would copy
+into freed memory), so its buffer is attached to the handle *before* the core call, as
+``_pending``, and the next call that claims the handle settles it from the core's own record
+(``info().prefetched``): adopted if the core copied into it, dropped otherwise.
 """
 
 from __future__ import annotations
@@ -142,6 +146,7 @@ class OffloadManager:
         self._calls: weakref.WeakSet[_Call] = weakref.WeakSet()  # calls in progress
         self._calls_cv = threading.Condition()
         self._closing = False  # LOCK: _calls_cv
+        self._closer = threading.current_thread()  # LOCK: _calls_cv; the thread closing
         self._closed = False
         self._lending: Any = None
         _live.add(self)
@@ -328,15 +333,32 @@ class OffloadManager:
             bufs = [torch.empty(h.nbytes, dtype=torch.uint8, device=self.device)
                     if h.release or h._array is not None
                     else torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in todo]
+            stream = torch.cuda.current_stream(self.device) if self._cuda else None
+            for h, buf in zip(todo, bufs):  # alive before the core may copy into them
+                h._pending = (buf, stream)
             tiers = self._store.prefetch_many(
                 [h._id for h in todo], [b.data_ptr() if h.nbytes else 0 for h, b in zip(todo, bufs)],
                 current_stream(self.device))
-            stream = torch.cuda.current_stream(self.device) if self._cuda else None
-            for h, buf, tier in zip(todo, bufs, tiers):
-                h._prefetch, h._prefetch_tier, h._prefetch_stream = buf, tier, stream
-                with self._calls_cv:
-                    self._prefetched_bytes += h.nbytes
+            for h, tier in zip(todo, tiers):
+                self._adopt_prefetch(h, tier)
             return handles
+
+    def _adopt_prefetch(self, h: Handle, tier: int) -> None:
+        with self._calls_cv:  # one line: the counter moves with the buffer
+            (h._prefetch, h._prefetch_stream), h._prefetch_tier, h._pending, self._prefetched_bytes \
+                = h._pending, tier, None, self._prefetched_bytes + h.nbytes
+
+    def _settle(self, h: Handle) -> None:
+        """A prefetch interrupted between its core call and its bookkeeping (Note [Interrupted
+        batches]): the core knows whether it copied into the pending buffer. Under the handle's
+        lock, so no prefetch of it is in progress."""
+        if h._pending is not None:
+            if h._prefetch is None and h._live() and self._store.contains(h._id):
+                _, tier, _, prefetched = self._store.info(h._id)
+                if prefetched:
+                    self._adopt_prefetch(h, tier)
+                    return
+            h._pending = None
 
     def _drop_prefetch(self, handle: Handle) -> None:
         if handle._prefetch is None:
@@ -481,16 +503,20 @@ class OffloadManager:
         if os.getpid() != self._pid:  # a forked child: the parent's memory, not ours to touch
             self._closed = True
             return
+        me = threading.current_thread()
         with self._calls_cv:
-            if self._closed or self._closing:
-                self._calls_cv.wait_for(lambda: self._closed or not self._closing)
-                if self._closed:
-                    return
-            self._closing = True
-            while self._calls:  # a call's token dies with its frame (Note [Calls and close]);
-                self._calls_cv.wait(0.005)  # polled: no callback to run when it does
+            # Another thread closing: wait for it. A closer that is this very thread, or dead,
+            # was interrupted before it could say so (Note [Interrupted batches]): take over.
+            while self._closing and self._closer is not me and self._closer.is_alive():
+                self._calls_cv.wait(0.05)
+            if self._closed:
+                return
+            self._closing, self._closer = True, me
         try:
-            if restore:
+            with self._calls_cv:
+                while self._calls:  # a call's token dies with its frame (Note [Calls and close]);
+                    self._calls_cv.wait(0.005)  # polled: no callback to run when it does
+            if restore and not self._store.closed:
                 pending = [h for h in storage.handles_of(self) if h._live() and not h._kept]
                 if pending:
                     self._fetch(pending, [None] * len(pending), False, "close", closing=True)
@@ -501,18 +527,20 @@ class OffloadManager:
                 self._closing = False
                 self._calls_cv.notify_all()
             raise
+        # From here on every step is idempotent: a close interrupted below is finished by the
+        # next one (the core's close returns at once the second time).
         self._store.close()  # frees every pool: copies are done, holders are free now
         for h in storage.handles_of(self):  # restore=False: their data is gone
             storage.discard(h._key, h)
             h._end("closed")
         self._holders.clear()
+        if self._lending is not None:  # the leased memory is freed now: give the leases back
+            self._lending.close()
         with self._calls_cv:
             self._prefetched_bytes = 0
             self._closed = True
             self._closing = False
             self._calls_cv.notify_all()
-        if self._lending is not None:  # the leased memory is freed now: give the leases back
-            self._lending.close()
 
     def __enter__(self) -> "OffloadManager":
         return self
@@ -567,7 +595,10 @@ class OffloadManager:
         with contextlib.ExitStack() as stack:
             for h in sorted({id(h): h for h in hs}.values(), key=lambda h: h._id):
                 stack.enter_context(h._lock)
-            yield [self._own(h, what) for h in hs]
+            hs = [self._own(h, what) for h in hs]
+            for h in hs:
+                self._settle(h)
+            yield hs
 
     def _stream(self, tier: int, lane: str) -> Any:
         """A torch view of one of the core's copy streams (CUDA only), for record_stream."""
