@@ -509,9 +509,10 @@ class RemoteClient:
         for t in batch:
             groups.setdefault(t.local.kind, []).append(t)
         assert self._agent is not None
-        deadline = time.monotonic() + limit
         with self._xfer:
             self._check()
+            # from here: time spent waiting for another thread's transfer is not this one's
+            deadline = time.monotonic() + limit
             for kind, ts in groups.items():
                 local = np.array([(t.local.addr + t.local_offset, t.nbytes, t.local.device)
                                   for t in ts], dtype=np.uint64)
@@ -542,7 +543,7 @@ class RemoteClient:
             t0, reclaim, ids = job
             with self._state:
                 held = [self._blocks[i] for i in ids if i in self._blocks]
-            ok = False
+            ok = not held  # blocks already freed: nothing to move
             if self.on_reclaim is not None and held:
                 try:
                     self.on_reclaim(held)
