@@ -291,22 +291,15 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "prefetch_many",
           [](store& s, const std::vector<std::uint64_t>& ids, const std::vector<std::uintptr_t>& dsts,
-             std::uintptr_t stream, py::object out) {
+             std::uintptr_t stream) {
             std::vector<void*> d;
             d.reserve(dsts.size());
             for (auto p : dsts) d.push_back(as_ptr(p));
-            std::vector<std::size_t> tiers;
-            {
-              py::gil_scoped_release release;
-              tiers = s.prefetch_many(ids, d, stream);
-            }
-            py::list result;
-            for (auto t : tiers) result.append(t);
-            if (!out.is_none()) out.attr("extend")(result);  // as for offload_many's `out`
-            return result;
+            return s.prefetch_many(ids, d, stream);
           },
-          py::arg("handles"), py::arg("dsts"), py::arg("stream"), py::arg("out") = py::none(),
-          "Returns the tier each handle is prefetched from, also appended to `out` when given.")
+          py::arg("handles"), py::arg("dsts"), py::arg("stream"), release_gil(),
+          "Returns the tier each handle is prefetched from. An interrupted caller learns whether "
+          "the prefetch happened from info() (Note [Interrupted batches] in manager.py).")
       .def("fence_source", &store::fence_source, py::arg("handle"), py::arg("stream"),
            release_gil())
       .def("lend", &store::lend, py::arg("device"), py::arg("nbytes"), release_gil())
