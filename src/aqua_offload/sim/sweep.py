@@ -280,15 +280,17 @@ def format_sweep(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_heatmaps(path: Any, doc: dict[str, Any]) -> None:
+def write_heatmaps(path: Any, doc: dict[str, Any], configs: Sequence[str] | None = None,
+                   dpi: int = 90) -> None:
     """Heatmaps (rows: TTFT p99 gain, p50 gain, throughput ratio; columns: the time-sliced
-    configurations; y: workload, x: memory pressure) as one image. Imports matplotlib."""
+    configurations, or ``configs``; y: workload, x: memory pressure) as one image. Imports
+    matplotlib."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed; must precede pyplot
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm, TwoSlopeNorm
 
-    configs = [c for c in doc["configs"] if c not in ("admission", "fcfs")]
+    configs = list(configs or [c for c in doc["configs"] if c not in ("admission", "fcfs")])
     pressures = doc["axes"]["pressure"]
     rows_lbl: list[str] = []
     for cell in doc["cells"]:
@@ -335,7 +337,7 @@ def write_heatmaps(path: Any, doc: dict[str, Any]) -> None:
         fig.colorbar(im, ax=list(axes[i]), shrink=0.8)
     fig.suptitle("regime map, simulated: gains over admission control (* = KV capacity "
                  "larger than one GPU holds)", fontsize=10)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
