@@ -51,7 +51,7 @@ def serve(model, device, args) -> None:
         "time-sliced": dict(slicer=aq.TimeSlicer(args.quantum_ms, manager, policy="fair")),
         "time-sliced + OffloadedCache": dict(
             slicer=aq.TimeSlicer(args.quantum_ms, manager, policy="fair"),
-            cache=lambda: OffloadedCache(manager, config=model.config)),
+            cache_factory=lambda: OffloadedCache(manager, config=model.config)),
     }
     print(f"{args.requests} requests x {args.new_tokens} tokens on {device_label(device)}"
           f"{'' if device.type == 'cuda' else ' (aqua_offload emulation backend)'}\n")
