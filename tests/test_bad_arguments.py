@@ -279,6 +279,26 @@ def test_bad_reclaim_timeouts_change_nothing(ledger_path, leased_offer, timeout)
     assert o.stats()["reclaims"] == 0
 
 
+def test_lend_and_reclaim_by_hand_on_a_lent_manager_are_refused(ledger_path):
+    """The lenders own a lent manager's peer memory: a lend by hand would grant the same memory
+    twice, a reclaim by hand would shrink a lease behind its lender's back."""
+    o = lending.offer("emu:1", "2MiB")
+    m = aq.OffloadManager("cpu", peers="lent", host_bytes="4MiB")
+    try:
+        before, tiers = m.stats()["lending"]["leased"], m.stats()["tiers"][0]
+        for call in (lambda: m.lend("emu:1", "1MiB"), lambda: m.reclaim("emu:1", "1MiB"),
+                     lambda: m.reclaim("emu:1")):
+            with pytest.raises(InvalidArgumentError, match="peers='lent'"):
+                run_with_timeout(call, timeout=HANG_S)
+        assert m.stats()["lending"]["leased"] == before == {"emu:1": 2 * MiB}
+        assert m.stats()["tiers"][0]["capacity"] == tiers["capacity"]
+        assert o.status()["leased"] == 2 * MiB
+    finally:
+        run_with_timeout(m.close, timeout=HANG_S)
+    assert o.status()["leased"] == 0
+    o.withdraw(timeout=30)
+
+
 @pytest.mark.parametrize("timeout", [None, 0, 0.0, 5, 2.5, np.float64(5.0), Fraction(5, 2),
                                      math.inf, 10**400], ids=lambda v: repr(v)[:20])
 def test_good_reclaim_timeouts(ledger_path, timeout):
