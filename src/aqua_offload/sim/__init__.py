@@ -9,7 +9,9 @@ admission control or under the *same* policy classes as :class:`aqua_offload.Tim
 >>> from aqua_offload.sim import load_scenario, run_scenario
 >>> results = run_scenario(load_scenario("paper-burst"))
 
-Command line: ``python -m aqua_offload.sim [SCENARIO|validate] [--json F] [--plot F]``.
+Command line: ``python -m aqua_offload.sim [SCENARIO|validate|sweep|place] [--json [F]]
+[--plot F]``: a scenario, the validation against the real slicer, the regime map
+(:mod:`~aqua_offload.sim.sweep`) or the placer (:mod:`~aqua_offload.sim.placer`).
 ``import aqua_offload`` does not import this package; it imports no torch of its own and
 matplotlib only to plot. See docs/simulation.md.
 """
@@ -25,6 +27,8 @@ from .server import Server
 from .serving import Request, ServingEngine
 from .simulate import RunResult, configurations, percentile, run_scenario, simulate
 from .trace import TraceError, TraceRequest, burst_trace, load_csv_trace, poisson_trace
+from .sweep import DEFAULT_GRID, QUICK_GRID, SweepBase, SweepGrid, run_sweep
+from .placer import PlacementError, PlacementProblem, load_problem, naive_placement, place
 
 __all__ = [
     "Event", "EventEngine", "Channel", "Network", "Transfer",
@@ -34,4 +38,6 @@ __all__ = [
     "Server", "Request", "ServingEngine",
     "RunResult", "simulate", "run_scenario", "configurations", "percentile",
     "TraceRequest", "TraceError", "burst_trace", "poisson_trace", "load_csv_trace",
+    "SweepBase", "SweepGrid", "QUICK_GRID", "DEFAULT_GRID", "run_sweep",
+    "PlacementError", "PlacementProblem", "load_problem", "naive_placement", "place",
 ]
