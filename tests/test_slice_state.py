@@ -21,7 +21,7 @@ import torch
 import aqua_offload as aq
 from aqua_offload.policies import FairPolicy, FCFSPolicy, RoundRobinPolicy
 from aqua_offload.state import collect_tensor_paths, collect_tensors, format_path, walk_tensors
-from aqua_offload.timeslice import SharedStateError, UnpageableStateError
+from aqua_offload import SharedStateError, UnpageableStateError
 from conftest import run_with_timeout
 
 ENTRY_TIMEOUT_S = 10.0  # a refused entry returns at once; an admitted one waits for the turn

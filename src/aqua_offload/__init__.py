@@ -30,7 +30,8 @@ from .sizes import format_size, parse_size  # noqa: E402
 from .storage import is_discarded, is_offloaded  # noqa: E402
 from .defaults import default_manager, fetch, offload  # noqa: E402
 from .policies import FairPolicy, FCFSPolicy, RoundRobinPolicy, SchedulingPolicy  # noqa: E402
-from .timeslice import Slice, SlicerClosedError, TimeSlicer  # noqa: E402
+from .timeslice import (  # noqa: E402
+    SharedStateError, Slice, SlicerClosedError, TimeSlicer, UnpageableStateError)
 
 __all__ = [
     "OffloadManager",
@@ -42,6 +43,8 @@ __all__ = [
     "RoundRobinPolicy",
     "FCFSPolicy",
     "SlicerClosedError",
+    "SharedStateError",
+    "UnpageableStateError",
     "offload",
     "fetch",
     "default_manager",
