@@ -1,4 +1,4 @@
-"""Command line of the benchmarks: ``aqua-offload bench {copy,tiers,hf,burst} ...``, also
+"""Command line of the benchmarks: ``aqua-offload bench {copy,tiers,hf,burst,remote} ...``, also
 ``python -m aqua_offload.bench ...``.
 
 One subcommand per benchmark; each prints a table on stdout and can write its results as JSON
@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from ..devices import cuda_usable
 from ..sizes import parse_size
-from . import burst, copy, hf, plot, tiers
+from . import burst, copy, hf, plot, remote, tiers
 
 __all__ = ["add_benchmarks", "build_parser", "main"]
 
@@ -189,12 +189,35 @@ def _run_burst(a: argparse.Namespace) -> int:
         progress=_progress(a, "burst")), burst.format_burst_table)
 
 
+def _add_remote(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("remote", help="remote client vs raw NIXL vs memcpy (loopback lender)",
+                       description=(remote.__doc__ or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="4 KiB, 1 MiB, 16 MiB")
+    p.add_argument("--sizes", nargs="+", type=_size_arg, metavar="SIZE")
+    p.add_argument("--samples", type=_int_at_least(3), default=5)
+    p.add_argument("--tls", metavar="UCX_TLS", help="UCX transports of both sides (e.g. tcp)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    p.set_defaults(func=_run_remote, backend="auto", plot=None)
+
+
+def _run_remote(a: argparse.Namespace) -> int:
+    from ..remote import nixl_unavailable
+
+    reason = nixl_unavailable()
+    if reason is not None:
+        print(f"aqua_offload.bench remote: {reason}", file=sys.stderr)
+        return 2
+    return _run("remote", a, lambda: remote.run_remote_benchmark(
+        a.sizes, quick=a.quick, samples=a.samples, tls=a.tls), remote.format_remote_table)
+
+
 def add_benchmarks(sub: argparse._SubParsersAction) -> None:
     """Add one subcommand per benchmark to ``sub``; each sets ``func(args) -> int``."""
     _add_copy(sub)
     _add_tiers(sub)
     _add_hf(sub)
     _add_burst(sub)
+    _add_remote(sub)
 
 
 DESCRIPTION = "aqua_offload benchmarks (method and results: docs/benchmarks.md)."

@@ -467,6 +467,38 @@ class RemoteClient:
         """Copy remote blocks to local memory; items as in :meth:`write`."""
         self._run("READ", items, deadline_s)
 
+    def _normalize_batch(self, items: Sequence[Item]) -> list[tuple]:
+        """Every item checked, as (region, local offset, block, block offset, bytes). The common
+        case (well-formed tuples) takes the state lock once for the whole batch."""
+        out = []
+        with self._state:
+            regions, blocks = self._regions, self._blocks
+            for item in items:
+                if type(item) is tuple and len(item) == 4:
+                    local, block, boff, n = item
+                    loff = 0
+                    if type(local) is tuple and len(local) == 2:
+                        local, loff = local
+                elif isinstance(item, Transfer):
+                    local, block, boff, n, loff = (item.local, item.block, item.block_offset,
+                                                   item.nbytes, item.local_offset)
+                else:
+                    raise InvalidArgumentError("a transfer item is a Transfer or (local, block, "
+                                               "offset, nbytes)")
+                if (type(local) is LocalRegion and id(local) in regions
+                        and type(block) is RemoteBlock and blocks.get(block.id) == block
+                        and type(n) is int and type(loff) is int and type(boff) is int
+                        and n > 0 and loff >= 0 and boff >= 0
+                        and loff + n <= local.nbytes and boff + n <= block.nbytes):
+                    out.append((local, loff, block, boff, n))
+                else:
+                    out.append(None)
+        for i, t in enumerate(out):
+            if t is None:  # say precisely what is wrong with it
+                self._normalize(items[i])
+                raise InvalidArgumentError(f"transfer item {i} is invalid")
+        return out
+
     def _normalize(self, item: Item) -> Transfer:
         if isinstance(item, Transfer):
             t = item
@@ -501,23 +533,24 @@ class RemoteClient:
 
     def _run(self, op: str, items: Sequence[Item], deadline_s: float | None) -> None:
         self._check()
-        batch = [self._normalize(i) for i in items]
+        batch = self._normalize_batch(items)
         if not batch:
             return
         limit = self.deadline_s if deadline_s is None else float(deadline_s)
-        groups: dict[str, list[Transfer]] = {}
+        groups: dict[str, list[tuple]] = {}
         for t in batch:
-            groups.setdefault(t.local.kind, []).append(t)
+            groups.setdefault(t[0].kind, []).append(t)
         assert self._agent is not None
         with self._xfer:
             self._check()
             # from here: time spent waiting for another thread's transfer is not this one's
             deadline = time.monotonic() + limit
+            dev = self.lender["device"]
             for kind, ts in groups.items():
-                local = np.array([(t.local.addr + t.local_offset, t.nbytes, t.local.device)
-                                  for t in ts], dtype=np.uint64)
-                remote = np.array([(t.block.addr + t.block_offset, t.nbytes,
-                                    self.lender["device"]) for t in ts], dtype=np.uint64)
+                local = np.array([(r.addr + lo, n, r.device) for r, lo, _, _, n in ts],
+                                 dtype=np.uint64)
+                remote = np.array([(b.addr + bo, n, dev) for _, _, b, bo, n in ts],
+                                  dtype=np.uint64)
                 try:
                     self._agent.transfer(op, local, kind, remote, self._peer_kind, self._peer,
                                          deadline, self.address)
@@ -527,7 +560,7 @@ class RemoteClient:
                 except RemoteLostError as exc:
                     self._lose(exc.reason or "disconnected")
                     raise
-        nbytes = sum(t.nbytes for t in batch)
+        nbytes = sum(t[4] for t in batch)
         with self._state:
             key = "written" if op == "WRITE" else "read"
             self._stats["writes" if op == "WRITE" else "reads"] += 1

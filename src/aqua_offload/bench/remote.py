@@ -1,0 +1,241 @@
+"""Remote transfers: :class:`~aqua_offload.remote.RemoteClient` writes and reads vs the raw NIXL
+transfer of the same bytes vs a plain memcpy, on a loopback lender in a child process.
+
+For each size, the client's ``write``/``read`` of one item (checks, one NIXL request, post,
+poll under its deadline) is timed against the raw NIXL path on the same agent and the same
+registered memory: one request created once and reposted, polled in a tight loop (what an
+application driving NIXL by hand gets at best). A batch of scattered 4 KiB items is compared
+the same way. memcpy is a single-threaded numpy copy of the same bytes between two host
+buffers (row by row for the batch). Every sample
+is the median of ``samples`` (>= 3) batches of repeats; the bytes are verified after timing.
+Host timers (``time.perf_counter``): every buffer is in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..sizes import format_size
+from .measure import VerificationError, random_bytes
+
+__all__ = ["run_remote_benchmark", "format_remote_table", "DEFAULT_SIZES", "QUICK_SIZES"]
+
+KiB, MiB = 1 << 10, 1 << 20
+DEFAULT_SIZES = (4 * KiB, 64 * KiB, MiB, 16 * MiB, 64 * MiB)
+QUICK_SIZES = (4 * KiB, MiB, 16 * MiB)
+BATCH_ITEMS, BATCH_ITEM = 1000, 4 * KiB
+START_TIMEOUT_S = 60.0
+
+
+def _repeats(nbytes: int) -> int:
+    return max(1, min(200, (32 * MiB) // nbytes))
+
+
+def _time(fn: Callable[[], None], repeats: int, samples: int) -> list[float]:
+    fn()  # warm-up (connection setup, page faults)
+    out = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        out.append((time.perf_counter() - t0) / repeats)
+    return out
+
+
+def _stat(times: list[float], nbytes: int) -> dict[str, float]:
+    med = statistics.median(times)
+    return {"median_s": med, "min_s": min(times), "max_s": max(times),
+            "GBps": nbytes / med / 1e9}
+
+
+class _Raw:
+    """The raw NIXL path: one request over fixed descriptors, created once, reposted."""
+
+    def __init__(self, client: Any, op: str, local: np.ndarray, remote: np.ndarray) -> None:
+        agent = client._agent
+        self.b, self.a = agent._b, agent._agent
+        opcode = self.b.NIXL_WRITE if op == "WRITE" else self.b.NIXL_READ
+        self.h = self.a.createXferReq(opcode, self.b.nixlXferDList(self.b.DRAM_SEG, local),
+                                      self.b.nixlXferDList(self.b.DRAM_SEG, remote),
+                                      client._peer, "", [agent._backend])
+
+    def __call__(self) -> None:
+        s = self.a.postXferReq(self.h)
+        while s == self.b.NIXL_IN_PROG:
+            s = self.a.getXferStatus(self.h)
+        if s != self.b.NIXL_SUCCESS:
+            raise VerificationError(f"raw NIXL transfer failed: {s}")
+
+    def close(self) -> None:
+        self.a.releaseXferReq(self.h)
+
+
+def _start_lender(nbytes: int, segment: int, token: str, tls: str | None,
+                  tmp: Path) -> tuple[subprocess.Popen, str]:
+    ready = tmp / "ready.json"
+    env = dict(os.environ, AQUA_OFFLOAD_REMOTE_TOKEN=token,
+               PYTHONPATH=os.pathsep.join(sys.path))
+    if tls:
+        env["UCX_TLS"] = tls
+    proc = subprocess.Popen([sys.executable, "-m", "aqua_offload.remote", "--host-bytes",
+                             str(nbytes), "--segment", str(segment), "--ready-file", str(ready)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the benchmark's lender did not start")
+        time.sleep(0.05)
+    return proc, json.loads(ready.read_text())["address"]
+
+
+def run_remote_benchmark(sizes: list[int] | None = None, *, quick: bool = False,
+                         samples: int = 5, tls: str | None = None,
+                         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure; see the module docstring. Needs NIXL (the ``remote`` extra)."""
+    from ..remote import RemoteClient, nixl_unavailable
+    from ..sysinfo import info
+
+    reason = nixl_unavailable()
+    if reason is not None:
+        raise RuntimeError(reason)
+    sizes = sorted(sizes or (QUICK_SIZES if quick else DEFAULT_SIZES))
+    segment = max(64 * MiB, ((max(sizes) + MiB - 1) // MiB) * MiB)
+    token = secrets.token_hex(32)
+    old_tls = os.environ.get("UCX_TLS")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="aqua-bench-remote-") as tmp:
+        proc, address = _start_lender(2 * segment, segment, token, tls, Path(tmp))
+        try:
+            if tls:
+                os.environ["UCX_TLS"] = tls  # this side's agent uses the same transports
+            client = RemoteClient(address, token, deadline_s=60.0)
+            try:
+                for n in sizes:
+                    if progress:
+                        progress(format_size(n))
+                    rows += _size_rows(client, n, samples)
+                if progress:
+                    progress("batch")
+                rows += _batch_rows(client, samples)
+            finally:
+                client.close()
+        finally:
+            if tls:
+                if old_tls is None:
+                    os.environ.pop("UCX_TLS", None)
+                else:
+                    os.environ["UCX_TLS"] = old_tls
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    data = info()
+    return {"benchmark": "remote", "lender": f"child process on loopback ({address})",
+            "transports": tls or "UCX default", "samples": samples,
+            "machine": {k: data.get(k) for k in ("platform", "cpu", "python", "torch")
+                        if k in data},
+            "rows": rows}
+
+
+def _size_rows(client: Any, n: int, samples: int) -> list[dict[str, Any]]:
+    src, out = random_bytes(n, seed=n % 9973), torch.empty(n, dtype=torch.uint8)
+    rs, ro = client.register(src), client.register(out)
+    (blk,) = client.allocate([n])
+    reps = _repeats(n)
+    loc_s = np.array([(src.data_ptr(), n, 0)], dtype=np.uint64)
+    loc_o = np.array([(out.data_ptr(), n, 0)], dtype=np.uint64)
+    rem = np.array([(blk.addr, n, client.lender["device"])], dtype=np.uint64)
+    rows = []
+    try:
+        for op, raw_local in (("write", loc_s), ("read", loc_o)):
+            out.fill_(0)
+            item = [(rs, blk, 0, n)] if op == "write" else [(ro, blk, 0, n)]
+            fn = client.write if op == "write" else client.read
+            t_client = _time(lambda: fn(item), reps, samples)
+            raw = _Raw(client, op.upper(), raw_local, rem)
+            try:
+                t_raw = _time(raw, reps, samples)
+            finally:
+                raw.close()
+            if op == "read" and not torch.equal(out, src):
+                raise VerificationError(f"remote round trip of {n} bytes: wrong bytes")
+            s_np, o_np = src.numpy(), out.numpy()
+            t_mem = _time(lambda: np.copyto(o_np, s_np), reps, samples)
+            rows.append(_row(op, n, 1, t_client, t_raw, t_mem))
+    finally:
+        client.free([blk])
+        client.unregister(rs)
+        client.unregister(ro)
+    return rows
+
+
+def _batch_rows(client: Any, samples: int) -> list[dict[str, Any]]:
+    n, size = BATCH_ITEMS, BATCH_ITEM
+    stride = 2 * size
+    src, out = random_bytes(n * size, seed=77), torch.empty(n * size, dtype=torch.uint8)
+    rs, ro = client.register(src), client.register(out)
+    (blk,) = client.allocate([n * stride])
+    perm = np.random.default_rng(5).permutation(n)
+    rows = []
+    try:
+        for op, region, t in (("write", rs, src), ("read", ro, out)):
+            items = [((region, i * size), blk, int(perm[i]) * stride, size) for i in range(n)]
+            fn = client.write if op == "write" else client.read
+            out.fill_(0)
+            t_client = _time(lambda: fn(items), 3, samples)
+            local = np.array([(t.data_ptr() + i * size, size, 0) for i in range(n)],
+                             dtype=np.uint64)
+            remote = np.array([(blk.addr + int(perm[i]) * stride, size, 0) for i in range(n)],
+                              dtype=np.uint64)
+            raw = _Raw(client, op.upper(), local, remote)
+            try:
+                t_raw = _time(raw, 3, samples)
+            finally:
+                raw.close()
+            if op == "read" and not torch.equal(out, src):
+                raise VerificationError("remote batch round trip: wrong bytes")
+            so, oo = src.numpy().reshape(n, size), out.numpy().reshape(n, size)
+            idx = perm  # the same scatter as the transfers, one row at a time
+            t_mem = _time(lambda: [np.copyto(oo[i], so[i]) for i in idx], 3, samples)
+            rows.append(_row(op, n * size, n, t_client, t_raw, t_mem))
+    finally:
+        client.free([blk])
+        client.unregister(rs)
+        client.unregister(ro)
+    return rows
+
+
+def _row(op: str, nbytes: int, items: int, t_client: list[float], t_raw: list[float],
+         t_mem: list[float]) -> dict[str, Any]:
+    c, r, m = _stat(t_client, nbytes), _stat(t_raw, nbytes), _stat(t_mem, nbytes)
+    return {"op": op, "bytes": nbytes, "items": items, "client": c, "raw_nixl": r,
+            "memcpy": m, "client_vs_raw": r["median_s"] / c["median_s"]}
+
+
+def format_remote_table(result: dict[str, Any]) -> str:
+    """The rows as a text table."""
+    out = [f"remote transfers: client vs raw NIXL vs memcpy; lender {result['lender']}, "
+           f"transports {result['transports']}, median of {result['samples']}",
+           f"{'op':<6}{'size':>12}{'items':>7}{'client GB/s':>13}{'raw GB/s':>10}"
+           f"{'memcpy GB/s':>13}{'client us':>11}{'raw us':>9}{'client/raw':>12}"]
+    for r in result["rows"]:
+        out.append(f"{r['op']:<6}{format_size(r['bytes']):>12}{r['items']:>7}"
+                   f"{r['client']['GBps']:>13.2f}{r['raw_nixl']['GBps']:>10.2f}"
+                   f"{r['memcpy']['GBps']:>13.2f}{r['client']['median_s'] * 1e6:>11.1f}"
+                   f"{r['raw_nixl']['median_s'] * 1e6:>9.1f}{r['client_vs_raw']:>12.2f}")
+    out.append("client/raw: raw time over client time (1.00 = the client adds nothing)")
+    return "\n".join(out)
