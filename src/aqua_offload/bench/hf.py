@@ -9,9 +9,12 @@ Methods (greedy decoding, identical prompts, every run's tokens compared with th
 - ``transformers_offloading``: transformers' ``DynamicCache(offloading=True)`` (CUDA only).
 
 Each method is warmed up once, then timed ``samples`` times (host clock around the whole
-``generate`` call, after a device synchronize). ``ratio = tok_s / baseline tok_s``; CUDA rows
-also carry ``vs_transformers_offloading`` (target, DESIGN.md section 9: >= 1.3 for the
-offloaded cache, and a ratio >= 0.9 to the default cache).
+``generate`` call, after a device synchronize). ``ratio = tok_s / baseline tok_s``;
+the result's ``overhead_us`` maps each method to the time it adds to the default cache per layer
+per decoding step, ``(median - baseline median) / (layers * new_tokens)`` in microseconds (what
+the cache's own path costs: paging, bookkeeping, Python). CUDA rows also carry ``vs_transformers_offloading``
+(target, DESIGN.md section 9: >= 1.3 for the offloaded cache, and a ratio >= 0.9 to the
+default cache).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def run_hf_benchmark(*, model: str | None = None, backend: str = "auto", quick: 
                      new_tokens: int | None = None,
                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time generate with each cache; returns ``{"device", "backend", "label", "model",
-    "config", "rows"}``.
+    "config", "rows", "overhead_us"}``.
 
     Raises
     ------
@@ -64,7 +67,7 @@ def _run_hf(model: str | None, backend: str, device: torch.device, quick: bool, 
     new_tokens = new_tokens or (24 if quick else (48 if not cuda else 128))
     (ids,) = random_prompts(lm, [prompt_tokens], batch=batch)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    from ..hf import OffloadedCache
+    from ..hf import OffloadedCache, cache_kwarg
     from transformers import DynamicCache
 
     peer = device.index if cuda else "emu:1"
@@ -85,7 +88,7 @@ def _run_hf(model: str | None, backend: str, device: torch.device, quick: bool, 
             runs = []
             for i in range(samples + 1):  # the first is the warm-up
                 cache = make()
-                extra = {} if cache is None else {"past_key_values": cache}
+                extra = {} if cache is None else {cache_kwarg(): cache}
                 _sync(device)
                 t0 = time.perf_counter()
                 out = lm.generate(ids, **kwargs, **extra)
@@ -106,7 +109,9 @@ def _run_hf(model: str | None, backend: str, device: torch.device, quick: bool, 
             m.close()
     label = device_label(device)
     tokens = batch * new_tokens
-    base = tokens / statistics.median(times["default_cache"])
+    base_s = statistics.median(times["default_cache"])
+    base = tokens / base_s
+    layer_steps = int(lm.config.num_hidden_layers) * new_tokens
     hf_off = times.get("transformers_offloading")
     rows = []
     for name, runs in times.items():
@@ -118,7 +123,9 @@ def _run_hf(model: str | None, backend: str, device: torch.device, quick: bool, 
         if hf_off:
             row["vs_transformers_offloading"] = statistics.median(hf_off) / med
         rows.append(row)
-    return {"device": label, "backend": backend,
+    overhead = {name: (statistics.median(runs) - base_s) / layer_steps * 1e6
+                for name, runs in times.items()}
+    return {"device": label, "backend": backend, "overhead_us": overhead,
             "label": EMULATION_LABEL if backend == "emulation" else None,
             "model": model or ("small" if cuda else "tiny"),
             "config": {"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
@@ -133,11 +140,12 @@ def format_hf_table(result: dict[str, Any]) -> str:
                  f"{result['model']} ({c['layers']} layers)   batch {c['batch']}, prompt "
                  f"{c['prompt_tokens']}, {c['new_tokens']} new tokens")
     lines.append(f"{'method':<26} {'tok/s':>10} {'median':>10} {'min':>10} {'max':>10} "
-                 f"{'vs default':>11} {'vs hf offload':>14}")
+                 f"{'vs default':>11} {'us/layer-step':>14} {'vs hf offload':>14}")
     for r in result["rows"]:
         vs = r.get("vs_transformers_offloading")
         lines.append(f"{r['method']:<26} {r['tok_s']:>10.1f} {r['median_s']:>9.3f}s "
                      f"{r['min_s']:>9.3f}s {r['max_s']:>9.3f}s {r['ratio']:>11.2f} "
+                     f"{result['overhead_us'][r['method']]:>14.1f} "
                      f"{'-' if vs is None else f'{vs:.2f}':>14}")
     if result["backend"] == "emulation":
         lines.append("(transformers' DynamicCache(offloading=True) needs CUDA: not measured here)")
