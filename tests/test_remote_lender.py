@@ -196,3 +196,15 @@ def test_bad_arguments_are_typed(kw) -> None:
 def test_a_short_token_is_refused() -> None:
     with pytest.raises(InvalidArgumentError, match="at least 16"):
         Lender("short", host_bytes="4MiB")
+
+
+def test_before_auth_a_frame_over_a_handshake_is_refused_from_its_header(remote_lender,
+                                                                         remote_clients) -> None:
+    s = raw_connect(remote_lender.address)
+    # 1 MiB announced: within the limits of an authenticated session, not of a handshake
+    s.sendall(P.HEADER.pack(P.MAGIC, P.VERSION, int(P.Kind.HELLO), 1, MiB, 0))
+    errors = _errors(recv_all(s, timeout=15))
+    s.close()
+    assert [e.body["code"] for e in errors] == ["protocol"]
+    assert "over the limits" in errors[0].body["message"]
+    _still_serves(remote_lender, remote_clients)

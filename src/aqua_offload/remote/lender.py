@@ -47,6 +47,7 @@ __all__ = ["Lender", "ReclaimTicket"]
 
 log = logging.getLogger("aqua_offload.remote.lender")
 MAX_OUT = 64 << 20  # bytes queued to one slow reader before it is dropped
+HANDSHAKE_JSON = 4096  # the largest frame before a peer authenticated (HELLO/AUTH are ~150 B)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class _Conn:
     def __init__(self, sock: socket.socket, peer: str, deadline: float) -> None:
         self.sock = sock
         self.peer = peer
-        self.reader = P.FrameReader()
+        self.reader = P.FrameReader(max_json=HANDSHAKE_JSON, max_blob=0)
         self.out = bytearray()
         self.stage = "hello"
         self.session = 0
@@ -416,6 +417,7 @@ class Lender:
                 self._refuse(conn, "auth", "wrong token", "auth_failures")
                 return
             conn.stage = "ready"
+            conn.reader.max_json, conn.reader.max_blob = P.MAX_JSON, P.MAX_BLOB
             conn.session = self._next_session
             self._next_session += 1
             self._sessions[conn.session] = conn

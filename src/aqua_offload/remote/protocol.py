@@ -208,7 +208,7 @@ def encode(kind: Kind, request: int, body: Mapping[str, Any] | None = None,
     return HEADER.pack(MAGIC, version, int(kind), request, len(data), len(blob)) + data + blob
 
 
-def decode_header(data: bytes) -> Header:
+def decode_header(data: bytes, max_json: int = MAX_JSON, max_blob: int = MAX_BLOB) -> Header:
     """Check a 20-byte header: magic, version, lengths within the limits.
 
     Raises
@@ -226,9 +226,9 @@ def decode_header(data: bytes) -> Header:
     if version != VERSION:
         raise RemoteVersionError(f"the peer speaks remote protocol version {version}, this "
                                  f"side speaks {VERSION}", version=version, supported=VERSION)
-    if json_len > MAX_JSON or blob_len > MAX_BLOB:
+    if json_len > max_json or blob_len > max_blob:
         raise RemoteProtocolError(f"frame lengths {json_len}+{blob_len} over the limits "
-                                  f"({MAX_JSON}+{MAX_BLOB})")
+                                  f"({max_json}+{max_blob})")
     return Header(version, kind, request, json_len, blob_len)
 
 
@@ -253,11 +253,15 @@ def decode_body(header: Header, data: bytes, blob: bytes) -> Message:
 class FrameReader:
     """Incremental decoder for a non-blocking socket: :meth:`feed` bytes as they arrive, get
     whole validated messages back. A bad header is refused as soon as its 20 bytes are in, so
-    a huge length prefix never makes this side wait for (or buffer) the announced bytes."""
+    a huge length prefix never makes this side wait for (or buffer) the announced bytes.
+    ``max_json``/``max_blob`` may be lowered (a lender does until the peer authenticated, so an
+    unauthenticated peer cannot make it buffer more than a handshake)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_json: int = MAX_JSON, max_blob: int = MAX_BLOB) -> None:
         self._buf = bytearray()
         self._header: Header | None = None
+        self.max_json = max_json
+        self.max_blob = max_blob
 
     @property
     def pending(self) -> int:
@@ -270,7 +274,8 @@ class FrameReader:
             if self._header is None:
                 if len(self._buf) < HEADER.size:
                     return
-                self._header = decode_header(bytes(self._buf[:HEADER.size]))
+                self._header = decode_header(bytes(self._buf[:HEADER.size]), self.max_json,
+                                             self.max_blob)
                 del self._buf[:HEADER.size]
             h = self._header
             if len(self._buf) < h.json_len + h.blob_len:
