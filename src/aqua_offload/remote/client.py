@@ -27,8 +27,7 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -36,46 +35,11 @@ from ..errors import (InvalidArgumentError, OffloadError, OutOfMemoryError, Remo
                       RemoteConnectError, RemoteLostError, RemoteProtocolError,
                       RemoteVersionError)
 from . import protocol as P
+from .items import Item, LocalRegion, RemoteBlock, Transfer, check_items
 from .transport import Agent, TransferTimeout, default_agent_name
 
 __all__ = ["RemoteClient", "RemoteBlock", "LocalRegion", "Transfer", "parse_address"]
 
-
-@dataclass(frozen=True)
-class RemoteBlock:
-    """A block of the lender's arena held by this client."""
-
-    id: int
-    nbytes: int
-    addr: int
-    segment: int
-
-
-@dataclass(frozen=True, eq=False)
-class LocalRegion:
-    """Local memory registered with the client's NIXL agent (see :meth:`RemoteClient.register`).
-    ``tensor`` keeps the memory alive."""
-
-    addr: int
-    nbytes: int
-    kind: str
-    device: int
-    tensor: Any
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """One item of a batch: ``nbytes`` between ``local`` at ``local_offset`` and ``block`` at
-    ``block_offset``."""
-
-    local: LocalRegion
-    block: RemoteBlock
-    nbytes: int
-    local_offset: int = 0
-    block_offset: int = 0
-
-
-Item = Union[Transfer, tuple]
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -468,68 +432,8 @@ class RemoteClient:
         self._run("READ", items, deadline_s)
 
     def _normalize_batch(self, items: Sequence[Item]) -> list[tuple]:
-        """Every item checked, as (region, local offset, block, block offset, bytes). The common
-        case (well-formed tuples) takes the state lock once for the whole batch."""
-        out = []
         with self._state:
-            regions, blocks = self._regions, self._blocks
-            for item in items:
-                if type(item) is tuple and len(item) == 4:
-                    local, block, boff, n = item
-                    loff = 0
-                    if type(local) is tuple and len(local) == 2:
-                        local, loff = local
-                elif isinstance(item, Transfer):
-                    local, block, boff, n, loff = (item.local, item.block, item.block_offset,
-                                                   item.nbytes, item.local_offset)
-                else:
-                    raise InvalidArgumentError("a transfer item is a Transfer or (local, block, "
-                                               "offset, nbytes)")
-                if (type(local) is LocalRegion and id(local) in regions
-                        and type(block) is RemoteBlock and blocks.get(block.id) == block
-                        and type(n) is int and type(loff) is int and type(boff) is int
-                        and n > 0 and loff >= 0 and boff >= 0
-                        and loff + n <= local.nbytes and boff + n <= block.nbytes):
-                    out.append((local, loff, block, boff, n))
-                else:
-                    out.append(None)
-        for i, t in enumerate(out):
-            if t is None:  # say precisely what is wrong with it
-                self._normalize(items[i])
-                raise InvalidArgumentError(f"transfer item {i} is invalid")
-        return out
-
-    def _normalize(self, item: Item) -> Transfer:
-        if isinstance(item, Transfer):
-            t = item
-        elif isinstance(item, tuple) and len(item) == 4:
-            local, block, offset, nbytes = item
-            loff = 0
-            if isinstance(local, tuple) and len(local) == 2:
-                local, loff = local
-            t = Transfer(local, block, nbytes, loff, offset)
-        else:
-            raise InvalidArgumentError("a transfer item is a Transfer or (local, block, offset, "
-                                       "nbytes)")
-        if not isinstance(t.local, LocalRegion):
-            raise InvalidArgumentError("local must be a LocalRegion from register()")
-        with self._state:
-            if id(t.local) not in self._regions:
-                raise InvalidArgumentError("this region is not registered with this client")
-        self._own(t.block)
-        for name in ("nbytes", "local_offset", "block_offset"):
-            v = getattr(t, name)
-            if type(v) is not int or v < 0:
-                raise InvalidArgumentError(f"{name} must be a non-negative int, got {v!r}")
-        if t.nbytes == 0:
-            raise InvalidArgumentError("nbytes must be positive")
-        if t.local_offset + t.nbytes > t.local.nbytes:
-            raise InvalidArgumentError(f"{t.nbytes} bytes at {t.local_offset} overrun the local "
-                                       f"region of {t.local.nbytes} bytes")
-        if t.block_offset + t.nbytes > t.block.nbytes:
-            raise InvalidArgumentError(f"{t.nbytes} bytes at {t.block_offset} overrun block "
-                                       f"{t.block.id} of {t.block.nbytes} bytes")
-        return t
+            return check_items(items, self._regions, self._blocks)
 
     def _run(self, op: str, items: Sequence[Item], deadline_s: float | None) -> None:
         self._check()
