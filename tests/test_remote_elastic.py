@@ -142,3 +142,31 @@ def test_watcher_arguments_and_thread(elastic) -> None:
     finally:
         w.stop()
     assert 0 < host_free_memory()
+
+
+def test_a_growth_that_fails_midway_keeps_and_announces_what_it_added(remote_lender,
+                                                                      remote_clients) -> None:
+    from aqua_offload.errors import OutOfMemoryError
+
+    c = remote_clients(remote_lender.address)
+    c.allocate([SEG] * 4)  # the arena is full
+    real, calls = remote_lender.arena._allocate, []
+
+    def flaky(nbytes):
+        calls.append(nbytes)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return real(nbytes)
+
+    remote_lender.arena._allocate = flaky
+    version = remote_lender.stats()["md_version"]
+    with pytest.raises(OutOfMemoryError):
+        remote_lender.grow(3 * SEG)
+    assert remote_lender.arena.nbytes == 20 * MiB
+    assert remote_lender.stats()["md_version"] == version + 1
+    (blk,) = c.allocate([SEG])  # in the segment that was added: the client learns of it
+    t = random_tensor((SEG,), torch.uint8, generator=torch.Generator().manual_seed(9))
+    back = torch.zeros_like(t)
+    c.write([(c.register(t), blk, 0, SEG)])
+    c.read([(c.register(back), blk, 0, SEG)])
+    assert torch.equal(back, t)

@@ -199,19 +199,23 @@ class Lender:
     def grow(self, nbytes: int) -> int:
         """Lend ``nbytes`` more (rounded down to whole segments); returns the bytes added."""
         count = int(nbytes) // self.segment_bytes
+        added = 0
         with self._lock:
             try:
-                added = self.arena.grow(count)
+                for _ in range(count):  # one at a time: what was added before a failure stays
+                    self.arena.grow(1)
+                    added += 1
             except OffloadError:
                 raise
             except (RuntimeError, MemoryError) as exc:  # torch: out of memory
                 raise OutOfMemoryError(f"the lender could not allocate another segment of "
                                        f"{self.segment_bytes} bytes: {exc}",
                                        requested=self.segment_bytes) from None
-            if added:
-                self._md_version += 1
-                self._stats["grows"] += 1
-            return len(added) * self.segment_bytes
+            finally:
+                if added:  # borrowers learn of new segments by this version
+                    self._md_version += 1
+                    self._stats["grows"] += 1
+            return added * self.segment_bytes
 
     def reclaim(self, nbytes: int) -> ReclaimTicket:
         """Take back at least ``nbytes`` (whole segments, emptiest first); see Note [Reclaim]."""
