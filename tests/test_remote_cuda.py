@@ -24,10 +24,12 @@ def test_gpu_arena_round_trip_from_host_and_gpu(remote_clients) -> None:
                             generator=torch.Generator().manual_seed(2))
         rh, rg = c.register(host), c.register(gpu)
         a, b = c.allocate([4 * MiB, 4 * MiB])
+        torch.cuda.synchronize()  # NIXL reads `gpu` outside torch's streams: fill it first
         c.write([(rh, a, 0, 4 * MiB), (rg, b, 0, 4 * MiB)])  # DRAM and VRAM in one call
         torch.cuda.synchronize()
         back_h = torch.zeros(4 * MiB, dtype=torch.uint8)
         back_g = torch.zeros(4 * MiB, dtype=torch.uint8, device="cuda:0")
+        torch.cuda.synchronize()  # the zeros are written before NIXL writes over them
         c.read([(c.register(back_h), b, 0, 4 * MiB), (c.register(back_g), a, 0, 4 * MiB)])
         torch.cuda.synchronize()
         assert torch.equal(back_h, gpu.cpu()) and torch.equal(back_g.cpu(), host)

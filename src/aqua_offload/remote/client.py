@@ -424,6 +424,10 @@ class RemoteClient:
         Items are :class:`Transfer` or tuples ``(local, block, offset, nbytes)`` where
         ``local`` is a :class:`LocalRegion` or ``(region, local_offset)`` and ``offset`` is
         the offset in the block. Every item is checked before anything moves.
+
+        NIXL moves the bytes outside torch's CUDA streams: for CUDA regions, the caller orders
+        the call after the kernels that write (or read) them, e.g. by synchronizing their
+        stream first. The call returns when the bytes have arrived.
         """
         self._run("WRITE", items, deadline_s)
 
