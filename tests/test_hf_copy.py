@@ -109,7 +109,8 @@ def test_copy_shares_the_manager_and_owns_its_handles(manager):
     before, twin_before = cache.stats(), twin.stats()
     keys = twin.layers[1].keys
     assert cache.stats() == before
-    assert twin.stats()["bytes_fetched"] - twin_before["bytes_fetched"] == keys.nbytes * 2
+    assert twin.stats()["bytes_fetched"] - twin_before["bytes_fetched"] == sum(
+        seg.handle.nbytes for seg in twin._slots[1].segments) > 0
     assert torch.equal(keys, cache.layers[1].keys)
     # closing the original leaves the copy whole
     want = [(k.clone(), v.clone()) for k, v, _ in cache]

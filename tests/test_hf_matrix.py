@@ -124,7 +124,7 @@ def test_generate_matches_default_cache(arch, mode, manager):
     enc_dec = model.config.is_encoder_decoder
     batch = {"greedy_padded": 3, "crop": 1}.get(mode, 2)  # assisted decoding: batch 1 only
     inputs = hf_models.prompts(batch, 7, seed=len(arch), padded=mode == "greedy_padded")
-    kv = offloaded_cache_for(model, manager)
+    kv = offloaded_cache_for(model, manager, prefetch=True)  # the prefetch path too (CPU: off by default)
     if mode in ("greedy_padded", "dict_scores", "beam", "sample_seeded"):
         kw = {"greedy_padded": {}, "dict_scores": {"output_logits": True},
               "beam": {"num_beams": 3, "num_return_sequences": 2},

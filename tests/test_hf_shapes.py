@@ -142,7 +142,9 @@ def test_encoder_decoder_with_both_halves_offloaded(manager, arch, beams):
 def _decoded(manager, n=6):
     model = hf_models.model("llama")
     inputs = hf_models.prompts(2, 5, seed=5)
-    cache = OffloadedCache(manager, config=model.config)
+    # chunk_tokens=1: the whole layer lives in the tiers (no resident tail), so a read fetches
+    # exactly the layer's bytes
+    cache = OffloadedCache(manager, config=model.config, chunk_tokens=1)
     ref_cache = transformers.DynamicCache(config=model.config)
     assert torch.equal(gen(model, inputs, n, cache), gen(model, inputs, n, ref_cache))
     cache.aqua_preempt()  # no prefetch in flight: every read below is a real fetch

@@ -22,6 +22,16 @@ step. Segments are fetched with ``keep=True``, so the tier keeps them for the ne
 operation that may rewrite the prefix (sliding windows, crop, beam reorder, batch edits) ends
 with a full rewrite of the layer instead.
 
+Note [Resident tail]
+Decoding appends one token per layer per step, and each page out was a core call of its own
+(plus the frees of the segments it merged): on small layers those calls, not the bytes,
+dominated the step. So the tokens appended after the first page out stay resident, in a small
+per-layer tail (a copy of their keys and values, ``chunk_tokens - 1`` tokens at most), and go
+to the tiers as one segment once ``chunk_tokens`` of them accumulated: one page out per layer
+every ``chunk_tokens`` steps instead of every step. The tail is part of the layer's data (reads
+concatenate it after the segments; copies clone it; a TimeSlicer pages it out with the rest of
+a preempted request's state). ``chunk_tokens=1`` pages every token out at once.
+
 Note [Layer kinds]
 Only transformers' plain ``DynamicLayer`` (and, with ``offload_sliding``,
 ``DynamicSlidingWindowLayer``) is offloaded; it becomes an ``OffloadedLayer`` in place. Every
@@ -65,11 +75,15 @@ class _Segment:
 
 @dataclass
 class _Slot:
-    """The offloaded form of one layer (Note [Segments])."""
+    """The offloaded form of one layer (Notes [Segments], [Resident tail])."""
 
     segments: list[_Segment] = field(default_factory=list)
-    tokens: int = 0            # tokens the segments cover, in order; -1: rewrite whole
+    tokens: int = 0            # tokens the segments and the tail cover, in order; -1: rewrite
     prefetched: bool = False   # a prefetch of every segment is in flight
+    tail: tuple[torch.Tensor, torch.Tensor] | None = None  # resident keys, values after them
+
+    def segment_tokens(self) -> int:
+        return sum(seg.tokens for seg in self.segments)
 
 
 class OffloadedCache(DynamicCache):
@@ -92,10 +106,16 @@ class OffloadedCache(DynamicCache):
     offload_sliding : bool
         Also offload sliding-window layers (rewritten whole at every step, as their window
         moves). Default False: they are small and stay resident.
-    prefetch : bool
-        Prefetch the next offloaded layer while the current one computes (default True).
+    prefetch : bool, optional
+        Prefetch the next offloaded layer while the current one computes. Default: on a CUDA
+        device (the copy engines overlap the copy with compute), not on the CPU, where the
+        emulated tiers' copies run on the same cores as the model and a prefetch only adds a
+        call per layer and step.
     priority : float
         Eviction priority of the offloaded layers in the manager's tiers.
+    chunk_tokens : int
+        Decoded tokens stay resident until this many accumulated in a layer, then go to the
+        tiers as one segment (Note [Resident tail]); 1 pages every token out at once.
 
     Notes
     -----
@@ -106,16 +126,21 @@ class OffloadedCache(DynamicCache):
     """
 
     def __init__(self, manager: OffloadManager | None = None, *, config: Any = None,
-                 offload_sliding: bool = False, prefetch: bool = True,
-                 priority: float = 0.0) -> None:
+                 offload_sliding: bool = False, prefetch: bool | None = None,
+                 priority: float = 0.0, chunk_tokens: int = 16) -> None:
         if manager is not None and not isinstance(manager, OffloadManager):
             raise InvalidArgumentError(f"manager must be an OffloadManager, got {manager!r}")
         priority = check_priority(priority)  # before anything is built: bad input changes nothing
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) \
+                or not 1 <= chunk_tokens <= 2 ** 31:
+            raise InvalidArgumentError(f"chunk_tokens must be an int in [1, 2**31], got "
+                                       f"{chunk_tokens!r}")
         super().__init__(config=config)
         self._manager = manager
         self._offload_sliding = bool(offload_sliding)
-        self._prefetch_next = bool(prefetch)
+        self._prefetch_next = None if prefetch is None else bool(prefetch)
         self._priority = priority
+        self._chunk = chunk_tokens
         self._slots: list[_Slot] = []
         self._lock = threading.RLock()  # a cache is used by one thread at a time; close() may race
         self.bytes_offloaded = 0  # cumulative bytes copied to the tiers
@@ -138,7 +163,7 @@ class OffloadedCache(DynamicCache):
             if self._offloadable(layer) is not None and "_aq_cache" not in layer.__dict__:
                 adopt(layer, self, layer_idx, self._offload_sliding)
             self._bring_in(layer_idx, manager)
-            if self._prefetch_next:
+            if self._prefetching(manager):
                 self._prefetch_after(layer_idx, manager)
             before = _length(layer)
             keys, values = layer.update(key_states, value_states, *args, **kwargs)
@@ -200,7 +225,10 @@ class OffloadedCache(DynamicCache):
 
     def _copy_slots(self) -> list[_Slot]:
         segs = [(i, seg) for i, slot in enumerate(self._slots) for seg in slot.segments]
-        slots = [_Slot(tokens=slot.tokens) for slot in self._slots]
+        slots = [_Slot(tokens=slot.tokens,
+                       tail=None if slot.tail is None else (slot.tail[0].clone(),
+                                                            slot.tail[1].clone()))
+                 for slot in self._slots]
         if not segs:
             return slots
         manager = self._manager_of([seg.handle for _, seg in segs])
@@ -245,6 +273,8 @@ class OffloadedCache(DynamicCache):
                     "segments": sum(len(s.segments) for s in self._slots),
                     "bytes_in_tiers": sum(seg.handle.nbytes for s in self._slots
                                           for seg in s.segments),
+                    "resident_tail_bytes": sum(s.tail[0].nbytes + s.tail[1].nbytes
+                                               for s in self._slots if s.tail is not None),
                     "bytes_offloaded": self.bytes_offloaded,
                     "bytes_fetched": self.bytes_fetched}
 
@@ -266,7 +296,7 @@ class OffloadedCache(DynamicCache):
                 return raw_keys(layer), raw_values(layer)
             manager = self._manager_of([seg.handle for seg in self._slots[i].segments])
             pair = self._materialize(i, manager)
-            if self._prefetch_next:
+            if self._prefetching(manager):
                 self._prefetch_after(i, manager)  # the reader moves on to the next layer
             return pair
 
@@ -288,6 +318,11 @@ class OffloadedCache(DynamicCache):
                 f"model computes on {device}; pass OffloadedCache(manager=OffloadManager("
                 f"device={str(device)!r}))")
         return self._manager
+
+    def _prefetching(self, manager: OffloadManager) -> bool:
+        if self._prefetch_next is None:
+            return manager.device.type == "cuda"
+        return self._prefetch_next
 
     def _manager_of(self, handles: list[Handle]) -> OffloadManager:
         return handles[0].manager if handles else self._manager_for(None)
@@ -311,17 +346,21 @@ class OffloadedCache(DynamicCache):
         """Layer i's keys and values, fetched from its segments (the segments stay)."""
         slot, layer = self._slots[i], self.layers[i]
         keys_like, values_like = raw_keys(layer), raw_values(layer)
-        if not slot.segments:
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if slot.segments:
+            handles = [seg.handle for seg in slot.segments]
+            got = manager.fetch_many(handles, keep=True)
+            slot.prefetched = False
+            self.bytes_fetched += sum(h.nbytes for h in handles)
+            pairs = [unpack(buf, keys_like, values_like, seg.tokens)
+                     for buf, seg in zip(got, slot.segments)]
+        if slot.tail is not None:
+            pairs.append(slot.tail)
+        if not pairs:
             return (torch.empty(keys_like.shape, dtype=keys_like.dtype, device=manager.device),
                     torch.empty(values_like.shape, dtype=values_like.dtype,
                                 device=manager.device))
-        handles = [seg.handle for seg in slot.segments]
-        got = manager.fetch_many(handles, keep=True)
-        slot.prefetched = False
-        self.bytes_fetched += sum(h.nbytes for h in handles)
-        pairs = [unpack(buf, keys_like, values_like, seg.tokens)
-                 for buf, seg in zip(got, slot.segments)]
-        if len(pairs) == 1:
+        if len(pairs) == 1 and slot.tail is None:
             return pairs[0]
         return (torch.cat([k for k, _ in pairs], dim=-2),
                 torch.cat([v for _, v in pairs], dim=-2))
@@ -353,7 +392,11 @@ class OffloadedCache(DynamicCache):
         length = _length(layer)
         start, merged, popped = 0, list(slot.segments), False
         if kind == "append" and 0 <= before == slot.tokens <= length:
-            start, merged, popped = before, [], True
+            start = slot.segment_tokens()
+            if slot.segments and length - start < self._chunk:  # Note [Resident tail]
+                self._keep_in_tail(layer, slot, keys, values, before, length)
+                return
+            merged, popped = [], True
             while slot.segments and slot.segments[-1].tokens <= length - start:
                 merged.append(slot.segments[-1])  # binary counter: Note [Segments]
                 start -= slot.segments.pop().tokens
@@ -370,7 +413,7 @@ class OffloadedCache(DynamicCache):
                 # its next page out rewrites it whole.
                 if popped:
                     slot.segments.extend(reversed(merged))
-                slot.tokens = -1
+                slot.tokens, slot.tail = -1, None  # the resident layer holds everything
                 return
             new.append(_Segment(handle, length - start))
             self.bytes_offloaded += handle.nbytes
@@ -379,9 +422,24 @@ class OffloadedCache(DynamicCache):
         for seg in merged:
             manager.free(seg.handle)
         slot.segments.extend(new)
+        slot.tokens, slot.tail = length, None
+        _placeholders(layer, keys, values)
+
+    @staticmethod
+    def _keep_in_tail(layer: Any, slot: _Slot, keys: torch.Tensor, values: torch.Tensor,
+                      before: int, length: int) -> None:
+        """Keep the tokens appended since ``before`` resident (Note [Resident tail])."""
+        if length > before:
+            # Copies: a view would keep the layer's whole keys alive.
+            new_k = keys[..., before:, :].clone()
+            new_v = values[..., before:, :].clone()
+            if slot.tail is None:
+                slot.tail = (new_k, new_v)
+            else:
+                slot.tail = (torch.cat([slot.tail[0], new_k], dim=-2),
+                             torch.cat([slot.tail[1], new_v], dim=-2))
         slot.tokens = length
-        set_paged(layer, torch.empty(keys.shape, dtype=keys.dtype, device="meta"),
-                  torch.empty(values.shape, dtype=values.dtype, device="meta"), True)
+        _placeholders(layer, keys, values)
 
     def _restore_placeholders(self, i: int) -> None:
         """Before an operation that reads every layer: bring it back (resident)."""
@@ -413,6 +471,12 @@ class OffloadedCache(DynamicCache):
                     self._page_out(i, self._manager_for(keys.device), -1)
                 elif slot.segments:
                     self._drop_segments(i)
+
+
+def _placeholders(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Leave shape-only placeholders in the layer: its data lives in its slot."""
+    set_paged(layer, torch.empty(keys.shape, dtype=keys.dtype, device="meta"),
+              torch.empty(values.shape, dtype=values.dtype, device="meta"), True)
 
 
 def _length(layer: Any) -> int:
