@@ -94,7 +94,7 @@ class Handle:
         ``"freed"`` or ``"closed"`` (its manager was closed)."""
         if self._state not in LIVE:
             return self._state
-        if self._manager._closed:
+        if self._manager.closed:
             return "closed"
         store = self._manager._store
         try:

@@ -16,13 +16,7 @@ On the emulation backend the "current stream" is the calling thread (torch CPU o
 synchronous), so waiting on it blocks that thread: fetch and snapshots return complete, while
 release offloads still return at once with the copy running on a worker thread.
 
-Note [Calls and close]
-Every public call runs inside ``_call()``, which registers a token that lives exactly as long as
-the call's frame (a WeakSet: no decrement to miss when an interrupt lands in a ``finally``). ``close()`` first refuses new calls
-(``ClosedError``), then waits until the calls in progress returned, and only then restores the
-paged-out tensors (one batch) and closes the core, which frees every pool. So a tensor whose
-offload succeeded is always restored, and close() never races a fetch of the same handle. A
-forked child sees the parent's manager as closed: it has none of its threads or memory.
+Calls in progress and close(): Note [Calls and close] in calls.py.
 
 Note [Interrupted batches]
 A batch is all or nothing even when an asynchronous exception (KeyboardInterrupt) lands inside
@@ -30,29 +24,25 @@ it. Before the core accepted a batch, the handler undoes the Python side (reserv
 core's handles if the core had already made them: the bindings append them to a list before
 returning, so none can be lost in between). Once the core accepted it, the Python side is
 finished regardless (``finish()`` is idempotent and runs again from the handler): every tensor
-ends paged out and fetchable, or fetched and restored. A prefetch cannot be finished that way
-(the handler itself may be interrupted before the buffer is recorded, and the core would copy
-into freed memory), so its buffer is attached to the handle *before* the core call, as
-``_pending``, and the next call that claims the handle settles it from the core's own record
-(``info().prefetched``): adopted if the core copied into it, dropped otherwise.
+ends paged out and fetchable, or fetched and restored. Prefetches: Note [Pending prefetches]
+in prefetching.py.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import os
-import threading
 import weakref
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from . import _core, arrays, paging, snapshots, storage
+from . import _core, paging, prefetching, snapshots, storage
 from .devices import (DeviceLike, current_stream, external_stream, parse_peer, record_stream,
                       resolve_device)
 from .errors import ClosedError, InvalidArgumentError, InvalidHandleError
 from .handle import Handle, check_priority as _check_priority
+from .calls import CallGate
 from .checks import check_base, check_offload, check_out
 from .holders import HolderWatch
 from .peer_budget import peer_pools
@@ -141,13 +131,10 @@ class OffloadManager:
                        for t in range(self._store.tier_count)]
         self._ext_streams: dict[tuple[int, str], Any] = {}
         self._holders = HolderWatch(self._store.ready)  # emulation (holders.py)
-        self._prefetched_bytes = 0  # LOCK: _calls_cv
-        self._pid = os.getpid()  # a forked child cannot use it (Note [Calls and close])
-        self._calls: weakref.WeakSet[_Call] = weakref.WeakSet()  # calls in progress
-        self._calls_cv = threading.Condition()
-        self._closing = False  # LOCK: _calls_cv
-        self._closer = threading.current_thread()  # LOCK: _calls_cv; the thread closing
-        self._closed = False
+        self._gate = CallGate()  # calls in progress, closing, closed (calls.py)
+        # handle id -> bytes of its prefetch buffer (prefetching.py); no lock: an interrupt
+        # inside `with lock:` can leave the lock held, and dict updates are atomic
+        self._prefetched: dict[int, int] = {}
         self._lending: Any = None
         _live.add(self)
         if lent:
@@ -210,7 +197,7 @@ class OffloadManager:
     def _offload(self, tensors: list[Any], release: bool, priority: float,
                  bases: list[Handle | None], fence: str, what: str) -> list[Handle]:
         """The one offload path (a single offload is a batch of one)."""
-        with self._call(what):
+        with self._gate.call(what):
             prio = _check_priority(priority)
             specs = check_offload(tensors, release, fence, self.device, what)
             base_ids = [0 if b is None else self._check_base(b, t)._id
@@ -226,7 +213,7 @@ class OffloadManager:
             if handle._deferred is None:
                 return
             if handle._live():
-                with self._call("fence"):
+                with self._gate.call("fence"):
                     self._store.fence_source(handle._id, current_stream(self.device))
             self._undefer(handle)
 
@@ -280,7 +267,7 @@ class OffloadManager:
     def _fetch(self, handles: list[Any], outs: list[Any], keep: bool, what: str,
                closing: bool = False) -> list[Any]:
         """The one fetch path (a single fetch is a batch of one)."""
-        with (contextlib.nullcontext() if closing else self._call(what)), \
+        with (contextlib.nullcontext() if closing else self._gate.call(what)), \
                 self._claim(handles, what) as handles:
             if len({id(h) for h in handles}) != len(handles):
                 raise InvalidArgumentError(f"{what}: a handle is listed twice")
@@ -326,53 +313,16 @@ class OffloadManager:
     def prefetch_many(self, handles: Iterable[Handle | torch.Tensor]) -> list[Handle]:
         """:meth:`prefetch` every handle in one call into the core (all are checked first);
         already prefetched ones are left as they are."""
-        with self._call("prefetch"), self._claim(list(handles), "prefetch") as handles:
-            if any(h._kept for h in handles):
-                raise InvalidHandleError("prefetch: a kept copy of a restored tensor")
-            todo = list({id(h): h for h in handles if h._prefetch is None}.values())
-            bufs = [torch.empty(h.nbytes, dtype=torch.uint8, device=self.device)
-                    if h.release or h._array is not None
-                    else torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in todo]
-            stream = torch.cuda.current_stream(self.device) if self._cuda else None
-            for h, buf in zip(todo, bufs):  # alive before the core may copy into them
-                h._pending = (buf, stream)
-            tiers = self._store.prefetch_many(
-                [h._id for h in todo], [b.data_ptr() if h.nbytes else 0 for h, b in zip(todo, bufs)],
-                current_stream(self.device))
-            for h, tier in zip(todo, tiers):
-                self._adopt_prefetch(h, tier)
+        with self._gate.call("prefetch"), self._claim(list(handles), "prefetch") as handles:
+            prefetching.start(self, handles)
             return handles
-
-    def _adopt_prefetch(self, h: Handle, tier: int) -> None:
-        with self._calls_cv:  # one line: the counter moves with the buffer
-            (h._prefetch, h._prefetch_stream), h._prefetch_tier, h._pending, self._prefetched_bytes \
-                = h._pending, tier, None, self._prefetched_bytes + h.nbytes
-
-    def _settle(self, h: Handle) -> None:
-        """A prefetch interrupted between its core call and its bookkeeping (Note [Interrupted
-        batches]): the core knows whether it copied into the pending buffer. Under the handle's
-        lock, so no prefetch of it is in progress."""
-        if h._pending is not None:
-            if h._prefetch is None and h._live() and self._store.contains(h._id):
-                _, tier, _, prefetched = self._store.info(h._id)
-                if prefetched:
-                    self._adopt_prefetch(h, tier)
-                    return
-            h._pending = None
-
-    def _drop_prefetch(self, handle: Handle) -> None:
-        if handle._prefetch is None:
-            return
-        handle._prefetch = None
-        with self._calls_cv:
-            self._prefetched_bytes -= handle.nbytes
 
     # -- free, waits, lending, stats -----------------------------------------------------
     def free(self, handle: Handle | torch.Tensor) -> None:
         """Drop the handle's offloaded bytes without fetching them. For a release, the data is
         gone: the tensor keeps an empty storage, marked *discarded* (:func:`is_discarded`; the
         guard refuses it, and so does a new offload of it)."""
-        with self._call("free"), self._claim([handle], "free") as (handle,):
+        with self._gate.call("free"), self._claim([handle], "free") as (handle,):
             if self._holders.holding(handle._id) or (handle._prefetch is not None
                                                       and not self._cuda):
                 self._store.wait(handle._id)  # emulation: a copy may still use the memory
@@ -381,27 +331,27 @@ class OffloadManager:
             if handle._prefetch is not None and self._cuda:  # reused after the copy into it
                 self._record_stream(handle._prefetch,
                                     self._stream(handle._prefetch_tier, "prefetch"))
-            self._drop_prefetch(handle)
+            prefetching.drop(self, handle)
             if handle.release and not handle._kept and handle._key is not None:
                 storage.discard(handle._key, handle)
             handle._end("freed")
 
     def _discard(self, handle: Handle) -> None:
         """Handle.__del__: nobody can fetch it any more."""
-        if not self._closed and not self._closing and handle._live() \
-                and os.getpid() == self._pid:
+        gate = self._gate
+        if not gate.closed and not gate.closing and handle._live() and not gate.foreign():
             self.free(handle)
 
     def _ready(self, handle: Handle) -> bool:
         if handle._state == "fetched":
             return True
-        with self._call("ready"):
+        with self._gate.call("ready"):
             return bool(self._store.ready(self._own(handle, "ready")._id))
 
     def _wait(self, handle: Handle) -> None:
         if handle._state == "fetched":
             return
-        with self._call("wait"):
+        with self._gate.call("wait"):
             self._store.wait(self._own(handle, "wait")._id)
             self._holders.drop(handle._id)
 
@@ -417,7 +367,7 @@ class OffloadManager:
         return self._lend(device, nbytes)
 
     def _lend(self, device: DeviceLike, nbytes: int | str) -> int:
-        with self._call("lend", internal=True):
+        with self._gate.call("lend", internal=True):
             n = parse_size(nbytes, name="lend nbytes")
             if n == 0:
                 raise InvalidArgumentError("lend: 0 bytes")
@@ -446,7 +396,7 @@ class OffloadManager:
         return self._reclaim(device, nbytes)
 
     def _reclaim(self, device: DeviceLike, nbytes: int | str | None = None) -> int:
-        with self._call("reclaim", internal=True):
+        with self._gate.call("reclaim", internal=True):
             n = None if nbytes is None else parse_size(nbytes, name="reclaim nbytes")
             return int(self._store.reclaim(parse_peer(device, self._store.backend), n))
 
@@ -458,7 +408,7 @@ class OffloadManager:
 
     def synchronize(self) -> None:
         """Block until every copy issued by this manager has completed."""
-        with self._call("synchronize"):
+        with self._gate.call("synchronize"):
             self._store.synchronize()
             self._holders.reap()
 
@@ -475,14 +425,14 @@ class OffloadManager:
             migrations, batch paths, lending and reclaim latency, ``prefetched_bytes``,
             ``peer_budgets``, ``closed``. Sizes in bytes. After ``close()`` the tiers are empty.
         """
-        if not self._closed:
+        if not self._gate.closed:
             self._holders.reap()  # drops finished holders
         s = self._store.stats()
         s["backend"] = self._store.backend
         s["device"] = str(self.device)
         s["policy"] = self.policy
-        s["closed"] = self._closed
-        s["prefetched_bytes"] = self._prefetched_bytes
+        s["closed"] = self._gate.closed
+        s["prefetched_bytes"] = sum(list(self._prefetched.values()))
         s["peer_budgets"] = [dict(b) for b in self._peer_budgets]
         s["reclaim_last_gbps"] = (s["reclaim_last_bytes_moved"] / s["reclaim_last_s"] / 1e9
                                   if s["reclaim_last_s"] > 0 else 0.0)
@@ -493,29 +443,19 @@ class OffloadManager:
     # -- lifetime (Note [Calls and close]) ------------------------------------------------
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._gate.closed
 
     def close(self, restore: bool = True) -> None:
         """Refuse new calls, wait for the calls in progress, then (with ``restore``, the
         default) fetch every tensor this manager paged out, and free every pool segment before
         returning. Leftover handles are ``"closed"``: calls on them raise :class:`ClosedError`.
         Without ``restore`` (at exit), paged-out tensors are left discarded."""
-        if os.getpid() != self._pid:  # a forked child: the parent's memory, not ours to touch
-            self._closed = True
+        if self._gate.foreign():  # a forked child: the parent's memory, not ours to touch
+            self._gate.closed = True
             return
-        me = threading.current_thread()
-        with self._calls_cv:
-            # Another thread closing: wait for it. A closer that is this very thread, or dead,
-            # was interrupted before it could say so (Note [Interrupted batches]): take over.
-            while self._closing and self._closer is not me and self._closer.is_alive():
-                self._calls_cv.wait(0.05)
-            if self._closed:
-                return
-            self._closing, self._closer = True, me
+        if not self._gate.begin_close():
+            return
         try:
-            with self._calls_cv:
-                while self._calls:  # a call's token dies with its frame (Note [Calls and close]);
-                    self._calls_cv.wait(0.005)  # polled: no callback to run when it does
             if restore and not self._store.closed:
                 pending = [h for h in storage.handles_of(self) if h._live() and not h._kept]
                 if pending:
@@ -523,9 +463,7 @@ class OffloadManager:
             if self._lending is not None:  # after the last step that can fail: no reclaim/lend
                 self._lending.stop()  # after this one, yet a close that raised keeps serving
         except BaseException:
-            with self._calls_cv:
-                self._closing = False
-                self._calls_cv.notify_all()
+            self._gate.abort_close()
             raise
         # From here on every step is idempotent: a close interrupted below is finished by the
         # next one (the core's close returns at once the second time).
@@ -536,11 +474,8 @@ class OffloadManager:
         self._holders.clear()
         if self._lending is not None:  # the leased memory is freed now: give the leases back
             self._lending.close()
-        with self._calls_cv:
-            self._prefetched_bytes = 0
-            self._closed = True
-            self._closing = False
-            self._calls_cv.notify_all()
+        self._prefetched.clear()
+        self._gate.end_close()
 
     def __enter__(self) -> "OffloadManager":
         return self
@@ -550,24 +485,10 @@ class OffloadManager:
 
     def __repr__(self) -> str:
         tiers = ", ".join(f"{k} {loc}" for k, loc in self._tiers)
-        state = "closed" if self._closed else self._store.backend
+        state = "closed" if self._gate.closed else self._store.backend
         return f"<aqua_offload.OffloadManager {self.device} [{tiers}] {state}>"
 
     # -- helpers -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _call(self, what: str, internal: bool = False) -> Iterator[None]:
-        """A public call in progress (Note [Calls and close]). ``internal`` calls (the lending
-        consumer's) still run while close() is restoring, until it stops them."""
-        if os.getpid() != self._pid:
-            raise ClosedError(f"{what}: this OffloadManager belongs to process {self._pid}; a "
-                              "forked child cannot use it (make a new one in the child)")
-        with self._calls_cv:
-            if self._closed or (self._closing and not internal):
-                raise ClosedError(f"{what}: this OffloadManager is closed")
-            call = _Call(); self._calls.add(call)  # noqa: E702 - one line, no interrupt between
-        yield  # `call` dies with this frame, however it ends: nothing to undo by hand
-        del call
-
     def _own(self, handle: Any, what: str) -> Handle:
         if isinstance(handle, torch.Tensor):
             found = storage.owner(handle)
@@ -597,7 +518,7 @@ class OffloadManager:
                 stack.enter_context(h._lock)
             hs = [self._own(h, what) for h in hs]
             for h in hs:
-                self._settle(h)
+                prefetching.settle(self, h)
             yield hs
 
     def _stream(self, tier: int, lane: str) -> Any:
@@ -610,12 +531,6 @@ class OffloadManager:
         return stream
 
     _record_stream = staticmethod(record_stream)
-
-
-class _Call:
-    """A public call in progress: alive exactly as long as the call's frame."""
-
-    __slots__ = ("__weakref__",)
 
 
 @atexit.register

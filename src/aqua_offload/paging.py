@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import arrays, storage
+from . import arrays, prefetching, storage
 from .devices import current_stream
 from .errors import InvalidArgumentError
 from .handle import Handle
@@ -131,7 +131,7 @@ def restore(m: "OffloadManager", h: Handle, dest: torch.Tensor, out: torch.Tenso
             current = torch.cuda.current_stream(m.device)
             if current != h._prefetch_stream:
                 m._record_stream(h._prefetch, current)
-        m._drop_prefetch(h)
+        prefetching.drop(m, h)
     m._holders.drop(h._id)  # the fetch ordered the caller after the offload copy
     storage.undefer_handle(h)
     if h.release:

@@ -1,0 +1,93 @@
+"""The gate every public call of an OffloadManager passes, and that close() shuts.
+
+Note [Calls and close]
+Every public call runs inside ``CallGate.call()``, which registers a token that lives exactly as
+long as the call's frame (a WeakSet: no decrement to miss when an interrupt lands in a
+``finally``). ``close()`` first refuses new calls (``ClosedError``), then waits until the calls
+in progress returned, and only then restores the paged-out tensors (one batch) and closes the
+core, which frees every pool. So a tensor whose offload succeeded is always restored, and
+close() never races a fetch of the same handle. ``internal`` calls (the lending consumer's)
+still run while close() restores, until close() stops them.
+
+A close() interrupted before it could say so (Note [Interrupted batches] in manager.py) leaves
+``closing`` set with no one closing: the next close() takes over when the recorded closer is
+its own thread or dead. A forked child sees the parent's manager as closed: it has none of its
+threads or memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import weakref
+from typing import Iterator
+
+from .errors import ClosedError
+
+__all__ = ["CallGate"]
+
+
+class _Call:
+    """A public call in progress: alive exactly as long as the call's frame."""
+
+    __slots__ = ("__weakref__",)
+
+
+class CallGate:
+    """Calls in progress, and the closing and closed states of one manager."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()  # a forked child cannot use it
+        self._calls: weakref.WeakSet[_Call] = weakref.WeakSet()  # LOCK: _cv
+        self._cv = threading.Condition()
+        self.closing = False  # LOCK: _cv
+        self._closer = threading.current_thread()  # LOCK: _cv; the thread closing
+        self.closed = False
+
+    def foreign(self) -> bool:
+        """This is a forked child of the process that made the manager."""
+        return os.getpid() != self.pid
+
+    @contextlib.contextmanager
+    def call(self, what: str, internal: bool = False) -> Iterator[None]:
+        """A public call in progress; ``ClosedError`` once the manager closes (or in a child)."""
+        if self.foreign():
+            raise ClosedError(f"{what}: this OffloadManager belongs to process {self.pid}; a "
+                              "forked child cannot use it (make a new one in the child)")
+        with self._cv:
+            if self.closed or (self.closing and not internal):
+                raise ClosedError(f"{what}: this OffloadManager is closed")
+            call = _Call(); self._calls.add(call)  # noqa: E702 - one line, no interrupt between
+        yield  # `call` dies with this frame, however it ends: nothing to undo by hand
+        del call
+
+    def begin_close(self) -> bool:
+        """Refuse new calls and wait for those in progress. False if the manager is closed
+        already (another thread's close() finished meanwhile): nothing left to do."""
+        me = threading.current_thread()
+        with self._cv:
+            while self.closing and self._closer is not me and self._closer.is_alive():
+                self._cv.wait(0.05)  # another thread closes: wait for it
+            if self.closed:
+                return False
+            self.closing, self._closer = True, me
+        try:
+            with self._cv:
+                while self._calls:  # a token dies with its frame: polled, no callback runs then
+                    self._cv.wait(0.005)
+        except BaseException:
+            self.abort_close()
+            raise
+        return True
+
+    def abort_close(self) -> None:
+        """A close() that raised: the manager serves again."""
+        with self._cv:
+            self.closing = False
+            self._cv.notify_all()
+
+    def end_close(self) -> None:
+        with self._cv:
+            self.closed, self.closing = True, False
+            self._cv.notify_all()
