@@ -8,8 +8,9 @@ Methods (greedy decoding, identical prompts, every run's tokens compared with th
 - ``offloaded_cache_host``: the same with no peer tier (pinned host memory);
 - ``transformers_offloading``: transformers' ``DynamicCache(offloading=True)`` (CUDA only).
 
-Each method is warmed up once, then timed ``samples`` times (host clock around the whole
-``generate`` call, after a device synchronize). ``ratio = tok_s / baseline tok_s``;
+Each method is warmed up once, then timed ``samples`` times in rounds (each round runs every
+method once, so load changes on a shared machine hit all methods alike; host clock around the
+whole ``generate`` call, after a device synchronize). ``ratio = tok_s / baseline tok_s``;
 the result's ``overhead_us`` maps each method to the time it adds to the default cache per layer
 per decoding step, ``(median - baseline median) / (layers * new_tokens)`` in microseconds (what
 the cache's own path costs: paging, bookkeeping, Python). CUDA rows also carry ``vs_transformers_offloading``
@@ -79,14 +80,15 @@ def _run_hf(model: str | None, backend: str, device: torch.device, quick: bool, 
     }
     if cuda:
         methods["transformers_offloading"] = lambda: DynamicCache(config=lm.config, offloading=True)
-    times: dict[str, list[float]] = {}
+    times: dict[str, list[float]] = {name: [] for name in methods}
     reference = None
     try:
-        for name, make in methods.items():
-            if progress:
-                progress(name)
-            runs = []
-            for i in range(samples + 1):  # the first is the warm-up
+        # Rounds: every method once per round (the first round warms up), so that a change of
+        # load on a shared machine hits every method alike instead of the one running then.
+        for i in range(samples + 1):
+            for name, make in methods.items():
+                if progress and i == 0:
+                    progress(name)
                 cache = make()
                 extra = {} if cache is None else {cache_kwarg(): cache}
                 _sync(device)
@@ -102,8 +104,7 @@ def _run_hf(model: str | None, backend: str, device: torch.device, quick: bool, 
                 if hasattr(cache, "close"):
                     cache.close()
                 if i:
-                    runs.append(elapsed)
-            times[name] = runs
+                    times[name].append(elapsed)
     finally:
         for m in managers.values():
             m.close()
