@@ -4,7 +4,9 @@
 do something else: ``validate`` runs the real TimeSlicer on the emulation backend against the
 simulator (:mod:`aqua_offload.sim.validate`), ``sweep`` draws the regime map
 (:mod:`aqua_offload.sim.sweep`) and ``place`` places models on GPUs and simulates the placement
-against a naive one (:mod:`aqua_offload.sim.placer`). ``--json`` without a path prints only the
+against a naive one (:mod:`aqua_offload.sim.placer`), ``long-decode`` times FlexGen-style decoding
+of a 32k-token prompt with the overflowing KV cache on a peer GPU vs host memory
+(:mod:`aqua_offload.sim.offloaded_decode`). ``--json`` without a path prints only the
 JSON document, on stdout. Exit status: 0 done, 1 validation out of tolerance, 2 unusable
 scenario or arguments (a message on stderr, no traceback).
 """
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the simulator's options to ``parser``."""
     parser.add_argument("scenario", nargs="?", default="paper-burst",
                         help="built-in scenario name, a .toml/.yaml file, or 'validate', "
-                             "'sweep', 'place' (default: paper-burst)")
+                             "'sweep', 'place', 'long-decode' (default: paper-burst)")
     parser.add_argument("--list", action="store_true", help="list the built-in scenarios")
     parser.add_argument("--json", type=Path, metavar="PATH", nargs="?", const=Path("-"),
                         help="write the results as JSON (no PATH or '-': only the JSON, on "
@@ -73,6 +75,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "example)")
     parser.add_argument("--policy", choices=("fair", "rr", "fcfs"), default="fair",
                         help="validate: the policy to compare (default fair)")
+    parser.add_argument("--model", default="llama-3.1-8b", metavar="NAME",
+                        help="long-decode: llama-3.1-8b (default) or llama-2-13b")
+    parser.add_argument("--batch", type=_positive_int, nargs="+", metavar="N",
+                        help="long-decode: batch sizes (default: a range around the overflow)")
+    parser.add_argument("--prompt-tokens", type=_positive_int, default=32768, metavar="N",
+                        help="long-decode: prompt length (default 32768)")
+    parser.add_argument("--output-tokens", type=_positive_int, default=256, metavar="N",
+                        help="long-decode: generated tokens per sequence (default 256)")
+    parser.add_argument("--kv-budget", metavar="SIZE",
+                        help="long-decode: free HBM for KV (default: 80 GiB - weights - 8 GiB)")
+    parser.add_argument("--serial", action="store_true",
+                        help="long-decode: link transfers add to HBM time instead of overlapping")
 
 
 def _positive_int(text: str) -> int:
@@ -92,7 +106,7 @@ def _positive_float(text: str) -> float:
 
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
-PSEUDO = ("validate", "sweep", "place")
+PSEUDO = ("validate", "sweep", "place", "long-decode")
 
 
 def _output_problem(path: Path, what: str) -> str | None:
@@ -116,6 +130,8 @@ def check_outputs(args: argparse.Namespace) -> str | None:
     plot = None if args.scenario == "validate" else args.plot  # validate plots nothing
     if args.spec is not None and args.scenario != "place":
         return "--spec is for 'place' only"
+    if plot is not None and args.scenario == "long-decode":
+        return "--plot: long-decode draws no plot (use --json)"
     if plot is not None:
         if plot.suffix.lower() not in PLOT_FORMATS:
             return (f"--plot {plot}: unknown image format {plot.suffix or '(no suffix)'!r} "
@@ -140,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'validate':<14} the real TimeSlicer (emulation backend) vs the simulator")
         print(f"{'sweep':<14} the regime map: gains of time slicing over a grid of workloads")
         print(f"{'place':<14} place models on GPUs, lend memory, simulate vs a naive placement")
+        print(f"{'long-decode':<14} decoding a 32k prompt with overflow KV on a peer GPU vs host")
         return 0
     problem = check_outputs(args)
     if problem:
@@ -152,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
             return _sweep(args)
         if args.scenario == "place":
             return _place(args)
+        if args.scenario == "long-decode":
+            return _long_decode(args)
         scenario = load_scenario(args.scenario)
         changes = {}
         if args.seed is not None:
@@ -249,6 +268,26 @@ def _place(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _long_decode(args: argparse.Namespace) -> int:
+    from ..sizes import parse_size
+    from .offloaded_decode import DEFAULT_BATCHES, format_long_decode, long_decode, paper_case
+    budget = None if args.kv_budget is None else parse_size(args.kv_budget, name="--kv-budget")
+    results = [long_decode(paper_case(args.model, b, prompt_tokens=args.prompt_tokens,
+                                      output_tokens=args.output_tokens, overlap=not args.serial,
+                                      kv_budget_bytes=budget))
+               for b in (args.batch or DEFAULT_BATCHES)]
+    if not _stdout_json(args):
+        print(format_long_decode(results))
+    if args.json is not None:
+        try:
+            _write_json(args, {"scenario": "long-decode", "modelled": True,
+                               "results": [r.to_dict() for r in results]})
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 
