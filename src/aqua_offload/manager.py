@@ -95,6 +95,14 @@ class OffloadManager:
     chunk_bytes : int or str, optional
         Copies larger than this are enqueued in pieces of this size: 32 MiB by default on CUDA;
         whole copies by default on emulation.
+    remote : str or list of str, optional
+        Lenders (``"host:port"``, :mod:`aqua_offload.remote`) below the other tiers: when they
+        are full, their least recently offloaded handles spill there (docs/remote.md). What
+        only a lender holds is lost if it dies (``fetch`` raises ``RemoteLostError``).
+    remote_token : bytes or str, optional
+        The lenders' token (default: ``$AQUA_OFFLOAD_REMOTE_TOKEN``).
+    remote_deadline_s : float
+        Longest wait for any remote request or transfer.
 
     Notes
     -----
@@ -108,7 +116,8 @@ class OffloadManager:
     def __init__(self, device: DeviceLike | None = None, peers: Any = "auto",
                  peer_bytes: int | str | Mapping[Any, int | str] | None = None,
                  host_bytes: int | str | None = None, policy: str = "lru",
-                 chunk_bytes: int | str | None = None) -> None:
+                 chunk_bytes: int | str | None = None, remote: str | Sequence[str] | None = None,
+                 remote_token: bytes | str | None = None, remote_deadline_s: float = 5.0) -> None:
         backend, index, tdevice = resolve_device(device)
         if not isinstance(policy, str) or policy not in POLICIES:
             raise InvalidArgumentError(f"unknown eviction policy {policy!r} (available: {', '.join(POLICIES)})")
@@ -124,6 +133,15 @@ class OffloadManager:
         host = parse_size(default_host if host_bytes is None else host_bytes, name="host_bytes")
         chunk = _DEFAULT_CHUNK[backend] if chunk_bytes is None else parse_size(chunk_bytes, name="chunk_bytes")
         self._store = _core.Store(backend, index, peer_specs, host, chunk, policy)
+        self._remote: Any = None
+        if remote is not None:  # lenders below the core's tiers, same ids (remote/tier.py)
+            from .remote.tier import RemoteTier
+            try:
+                self._store = self._remote = RemoteTier(self._store, tdevice, remote,
+                                                        remote_token, remote_deadline_s)
+            except BaseException:
+                self._store.close()
+                raise
         self.device = tdevice
         self.policy = policy
         self._cuda = backend == "cuda"
@@ -457,7 +475,8 @@ class OffloadManager:
             return
         try:
             if restore and not self._store.closed:
-                pending = [h for h in storage.handles_of(self) if h._live() and not h._kept]
+                pending = [h for h in storage.handles_of(self) if h._live() and not h._kept
+                           and not (self._remote is not None and self._remote.lost(h._id))]
                 if pending:
                     self._fetch(pending, [None] * len(pending), False, "close", closing=True)
             if self._lending is not None:  # after the last step that can fail: no reclaim/lend

@@ -1,0 +1,645 @@
+"""The manager's remote tier: the core's tiers, then memory that lenders serve over NIXL.
+
+:class:`RemoteTier` stands in for the core's ``Store`` in an ``OffloadManager`` made with
+``remote=[...]``: it has the same methods, and the ids it hands out stay valid whichever tier
+holds their bytes, so the manager's paging, snapshot, prefetch and fetch paths run unchanged.
+
+Note [Remote placement]
+    An offload goes to the core first. When the core's tiers are full (``OutOfMemoryError``),
+    the least recently offloaded handles of the core's bottom tier are *spilled*: the core
+    copies them out (``fetch(keep=True)``) into a local buffer, one ``write`` per staging
+    round sends them to one lender (placement: the first lender, in the order given, with
+    room for the whole round), and only then does the core free them; a spill that fails
+    leaves them in the core. The offload is retried; if it still does not fit, the batch goes
+    to a lender directly. A handle's bytes live in exactly one place: a core tier, or one
+    block of one lender. Spill copies count in the core's ``fetches``/``bytes_fetched``.
+
+Note [Staging]
+    NIXL moves bytes between registered memory only, and registering costs a system call and
+    pinning per region, so each client registers one staging buffer once (pinned host memory
+    on CUDA, plain memory on emulation). Every transfer is a round: copy into staging, one
+    ``write`` of the whole round; or one ``read`` of the whole round, copy out. A batch larger
+    than the buffer takes several rounds; one tensor larger than it is cut into pieces.
+
+Note [Remote locks]
+    ``_lock`` guards the tables and is never held while bytes move. An id in ``_busy`` is being
+    moved or used by one call (a fetch, a free, a spill, a reclaim); others wait for it
+    (``_cv``), and a spill skips it. ``_staging`` is held for one round, which includes a
+    transfer under the client's deadline. Order: ids first, then staging, then the client's
+    own locks. The reclaim callback (the client's thread) takes the same order, and gives up
+    with a refusal when its ids stay busy past the deadline, so it never deadlocks with a call
+    that waits for a transfer.
+
+Note [Remote faults]
+    A lender that dies or stops answering makes its client *lost* (Note [Failure] in
+    client.py). Its handles stay live: ``fetch`` raises ``RemoteLostError`` at once (checked
+    before anything moves, so a mixed batch changes nothing), ``free`` drops them, and
+    ``stats()["remote"]`` counts them. The other lenders and the core's tiers keep working.
+    What only that lender held is gone.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..errors import (InvalidArgumentError, InvalidHandleError, OffloadError, OutOfMemoryError,
+                      RemoteLostError)
+from .client import RemoteClient
+from .items import RemoteBlock
+from .protocol import TOKEN_ENV
+
+__all__ = ["RemoteTier", "STAGING_BYTES"]
+
+STAGING_BYTES = 64 << 20  # per manager; registered once with each lender's client
+_FIRST_REMOTE_ID = 1 << 62  # ids of handles born remote; the core counts up from 1
+
+
+@dataclass
+class _Remote:
+    """Where a handle's bytes are on a lender. ``block`` is None for 0 bytes, or once a
+    prefetch copied the bytes out and a reclaim took the block (the prefetch buffer holds
+    them)."""
+
+    client: int
+    block: RemoteBlock | None
+    nbytes: int
+    priority: float = 0.0
+    prefetched: bool = False
+
+
+class RemoteTier:
+    """The core's Store plus remote lenders (Note [Remote placement]).
+
+    Parameters
+    ----------
+    core : aqua_offload._core.Store
+        The manager's store; closed by :meth:`close`.
+    device : torch.device
+        The manager's device (staging is pinned when it is a GPU).
+    addresses : str or sequence of str
+        Lenders, ``"host:port"``, in order of preference.
+    token : bytes, str or None
+        The lenders' shared secret; None: the ``AQUA_OFFLOAD_REMOTE_TOKEN`` environment variable.
+    deadline_s : float
+        Longest wait for any request or transfer of a lender.
+
+    Raises
+    ------
+    InvalidArgumentError
+        No address, a malformed or repeated address, no token, a bad deadline.
+    RemoteConnectError, RemoteAuthError, RemoteVersionError, RemoteProtocolError
+        A lender cannot be used; the clients made so far are closed (the core is not).
+    BackendError
+        NIXL cannot be loaded.
+    """
+
+    def __init__(self, core: Any, device: torch.device, addresses: str | Sequence[str],
+                 token: bytes | str | None, deadline_s: float = 5.0) -> None:
+        if isinstance(addresses, str):
+            addresses = [addresses]
+        addresses = list(addresses) if isinstance(addresses, (list, tuple)) else None
+        if not addresses or any(not isinstance(a, str) for a in addresses):
+            raise InvalidArgumentError("remote: a list of lender addresses 'host:port'")
+        if len(set(addresses)) != len(addresses):
+            raise InvalidArgumentError("remote: a lender is listed twice")
+        if token is None:
+            token = os.environ.get(TOKEN_ENV)
+            if token is None:
+                raise InvalidArgumentError(f"remote: pass remote_token= or set {TOKEN_ENV}")
+        self._core = core
+        self._cuda = device.type == "cuda"
+        self.device = device
+        self._base = core.tier_count  # remote tier indices follow the core's
+        self._lock = threading.Lock()  # Note [Remote locks]
+        self._cv = threading.Condition(self._lock)
+        self._staging_lock = threading.Lock()
+        self._remote: dict[int, _Remote] = {}  # LOCK: _lock; id -> where on a lender
+        self._alias: dict[int, int] = {}  # LOCK: _lock; id -> core id, when they differ
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # LOCK: _lock
+        self._busy: set[int] = set()  # LOCK: _lock
+        self._ids = itertools.count(_FIRST_REMOTE_ID)
+        self._stats = {"bytes_written": 0, "bytes_read": 0, "writes": 0, "reads": 0,
+                       "spills": 0, "spilled_handles": 0, "spilled_bytes": 0,
+                       "direct_offloads": 0, "remote_fetches": 0, "reclaims": 0,
+                       "reclaimed_handles": 0, "reclaim_refusals": 0, "reclaim_last_s": 0.0,
+                       "reclaim_max_s": 0.0, "lost_freed": 0}  # LOCK: _lock
+        self.clients: list[RemoteClient] = []
+        try:
+            for i, address in enumerate(addresses):
+                self.clients.append(RemoteClient(
+                    address, token, deadline_s,
+                    on_reclaim=lambda blocks, i=i: self._on_reclaim(i, blocks)))
+            self._staging = torch.empty(STAGING_BYTES, dtype=torch.uint8,
+                                        pin_memory=self._cuda)
+            self._regions = [c.register(self._staging) for c in self.clients]
+        except BaseException:
+            for c in self.clients:
+                c.close()
+            raise
+
+    # -- the Store interface: what the manager calls ----------------------------------------
+    @property
+    def tier_count(self) -> int:
+        return self._base + len(self.clients)
+
+    def tier_kind(self, tier: int) -> str:
+        return "remote" if tier >= self._base else self._core.tier_kind(tier)
+
+    def tier_location(self, tier: int) -> str:
+        return (self.clients[tier - self._base].address if tier >= self._base
+                else self._core.tier_location(tier))
+
+    def copy_stream(self, tier: int, lane: str) -> int:
+        # remote copies are synchronous: any stream of the core is ordered after them
+        return self._core.copy_stream(min(tier, self._base - 1), lane)
+
+    def __getattr__(self, name: str) -> Any:  # lend, reclaim, backend, raw_copy...
+        if name.startswith("__") or name == "_core":  # not set yet (a failed __init__)
+            raise AttributeError(name)
+        return getattr(self._core, name)
+
+    def offload_many(self, items: list[tuple[int, int, float, int]], stream: int,
+                     fence_user: bool, out: list | None = None) -> list[tuple[int, int]]:
+        """The core's offload_many; spills to a lender or offloads there when the core is full."""
+        items = list(items)
+        bases = [b for _, _, _, b in items if b]
+        with self._using(bases):
+            with self._lock:
+                remote_bases = [b for b in bases if b in self._remote]
+                core_items = [(s, n, p, 0 if b in self._remote else self._alias.get(b, b)
+                               ) if b else (s, n, p, 0) for s, n, p, b in items]
+            try:
+                got = self._core.offload_many(core_items, stream, fence_user, out)
+            except OutOfMemoryError as oom:
+                need = sum(n for _, n, _, _ in items)
+                try:
+                    if not self._spill(need, stream, set(bases)):
+                        raise oom
+                    got = self._core.offload_many(core_items, stream, fence_user, out)
+                except OutOfMemoryError:
+                    got = self._direct(items, stream)
+                    self._consume([b for b in bases if b not in remote_bases], core=True)
+                    self._consume(remote_bases, core=False)
+                    if out is not None:
+                        out.extend(got)
+                    return got
+            with self._lock:
+                for cid, _ in got:
+                    self._lru[cid] = None
+                for b in bases:  # the core consumed the core bases
+                    if b not in remote_bases:
+                        self._alias.pop(b, None)
+                        self._lru.pop(b, None)
+            self._consume(remote_bases, core=False)  # copied in full from the tensor
+            return got
+
+    def fetch_many(self, ids: list[int], dsts: list[int], stream: int, keep: bool = False,
+                   done: list | None = None) -> None:
+        """The core's fetch_many over both kinds of ids; all or nothing (remote bytes are
+        read first, blocks freed only after the core's part succeeded)."""
+        ids = list(ids)
+        with self._using(ids):
+            with self._lock:
+                where = [self._remote.get(i) for i in ids]
+                cids = [self._alias.get(i, i) for i, r in zip(ids, where) if r is None]
+            if keep and any(r is not None and r.prefetched and r.block is None and r.nbytes
+                            for r in where):
+                raise InvalidArgumentError(
+                    "fetch(keep=True): a lender reclaimed this handle's block while it was "
+                    "prefetched, so the prefetch holds its only copy; fetch it without keep")
+            reads = [(r, d) for r, d in zip(where, dsts) if r is not None and r.block is not None
+                     and not r.prefetched]
+            self._check_lost([r for r, _ in reads])
+            self._read_into(reads, stream)
+            if cids:
+                self._core.fetch_many(cids, [d for r, d in zip(where, dsts) if r is None],
+                                      stream, keep)
+            if not keep:  # the bytes are here now: the blocks go back, one request a lender
+                by_client: dict[int, list[RemoteBlock]] = {}
+                for r in where:
+                    if r is not None and r.block is not None:
+                        by_client.setdefault(r.client, []).append(r.block)
+                for i, blocks in by_client.items():
+                    self._free_blocks(i, blocks)
+                self._forget(ids)
+            else:  # the prefetch buffers were handed out: a later fetch reads again
+                with self._lock:
+                    for r in where:
+                        if r is not None:
+                            r.prefetched = False
+            if done is not None:
+                done.append(True)
+
+    def prefetch_many(self, ids: list[int], dsts: list[int], stream: int) -> list[int]:
+        """Remote bytes are read into the buffers now; core ids are prefetched by the core."""
+        ids = list(ids)
+        with self._using(ids):
+            with self._lock:
+                where = [self._remote.get(i) for i in ids]
+            reads = [(r, d) for r, d in zip(where, dsts) if r is not None and r.block is not None
+                     and not r.prefetched]
+            self._check_lost([r for r, _ in reads])
+            self._read_into(reads, stream)
+            core = [(self._alias.get(i, i), d) for i, r, d in zip(ids, where, dsts) if r is None]
+            tiers = iter(self._core.prefetch_many([c for c, _ in core], [d for _, d in core],
+                                                  stream) if core else [])
+            with self._lock:
+                for r in where:
+                    if r is not None:
+                        r.prefetched = True
+            return [self._base + r.client if r is not None else next(tiers) for r in where]
+
+    def free(self, handle: int) -> None:
+        with self._using([handle]):
+            with self._lock:
+                r = self._remote.get(handle)
+            if r is None:
+                self._core.free(self._alias.get(handle, handle))
+            elif r.block is not None:
+                self._free_blocks(r.client, [r.block])
+            self._forget([handle])
+
+    def ready(self, handle: int) -> bool:
+        if handle in self._remote:
+            return True
+        try:
+            return bool(self._core.ready(self._alias.get(handle, handle)))
+        except InvalidHandleError:
+            if handle in self._remote:  # spilled meanwhile
+                return True
+            raise
+
+    def wait(self, handle: int) -> None:
+        if self.ready(handle):
+            return
+        try:
+            self._core.wait(self._alias.get(handle, handle))
+        except InvalidHandleError:
+            if handle not in self._remote:
+                raise
+
+    def contains(self, handle: int) -> bool:
+        return handle in self._remote or self._core.contains(self._alias.get(handle, handle))
+
+    def info(self, handle: int) -> tuple[str, int, int, bool]:
+        for _ in range(2):  # a spill may move it between the two looks
+            r = self._remote.get(handle)
+            if r is not None:
+                return ("offloaded", self._base + r.client, r.nbytes, r.prefetched)
+            try:
+                return self._core.info(self._alias.get(handle, handle))
+            except InvalidHandleError:
+                if handle not in self._remote:
+                    raise
+        raise InvalidHandleError(f"handle {handle} is not live")
+
+    def fence_source(self, handle: int, stream: int) -> None:
+        if handle not in self._remote:  # a spill's fetch already ordered after the copy
+            self._core.fence_source(self._alias.get(handle, handle), stream)
+
+    def stats(self) -> dict[str, Any]:
+        """The core's stats, a ``remote`` entry per lender in ``tiers``, and ``remote``."""
+        s = self._core.stats()
+        with self._lock:
+            entries = list(self._remote.values())
+            out = dict(self._stats)
+        lost_handles = lost_bytes = 0
+        remote_tiers = []
+        for i, c in enumerate(self.clients):
+            mine = [r for r in entries if r.client == i]
+            used = sum(r.block.nbytes for r in mine if r.block is not None)
+            capacity = int(c.lender.get("arena_bytes", 0))
+            if c.lost is not None:
+                gone = [r for r in mine if r.block is not None and not r.prefetched]
+                lost_handles += len(gone)
+                lost_bytes += sum(r.nbytes for r in gone)
+            remote_tiers.append({
+                "tier": "remote", "location": c.address, "capacity": capacity, "used": used,
+                "peak": used, "free": max(0, capacity - used), "largest_free": 0,
+                "fragmentation": 0.0, "blocks": len(mine), "free_ranges": 0, "segments": 0,
+                "lent_segments": 0, "fenced": 0, "handles": len(mine),
+                "lost": c.lost})
+        s["tiers"] = list(s["tiers"]) + remote_tiers
+        out.update(lost_handles=lost_handles, lost_bytes=lost_bytes,
+                   lenders=[c.stats() for c in self.clients])
+        s["remote"] = out
+        return s
+
+    def close(self) -> None:
+        """Close the core, then every client (the lenders free what this manager held)."""
+        try:
+            self._core.close()
+        finally:
+            for c in self.clients:
+                c.close()
+            with self._lock:
+                self._remote.clear()
+                self._alias.clear()
+                self._lru.clear()
+
+    # -- what the manager asks besides the Store interface ----------------------------------
+    def lost(self, handle: int) -> bool:
+        """Whether the handle's bytes were only on a lender that is lost."""
+        r = self._remote.get(handle)
+        return (r is not None and r.block is not None and not r.prefetched
+                and self.clients[r.client].lost is not None)
+
+    # -- ids in use ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _using(self, ids: Sequence[int], timeout: float | None = None) -> Iterator[None]:
+        """Hold ``ids`` busy for one call (Note [Remote locks]); waits while others hold them."""
+        wanted = set(ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while wanted & self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("the handles stay busy")
+                self._cv.wait(left)
+            self._busy |= wanted
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._busy -= wanted
+                self._cv.notify_all()
+
+    def _forget(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            for i in ids:
+                self._remote.pop(i, None)
+                self._alias.pop(i, None)
+                self._lru.pop(i, None)
+
+    def _consume(self, bases: list[int], core: bool) -> None:
+        """Bases of an incremental offload that was copied in full: their bytes are dropped."""
+        for b in bases:
+            with contextlib.suppress(OffloadError):
+                if core:
+                    self._core.free(self._alias.get(b, b))
+                else:
+                    r = self._remote.get(b)
+                    if r is not None and r.block is not None:
+                        self._free_blocks(r.client, [r.block])
+        self._forget(bases)
+
+    def _check_lost(self, entries: list[_Remote]) -> None:
+        for r in entries:
+            c = self.clients[r.client]
+            if c.lost is not None:
+                raise RemoteLostError(f"the lender at {c.address} is lost ({c.lost}): the "
+                                      f"bytes it held are gone", address=c.address,
+                                      reason=c.lost)
+
+    def _free_blocks(self, client: int, blocks: list[RemoteBlock]) -> None:
+        c = self.clients[client]
+        if c.lost is not None:  # gone with the lender
+            with self._lock:
+                self._stats["lost_freed"] += len(blocks)
+            return
+        try:
+            c.free(blocks)
+        except OffloadError:  # lost meanwhile (or refused): the bytes are not needed any more
+            with self._lock:
+                self._stats["lost_freed"] += len(blocks)
+
+    # -- placement ---------------------------------------------------------------------------
+    def _place(self, sizes: list[int], avoid: int | None = None
+               ) -> tuple[int, list[RemoteBlock]]:
+        """Blocks for ``sizes`` on the first lender that holds them all."""
+        why: list[str] = []
+        for i, c in enumerate(self.clients):
+            if i == avoid or c.lost is not None:
+                continue
+            if not sizes:
+                return i, []
+            try:
+                return i, c.allocate(sizes)
+            except (OutOfMemoryError, RemoteLostError) as exc:
+                why.append(f"{c.address}: {exc}")
+        raise OutOfMemoryError("no tier has room: the core's tiers are full and no lender "
+                               f"can hold {sum(sizes)} bytes ({'; '.join(why) or 'none usable'})",
+                               requested=sum(sizes))
+
+    # -- moving bytes (Note [Staging]) -------------------------------------------------------
+    def _copy(self, dst: int, src: int, n: int, stream: int) -> None:
+        if self._cuda:
+            self._core.raw_copy(dst, src, n, stream)
+        else:
+            ctypes.memmove(dst, src, n)
+
+    def _sync(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _rounds(self, pieces: list[tuple[Any, int, int, int]]
+                ) -> Iterator[list[tuple[Any, int, int, int, int]]]:
+        """Cut (key, local pointer, block offset, bytes) pieces into staging rounds of
+        (key, local pointer, block offset, bytes, staging offset)."""
+        cap = self._staging.numel()
+        batch: list[tuple[Any, int, int, int, int]] = []
+        used = 0
+        for key, ptr, boff, n in pieces:
+            done = 0
+            while done < n:
+                if used == cap:
+                    yield batch
+                    batch, used = [], 0
+                k = min(n - done, cap - used)
+                batch.append((key, ptr + done, boff + done, k, used))
+                used += k
+                done += k
+        if batch:
+            yield batch
+
+    def _write_from(self, client: int, pieces: list[tuple[RemoteBlock, int, int]],
+                    stream: int) -> None:
+        """Write (block, local pointer, bytes) to one lender, one ``write`` per round."""
+        c, region, base = self.clients[client], self._regions[client], self._staging.data_ptr()
+        for rnd in self._rounds([(b, p, 0, n) for b, p, n in pieces]):
+            with self._staging_lock:
+                for _, ptr, _, n, off in rnd:
+                    self._copy(base + off, ptr, n, stream)
+                self._sync()
+                c.write([((region, off), b, boff, n) for b, _, boff, n, off in rnd])
+            with self._lock:
+                self._stats["writes"] += 1
+                self._stats["bytes_written"] += sum(x[3] for x in rnd)
+
+    def _read_into(self, reads: list[tuple[_Remote, int]], stream: int) -> None:
+        """Read each entry's bytes to its local pointer: per round, one ``read`` per lender."""
+        base = self._staging.data_ptr()
+        for rnd in self._rounds([(r, d, 0, r.nbytes) for r, d in reads]):
+            with self._staging_lock:
+                by_client: dict[int, list] = {}
+                for r, _, boff, n, off in rnd:
+                    by_client.setdefault(r.client, []).append(
+                        ((self._regions[r.client], off), r.block, boff, n))
+                for i, items in by_client.items():
+                    self.clients[i].read(items)
+                for _, ptr, _, n, off in rnd:
+                    self._copy(ptr, base + off, n, stream)
+                self._sync()
+            with self._lock:
+                self._stats["reads"] += len(by_client)
+                self._stats["bytes_read"] += sum(x[3] for x in rnd)
+
+    # -- spilling and direct offloads (Note [Remote placement]) ------------------------------
+    def _spill(self, need: int, stream: int, exclude: set[int]) -> bool:
+        """Move at least ``need`` bytes of the core's bottom tier to a lender; False if none
+        could be moved."""
+        bottom = self._base - 1
+        victims: list[tuple[int, int, int]] = []  # (id, core id, bytes)
+        total = 0
+        with self._lock:
+            for hid in list(self._lru):
+                if hid in self._busy or hid in exclude:
+                    continue
+                cid = self._alias.get(hid, hid)
+                try:
+                    state, tier, n, prefetched = self._core.info(cid)
+                except InvalidHandleError:  # fetched or freed meanwhile
+                    del self._lru[hid]
+                    continue
+                if tier != bottom or prefetched or n == 0 or state not in ("offloaded",
+                                                                            "in_flight"):
+                    continue
+                victims.append((hid, cid, n))
+                self._busy.add(hid)
+                total += n
+                if total >= need:
+                    break
+        if not victims:
+            return False
+        try:
+            try:
+                client, blocks = self._place([n for _, _, n in victims])
+            except OutOfMemoryError:
+                return False
+            buf = torch.empty(total, dtype=torch.uint8, device=self.device)
+            ptrs = list(itertools.accumulate([n for _, _, n in victims], initial=buf.data_ptr()))
+            try:
+                self._core.fetch_many([c for _, c, _ in victims], ptrs[:-1], stream, True)
+                self._sync()
+                self._write_from(client, [(b, p, n) for b, p, (_, _, n)
+                                          in zip(blocks, ptrs, victims)], stream)
+            except (OffloadError, TimeoutError):  # nothing moved: they stay in the core
+                self._free_blocks(client, blocks)
+                return False
+            with self._lock:  # remote first: info() of a victim never sees it nowhere
+                for (hid, _, n), b in zip(victims, blocks):
+                    self._remote[hid] = _Remote(client, b, n)
+                    self._lru.pop(hid, None)
+                self._stats["spills"] += 1
+                self._stats["spilled_handles"] += len(victims)
+                self._stats["spilled_bytes"] += total
+            for hid, cid, _ in victims:
+                self._core.free(cid)
+                with self._lock:
+                    self._alias.pop(hid, None)
+            return True
+        finally:
+            with self._cv:
+                self._busy -= {hid for hid, _, _ in victims}
+                self._cv.notify_all()
+
+    def _direct(self, items: list[tuple[int, int, float, int]], stream: int
+                ) -> list[tuple[int, int]]:
+        """Offload the batch to one lender in full (bases included: their bytes are the
+        tensor's prefix); ``OutOfMemoryError`` if none holds it."""
+        sizes = [n for _, n, _, _ in items if n]
+        client, blocks = self._place(sizes)
+        it = iter(blocks)
+        placed = [(next(it) if n else None, s, n, p) for s, n, p, _ in items]
+        try:
+            self._write_from(client, [(b, s, n) for b, s, n, _ in placed if b is not None],
+                             stream)
+        except BaseException:
+            self._free_blocks(client, blocks)
+            raise
+        got = []
+        with self._lock:
+            for b, _, n, p in placed:
+                hid = next(self._ids)
+                self._remote[hid] = _Remote(client, b, n, p)
+                got.append((hid, self._base + client))
+            self._stats["direct_offloads"] += len(items)
+        return got
+
+    # -- reclaim (the client's thread; Note [Reclaim callback] in client.py) -----------------
+    def _on_reclaim(self, client: int, blocks: list[RemoteBlock]) -> None:
+        """Move the handles in ``blocks`` into the core's tiers if they have room, else to
+        another lender; raise (a refusal: the lender waits) if neither can take them."""
+        t0 = time.monotonic()
+        wanted = {b.id for b in blocks}
+        with self._lock:
+            ids = [h for h, r in self._remote.items()
+                   if r.client == client and r.block is not None and r.block.id in wanted]
+        try:
+            with self._using(ids, timeout=self.clients[client].deadline_s):
+                self._migrate(client, ids, wanted)
+        except BaseException:
+            with self._lock:
+                self._stats["reclaim_refusals"] += 1
+            raise
+        seconds = time.monotonic() - t0
+        with self._lock:
+            self._stats["reclaims"] += 1
+            self._stats["reclaim_last_s"] = seconds
+            self._stats["reclaim_max_s"] = max(self._stats["reclaim_max_s"], seconds)
+
+    def _migrate(self, client: int, ids: list[int], wanted: set[int]) -> None:
+        with self._lock:  # still there? a fetch or free may have taken some meanwhile
+            moving = [(h, self._remote[h]) for h in ids if h in self._remote
+                      and self._remote[h].block is not None
+                      and self._remote[h].block.id in wanted]
+        keep = [(h, r) for h, r in moving if r.prefetched]  # its buffer holds the bytes
+        moving = [(h, r) for h, r in moving if not r.prefetched]
+        with self._lock:
+            for _, r in keep:
+                r.block = None
+            self._stats["reclaimed_handles"] += len(keep)
+        if not moving:
+            return
+        total = sum(r.nbytes for _, r in moving)
+        buf = torch.empty(total, dtype=torch.uint8, device=self.device)
+        ptrs = list(itertools.accumulate([r.nbytes for _, r in moving],
+                                         initial=buf.data_ptr()))[:-1]
+        from ..devices import current_stream
+
+        stream = current_stream(self.device)
+        self._read_into([(r, p) for (_, r), p in zip(moving, ptrs)], stream)
+        try:  # into the core: a snapshot of the buffer, fenced (the buffer dies after)
+            got = self._core.offload_many([(p, r.nbytes, r.priority, 0)
+                                           for (_, r), p in zip(moving, ptrs)], stream, True)
+            self._sync()
+            with self._lock:
+                for (h, _), (cid, _) in zip(moving, got):
+                    del self._remote[h]
+                    self._alias[h] = cid
+                    self._lru[h] = None
+                self._stats["reclaimed_handles"] += len(moving)
+            return
+        except OutOfMemoryError:
+            pass
+        other, blocks = self._place([r.nbytes for _, r in moving], avoid=client)
+        try:
+            self._write_from(other, [(b, p, r.nbytes) for b, p, (_, r)
+                                     in zip(blocks, ptrs, moving)], stream)
+        except BaseException:
+            self._free_blocks(other, blocks)
+            raise
+        with self._lock:
+            for (h, r), b in zip(moving, blocks):
+                self._remote[h] = _Remote(other, b, r.nbytes, r.priority)
+            self._stats["reclaimed_handles"] += len(moving)
