@@ -162,11 +162,23 @@ class OffloadedCache(DynamicCache):
             layer = self.layers[layer_idx]
             if self._offloadable(layer) is not None and "_aq_cache" not in layer.__dict__:
                 adopt(layer, self, layer_idx, self._offload_sliding)
-            self._bring_in(layer_idx, manager)
-            if self._prefetching(manager):
-                self._prefetch_after(layer_idx, manager)
             before = _length(layer)
-            keys, values = layer.update(key_states, value_states, *args, **kwargs)
+            if type(layer) is OffloadedLayer and is_paged(layer):
+                # DynamicLayer.update is a concatenation: concatenate the fetched parts and the
+                # new states at once, instead of bringing the layer in (one concatenation) and
+                # appending (a second one, a full copy more per layer and step).
+                parts = self._parts(layer_idx, manager)
+                if self._prefetching(manager):
+                    self._prefetch_after(layer_idx, manager)
+                keys = torch.cat([*(k for k, _ in parts), key_states], dim=-2)
+                values = torch.cat([*(v for _, v in parts), value_states], dim=-2)
+                set_paged(layer, keys, values, False)
+            else:
+                self._bring_in(layer_idx, manager)
+                if self._prefetching(manager):
+                    self._prefetch_after(layer_idx, manager)
+                before = _length(layer)
+                keys, values = layer.update(key_states, value_states, *args, **kwargs)
             self._page_out(layer_idx, manager, before)
             return keys, values
 
@@ -342,12 +354,13 @@ class OffloadedCache(DynamicCache):
             return "rewrite"
         return None
 
-    def _materialize(self, i: int, manager: OffloadManager) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's keys and values, fetched from its segments (the segments stay)."""
+    def _parts(self, i: int, manager: OffloadManager) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Layer i's keys and values in token order: its segments, fetched (they stay in the
+        tiers), then its resident tail."""
         slot, layer = self._slots[i], self.layers[i]
-        keys_like, values_like = raw_keys(layer), raw_values(layer)
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         if slot.segments:
+            keys_like, values_like = raw_keys(layer), raw_values(layer)
             handles = [seg.handle for seg in slot.segments]
             got = manager.fetch_many(handles, keep=True)
             slot.prefetched = False
@@ -356,6 +369,13 @@ class OffloadedCache(DynamicCache):
                      for buf, seg in zip(got, slot.segments)]
         if slot.tail is not None:
             pairs.append(slot.tail)
+        return pairs
+
+    def _materialize(self, i: int, manager: OffloadManager) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values, fetched from its segments (the segments stay)."""
+        slot, layer = self._slots[i], self.layers[i]
+        keys_like, values_like = raw_keys(layer), raw_values(layer)
+        pairs = self._parts(i, manager)
         if not pairs:
             return (torch.empty(keys_like.shape, dtype=keys_like.dtype, device=manager.device),
                     torch.empty(values_like.shape, dtype=values_like.dtype,
@@ -430,11 +450,11 @@ class OffloadedCache(DynamicCache):
                       before: int, length: int) -> None:
         """Keep the tokens appended since ``before`` resident (Note [Resident tail])."""
         if length > before:
-            # Copies: a view would keep the layer's whole keys alive.
-            new_k = keys[..., before:, :].clone()
-            new_v = values[..., before:, :].clone()
+            # New tensors (a concatenation or a clone): a view would keep the layer's whole
+            # keys alive.
+            new_k, new_v = keys[..., before:, :], values[..., before:, :]
             if slot.tail is None:
-                slot.tail = (new_k, new_v)
+                slot.tail = (new_k.clone(), new_v.clone())
             else:
                 slot.tail = (torch.cat([slot.tail[0], new_k], dim=-2),
                              torch.cat([slot.tail[1], new_v], dim=-2))
