@@ -257,40 +257,6 @@ def test_layers_offloaded_and_page_outs_incremental():
     m.close()
 
 
-@pytest.mark.parametrize("chunk", [4, 16])
-def test_decoded_tokens_wait_in_a_resident_tail(chunk):
-    """The default: tokens decoded after the first page out stay resident until ``chunk`` of
-    them accumulated, then go to the tiers as one segment (fewer page outs)."""
-    model = model_of("llama_gqa")
-    batch, p, n = 2, 5, 40
-    inputs = prompts(batch, p, seed=32)
-    ref_cache = transformers.DynamicCache(config=model.config)
-    ref = gen(model, inputs, n, kv=ref_cache)
-    m = small_manager()
-    cache = OffloadedCache(m, config=model.config, chunk_tokens=chunk)
-    assert torch.equal(gen(model, inputs, n, kv=cache), ref)
-    layers, tokens = model.config.num_hidden_layers, p + n - 1
-    per_token = 2 * batch * 2 * 16 * 4
-    st = cache.stats()
-    assert st["offloaded_layers"] == layers
-    tail = (tokens - p) % chunk  # the prompt went out whole at the first page out
-    assert st["resident_tail_bytes"] == layers * per_token * tail
-    assert st["bytes_in_tiers"] + st["resident_tail_bytes"] == layers * per_token * tokens
-    # one page out per layer for the prompt, then one per chunk of decoded tokens
-    assert m.stats()["offloads"] == layers * (1 + (tokens - p) // chunk)
-    _assert_same_cache(cache, ref_cache)
-    cache.close()
-    assert cache.stats()["resident_tail_bytes"] == 0
-    assert_no_leak(m)
-    m.close()
-
-
-@pytest.mark.parametrize("chunk", [0, -1, 1.5, True, "16"])
-def test_bad_chunk_tokens_is_refused(chunk):
-    with pytest.raises(aq.InvalidArgumentError, match="chunk_tokens"):
-        OffloadedCache(aq.OffloadManager("cpu"), chunk_tokens=chunk)
-
-
 # -- 3. no pool leak ---------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["close", "context", "del"])
 def test_no_leak_after_close_or_drop(how):

@@ -41,16 +41,11 @@ mlp/moe layers, no data), indexed (DSA) and quantized layers. Cache-wide operati
 beam reorder, batch edits) run transformers' own code on every layer after the offloaded ones
 were brought in.
 
-Note [Copies]
-``copy.deepcopy(cache)`` (transformers' prefix reuse: compute a prompt once, deep-copy it per
-continuation) gives a cache on the same manager that owns its own handles: every segment is
-fetched and offloaded again as a new snapshot, in one batched call each. Handles themselves
-refuse to be copied (two owners would free one block twice).
+Note [Copies]: hf/copies.py.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -206,54 +201,16 @@ class OffloadedCache(DynamicCache):
         for layer in self.layers:
             yield layer.keys, layer.values, getattr(layer, "_sliding_window_tensor", None)
 
-    # -- copies (Note [Copies]) -------------------------------------------------------------
+    # -- copies (Note [Copies], hf/copies.py) --------------------------------------------------
     def __deepcopy__(self, memo: dict[int, Any]) -> "OffloadedCache":
+        from .copies import deep_copy
+
         with self._lock:
-            new = type(self).__new__(type(self))
-            memo[id(self)] = new
-            own = {"_lock", "_slots", "_manager", "layers"}
-            for name, value in self.__dict__.items():
-                if name not in own:
-                    new.__dict__[name] = copy.deepcopy(value, memo)
-            new._manager = self._manager  # shared: the copy lives in the same tiers
-            new._lock = threading.RLock()
-            new.layers = []
-            for i, layer in enumerate(self.layers):
-                borrowed = layer.__dict__.pop("_aq_borrowed", None)
-                try:
-                    twin = copy.deepcopy(layer, memo)
-                finally:
-                    if borrowed is not None:
-                        layer.__dict__["_aq_borrowed"] = borrowed
-                if "_aq_cache" in twin.__dict__:
-                    adopt(twin, new, i, new._offload_sliding)
-                new.layers.append(twin)
-            new._slots = self._copy_slots()
-            return new
+            return deep_copy(self, memo)
 
     def __copy__(self) -> "OffloadedCache":
         # A shallow copy would share handles (two owners, one block freed twice): copy deeply.
         return self.__deepcopy__({})
-
-    def _copy_slots(self) -> list[_Slot]:
-        segs = [(i, seg) for i, slot in enumerate(self._slots) for seg in slot.segments]
-        slots = [_Slot(tokens=slot.tokens,
-                       tail=None if slot.tail is None else (slot.tail[0].clone(),
-                                                            slot.tail[1].clone()))
-                 for slot in self._slots]
-        if not segs:
-            return slots
-        manager = self._manager_of([seg.handle for _, seg in segs])
-        bufs = manager.fetch_many([seg.handle for _, seg in segs], keep=True)
-        for slot in self._slots:
-            slot.prefetched = False  # the fetch consumed the prefetches
-        self.bytes_fetched += sum(seg.handle.nbytes for _, seg in segs)
-        # Fresh buffers, never written again: the snapshots need no fence.
-        handles = manager.offload_many(bufs, release=False, priority=self._priority,
-                                       fence="deferred")
-        for (i, seg), h in zip(segs, handles):
-            slots[i].segments.append(_Segment(h, seg.tokens))
-        return slots
 
     # -- lifetime and reporting -----------------------------------------------------------
     def close(self) -> None:
