@@ -127,6 +127,8 @@ class RemoteTier:
         self._alias: dict[int, int] = {}  # LOCK: _lock; id -> core id, when they differ
         self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # LOCK: _lock
         self._busy: set[int] = set()  # LOCK: _lock
+        # (client, block id) allocated but not yet in _remote: a reclaim waits for them
+        self._in_transit: set[tuple[int, int]] = set()  # LOCK: _lock
         self._ids = itertools.count(_FIRST_REMOTE_ID)
         self._stats = {"bytes_written": 0, "bytes_read": 0, "writes": 0, "reads": 0,
                        "spills": 0, "spilled_handles": 0, "spilled_bytes": 0,
@@ -401,7 +403,14 @@ class RemoteTier:
                                       f"bytes it held are gone", address=c.address,
                                       reason=c.lost)
 
+    def _settled(self, client: int, blocks: list[RemoteBlock]) -> None:
+        """``blocks`` are in _remote now, or given back: a reclaim may take them."""
+        with self._cv:
+            self._in_transit.difference_update((client, b.id) for b in blocks)
+            self._cv.notify_all()
+
     def _free_blocks(self, client: int, blocks: list[RemoteBlock]) -> None:
+        self._settled(client, blocks)
         c = self.clients[client]
         if c.lost is not None:  # gone with the lender
             with self._lock:
@@ -424,9 +433,13 @@ class RemoteTier:
             if not sizes:
                 return i, []
             try:
-                return i, c.allocate(sizes)
+                blocks = c.allocate(sizes)
             except (OutOfMemoryError, RemoteLostError) as exc:
                 why.append(f"{c.address}: {exc}")
+                continue
+            with self._lock:
+                self._in_transit.update((i, b.id) for b in blocks)
+            return i, blocks
         raise OutOfMemoryError("no tier has room: the core's tiers are full and no lender "
                                f"can hold {sum(sizes)} bytes ({'; '.join(why) or 'none usable'})",
                                requested=sum(sizes))
@@ -543,6 +556,7 @@ class RemoteTier:
                 self._stats["spills"] += 1
                 self._stats["spilled_handles"] += len(victims)
                 self._stats["spilled_bytes"] += total
+            self._settled(client, blocks)
             for hid, cid, _ in victims:
                 self._core.free(cid)
                 with self._lock:
@@ -574,6 +588,7 @@ class RemoteTier:
                 self._remote[hid] = _Remote(client, b, n, p)
                 got.append((hid, self._base + client))
             self._stats["direct_offloads"] += len(items)
+        self._settled(client, blocks)
         return got
 
     # -- reclaim (the client's thread; Note [Reclaim callback] in client.py) -----------------
@@ -582,11 +597,15 @@ class RemoteTier:
         another lender; raise (a refusal: the lender waits) if neither can take them."""
         t0 = time.monotonic()
         wanted = {b.id for b in blocks}
-        with self._lock:
-            ids = [h for h, r in self._remote.items()
-                   if r.client == client and r.block is not None and r.block.id in wanted]
+        limit = self.clients[client].deadline_s
         try:
-            with self._using(ids, timeout=self.clients[client].deadline_s):
+            with self._cv:  # blocks being filled or placed: wait until they are entries
+                if not self._cv.wait_for(lambda: not any((client, b) in self._in_transit
+                                                         for b in wanted), limit):
+                    raise TimeoutError("blocks still in transit")
+                ids = [h for h, r in self._remote.items()
+                       if r.client == client and r.block is not None and r.block.id in wanted]
+            with self._using(ids, timeout=limit):
                 self._migrate(client, ids, wanted)
         except BaseException:
             with self._lock:
@@ -643,3 +662,4 @@ class RemoteTier:
             for (h, r), b in zip(moving, blocks):
                 self._remote[h] = _Remote(other, b, r.nbytes, r.priority)
             self._stats["reclaimed_handles"] += len(moving)
+        self._settled(other, blocks)
