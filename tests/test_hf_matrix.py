@@ -193,6 +193,7 @@ def test_generate_many_matches_solo(arch, policy, manager):
             output_scores=True))
     for r, w in zip(results, want):
         _assert_same(r.output, w)
+        assert r.new_tokens == NEW  # counted on the decoder's side for encoder-decoders
     assert sum(r.preemptions for r in results) > 0
     slicer.close()
     manager.synchronize()

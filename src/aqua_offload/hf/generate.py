@@ -221,7 +221,8 @@ def generate_many(model: Any, inputs: Sequence[torch.Tensor | Mapping[str, Any]]
                 name=names[i], sequences=seqs,
                 ttft_s=(point.first_token if point.first_token is not None else done) - arrived,
                 latency_s=done - arrived, preemptions=s.preemptions,
-                new_tokens=_new_tokens(seqs, kwargs, point.calls),
+                new_tokens=_new_tokens(seqs, kwargs, point.calls,
+                                       bool(getattr(model.config, "is_encoder_decoder", False))),
                 arrival_s=arrived - start, bytes_paged_out=s.bytes_paged_out,
                 bytes_paged_in=s.bytes_paged_in, output=out)
         except BaseException as e:  # re-raised in the caller's thread
@@ -262,7 +263,14 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def _new_tokens(seqs: Any, request: dict[str, Any], calls: int) -> int:
+def _new_tokens(seqs: Any, request: dict[str, Any], calls: int,
+                encoder_decoder: bool = False) -> int:
+    if encoder_decoder:  # the sequences are the decoder's: its start token(s), then new ones
+        start = request.get("decoder_input_ids")
+        prefix = int(start.shape[-1]) if isinstance(start, torch.Tensor) else 1
+        if isinstance(seqs, torch.Tensor) and seqs.dim() == 2:
+            return int(seqs.shape[-1] - prefix)
+        return calls
     ids = request.get("input_ids")
     if isinstance(seqs, torch.Tensor) and isinstance(ids, torch.Tensor) and seqs.dim() == 2:
         return int(seqs.shape[-1] - ids.shape[-1])
