@@ -134,6 +134,22 @@ def test_mixed_batches_and_the_cascade_peer_host_remote(remote_lender, managers)
     assert m.stats()["tiers"][-1]["handles"] == 0
 
 
+def test_a_batch_spills_in_one_round_and_a_peer_reclaim_spills_first(remote_lender,
+                                                                      managers) -> None:
+    m = managers(remote_lender, host="2MiB", peers=[1], peer_bytes="1MiB")
+    ts, refs, hs = _fill(m, 6, seed=35)  # peer and host full
+    assert "remote" not in {h.tier for h in hs}
+    more = [_rand(512 * KiB, 36 + i) for i in range(3)]
+    refs_more = [t.clone() for t in more]
+    hm = m.offload_many(more)  # 1.5 MiB spilled (more than the 1 MiB staging buffer)
+    assert m.stats()["remote"]["spills"] == 1
+    assert m.reclaim(1) == MiB  # the peer's handles need room below: the host spills again
+    assert m.stats()["remote"]["spills"] == 2
+    assert all(h.tier != "peer" for h in hs + hm)
+    back = m.fetch_many(hs + hm)
+    assert all(torch.equal(x, r) for x, r in zip(back, refs + refs_more))
+
+
 def test_prefetch_of_remote_handles(remote_lender, managers) -> None:
     m = managers(remote_lender)
     ts, refs, hs = _fill(m, 8, seed=40)

@@ -52,6 +52,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..devices import current_stream
 from ..errors import (InvalidArgumentError, InvalidHandleError, OffloadError, OutOfMemoryError,
                       RemoteLostError)
 from .client import RemoteClient
@@ -260,6 +261,17 @@ class RemoteTier:
                     if r is not None:
                         r.prefetched = True
             return [self._base + r.client if r is not None else next(tiers) for r in where]
+
+    def reclaim(self, device: int, nbytes: int | None = None) -> int:
+        """The core's reclaim of a peer; when the tiers below cannot take its handles, the
+        bottom tier spills to a lender first."""
+        try:
+            return int(self._core.reclaim(device, nbytes))
+        except OutOfMemoryError as oom:
+            if not self._spill(oom.requested or nbytes or 1, current_stream(self.device),
+                               set()):
+                raise
+        return int(self._core.reclaim(device, nbytes))
 
     def free(self, handle: int) -> None:
         with self._using([handle]):
@@ -539,13 +551,8 @@ class RemoteTier:
                 client, blocks = self._place([n for _, _, n in victims])
             except OutOfMemoryError:
                 return False
-            buf = torch.empty(total, dtype=torch.uint8, device=self.device)
-            ptrs = list(itertools.accumulate([n for _, _, n in victims], initial=buf.data_ptr()))
             try:
-                self._core.fetch_many([c for _, c, _ in victims], ptrs[:-1], stream, True)
-                self._sync()
-                self._write_from(client, [(b, p, n) for b, p, (_, _, n)
-                                          in zip(blocks, ptrs, victims)], stream)
+                self._spill_copy(client, blocks, victims, total, stream)
             except (OffloadError, TimeoutError):  # nothing moved: they stay in the core
                 self._free_blocks(client, blocks)
                 return False
@@ -566,6 +573,29 @@ class RemoteTier:
             with self._cv:
                 self._busy -= {hid for hid, _, _ in victims}
                 self._cv.notify_all()
+
+    def _spill_copy(self, client: int, blocks: list[RemoteBlock],
+                    victims: list[tuple[int, int, int]], total: int, stream: int) -> None:
+        """The core copies the victims out (keeping them), the lender gets them in one write
+        when they fit the staging buffer (through a temporary buffer otherwise)."""
+        cids, sizes = [c for _, c, _ in victims], [n for _, _, n in victims]
+        if total > self._staging.numel():
+            buf = torch.empty(total, dtype=torch.uint8, device=self.device)
+            ptrs = list(itertools.accumulate(sizes, initial=buf.data_ptr()))[:-1]
+            self._core.fetch_many(cids, ptrs, stream, True)
+            self._sync()
+            self._write_from(client, list(zip(blocks, ptrs, sizes)), stream)
+            return
+        offs = list(itertools.accumulate(sizes, initial=0))[:-1]
+        base, region = self._staging.data_ptr(), self._regions[client]
+        with self._staging_lock:
+            self._core.fetch_many(cids, [base + o for o in offs], stream, True)
+            self._sync()
+            self.clients[client].write([((region, o), b, 0, n)
+                                        for o, b, n in zip(offs, blocks, sizes)])
+        with self._lock:
+            self._stats["writes"] += 1
+            self._stats["bytes_written"] += total
 
     def _direct(self, items: list[tuple[int, int, float, int]], stream: int
                 ) -> list[tuple[int, int]]:
@@ -634,8 +664,6 @@ class RemoteTier:
         buf = torch.empty(total, dtype=torch.uint8, device=self.device)
         ptrs = list(itertools.accumulate([r.nbytes for _, r in moving],
                                          initial=buf.data_ptr()))[:-1]
-        from ..devices import current_stream
-
         stream = current_stream(self.device)
         self._read_into([(r, p) for (_, r), p in zip(moving, ptrs)], stream)
         try:  # into the core: a snapshot of the buffer, fenced (the buffer dies after)
