@@ -7,8 +7,12 @@ handles: RemoteLostError at once, everything else keeps working."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,3 +309,14 @@ def test_a_killed_lender_loses_only_its_handles(tmp_path, managers) -> None:
         assert all(aq.is_discarded(ts[k]) for k in remote[1:])
     finally:
         lender.kill()
+
+
+def test_the_example_runs(tmp_path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "examples" / "remote_tier.py")],
+                         env=child_env(PYTHONPATH=os.pathsep.join(sys.path)),
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "on remote 127.0.0.1:" in out.stdout and "fetched back bitwise" in out.stdout
+    assert "tensors moved (4 on host cpu)" in out.stdout
+    assert "fetch: RemoteLostError" in out.stdout and "handles (16 MiB) lost" in out.stdout
