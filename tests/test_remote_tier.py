@@ -8,6 +8,7 @@ handles: RemoteLostError at once, everything else keeps working."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -320,3 +321,28 @@ def test_the_example_runs(tmp_path) -> None:
     assert "on remote 127.0.0.1:" in out.stdout and "fetched back bitwise" in out.stdout
     assert "tensors moved (4 on host cpu)" in out.stdout
     assert "fetch: RemoteLostError" in out.stdout and "handles (16 MiB) lost" in out.stdout
+
+
+def test_close_with_a_silent_lender_over_tcp(tmp_path, monkeypatch, managers) -> None:
+    # Over TCP a stopped (SIGSTOP) lender leaves a read in progress: close() gives up on it
+    # at the deadline, restores everything else, and never hangs.
+    lender = LenderProcess(tmp_path, "--host-bytes", "16MiB", "--segment", "4MiB",
+                           env=child_env(UCX_TLS="tcp"))
+    try:
+        monkeypatch.setenv("UCX_TLS", "tcp")
+        m = managers(lender, remote_deadline_s=1.0)
+        monkeypatch.delenv("UCX_TLS")
+        ts, refs, hs = _fill(m, 8, seed=110)
+        remote = [k for k, h in enumerate(hs) if h.tier == "remote"]
+        assert remote
+        os.kill(lender.proc.pid, signal.SIGSTOP)
+        run_with_timeout(m.close, 60)
+        for k, (t, ref) in enumerate(zip(ts, refs)):
+            if k in remote:
+                assert aq.is_discarded(t)
+            else:
+                assert torch.equal(t, ref)
+        assert m.stats()["closed"]
+    finally:
+        os.kill(lender.proc.pid, signal.SIGCONT)
+        lender.kill()

@@ -40,7 +40,8 @@ import torch
 from . import _core, paging, prefetching, snapshots, storage
 from .devices import (DeviceLike, current_stream, external_stream, parse_peer, record_stream,
                       resolve_device)
-from .errors import ClosedError, InvalidArgumentError, InvalidHandleError
+from .errors import (ClosedError, InvalidArgumentError, InvalidHandleError,
+                     RemoteLostError)
 from .handle import Handle, check_priority as _check_priority
 from .calls import CallGate
 from .checks import check_base, check_offload, check_out
@@ -474,11 +475,18 @@ class OffloadManager:
         if not self._gate.begin_close():
             return
         try:
-            if restore and not self._store.closed:
+            for last in (False, True):  # a lender found lost meanwhile: once more without it
+                if not restore or self._store.closed:
+                    break
                 pending = [h for h in storage.handles_of(self) if h._live() and not h._kept
                            and not (self._remote is not None and self._remote.lost(h._id))]
-                if pending:
-                    self._fetch(pending, [None] * len(pending), False, "close", closing=True)
+                try:
+                    if pending:
+                        self._fetch(pending, [None] * len(pending), False, "close", closing=True)
+                    break
+                except RemoteLostError:
+                    if last or self._remote is None:
+                        raise
             if self._lending is not None:  # after the last step that can fail: no reclaim/lend
                 self._lending.stop()  # after this one, yet a close that raised keeps serving
         except BaseException:

@@ -186,7 +186,8 @@ class RemoteTier:
             except OutOfMemoryError as oom:
                 need = sum(n for _, n, _, _ in items)
                 try:
-                    if not self._spill(need, stream, set(bases)):
+                    if not self._could_fit([n for _, n, _, _ in items]) or not self._spill(
+                            need, stream, set(bases)):
                         raise oom
                     got = self._core.offload_many(core_items, stream, fence_user, out)
                 except OutOfMemoryError:
@@ -228,6 +229,8 @@ class RemoteTier:
                 self._core.fetch_many(cids, [d for r, d in zip(where, dsts) if r is None],
                                       stream, keep)
             if not keep:  # the bytes are here now: the blocks go back, one request a lender
+                with self._lock:
+                    self._stats["remote_fetches"] += sum(r is not None for r in where)
                 by_client: dict[int, list[RemoteBlock]] = {}
                 for r in where:
                     if r is not None and r.block is not None:
@@ -520,6 +523,11 @@ class RemoteTier:
                 self._stats["bytes_read"] += sum(x[3] for x in rnd)
 
     # -- spilling and direct offloads (Note [Remote placement]) ------------------------------
+    def _could_fit(self, sizes: list[int]) -> bool:
+        """Whether the core's tiers, emptied, could hold the batch (else spilling is no use)."""
+        caps = [t["capacity"] for t in self._core.stats()["tiers"]]
+        return bool(caps) and sum(sizes) <= sum(caps) and max(sizes, default=0) <= max(caps)
+
     def _spill(self, need: int, stream: int, exclude: set[int]) -> bool:
         """Move at least ``need`` bytes of the core's bottom tier to a lender; False if none
         could be moved."""
