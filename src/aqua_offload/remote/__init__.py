@@ -7,7 +7,8 @@
 
 NIXL (the ``remote`` extra, ``nixl-cu13``) is imported on first use, so this package imports
 without it; :func:`nixl_unavailable` says why it cannot be used. The manager's remote tier
-(``OffloadManager(remote=...)``) is not wired yet; see docs/remote.md.
+(``OffloadManager(remote=...)``) is :class:`~aqua_offload.remote.tier.RemoteTier`; see
+docs/remote.md.
 """
 
 from __future__ import annotations
