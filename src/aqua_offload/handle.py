@@ -109,15 +109,16 @@ class Handle:
 
     @property
     def tier(self) -> str:
-        """``"peer"`` (another GPU's memory) or ``"host"`` (pinned host memory). A handle can
-        move down the cascade (eviction, reclaim) while it lives."""
+        """``"peer"`` (another GPU's memory), ``"host"`` (pinned host memory) or ``"remote"``
+        (a lender, managers with ``remote=``). A handle can move down the cascade (eviction,
+        reclaim) while it lives."""
         self._refresh_tier()
         return self._tier
 
     @property
     def location(self) -> str:
         """Where the bytes live: ``"cuda:N"`` for a peer GPU, ``"emu:N"`` for an emulated peer,
-        ``"cpu"`` for pinned host memory."""
+        ``"cpu"`` for pinned host memory, ``"host:port"`` for a lender."""
         self._refresh_tier()
         return self._location
 
