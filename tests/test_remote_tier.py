@@ -346,3 +346,36 @@ def test_close_with_a_silent_lender_over_tcp(tmp_path, monkeypatch, managers) ->
     finally:
         os.kill(lender.proc.pid, signal.SIGCONT)
         lender.kill()
+
+
+def test_reclaims_while_threads_offload_and_fetch(remote_lender, managers) -> None:
+    with Lender(TOKEN, host_bytes="16MiB", segment_bytes="4MiB") as spare:
+        m = managers(remote_lender, spare, host="1MiB")
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def work(seed: int) -> None:
+            try:
+                r = 0
+                while not stop.is_set() or r < 3:
+                    ts, refs, hs = _fill(m, 4, 256 * KiB, seed=1000 * seed + 10 * r)
+                    back = m.fetch_many(hs[::-1])
+                    assert all(x is t and torch.equal(t, ref)
+                               for x, t, ref in zip(back, ts[::-1], refs[::-1]))
+                    r += 1
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(5):  # the first lender takes everything back, then offers it again
+            time.sleep(0.05)
+            assert remote_lender.reclaim(16 * MiB).wait(30), "reclaim completed"
+            remote_lender.grow(16 * MiB)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "hung"
+        assert not errors, errors
+        assert m.stats()["remote"]["spills"] >= 1
