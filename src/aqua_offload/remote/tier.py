@@ -191,11 +191,9 @@ class RemoteTier:
                         raise oom
                     got = self._core.offload_many(core_items, stream, fence_user, out)
                 except OutOfMemoryError:
-                    got = self._direct(items, stream)
+                    got = self._direct(items, stream, out)
                     self._consume([b for b in bases if b not in remote_bases], core=True)
                     self._consume(remote_bases, core=False)
-                    if out is not None:
-                        out.extend(got)
                     return got
             with self._lock:
                 for cid, _ in got:
@@ -605,10 +603,11 @@ class RemoteTier:
             self._stats["writes"] += 1
             self._stats["bytes_written"] += total
 
-    def _direct(self, items: list[tuple[int, int, float, int]], stream: int
-                ) -> list[tuple[int, int]]:
+    def _direct(self, items: list[tuple[int, int, float, int]], stream: int,
+                out: list | None) -> list[tuple[int, int]]:
         """Offload the batch to one lender in full (bases included: their bytes are the
-        tensor's prefix); ``OutOfMemoryError`` if none holds it."""
+        tensor's prefix); ``OutOfMemoryError`` if none holds it. The results are appended to
+        ``out`` with the entries, as the core does (Note [Interrupted batches] in manager.py)."""
         sizes = [n for _, n, _, _ in items if n]
         client, blocks = self._place(sizes)
         it = iter(blocks)
@@ -625,6 +624,8 @@ class RemoteTier:
                 hid = next(self._ids)
                 self._remote[hid] = _Remote(client, b, n, p)
                 got.append((hid, self._base + client))
+            if out is not None:
+                out.extend(got)
             self._stats["direct_offloads"] += len(items)
         self._settled(client, blocks)
         return got
