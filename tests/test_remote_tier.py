@@ -379,3 +379,77 @@ def test_reclaims_while_threads_offload_and_fetch(remote_lender, managers) -> No
         assert not any(t.is_alive() for t in threads), "hung"
         assert not errors, errors
         assert m.stats()["remote"]["spills"] >= 1
+
+
+def test_random_operations_across_every_tier(managers) -> None:
+    """A seeded random mix of releases, snapshots, batches, kept fetches, incremental offloads,
+    prefetches, frees and lender reclaims over peer, host and two lenders: every fetch is
+    bitwise what was offloaded."""
+    rng = np.random.default_rng(7)
+    with Lender(TOKEN, host_bytes="8MiB", segment_bytes="4MiB") as a, \
+            Lender(TOKEN, host_bytes="8MiB", segment_bytes="4MiB") as b:
+        m = managers(a, b, host="1MiB", peers=[1], peer_bytes="1MiB")
+        live: dict[int, tuple] = {}  # id(handle) -> (handle, tensor or None, expected bytes)
+        seed = iter(range(10_000))
+
+        def new(n: int) -> torch.Tensor:
+            return _rand(int(n), next(seed) + 200)
+
+        def check(h, got, ref) -> None:
+            assert torch.equal(got, ref), (h, h.tier)
+
+        for step in range(160):
+            op = rng.choice(["release", "snap", "many", "fetch", "keep", "prefetch", "free",
+                             "incr", "reclaim"], p=[.2, .15, .1, .2, .08, .08, .07, .07, .05])
+            total = sum(ref.numel() for _, _, ref in live.values())
+            if op in ("release", "snap", "many", "incr") and total > 10 * MiB:
+                op = "fetch"
+            handles = list(live.values())
+            if op == "release":
+                t = new(rng.integers(16, 768) * KiB)
+                ref = t.clone()  # before: a paged-out tensor must not be touched
+                h = m.offload(t)
+                live[id(h)] = (h, t, ref)
+            elif op == "snap":
+                t = new(rng.integers(16, 768) * KiB)
+                h = m.offload(t, release=False)
+                live[id(h)] = (h, None, t.clone())
+            elif op == "many":
+                ts = [new(rng.integers(16, 512) * KiB) for _ in range(rng.integers(2, 5))]
+                refs = [t.clone() for t in ts]
+                for h, t, ref in zip(m.offload_many(ts), ts, refs):
+                    live[id(h)] = (h, t, ref)
+            elif op in ("fetch", "keep", "prefetch", "free", "incr") and handles:
+                h, t, ref = handles[rng.integers(len(handles))]
+                if op == "prefetch":
+                    m.prefetch(h)
+                elif op == "free":
+                    m.free(h)
+                    del live[id(h)]
+                elif op == "keep" and t is None:  # a kept snapshot stays fetchable
+                    check(h, m.fetch(h, keep=True), ref)
+                elif op == "incr" and t is None and h._prefetch is None:
+                    full = torch.cat([ref, new(rng.integers(1, 256) * KiB)])
+                    del live[id(h)]
+                    h2 = m.offload(full, release=False, base=h)
+                    live[id(h2)] = (h2, None, full.clone())
+                    assert h.state == "freed"
+                else:
+                    check(h, m.fetch(h), ref)
+                    del live[id(h)]
+            elif op == "reclaim":
+                lender = a if rng.random() < .5 else b
+                ticket = lender.reclaim(4 * MiB)
+                if not ticket.wait(2):  # refused: no room anywhere (fragmentation); fetching
+                    for h, t, ref in list(live.values()):  # its handles frees the blocks
+                        if h.location == lender.address:
+                            check(h, m.fetch(h), ref)
+                            del live[id(h)]
+                assert ticket.wait(30), f"step {step}: reclaim completed"
+                lender.grow(4 * MiB)
+        tiers = {h.tier for h, _, _ in live.values()}
+        for h, t, ref in list(live.values()):
+            check(h, m.fetch(h), ref)
+        s = m.stats()["remote"]
+        assert s["spills"] >= 1 and s["remote_fetches"] >= 1, (s, tiers)
+        assert a.stats()["blocks"] == 0 and b.stats()["blocks"] == 0
