@@ -203,6 +203,28 @@ def test_reclaim_moves_handles_into_the_core_when_it_has_room(managers) -> None:
             assert m.fetch(hs[k]) is ts[k] and torch.equal(ts[k], refs[k])
 
 
+def test_a_reclaim_moves_what_fits_and_refuses_the_rest(managers) -> None:
+    with Lender(TOKEN, host_bytes="8MiB", segment_bytes="4MiB") as lender:
+        m = managers(lender)
+        ts, refs, hs = _fill(m, 8, seed=65)
+        remote = [k for k, h in enumerate(hs) if h.tier == "remote"]
+        host = [k for k, h in enumerate(hs) if h.tier == "host"]
+        assert len(remote) == 4
+        for k in host[:2]:  # room for two of the four
+            assert torch.equal(m.fetch(hs[k]), refs[k])
+        ticket = lender.reclaim(8 * MiB)
+        assert not ticket.wait(1.0), "two have no room anywhere: refused, the lender waits"
+        moved = [k for k in remote if hs[k].tier == "host"]
+        stuck = [k for k in remote if hs[k].tier == "remote"]
+        assert len(moved) == 2 and len(stuck) == 2
+        assert lender.stats()["blocks"] == 2, "the moved ones' blocks were given back"
+        for k in stuck:  # fetching them frees their blocks: the reclaim completes
+            assert m.fetch(hs[k]) is ts[k] and torch.equal(ts[k], refs[k])
+        assert ticket.wait(30)
+        for k in moved + host[2:]:
+            assert m.fetch(hs[k]) is ts[k] and torch.equal(ts[k], refs[k])
+
+
 def test_reclaim_moves_to_another_lender_or_waits(managers) -> None:
     with Lender(TOKEN, host_bytes="8MiB", segment_bytes="4MiB") as a, \
             Lender(TOKEN, host_bytes="8MiB", segment_bytes="4MiB") as b:

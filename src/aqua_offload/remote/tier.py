@@ -15,16 +15,13 @@ Note [Remote placement]
     block of one lender. Spill copies count in the core's ``fetches``/``bytes_fetched``.
 
 Note [Staging]
-    NIXL moves bytes between registered memory only, and registering costs a system call and
-    pinning per region, so each client registers one staging buffer once (pinned host memory
-    on CUDA, plain memory on emulation). Every transfer is a round: copy into staging, one
-    ``write`` of the whole round; or one ``read`` of the whole round, copy out. A batch larger
-    than the buffer takes several rounds; one tensor larger than it is cut into pieces.
+    in staging.py: every remote transfer passes through one buffer registered once with
+    every client, in rounds of one ``write`` (or one ``read`` per lender).
 
 Note [Remote locks]
     ``_lock`` guards the tables and is never held while bytes move. An id in ``_busy`` is being
     moved or used by one call (a fetch, a free, a spill, a reclaim); others wait for it
-    (``_cv``), and a spill skips it. ``_staging`` is held for one round, which includes a
+    (``_cv``), and a spill skips it. The staging lock is held for one round, which includes a
     transfer under the client's deadline. Order: ids first, then staging, then the client's
     own locks. The reclaim callback (the client's thread) takes the same order, and gives up
     with a refusal when its ids stay busy past the deadline, so it never deadlocks with a call
@@ -42,7 +39,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import itertools
 import os
 import threading
@@ -55,7 +51,9 @@ import torch
 from ..devices import current_stream
 from ..errors import (InvalidArgumentError, InvalidHandleError, OffloadError, OutOfMemoryError,
                       RemoteLostError)
+from . import migration
 from .client import RemoteClient
+from .staging import Staging
 from .items import RemoteBlock
 from .protocol import TOKEN_ENV
 
@@ -123,7 +121,6 @@ class RemoteTier:
         self._base = core.tier_count  # remote tier indices follow the core's
         self._lock = threading.Lock()  # Note [Remote locks]
         self._cv = threading.Condition(self._lock)
-        self._staging_lock = threading.Lock()
         self._remote: dict[int, _Remote] = {}  # LOCK: _lock; id -> where on a lender
         self._alias: dict[int, int] = {}  # LOCK: _lock; id -> core id, when they differ
         self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # LOCK: _lock
@@ -131,8 +128,7 @@ class RemoteTier:
         # (client, block id) allocated but not yet in _remote: a reclaim waits for them
         self._in_transit: set[tuple[int, int]] = set()  # LOCK: _lock
         self._ids = itertools.count(_FIRST_REMOTE_ID)
-        self._stats = {"bytes_written": 0, "bytes_read": 0, "writes": 0, "reads": 0,
-                       "spills": 0, "spilled_handles": 0, "spilled_bytes": 0,
+        self._stats = {"spills": 0, "spilled_handles": 0, "spilled_bytes": 0,
                        "direct_offloads": 0, "remote_fetches": 0, "reclaims": 0,
                        "reclaimed_handles": 0, "reclaim_refusals": 0, "reclaim_last_s": 0.0,
                        "reclaim_max_s": 0.0, "lost_freed": 0}  # LOCK: _lock
@@ -141,10 +137,8 @@ class RemoteTier:
             for i, address in enumerate(addresses):
                 self.clients.append(RemoteClient(
                     address, token, deadline_s,
-                    on_reclaim=lambda blocks, i=i: self._on_reclaim(i, blocks)))
-            self._staging = torch.empty(STAGING_BYTES, dtype=torch.uint8,
-                                        pin_memory=self._cuda)
-            self._regions = [c.register(self._staging) for c in self.clients]
+                    on_reclaim=lambda blocks, i=i: migration.on_reclaim(self, i, blocks)))
+            self._stage = Staging(self.clients, device, core.raw_copy, STAGING_BYTES)
         except BaseException:
             for c in self.clients:
                 c.close()
@@ -222,7 +216,7 @@ class RemoteTier:
             reads = [(r, d) for r, d in zip(where, dsts) if r is not None and r.block is not None
                      and not r.prefetched]
             self._check_lost([r for r, _ in reads])
-            self._read_into(reads, stream)
+            self._stage.read_into([(r.client, r.block, r.nbytes, d) for r, d in reads], stream)
             if cids:
                 self._core.fetch_many(cids, [d for r, d in zip(where, dsts) if r is None],
                                       stream, keep)
@@ -253,7 +247,7 @@ class RemoteTier:
             reads = [(r, d) for r, d in zip(where, dsts) if r is not None and r.block is not None
                      and not r.prefetched]
             self._check_lost([r for r, _ in reads])
-            self._read_into(reads, stream)
+            self._stage.read_into([(r.client, r.block, r.nbytes, d) for r, d in reads], stream)
             core = [(self._alias.get(i, i), d) for i, r, d in zip(ids, where, dsts) if r is None]
             tiers = iter(self._core.prefetch_many([c for c, _ in core], [d for _, d in core],
                                                   stream) if core else [])
@@ -328,6 +322,7 @@ class RemoteTier:
         with self._lock:
             entries = list(self._remote.values())
             out = dict(self._stats)
+        out.update(self._stage.stats)
         lost_handles = lost_bytes = 0
         remote_tiers = []
         for i, c in enumerate(self.clients):
@@ -457,69 +452,6 @@ class RemoteTier:
                                f"can hold {sum(sizes)} bytes ({'; '.join(why) or 'none usable'})",
                                requested=sum(sizes))
 
-    # -- moving bytes (Note [Staging]) -------------------------------------------------------
-    def _copy(self, dst: int, src: int, n: int, stream: int) -> None:
-        if self._cuda:
-            self._core.raw_copy(dst, src, n, stream)
-        else:
-            ctypes.memmove(dst, src, n)
-
-    def _sync(self) -> None:
-        if self._cuda:
-            torch.cuda.synchronize(self.device)
-
-    def _rounds(self, pieces: list[tuple[Any, int, int, int]]
-                ) -> Iterator[list[tuple[Any, int, int, int, int]]]:
-        """Cut (key, local pointer, block offset, bytes) pieces into staging rounds of
-        (key, local pointer, block offset, bytes, staging offset)."""
-        cap = self._staging.numel()
-        batch: list[tuple[Any, int, int, int, int]] = []
-        used = 0
-        for key, ptr, boff, n in pieces:
-            done = 0
-            while done < n:
-                if used == cap:
-                    yield batch
-                    batch, used = [], 0
-                k = min(n - done, cap - used)
-                batch.append((key, ptr + done, boff + done, k, used))
-                used += k
-                done += k
-        if batch:
-            yield batch
-
-    def _write_from(self, client: int, pieces: list[tuple[RemoteBlock, int, int]],
-                    stream: int) -> None:
-        """Write (block, local pointer, bytes) to one lender, one ``write`` per round."""
-        c, region, base = self.clients[client], self._regions[client], self._staging.data_ptr()
-        for rnd in self._rounds([(b, p, 0, n) for b, p, n in pieces]):
-            with self._staging_lock:
-                for _, ptr, _, n, off in rnd:
-                    self._copy(base + off, ptr, n, stream)
-                self._sync()
-                c.write([((region, off), b, boff, n) for b, _, boff, n, off in rnd])
-            with self._lock:
-                self._stats["writes"] += 1
-                self._stats["bytes_written"] += sum(x[3] for x in rnd)
-
-    def _read_into(self, reads: list[tuple[_Remote, int]], stream: int) -> None:
-        """Read each entry's bytes to its local pointer: per round, one ``read`` per lender."""
-        base = self._staging.data_ptr()
-        for rnd in self._rounds([(r, d, 0, r.nbytes) for r, d in reads]):
-            with self._staging_lock:
-                by_client: dict[int, list] = {}
-                for r, _, boff, n, off in rnd:
-                    by_client.setdefault(r.client, []).append(
-                        ((self._regions[r.client], off), r.block, boff, n))
-                for i, items in by_client.items():
-                    self.clients[i].read(items)
-                for _, ptr, _, n, off in rnd:
-                    self._copy(ptr, base + off, n, stream)
-                self._sync()
-            with self._lock:
-                self._stats["reads"] += len(by_client)
-                self._stats["bytes_read"] += sum(x[3] for x in rnd)
-
     # -- spilling and direct offloads (Note [Remote placement]) ------------------------------
     def _could_fit(self, sizes: list[int]) -> bool:
         """Whether the core's tiers, emptied, could hold the batch (else spilling is no use)."""
@@ -582,26 +514,18 @@ class RemoteTier:
 
     def _spill_copy(self, client: int, blocks: list[RemoteBlock],
                     victims: list[tuple[int, int, int]], total: int, stream: int) -> None:
-        """The core copies the victims out (keeping them), the lender gets them in one write
-        when they fit the staging buffer (through a temporary buffer otherwise)."""
+        """The core copies the victims out (keeping them) straight into staging and one write
+        sends them, when they fit it (through a temporary buffer otherwise)."""
         cids, sizes = [c for _, c, _ in victims], [n for _, _, n in victims]
-        if total > self._staging.numel():
-            buf = torch.empty(total, dtype=torch.uint8, device=self.device)
-            ptrs = list(itertools.accumulate(sizes, initial=buf.data_ptr()))[:-1]
-            self._core.fetch_many(cids, ptrs, stream, True)
-            self._sync()
-            self._write_from(client, list(zip(blocks, ptrs, sizes)), stream)
+        if total <= self._stage.nbytes:
+            self._stage.write_fetched(client, blocks, sizes, lambda ptrs: self._core.fetch_many(
+                cids, ptrs, stream, True))
             return
-        offs = list(itertools.accumulate(sizes, initial=0))[:-1]
-        base, region = self._staging.data_ptr(), self._regions[client]
-        with self._staging_lock:
-            self._core.fetch_many(cids, [base + o for o in offs], stream, True)
-            self._sync()
-            self.clients[client].write([((region, o), b, 0, n)
-                                        for o, b, n in zip(offs, blocks, sizes)])
-        with self._lock:
-            self._stats["writes"] += 1
-            self._stats["bytes_written"] += total
+        buf = torch.empty(total, dtype=torch.uint8, device=self.device)
+        ptrs = list(itertools.accumulate(sizes, initial=buf.data_ptr()))[:-1]
+        self._core.fetch_many(cids, ptrs, stream, True)
+        self._stage.sync()
+        self._stage.write_from(client, list(zip(blocks, ptrs, sizes)), stream)
 
     def _direct(self, items: list[tuple[int, int, float, int]], stream: int,
                 out: list | None) -> list[tuple[int, int]]:
@@ -613,7 +537,7 @@ class RemoteTier:
         it = iter(blocks)
         placed = [(next(it) if n else None, s, n, p) for s, n, p, _ in items]
         try:
-            self._write_from(client, [(b, s, n) for b, s, n, _ in placed if b is not None],
+            self._stage.write_from(client, [(b, s, n) for b, s, n, _ in placed if b is not None],
                              stream)
         except BaseException:
             self._free_blocks(client, blocks)
@@ -629,74 +553,3 @@ class RemoteTier:
             self._stats["direct_offloads"] += len(items)
         self._settled(client, blocks)
         return got
-
-    # -- reclaim (the client's thread; Note [Reclaim callback] in client.py) -----------------
-    def _on_reclaim(self, client: int, blocks: list[RemoteBlock]) -> None:
-        """Move the handles in ``blocks`` into the core's tiers if they have room, else to
-        another lender; raise (a refusal: the lender waits) if neither can take them."""
-        t0 = time.monotonic()
-        wanted = {b.id for b in blocks}
-        limit = self.clients[client].deadline_s
-        try:
-            with self._cv:  # blocks being filled or placed: wait until they are entries
-                if not self._cv.wait_for(lambda: not any((client, b) in self._in_transit
-                                                         for b in wanted), limit):
-                    raise TimeoutError("blocks still in transit")
-                ids = [h for h, r in self._remote.items()
-                       if r.client == client and r.block is not None and r.block.id in wanted]
-            with self._using(ids, timeout=limit):
-                self._migrate(client, ids, wanted)
-        except BaseException:
-            with self._lock:
-                self._stats["reclaim_refusals"] += 1
-            raise
-        seconds = time.monotonic() - t0
-        with self._lock:
-            self._stats["reclaims"] += 1
-            self._stats["reclaim_last_s"] = seconds
-            self._stats["reclaim_max_s"] = max(self._stats["reclaim_max_s"], seconds)
-
-    def _migrate(self, client: int, ids: list[int], wanted: set[int]) -> None:
-        with self._lock:  # still there? a fetch or free may have taken some meanwhile
-            moving = [(h, self._remote[h]) for h in ids if h in self._remote
-                      and self._remote[h].block is not None
-                      and self._remote[h].block.id in wanted]
-        keep = [(h, r) for h, r in moving if r.prefetched]  # its buffer holds the bytes
-        moving = [(h, r) for h, r in moving if not r.prefetched]
-        with self._lock:
-            for _, r in keep:
-                r.block = None
-            self._stats["reclaimed_handles"] += len(keep)
-        if not moving:
-            return
-        total = sum(r.nbytes for _, r in moving)
-        buf = torch.empty(total, dtype=torch.uint8, device=self.device)
-        ptrs = list(itertools.accumulate([r.nbytes for _, r in moving],
-                                         initial=buf.data_ptr()))[:-1]
-        stream = current_stream(self.device)
-        self._read_into([(r, p) for (_, r), p in zip(moving, ptrs)], stream)
-        try:  # into the core: a snapshot of the buffer, fenced (the buffer dies after)
-            got = self._core.offload_many([(p, r.nbytes, r.priority, 0)
-                                           for (_, r), p in zip(moving, ptrs)], stream, True)
-            self._sync()
-            with self._lock:
-                for (h, _), (cid, _) in zip(moving, got):
-                    del self._remote[h]
-                    self._alias[h] = cid
-                    self._lru[h] = None
-                self._stats["reclaimed_handles"] += len(moving)
-            return
-        except OutOfMemoryError:
-            pass
-        other, blocks = self._place([r.nbytes for _, r in moving], avoid=client)
-        try:
-            self._write_from(other, [(b, p, r.nbytes) for b, p, (_, r)
-                                     in zip(blocks, ptrs, moving)], stream)
-        except BaseException:
-            self._free_blocks(other, blocks)
-            raise
-        with self._lock:
-            for (h, r), b in zip(moving, blocks):
-                self._remote[h] = _Remote(other, b, r.nbytes, r.priority)
-            self._stats["reclaimed_handles"] += len(moving)
-        self._settled(other, blocks)

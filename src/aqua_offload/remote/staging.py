@@ -1,0 +1,138 @@
+"""The remote tier's staging buffer: local memory registered once with every lender's client,
+through which every remote transfer of a manager passes.
+
+Note [Staging]
+    NIXL moves bytes between registered memory only, and registering costs a system call and
+    pinning per region, so the buffer is registered once per client (pinned host memory on
+    CUDA, plain memory on emulation). Every transfer is a round: copy into the buffer and one
+    ``write`` of the whole round, or one ``read`` of the round per lender and copy out. A
+    batch larger than the buffer takes several rounds; one tensor larger than it is cut into
+    pieces. The lock is held for one round, a transfer under the client's deadline included.
+    Copies in and out release the GIL (ctypes' memmove on emulation, the core's copy on CUDA,
+    followed by a device synchronize: NIXL must not touch the buffer before the copy ended).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .client import RemoteClient
+from .items import RemoteBlock
+
+__all__ = ["Staging"]
+
+
+class Staging:
+    """``nbytes`` of local memory registered with each of ``clients``.
+
+    Parameters
+    ----------
+    clients : list of RemoteClient
+        One region is registered with each; index ``i`` of the methods names ``clients[i]``.
+    device : torch.device
+        The manager's device: pinned memory and the core's copies when it is a GPU.
+    raw_copy : callable
+        The core's ``raw_copy(dst, src, nbytes, stream)`` (used on CUDA).
+    nbytes : int
+        Size of the buffer.
+    """
+
+    def __init__(self, clients: Sequence[RemoteClient], device: torch.device,
+                 raw_copy: Callable[[int, int, int, int], None], nbytes: int) -> None:
+        self.clients = list(clients)
+        self.device = device
+        self._cuda = device.type == "cuda"
+        self._raw_copy = raw_copy
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._cuda)
+        self.regions = [c.register(self.buffer) for c in self.clients]
+        self.lock = threading.Lock()  # one round at a time
+        self._stats_lock = threading.Lock()
+        self.stats = {"writes": 0, "reads": 0, "bytes_written": 0, "bytes_read": 0}
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    def copy(self, dst: int, src: int, n: int, stream: int) -> None:
+        if self._cuda:
+            self._raw_copy(dst, src, n, stream)
+        else:
+            ctypes.memmove(dst, src, n)
+
+    def sync(self) -> None:
+        """Wait for this device's copies (before NIXL reads or writes their memory)."""
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _count(self, op: str, transfers: int, nbytes: int) -> None:
+        with self._stats_lock:
+            self.stats[f"{op}s"] += transfers
+            self.stats["bytes_written" if op == "write" else "bytes_read"] += nbytes
+
+    def rounds(self, pieces: list[tuple[Any, int, int, int]]
+               ) -> Iterator[list[tuple[Any, int, int, int, int]]]:
+        """Cut (key, local pointer, block offset, bytes) pieces into rounds of
+        (key, local pointer, block offset, bytes, staging offset)."""
+        cap = self.nbytes
+        batch: list[tuple[Any, int, int, int, int]] = []
+        used = 0
+        for key, ptr, boff, n in pieces:
+            done = 0
+            while done < n:
+                if used == cap:
+                    yield batch
+                    batch, used = [], 0
+                k = min(n - done, cap - used)
+                batch.append((key, ptr + done, boff + done, k, used))
+                used += k
+                done += k
+        if batch:
+            yield batch
+
+    def write_from(self, client: int, pieces: list[tuple[RemoteBlock, int, int]],
+                   stream: int) -> None:
+        """Write (block, local pointer, bytes) to one lender: one ``write`` per round."""
+        c, region, base = self.clients[client], self.regions[client], self.buffer.data_ptr()
+        for rnd in self.rounds([(b, p, 0, n) for b, p, n in pieces]):
+            with self.lock:
+                for _, ptr, _, n, off in rnd:
+                    self.copy(base + off, ptr, n, stream)
+                self.sync()
+                c.write([((region, off), b, boff, n) for b, _, boff, n, off in rnd])
+            self._count("write", 1, sum(x[3] for x in rnd))
+
+    def write_fetched(self, client: int, blocks: list[RemoteBlock], sizes: list[int],
+                      fetch: Callable[[list[int]], None]) -> None:
+        """``fetch(pointers)`` fills the buffer (the core copies handles into it), then one
+        ``write`` sends it to ``blocks``; the sizes must fit the buffer together."""
+        offs, o = [], 0
+        for n in sizes:
+            offs.append(o)
+            o += n
+        base, region = self.buffer.data_ptr(), self.regions[client]
+        with self.lock:
+            fetch([base + x for x in offs])
+            self.sync()
+            self.clients[client].write([((region, x), b, 0, n)
+                                        for x, b, n in zip(offs, blocks, sizes)])
+        self._count("write", 1, o)
+
+    def read_into(self, reads: list[tuple[int, RemoteBlock, int, int]], stream: int) -> None:
+        """Read (client, block, bytes, local pointer) items: per round, one ``read`` per
+        lender, then the copies out."""
+        base = self.buffer.data_ptr()
+        for rnd in self.rounds([((c, b), d, 0, n) for c, b, n, d in reads]):
+            with self.lock:
+                by_client: dict[int, list] = {}
+                for (c, b), _, boff, n, off in rnd:
+                    by_client.setdefault(c, []).append(((self.regions[c], off), b, boff, n))
+                for i, items in by_client.items():
+                    self.clients[i].read(items)
+                for _, ptr, _, n, off in rnd:
+                    self.copy(ptr, base + off, n, stream)
+                self.sync()
+            self._count("read", len(by_client), sum(x[3] for x in rnd))
