@@ -119,7 +119,8 @@ class RemoteTier:
         self._cuda = device.type == "cuda"
         self.device = device
         self._base = core.tier_count  # remote tier indices follow the core's
-        self._lock = threading.Lock()  # Note [Remote locks]
+        # Note [Remote locks]; reentrant: a Handle dying (its __del__ frees it) may run anywhere
+        self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
         self._remote: dict[int, _Remote] = {}  # LOCK: _lock; id -> where on a lender
         self._alias: dict[int, int] = {}  # LOCK: _lock; id -> core id, when they differ
