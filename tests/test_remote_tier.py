@@ -328,6 +328,11 @@ def test_a_killed_lender_loses_only_its_handles(tmp_path, managers) -> None:
         assert aq.is_discarded(ts[remote[0]])
         t = _rand(512 * KiB, 98)  # the core's tiers keep working
         assert torch.equal(m.fetch(m.offload(t.clone())), t)
+        full = [m.offload(_rand(512 * KiB, 120 + i), release=False) for i in range(4)]
+        with pytest.raises(OutOfMemoryError):  # no lender left to spill to: a typed error
+            run_with_timeout(lambda: m.offload(_rand(512 * KiB, 125), release=False), 30)
+        assert all(torch.equal(m.fetch(h), _rand(512 * KiB, 120 + i))
+                   for i, h in enumerate(full))
         run_with_timeout(m.close, 30)  # lost releases are left discarded, not restored
         assert all(aq.is_discarded(ts[k]) for k in remote[1:])
     finally:
