@@ -7,8 +7,10 @@ handles: RemoteLostError at once, everything else keeps working."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -299,6 +301,35 @@ def test_construction_errors_leave_nothing_behind(remote_lender, monkeypatch) ->
     monkeypatch.setenv("AQUA_OFFLOAD_REMOTE_TOKEN", TOKEN)  # the token from the environment
     with aq.OffloadManager("cpu", peers=None, remote=remote_lender.address) as m:
         assert [t["tier"] for t in m.stats()["tiers"]] == ["host", "remote"]
+
+
+def test_a_lender_of_another_version_closes_the_clients_made_before(remote_lender) -> None:
+    from aqua_offload.errors import RemoteVersionError
+    from aqua_offload.remote import protocol as P
+
+    server = socket.create_server(("127.0.0.1", 0))
+    reply = P.encode(P.Kind.CHALLENGE, 1, {"nonce": "00" * 32, "proof": "00" * 32}, version=2)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(reply)
+                conn.recv(4096)
+
+    threading.Thread(target=serve, daemon=True).start()
+    before = len(live_managers())
+    try:
+        with pytest.raises(RemoteVersionError):
+            run_with_timeout(lambda: aq.OffloadManager(
+                "cpu", peers=None, remote=[remote_lender.address,
+                                           "127.0.0.1:%d" % server.getsockname()[1]],
+                remote_token=TOKEN, remote_deadline_s=2.0), 60)
+    finally:
+        server.close()
+    assert len(live_managers()) == before
+    assert _eventually(lambda: remote_lender.stats()["sessions"] == 0), "first client closed"
 
 
 def test_a_killed_lender_loses_only_its_handles(tmp_path, managers) -> None:
