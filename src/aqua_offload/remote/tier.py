@@ -53,9 +53,9 @@ from ..errors import (InvalidArgumentError, InvalidHandleError, OffloadError, Ou
                       RemoteLostError)
 from . import migration
 from .client import RemoteClient
-from .staging import Staging
 from .items import RemoteBlock
 from .protocol import TOKEN_ENV
+from .staging import Staging
 
 __all__ = ["RemoteTier", "STAGING_BYTES"]
 
@@ -538,8 +538,8 @@ class RemoteTier:
         it = iter(blocks)
         placed = [(next(it) if n else None, s, n, p) for s, n, p, _ in items]
         try:
-            self._stage.write_from(client, [(b, s, n) for b, s, n, _ in placed if b is not None],
-                             stream)
+            self._stage.write_from(client, [(b, s, n) for b, s, n, _ in placed
+                                            if b is not None], stream)
         except BaseException:
             self._free_blocks(client, blocks)
             raise
