@@ -221,6 +221,8 @@ class RemoteTier:
             if cids:
                 self._core.fetch_many(cids, [d for r, d in zip(where, dsts) if r is None],
                                       stream, keep)
+            if done is not None:  # at once, as the core's binding does: from here on the
+                done.append(True)  # caller finishes the batch even if interrupted
             if not keep:  # the bytes are here now: the blocks go back, one request a lender
                 with self._lock:
                     self._stats["remote_fetches"] += sum(r is not None for r in where)
@@ -236,8 +238,6 @@ class RemoteTier:
                     for r in where:
                         if r is not None:
                             r.prefetched = False
-            if done is not None:
-                done.append(True)
 
     def prefetch_many(self, ids: list[int], dsts: list[int], stream: int) -> list[int]:
         """Remote bytes are read into the buffers now; core ids are prefetched by the core."""
