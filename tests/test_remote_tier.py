@@ -177,6 +177,24 @@ def test_prefetch_of_remote_handles(remote_lender, managers) -> None:
     assert remote_lender.stats()["blocks"] == 0
 
 
+def test_a_reclaimed_prefetched_handle_keeps_its_bytes_in_the_prefetch(managers) -> None:
+    with Lender(TOKEN, host_bytes="8MiB", segment_bytes="4MiB") as lender:
+        m = managers(lender)
+        snaps = [_rand(512 * KiB, 45 + i) for i in range(8)]
+        hs = [m.offload(t, release=False) for t in snaps]
+        remote = [k for k, h in enumerate(hs) if h.tier == "remote"]
+        assert len(remote) == 4
+        m.prefetch_many([hs[k] for k in remote])
+        # the core is full and no other lender exists, yet the prefetched give their blocks up
+        assert lender.reclaim(8 * MiB).wait(30)
+        assert m.stats()["remote"]["reclaimed_handles"] == 4 and lender.stats()["blocks"] == 0
+        assert all(hs[k].tier == "remote" for k in remote)
+        with pytest.raises(InvalidArgumentError):  # the prefetch holds the only copy
+            m.fetch(hs[remote[0]], keep=True)
+        for k, h in enumerate(hs):
+            assert torch.equal(m.fetch(h), snaps[k])
+
+
 def test_incremental_offload_on_a_remote_base_copies_in_full(remote_lender, managers) -> None:
     m = managers(remote_lender, host="1MiB")
     full = _rand(768 * KiB, 50)
