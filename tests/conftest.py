@@ -231,3 +231,30 @@ def remote_clients():
     yield make
     for c in made:
         c.close()
+
+
+# -- HuggingFace suites (test_hf_*.py) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one intra-op thread. On a loaded 2-core machine, OpenMP threads spinning at
+    barriers against another process make every tiny op 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def small_manager():
+    """An emulation manager sized for tiny models' caches (2 MiB peer, 8 MiB host)."""
+    m = aq.OffloadManager("cpu", peer_bytes="2MiB", host_bytes="8MiB")
+    yield m
+    m.close()
+
+
+def check_no_leak(m: aq.OffloadManager) -> None:
+    """Every handle of ``m`` was given back and its tiers are empty."""
+    m.synchronize()
+    st = m.stats()
+    assert st["live_handles"] == 0, "a cache leaked handles"
+    assert [t["used"] for t in st["tiers"]] == [0] * len(st["tiers"])

@@ -29,14 +29,7 @@ VOCAB = 384
 WINDOW = 8  # sliding window of the sliding models: shorter than prompt + generation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread. On a loaded 2-core machine, OpenMP threads spinning
-    at barriers against another process make every tiny op 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 # -- tiny models with random weights -------------------------------------------------------

@@ -14,28 +14,18 @@ import aqua_offload as aq
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 import hf_models  # noqa: E402
+from conftest import check_no_leak  # noqa: E402
 from aqua_offload.hf import OffloadedCache, cache_kwarg, offloaded_cache_for  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture
-def manager():
-    m = aq.OffloadManager("cpu", peer_bytes="2MiB", host_bytes="8MiB")
-    yield m
-    m.close()
+def manager(small_manager):
+    return small_manager
 
 
-def no_leak(m: aq.OffloadManager) -> None:
-    m.synchronize()
-    st = m.stats()
-    assert st["live_handles"] == 0 and [t["used"] for t in st["tiers"]] == [0] * len(st["tiers"])
 
 
 def kv(cache):
@@ -79,7 +69,7 @@ def test_prefix_reuse_matches_dynamic_cache(manager, arch):
         if hasattr(b, "keys") and b.keys is not None:
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     prompt.close()
-    no_leak(manager)
+    check_no_leak(manager)
 
 
 def _decoded(manager, **kw):
@@ -121,7 +111,7 @@ def test_copy_shares_the_manager_and_owns_its_handles(manager):
                for (k, v, _), (wk, wv) in zip(got, want))
     assert twin.get_seq_length() == 6 + 8 - 1
     twin.close()
-    no_leak(manager)
+    check_no_leak(manager)
 
 
 def test_resident_layers_are_copied_not_shared(manager):
@@ -133,7 +123,7 @@ def test_resident_layers_are_copied_not_shared(manager):
     assert torch.equal(cache.layers[0].keys, original)
     cache.close()
     twin.close()
-    no_leak(manager)
+    check_no_leak(manager)
 
 
 def test_copies_decode_independently(manager):
@@ -153,7 +143,7 @@ def test_copies_decode_independently(manager):
             assert torch.equal(model.generate(**args, **kv(a)), model.generate(**args, **kv(b)))
         a.close()
     cache.close()
-    no_leak(manager)
+    check_no_leak(manager)
 
 
 def test_encoder_decoder_cache_deepcopies(manager):
@@ -171,4 +161,4 @@ def test_encoder_decoder_cache_deepcopies(manager):
     for c in (cache, twin):
         c.self_attention_cache.close()
         c.cross_attention_cache.close()
-    no_leak(manager)
+    check_no_leak(manager)

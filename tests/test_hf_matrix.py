@@ -24,21 +24,12 @@ MODES = ["greedy_padded", "beam", "sample_seeded", "two_turn", "crop", "dict_sco
 NEW = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread (OpenMP threads spinning against other processes on a
-    loaded 2-core machine make every tiny op 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture
-def manager():
-    m = aq.OffloadManager("cpu", peer_bytes="2MiB", host_bytes="8MiB")
-    yield m
-    m.close()
+def manager(small_manager):
+    return small_manager
 
 
 def _gen(model, inputs, kv, seed=None, **kw):

@@ -23,19 +23,12 @@ from conftest import run_with_timeout  # noqa: E402
 NEW = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture
-def manager():
-    m = aq.OffloadManager("cpu", peer_bytes="2MiB", host_bytes="8MiB")
-    yield m
-    m.close()
+def manager(small_manager):
+    return small_manager
 
 
 @pytest.fixture

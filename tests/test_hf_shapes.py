@@ -15,27 +15,19 @@ import aqua_offload as aq
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 import hf_models  # noqa: E402
+from conftest import check_no_leak  # noqa: E402
 from aqua_offload.hf import OffloadedCache, cache_kwarg, offloaded_cache_for  # noqa: E402
 from aqua_offload.hf.layers import OffloadedLayer, raw_keys  # noqa: E402
 from transformers.cache_utils import DummyLayer, LinearAttentionLayer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture
-def manager():
-    m = aq.OffloadManager("cpu", peer_bytes="2MiB", host_bytes="8MiB")
-    yield m
-    m.synchronize()
-    st = m.stats()
-    assert st["live_handles"] == 0, "a cache leaked handles"
-    m.close()
+def manager(small_manager):
+    yield small_manager
+    check_no_leak(small_manager)
 
 
 def gen(model, inputs, n, kv=None, **kw):
