@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -119,6 +120,43 @@ def test_a_forked_child_exits_cleanly_and_cannot_use_the_parents_manager():
         m.fetch(h)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "0"
+
+
+def test_a_forked_child_never_blocks_on_the_parents_locks():
+    """Threads of the parent hold the store's lock at random moments of the fork; the child's
+    reads of the parent's manager never take it: typed errors or "closed", never a hang."""
+    code = textwrap.dedent("""
+        import os, signal, sys, threading, torch, aqua_offload as aq
+        m = aq.OffloadManager("cpu", peers=[1], peer_bytes="8MiB", host_bytes="16MiB")
+        h = m.offload(torch.randn(1000))
+        stop = False
+        def busy():
+            while not stop:
+                x = torch.randn(2000); m.fetch(m.offload(x)); m.stats()
+        threads = [threading.Thread(target=busy, daemon=True) for _ in range(2)]
+        for th in threads: th.start()
+        bad = 0
+        for _ in range(40):
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(10)
+                try:
+                    m.stats()
+                    os._exit(3)  # the parent's numbers, as if they were the child's
+                except aq.ClosedError:
+                    pass
+                ok = h.state == "closed" and "closed" in repr(h)
+                os._exit(0 if ok else 4)
+            _, status = os.waitpid(pid, 0)
+            bad += os.waitstatus_to_exitcode(status) != 0
+        stop = True
+        for th in threads: th.join()
+        print(bad)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, AQUA_EMULATED_DEVICES="2"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "0"
 

@@ -7,6 +7,7 @@ import copy
 import gc
 import pickle
 import sys
+import textwrap
 import threading
 
 import pytest
@@ -195,6 +196,110 @@ def test_an_interrupt_anywhere_in_close_leaves_it_completable():
     from helpers import run_emulated
     result = run_emulated(2, _INTERRUPT_CLOSE)
     assert result["sweeps"] > 20 and result["wrong"] == []
+
+
+# Interrupts at chosen points (each in its own process): where a handle is made, where a call's
+# token dies, inside free() and inside a dropped handle's finalizer.
+_AT = """
+    import gc, sys, threading
+    def at(code_name, fn, event="return", file=None):
+        fired = []
+        def tracer(frame, ev, arg):
+            if fired or frame.f_code.co_name != code_name:
+                return None
+            if file and not frame.f_code.co_filename.endswith(file):
+                return None
+            if event == "call" and ev == "call":
+                fired.append(1); raise KeyboardInterrupt
+            def local(frame, ev, arg):
+                if ev == event and not fired:
+                    fired.append(1); raise KeyboardInterrupt
+                return local
+            return local
+        sys.settrace(tracer)
+        try:
+            fn()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        return bool(fired)
+    m = aq.OffloadManager("cpu", peers=[1], peer_bytes="1MiB", host_bytes="4MiB")
+"""
+
+
+def _run_at(body: str) -> dict:
+    from helpers import run_emulated
+    return run_emulated(2, textwrap.dedent(_AT) + textwrap.dedent(body))
+
+
+def test_an_interrupt_as_a_handle_is_made_loses_nothing():
+    result = _run_at("""
+        ts = [rand(100), rand(108)]
+        refs = [t.clone() for t in ts]
+        result["fired"] = at("_new_handle", lambda: m.offload_many(ts))
+        result["paged"] = [aq.is_offloaded(t) for t in ts]
+        result["equal"] = [torch.equal(m.fetch(t), r) for t, r in zip(ts, refs)]
+        m.synchronize()
+        result["live"] = m.stats()["live_handles"]
+    """)
+    assert result["fired"] and result["paged"] == [True, True]
+    assert result["equal"] == [True, True] and result["live"] == 0
+
+
+def test_an_interrupt_as_a_calls_token_dies_cannot_hang_close():
+    result = _run_at("""
+        t = rand(100)
+        ref = t.clone()
+        h = m.offload(t)
+        result["fired"] = at("_remove", lambda: m.fetch_many([h]), event="call",
+                             file="_weakrefset.py")
+        th = threading.Thread(target=m.close, daemon=True)
+        th.start(); th.join(30)
+        result["closed"] = m.closed and not th.is_alive()
+        result["equal"] = torch.equal(t, ref)
+    """)
+    assert result["fired"] and result["closed"] and result["equal"]
+
+
+def test_an_interrupted_free_leaves_a_discarded_tensor():
+    result = _run_at("""
+        t = rand(100)
+        h = m.offload(t)
+        result["fired"] = at("drop", lambda: m.free(h), event="call", file="holders.py")
+        result["states"] = [aq.is_offloaded(t), aq.is_discarded(t), h.state]
+        try:
+            m.offload(t)
+        except aq.InvalidArgumentError as e:
+            result["refused"] = "its data is gone" in str(e)
+        result["live"] = m.stats()["live_handles"]
+    """)
+    assert result["fired"] and result["states"] == [False, True, "freed"]
+    assert result["refused"] and result["live"] == 0
+
+
+def test_an_interrupt_inside_a_dropped_handles_finalizer_leaks_nothing():
+    result = _run_at("""
+        h = m.offload(rand(100), release=False)
+        def drop():
+            global h
+            del h
+        result["fired"] = at("_discard", drop, event="call")
+        gc.collect()
+        m.synchronize()
+        s = m.stats()
+        result["left"] = [s["live_handles"], s["tiers"][0]["used"]]
+    """)
+    assert result["fired"] and result["left"] == [0, 0]
+
+
+def test_close_ends_snapshots_too_so_a_deferred_source_is_writable_again(manager, backend):
+    src = backend.tensor((1000,))
+    h = manager.offload(src, release=False, fence="deferred")
+    manager.close()
+    assert h.state == "closed"
+    with aq.debug_guard():
+        src.add_(1)  # no handle stands for its copy any more: the guard lets the write through
 
 
 # -- no landmines --------------------------------------------------------------------------

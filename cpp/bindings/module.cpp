@@ -309,6 +309,7 @@ PYBIND11_MODULE(_core, m) {
       .def("ready", &store::ready, py::arg("handle"), release_gil())
       .def("wait", &store::wait, py::arg("handle"), release_gil())
       .def("contains", &store::contains, py::arg("handle"), release_gil())
+      .def("live_ids", &store::live_ids, release_gil())
       .def(
           "info",
           [](const store& s, std::uint64_t id) {

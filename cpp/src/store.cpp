@@ -584,6 +584,14 @@ bool store::contains(std::uint64_t id) const {
   return entries_.count(id) != 0;
 }
 
+std::vector<std::uint64_t> store::live_ids() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::uint64_t> ids;
+  ids.reserve(entries_.size());
+  for (const auto& kv : entries_) ids.push_back(kv.first);
+  return ids;
+}
+
 void store::synchronize() {
   call_scope call(*this);
   std::vector<std::uint64_t> before;  // only copies enqueued before the sync are known complete

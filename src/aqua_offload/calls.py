@@ -74,12 +74,25 @@ class CallGate:
             self.closing, self._closer = True, me
         try:
             with self._cv:
-                while self._calls:  # a token dies with its frame: polled, no callback runs then
+                while self._busy():  # a token dies with its frame: polled, no callback runs then
                     self._cv.wait(0.005)
         except BaseException:
             self.abort_close()
             raise
         return True
+
+    def _busy(self) -> bool:
+        # Live tokens only: len() of a WeakSet also counts a dead one whose removal callback an
+        # interrupt cut short, which would stay forever.
+        return any(True for _ in self._calls)
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[bool]:
+        """True while no call is in progress and none can start (a new call waits until the
+        block ends): the manager's handles are all made and adopted (Note [Orphans] in
+        manager.py). False when a call runs, or the manager closes or is a forked child's."""
+        with self._cv:
+            yield not (self.closing or self.closed or self.foreign() or self._busy())
 
     def abort_close(self) -> None:
         """A close() that raised: the manager serves again."""

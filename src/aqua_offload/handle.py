@@ -51,7 +51,7 @@ class Handle:
     __slots__ = ("_manager", "_id", "nbytes", "shape", "dtype", "release", "priority", "_state",
                  "_tensor", "_storage", "_layout", "_key", "_tier", "_location", "_prefetch",
                  "_prefetch_tier", "_prefetch_stream", "_pending", "_deferred", "_array", "_lock",
-                 "__weakref__")
+                 "_adopted", "__weakref__")
 
     def __init__(self, manager: "OffloadManager", core_id: int, *, nbytes: int,
                  shape: torch.Size, dtype: torch.dtype, release: bool,
@@ -86,6 +86,9 @@ class Handle:
         self._deferred: int | None = None  # storage key of a fence="deferred" snapshot's source
         self._array: Any = None  # a snapshot of a numpy/CuPy/DLPack array: how to rebuild it
         self._lock = threading.RLock()  # serialises fetch/prefetch/free of this handle
+        # Set once the call that made it returns it (Note [Orphans] in manager.py): a handle an
+        # interrupt dropped before that never frees the block its call's finish() re-adopts.
+        self._adopted = False
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -94,7 +97,7 @@ class Handle:
         ``"freed"`` or ``"closed"`` (its manager was closed)."""
         if self._state not in LIVE:
             return self._state
-        if self._manager.closed:
+        if self._manager.closed or self._manager._gate.foreign():  # (no lock of a forked child)
             return "closed"
         store = self._manager._store
         try:
@@ -123,7 +126,7 @@ class Handle:
         return self._location
 
     def _refresh_tier(self) -> None:
-        if self._state in LIVE:
+        if self._state in LIVE and not self._manager._gate.foreign():
             try:
                 tier = self._manager._store.info(self._id)[1]
             except Exception:  # gone a moment ago, or the manager closed
@@ -197,7 +200,7 @@ class Handle:
         # Nobody can reach this handle any more, so nobody can fetch it: give its block back.
         # (A release handle is held by the storage registry while its tensor lives.)
         try:
-            if self._state in LIVE:
+            if self._state in LIVE and self._adopted:
                 self._manager._discard(self)
         except Exception:  # interpreter shutdown, closed manager: nothing to give back to
             pass

@@ -18,6 +18,8 @@ release offloads still return at once with the copy running on a worker thread.
 
 Calls in progress and close(): Note [Calls and close] in calls.py.
 
+Handles no object stands for any more: Note [Orphans] in orphans.py.
+
 Note [Interrupted batches]
 A batch is all or nothing even when an asynchronous exception (KeyboardInterrupt) lands inside
 it. Before the core accepted a batch, the handler undoes the Python side (reservations, and the
@@ -33,11 +35,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import weakref
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ContextManager, Iterable, Mapping, Sequence
 
 import torch
 
-from . import _core, paging, prefetching, snapshots, storage
+from . import _core, claims, orphans, paging, prefetching, snapshots, storage
 from .devices import (DeviceLike, current_stream, external_stream, parse_peer, record_stream,
                       resolve_device)
 from .errors import (ClosedError, InvalidArgumentError, InvalidHandleError,
@@ -151,6 +153,8 @@ class OffloadManager:
         self._ext_streams: dict[tuple[int, str], Any] = {}
         self._holders = HolderWatch(self._store.ready)  # emulation (holders.py)
         self._gate = CallGate()  # calls in progress, closing, closed (calls.py)
+        # core id -> its Handle while the object lives (Note [Orphans] in orphans.py)
+        self._handles: weakref.WeakValueDictionary[int, Handle] = weakref.WeakValueDictionary()
         # handle id -> bytes of its prefetch buffer (prefetching.py); no lock: an interrupt
         # inside `with lock:` can leave the lock held, and dict updates are atomic
         self._prefetched: dict[int, int] = {}
@@ -241,9 +245,11 @@ class OffloadManager:
     def _new_handle(self, core_id: int, tier: int, tensor: torch.Tensor, *, nbytes: int,
                     release: bool, priority: float, key: int | None = None) -> Handle:
         kind, location = self._tiers[tier]  # where the copy went (Handle.tier stays live)
-        return Handle(self, core_id, nbytes=nbytes, shape=tensor.shape, dtype=tensor.dtype,
-                      release=release, tensor=tensor if release else None, key=key,
-                      tier=kind, location=location, priority=priority)
+        h = Handle(self, core_id, nbytes=nbytes, shape=tensor.shape, dtype=tensor.dtype,
+                   release=release, tensor=tensor if release else None, key=key,
+                   tier=kind, location=location, priority=priority)
+        self._handles[core_id] = h
+        return h
 
     # -- fetch ---------------------------------------------------------------------------
     def fetch(self, handle: Handle | torch.Tensor, out: torch.Tensor | None = None, *,
@@ -345,15 +351,24 @@ class OffloadManager:
             if self._holders.holding(handle._id) or (handle._prefetch is not None
                                                       and not self._cuda):
                 self._store.wait(handle._id)  # emulation: a copy may still use the memory
-            self._store.free(handle._id)
-            self._holders.drop(handle._id)
-            if handle._prefetch is not None and self._cuda:  # reused after the copy into it
-                self._record_stream(handle._prefetch,
-                                    self._stream(handle._prefetch_tier, "prefetch"))
-            prefetching.drop(self, handle)
-            if handle.release and not handle._kept and handle._key is not None:
-                storage.discard(handle._key, handle)
-            handle._end("freed")
+
+            def finish() -> None:  # idempotent (Note [Interrupted batches])
+                self._holders.drop(handle._id)
+                if handle._prefetch is not None and self._cuda:  # reused after the copy into it
+                    self._record_stream(handle._prefetch,
+                                        self._stream(handle._prefetch_tier, "prefetch"))
+                prefetching.drop(self, handle)
+                if handle.release and not handle._kept and handle._key is not None:
+                    storage.discard(handle._key, handle)
+                handle._end("freed")
+
+            try:
+                self._store.free(handle._id)
+                finish()
+            except BaseException:
+                if handle._live() and not self._store.contains(handle._id):
+                    finish()  # the core freed it: the tensor is discarded, whatever interrupted
+                raise
 
     def _discard(self, handle: Handle) -> None:
         """Handle.__del__: nobody can fetch it any more."""
@@ -430,6 +445,7 @@ class OffloadManager:
         with self._gate.call("synchronize"):
             self._store.synchronize()
             self._holders.reap()
+        orphans.free(self)
 
     def stats(self) -> dict[str, Any]:
         """Counters and per-tier pool statistics; see docs/stats.md for every key.
@@ -444,8 +460,11 @@ class OffloadManager:
             migrations, batch paths, lending and reclaim latency, ``prefetched_bytes``,
             ``peer_budgets``, ``closed``. Sizes in bytes. After ``close()`` the tiers are empty.
         """
+        if self._gate.foreign():  # (its locks may be held by threads the child lacks)
+            raise ClosedError(f"stats: this OffloadManager belongs to process {self._gate.pid}")
         if not self._gate.closed:
             self._holders.reap()  # drops finished holders
+            orphans.free(self)
         s = self._store.stats()
         s["backend"] = self._store.backend
         s["device"] = str(self.device)
@@ -498,6 +517,9 @@ class OffloadManager:
         for h in storage.handles_of(self):  # restore=False: their data is gone
             storage.discard(h._key, h)
             h._end("closed")
+        for h in list(self._handles.values()):  # snapshots (a deferred one lets its source go)
+            if h._live():
+                h._end("closed")
         self._holders.clear()
         if self._lending is not None:  # the leased memory is freed now: give the leases back
             self._lending.close()
@@ -517,36 +539,13 @@ class OffloadManager:
 
     # -- helpers -------------------------------------------------------------------------
     def _own(self, handle: Any, what: str) -> Handle:
-        if isinstance(handle, torch.Tensor):
-            found = storage.owner(handle)
-            if found is None:
-                raise InvalidHandleError(f"{what}: this tensor is not paged out")
-            handle = found
-        if not isinstance(handle, Handle):
-            raise InvalidHandleError(f"{what} expects a Handle, got {type(handle).__name__}")
-        if handle._manager is not self:
-            raise InvalidHandleError(f"{what}: the handle belongs to another OffloadManager")
-        if not handle._live():
-            if handle._state == "closed":
-                raise ClosedError(f"{what}: the handle's manager was closed")
-            raise InvalidHandleError(f"{what}: the handle was already {handle._state}")
-        return handle
+        return claims.own(self, handle, what)
 
     def _check_base(self, base: Any, tensor: torch.Tensor) -> Handle:
-        return check_base(self._own(base, "offload(base=)"), tensor)
+        return check_base(claims.own(self, base, "offload(base=)"), tensor)
 
-    @contextlib.contextmanager
-    def _claim(self, handles: list[Any], what: str) -> Iterator[list[Handle]]:
-        """Hold the handles' locks (in a fixed order) and check them under the locks: the Python
-        side of a handle (prefetch buffer, state) changes with its C++ entry at once."""
-        hs = [self._own(h, what) for h in handles]
-        with contextlib.ExitStack() as stack:
-            for h in sorted({id(h): h for h in hs}.values(), key=lambda h: h._id):
-                stack.enter_context(h._lock)
-            hs = [self._own(h, what) for h in hs]
-            for h in hs:
-                prefetching.settle(self, h)
-            yield hs
+    def _claim(self, handles: list[Any], what: str) -> ContextManager[list[Handle]]:
+        return claims.claim(self, handles, what)
 
     def _stream(self, tier: int, lane: str) -> Any:
         """A torch view of one of the core's copy streams (CUDA only), for record_stream."""

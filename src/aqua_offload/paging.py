@@ -40,6 +40,7 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
             if handles[i] is None:
                 handles[i] = m._new_handle(cid, tier, t, nbytes=sizes[i], release=True,
                                            priority=prio, key=reserved[i][0])
+            handles[i]._adopted = True  # (Note [Orphans] in manager.py)
             if sizes[i] and holders[i].nbytes() == 0:
                 storage.swap_out(stores[i], holders[i])  # one C call: done or not
             storage.commit(reserved[i][0], reserved[i][1], handles[i], stores[i])

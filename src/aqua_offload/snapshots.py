@@ -37,6 +37,7 @@ def take(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
             if handles[i] is None:
                 handles[i] = m._new_handle(cid, tier, t, nbytes=n, release=False, priority=prio)
                 handles[i]._array = spec
+            handles[i]._adopted = True  # (Note [Orphans] in manager.py)
             if fence == "deferred" and n and handles[i]._deferred is None:
                 _defer_fence(m, handles[i], t, src, tier)
             if bases[i] is not None:  # consumed: the new copy completes after the base's (the

@@ -124,6 +124,9 @@ class store {
   void wait(std::uint64_t id);
   handle_info info(std::uint64_t id) const;
   bool contains(std::uint64_t id) const;
+  /// Every live handle's id: the Python layer frees those whose Handle object died without
+  /// saying so (an interrupt inside its finalizer; Note [Orphans] in manager.py).
+  std::vector<std::uint64_t> live_ids() const;
 
   void synchronize();
   /// Refuses new calls, waits for the calls in progress and every copy, then gives every
