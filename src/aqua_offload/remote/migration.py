@@ -99,19 +99,20 @@ def _to_core(t: "RemoteTier", group: list[tuple[int, _Remote, int]], stream: int
     for batch in batches:
         if not all(x in left for x in batch):
             continue
-        try:
-            got = t._core.offload_many([(p, r.nbytes, r.priority, 0) for _, r, p in batch],
-                                       stream, True)
-        except OutOfMemoryError:
-            continue
+        with t._ids_lock:  # the new core ids are the handles' before anyone lists them
+            try:
+                got = t._core.offload_many([(p, r.nbytes, r.priority, 0) for _, r, p in batch],
+                                           stream, True)
+            except OutOfMemoryError:
+                continue
+            with t._lock:
+                for (h, r, _), (cid, _) in zip(batch, got):
+                    del t._remote[h]
+                    t._alias[h] = cid
+                    t._lru[h] = None
+                    done.append(r.block)  # type: ignore[arg-type]
+                t._stats["reclaimed_handles"] += len(batch)
         t._stage.sync()
-        with t._lock:
-            for (h, r, _), (cid, _) in zip(batch, got):
-                del t._remote[h]
-                t._alias[h] = cid
-                t._lru[h] = None
-                done.append(r.block)  # type: ignore[arg-type]
-            t._stats["reclaimed_handles"] += len(batch)
         left = [x for x in left if x not in batch]
         if not left:
             break

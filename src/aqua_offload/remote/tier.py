@@ -122,6 +122,8 @@ class RemoteTier:
         # Note [Remote locks]; reentrant: a Handle dying (its __del__ frees it) may run anywhere
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
+        # held from a migration's core offload until its ids are aliased (live_ids)
+        self._ids_lock = threading.Lock()
         self._remote: dict[int, _Remote] = {}  # LOCK: _lock; id -> where on a lender
         self._alias: dict[int, int] = {}  # LOCK: _lock; id -> core id, when they differ
         self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # LOCK: _lock
@@ -312,6 +314,17 @@ class RemoteTier:
                 if handle not in self._remote:
                     raise
         raise InvalidHandleError(f"handle {handle} is not live")
+
+    def live_ids(self) -> list[int]:
+        """Every live id, core and remote (the manager's orphan check compares them with its
+        Handles): a core id made by a reclaim's migration is reported under its handle's id,
+        and never before it is registered (``_ids_lock``)."""
+        with self._ids_lock:
+            core = self._core.live_ids()
+            with self._lock:
+                back = {c: h for h, c in self._alias.items()}
+                remote = list(self._remote)
+        return list(dict.fromkeys([back.get(c, c) for c in core] + remote))
 
     def fence_source(self, handle: int, stream: int) -> None:
         if handle not in self._remote:  # a spill's fetch already ordered after the copy
