@@ -163,9 +163,15 @@ class RemoteTier:
         # remote copies are synchronous: any stream of the core is ordered after them
         return self._core.copy_stream(min(tier, self._base - 1), lane)
 
-    def __getattr__(self, name: str) -> Any:  # lend, reclaim, backend, raw_copy...
-        if name.startswith("__") or name == "_core":  # not set yet (a failed __init__)
-            raise AttributeError(name)
+    # The core's attributes that take no handle id pass through; one that does must be
+    # translated here (ids of migrated or remote handles are not the core's).
+    _PASS = frozenset({"lend", "synchronize", "raw_copy", "closed", "backend", "emulation",
+                       "device", "policy", "chunk_bytes"})
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in RemoteTier._PASS:
+            raise AttributeError(f"RemoteTier does not pass {name!r} to the core (an id-taking "
+                                 "method needs its translation)")
         return getattr(self._core, name)
 
     def offload_many(self, items: list[tuple[int, int, float, int]], stream: int,
