@@ -542,3 +542,30 @@ def test_a_huge_ledger_file_is_refused_without_reading_it(ledger_path):
     e = _typed(info, LedgerError)
     assert e.reason == "corrupt" and "more than a ledger can be" in str(e)
     assert os.path.getsize(ledger_path) == 1 << 30
+
+
+# -- batch arguments and flags -------------------------------------------------------------------
+@pytest.mark.parametrize("call", ["offload_many", "fetch_many", "prefetch_many"])
+@pytest.mark.parametrize("value", [None, 5, 1.5, "ab", torch.ones(3), np.ones(3)],
+                         ids=lambda v: type(v).__name__)
+def test_a_batch_that_is_no_list_is_typed(call, value):
+    m = aq.OffloadManager("cpu", peers=None, host_bytes="1MiB")
+    try:
+        with pytest.raises(InvalidArgumentError, match="list of tensors or handles"):
+            getattr(m, call)(value)
+        assert m.stats()["live_handles"] == 0
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("release", ["no", 0, 1, None, 1.0])
+def test_release_is_a_bool(release):
+    m = aq.OffloadManager("cpu", peers=None, host_bytes="1MiB")
+    t = torch.arange(1.0, 9.0)
+    try:
+        with pytest.raises(InvalidArgumentError, match="release must be True or False"):
+            m.offload(t, release=release)
+        assert not aq.is_offloaded(t) and m.stats()["live_handles"] == 0
+        assert torch.equal(m.fetch(m.offload(t, release=np.bool_(False))), t)  # numpy's bool
+    finally:
+        m.close()

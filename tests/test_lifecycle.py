@@ -371,6 +371,18 @@ def test_handles_refuse_copies(manager, backend, how):
     assert same_bytes(manager.fetch(h), ref)
 
 
+@pytest.mark.parametrize("make", [lambda n: torch.arange(n, dtype=torch.float64),
+                                  lambda n: torch._neg_view(torch.arange(n, dtype=torch.float32))],
+                         ids=["other dtype", "negated view"])
+def test_an_extension_of_another_dtype_or_a_negated_view_is_refused(manager, backend, make):
+    base = manager.offload(torch.arange(16, dtype=torch.float32).to(backend.device),
+                           release=False)
+    with pytest.raises(aq.InvalidArgumentError, match="base"):
+        manager.offload(make(20).to(backend.device), release=False, base=base)
+    assert base.state in ("offloaded", "in_flight")  # untouched: still a base
+    assert torch.equal(manager.fetch(base).cpu(), torch.arange(16, dtype=torch.float32))
+
+
 def test_a_transposed_view_cannot_extend_a_base(manager, backend):
     t = backend.tensor((16, 16))
     h = manager.offload(t, release=False)
@@ -395,8 +407,10 @@ def test_a_dlpack_export_is_refused_for_release_but_snapshots_work():
     m.close()
 
 
-@pytest.mark.parametrize("make", [lambda t: t.numpy(), lambda t: t.share_memory_()],
-                         ids=["numpy", "share_memory"])
+@pytest.mark.parametrize("make", [lambda t: t.numpy(), lambda t: t.share_memory_(),
+                                  lambda t: torch.from_dlpack(torch.to_dlpack(t)),
+                                  lambda t: torch.utils.dlpack.to_dlpack(t)],
+                         ids=["numpy", "share_memory", "torch.to_dlpack", "utils.to_dlpack"])
 def test_aliased_or_shared_storages_are_refused_for_release(make):
     m = aq.OffloadManager("cpu", peers=None, host_bytes="4MiB")
     t = torch.arange(100, dtype=torch.float32)
@@ -405,6 +419,31 @@ def test_aliased_or_shared_storages_are_refused_for_release(make):
         m.offload(t)
     assert not aq.is_offloaded(t) and keep is not None
     m.close()
+
+
+def test_a_paged_out_tensor_prints_safely_and_is_never_exported_or_saved(manager, backend):
+    """Printing reads the data with dispatch modes off (the guard cannot see it): it was a
+    segfault. An export or a pickle would hand out freed memory or save 0 bytes as the data."""
+    import io
+    import pickle
+
+    import numpy as np
+
+    t = backend.tensor((1000,))
+    ref = t.clone()
+    h = manager.offload(t)
+    manager.synchronize()
+    assert "paged out by aqua_offload" in repr(t) and "(1000,)" in str(t)
+    exports = [lambda: pickle.dumps(t), lambda: torch.save(t, io.BytesIO()),
+               lambda: torch.to_dlpack(t), lambda: t.__dlpack__()]
+    if not backend.cuda:
+        exports.append(lambda: np.from_dlpack(t))
+    for export in exports:
+        with pytest.raises(aq.PagedOutError):
+            export()
+    manager.fetch(h)
+    assert same_bytes(t, ref) and "paged out" not in repr(t)
+    assert same_bytes(pickle.loads(pickle.dumps(t)), ref)
 
 
 def test_a_quantized_tensor_is_refused_as_quantized(manager):

@@ -65,7 +65,7 @@ def test_preemptive_flags():
 # -- input validation, every policy -------------------------------------------------------------
 @pytest.mark.parametrize("cls", ALL)
 @pytest.mark.parametrize("weight", [0, 0.0, -1, -0.5, float("nan"), float("inf"), float("-inf"),
-                                    True, False, "1", None, [1]])
+                                    True, False, "1", None, [1], 1e-320, 5e-324])
 def test_bad_weight(cls, weight):
     p = cls()
     with pytest.raises(aq.InvalidArgumentError, match="weight"):

@@ -304,10 +304,20 @@ def _table_module():
     return mod
 
 
+_aliases: list = []  # the aliases stay alive: an export is refused while its alias can write
+
+
+def _exported(t):
+    _aliases.append(np.from_dlpack(t))
+    return t
+
+
 UNPAGEABLE = {
     "numpy": (lambda: torch.from_numpy(np.ones(16, dtype=np.float32)), "from_numpy"),
     "dlpack": (lambda: torch.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(torch.ones(4))),
                "not owned by torch's allocator"),
+    "shared": (lambda: torch.ones(16).share_memory_(), "shared with other processes"),
+    "exported": (lambda: _exported(torch.ones(16)), "exported through DLPack"),
     "quantized": (_quantized, "quantized"),
     "nested": (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]), "nested"),
     "jagged": (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)],

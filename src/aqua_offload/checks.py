@@ -4,19 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import arrays, storage
 from .errors import InvalidArgumentError
 from .handle import Handle
 
-__all__ = ["check_offload", "check_tensor", "check_out", "check_base"]
+__all__ = ["as_list", "check_offload", "check_tensor", "check_out", "check_base"]
+
+
+def as_list(items: Any, what: str) -> list[Any]:
+    """A batch argument as a list: any iterable but a tensor, an array, a string or None."""
+    if items is None or isinstance(items, (str, bytes, torch.Tensor)) or arrays.is_array(items):
+        raise InvalidArgumentError(f"{what} expects a list of tensors or handles, got "
+                                   f"{type(items).__name__} (wrap a single one in a list)")
+    try:
+        return list(items)
+    except TypeError:
+        raise InvalidArgumentError(f"{what} expects a list of tensors or handles, got "
+                                   f"{type(items).__name__}") from None
 
 
 def check_offload(tensors: list[Any], release: bool, fence: str, device: torch.device,
                   what: str) -> list[Any]:
     """Check an offload batch before anything changes; arrays are replaced in ``tensors`` by
     their bytes (:mod:`aqua_offload.arrays`), and their specs returned (None for tensors)."""
+    if not isinstance(release, (bool, np.bool_)):
+        raise InvalidArgumentError(f"{what}: release must be True or False, got {release!r}")
     if fence not in ("now", "deferred"):
         raise InvalidArgumentError(f"{what}: fence must be 'now' or 'deferred', got {fence!r}")
     if fence == "deferred" and release:
@@ -75,6 +90,13 @@ def check_base(base: Handle, tensor: torch.Tensor) -> Handle:
                                    "fetch or free it first")
     if base._array is not None:
         raise InvalidArgumentError("offload(base=): an array snapshot cannot be a base")
+    if tensor.dtype != base.dtype or tensor.is_neg() or tensor.is_conj():
+        # Bytes of another type (or a view whose values are not its bytes) are no extension
+        # of the base's values: the copy would be wrong data.
+        raise InvalidArgumentError(
+            f"offload(base=): the tensor is {tensor.dtype}"
+            f"{' (a negated or conjugated view)' if tensor.is_neg() or tensor.is_conj() else ''}"
+            f", the base {base.dtype}; an extension has the base's dtype and plain values")
     if not tensor.is_contiguous():
         # A view whose logical order is not its memory order (a transpose, a strided slice)
         # is the usual way to pass bytes that are not the base's prefix: wrong data, so no.

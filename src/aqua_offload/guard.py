@@ -5,8 +5,12 @@ A TorchDispatchMode is thread-local: entered in one thread, it guards that threa
 process-wide switch (``debug_guard(all_threads=True)``, or ``AQUA_OFFLOAD_DEBUG_GUARD=1`` in the
 environment at import) enters a guard in the calling thread and asks every thread started
 afterwards to enter one first (``threading.setprofile``: a profile function that enters the
-guard on the thread's first event and removes itself). Threads already running are not reached:
-turn it on before starting workers.
+guard on the thread's first event and removes itself). On Python >= 3.12 threads already
+running are reached too (``threading.setprofile_all_threads``: each enters the guard at its next
+Python event, e.g. a pool worker when it picks up its next task); on older Pythons they are not,
+so turn it on before starting workers (or set the environment variable). Threads started with
+the low-level ``_thread`` module are only reached if they run when the switch is turned on (3.12+).
+A thread guarded this way stays guarded for the rest of its life.
 """
 
 from __future__ import annotations
@@ -59,12 +63,18 @@ class debug_guard(TorchDispatchMode):
     def __enter__(self) -> "debug_guard":
         if self.all_threads:
             self._previous_profile = threading.getprofile()
+            _guarded.add(threading.get_ident())  # this thread enters below, not by the hook
             threading.setprofile(_enter_in_new_thread)
+            if hasattr(threading, "setprofile_all_threads"):  # 3.12+: running threads too
+                threading.setprofile_all_threads(_enter_in_new_thread)
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> Any:
         if self.all_threads:
             threading.setprofile(self._previous_profile)
+            if hasattr(threading, "setprofile_all_threads"):  # threads not reached yet: no more
+                threading.setprofile_all_threads(self._previous_profile)
+            _guarded.discard(threading.get_ident())
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -91,10 +101,14 @@ class debug_guard(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+_guarded: set[int] = set()  # threads that entered an all_threads guard themselves
+
+
 def _enter_in_new_thread(frame: Any, event: str, arg: Any) -> None:
-    """A new thread's first profile event: guard it for the rest of its life."""
+    """A thread's first profile event under the switch: guard it for the rest of its life."""
     sys.setprofile(None)
-    debug_guard().__enter__()
+    if threading.get_ident() not in _guarded:
+        debug_guard().__enter__()
 
 
 def _written(func: Any, args: Any, kwargs: Any) -> list[torch.Tensor]:

@@ -46,7 +46,7 @@ from .errors import (ClosedError, InvalidArgumentError, InvalidHandleError,
                      RemoteLostError)
 from .handle import Handle, check_priority as _check_priority
 from .calls import CallGate
-from .checks import check_base, check_offload, check_out
+from .checks import as_list, check_base, check_offload, check_out
 from .holders import HolderWatch
 from .peer_budget import peer_pools
 from .sizes import parse_size
@@ -213,7 +213,7 @@ class OffloadManager:
         one batched submission per tier, so many small tensors cost about one copy of their
         total size. All or nothing: on an error (or an interrupt) nothing is offloaded.
         ``release``, ``priority`` and ``fence`` as for :meth:`offload`."""
-        tensors = list(tensors)
+        tensors = as_list(tensors, "offload_many")
         return self._offload(tensors, release, priority, [None] * len(tensors), fence,
                              "offload_many")
 
@@ -285,7 +285,7 @@ class OffloadManager:
         tier). All handles (and ``outs``, one per handle, ``None`` or a tensor as for
         ``fetch(out=)``, snapshots only) are checked before any is fetched; all or nothing,
         also when interrupted. ``keep`` as for :meth:`fetch`, for every handle."""
-        handles = list(handles)
+        handles = as_list(handles, "fetch_many")
         return self._fetch(handles, [None] * len(handles) if outs is None else list(outs), keep,
                            "fetch_many")
 
@@ -338,7 +338,7 @@ class OffloadManager:
     def prefetch_many(self, handles: Iterable[Handle | torch.Tensor]) -> list[Handle]:
         """:meth:`prefetch` every handle in one call into the core (all are checked first);
         already prefetched ones are left as they are."""
-        with self._gate.call("prefetch"), self._claim(list(handles), "prefetch") as handles:
+        with self._gate.call("prefetch"), self._claim(as_list(handles, "prefetch_many"), "prefetch") as handles:
             prefetching.start(self, handles)
             return handles
 

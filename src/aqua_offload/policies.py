@@ -220,10 +220,16 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
+MIN_WEIGHT = 1e-12  # run time / weight stays finite (1e-320 made it inf: every such task tied)
+
+
 def _check_weight(weight: Any) -> float:
     w = _as_float(weight)
     if w is None or not 0 < w < math.inf:
         raise InvalidArgumentError(f"weight must be a positive finite number, got {weight!r}")
+    if w < MIN_WEIGHT:
+        raise InvalidArgumentError(f"weight must be at least {MIN_WEIGHT:g} (a virtual runtime "
+                                   f"of run time / weight must stay finite), got {weight!r}")
     return w
 
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, PagedOutError
 
 if TYPE_CHECKING:
     from .handle import Handle
@@ -188,22 +188,27 @@ def discard(key: int, expected: Any) -> None:
     del entry
 
 
-def check_sole_owner(t: torch.Tensor, what: str) -> None:
-    """Refuse a storage that other owners can reach (Note [In-place paging])."""
+def not_sole_owner(t: torch.Tensor) -> str | None:
+    """Why other owners can reach ``t``'s storage (Note [In-place paging]), or None."""
     s = t.untyped_storage()
     if not s.resizable():
-        raise InvalidArgumentError(
-            f"{what}: this storage is not owned by torch's allocator alone (made by "
-            "torch.from_numpy, from_dlpack or from a buffer, or exposed by tensor.numpy()), so "
-            "it cannot be paged out in place; use release=False")
+        return ("this storage is not owned by torch's allocator alone (made by "
+                "torch.from_numpy, from_dlpack or from a buffer, or exposed by tensor.numpy()), "
+                "so it cannot be paged out in place")
     if s.is_shared():
-        raise InvalidArgumentError(
-            f"{what}: this storage is shared with other processes (share_memory_() or a file "
-            "mapping): paging it out would hide their writes; use release=False")
+        return ("this storage is shared with other processes (share_memory_() or a file "
+                "mapping): paging it out would hide their writes")
     if int(s._cdata) in _exported:
-        raise InvalidArgumentError(
-            f"{what}: this storage was exported through DLPack or __cuda_array_interface__ "
-            "(numpy, CuPy, JAX...): the alias would write into freed memory; use release=False")
+        return ("this storage was exported through DLPack or __cuda_array_interface__ "
+                "(numpy, CuPy, JAX...): the alias would write into freed memory")
+    return None
+
+
+def check_sole_owner(t: torch.Tensor, what: str) -> None:
+    """Refuse a storage that other owners can reach (Note [In-place paging])."""
+    why = not_sole_owner(t)
+    if why is not None:
+        raise InvalidArgumentError(f"{what}: {why}; use release=False")
 
 
 # Note [Exported storages]
@@ -228,12 +233,29 @@ def _mark_exported(t: torch.Tensor) -> None:
         weakref.finalize(storage, _exported.discard, key)
 
 
+def _refuse_unsafe(t: Any, what: str) -> None:
+    """Note [Never exported while paged out]."""
+    if isinstance(t, torch.Tensor) and any_offloaded():
+        unsafe = unsafe_to_touch(t)
+        if unsafe is not None:
+            raise PagedOutError(f"{what} of a tensor of shape {tuple(t.shape)} whose storage is "
+                                f"{unsafe}: it would expose freed memory (or save nothing); "
+                                "fetch its handle first (aqua_offload.fetch)")
+
+
 def _wrap_exports() -> None:
+    # Note [Never exported while paged out]
+    # Beyond remembering exports (Note [Exported storages]), the same wrappers refuse to export a
+    # paged-out or discarded storage (an alias of freed memory), pickling and torch.save refuse
+    # it (they would save 0 bytes as if they were the data), and repr() shows what it is
+    # instead of reading freed memory: torch's printing turns dispatch modes off, so
+    # debug_guard cannot see it, and a print of a paged-out tensor was a segfault.
     if getattr(torch.Tensor.__dlpack__, "_aqua_wrapped", False):
         return
     dlpack = torch.Tensor.__dlpack__
 
     def __dlpack__(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        _refuse_unsafe(self, "a DLPack export")
         _mark_exported(self)
         return dlpack(self, *args, **kwargs)
 
@@ -245,6 +267,7 @@ def _wrap_exports() -> None:
         getter = cai.fget
 
         def interface(self: torch.Tensor) -> Any:
+            _refuse_unsafe(self, "__cuda_array_interface__")
             _mark_exported(self)
             return getter(self)
 
@@ -254,10 +277,32 @@ def _wrap_exports() -> None:
     to_dlpack = tud.to_dlpack
 
     def wrapped_to_dlpack(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        _refuse_unsafe(tensor, "a DLPack export")
         _mark_exported(tensor)
         return to_dlpack(tensor, *args, **kwargs)
 
+    wrapped_to_dlpack.__doc__ = to_dlpack.__doc__
     tud.to_dlpack = wrapped_to_dlpack
+    if getattr(torch, "to_dlpack", None) is to_dlpack:  # the same function, re-exported
+        torch.to_dlpack = wrapped_to_dlpack
+    reduce_ex = torch.Tensor.__reduce_ex__
+
+    def __reduce_ex__(self: torch.Tensor, protocol: Any) -> Any:
+        _refuse_unsafe(self, "pickling (or torch.save)")
+        return reduce_ex(self, protocol)
+
+    torch.Tensor.__reduce_ex__ = __reduce_ex__  # type: ignore[method-assign]
+    tensor_repr = torch.Tensor.__repr__
+
+    def __repr__(self: torch.Tensor, *args: Any, **kwargs: Any) -> str:
+        if any_offloaded():
+            unsafe = unsafe_to_touch(self)
+            if unsafe is not None:
+                return (f"tensor(<{unsafe} by aqua_offload>, shape={tuple(self.shape)}, "
+                        f"dtype={self.dtype}, device={self.device})")
+        return tensor_repr(self, *args, **kwargs)
+
+    torch.Tensor.__repr__ = __repr__  # type: ignore[method-assign]
 
 
 _wrap_exports()

@@ -53,7 +53,7 @@ from .manager import OffloadManager
 from .policies import SchedulingPolicy, _as_float, _check_weight, make_policy
 from .sizes import parse_size
 from .state import Path, collect_tensor_paths, collect_tensors, format_path, walk_tensors
-from .storage import is_offloaded
+from .storage import is_offloaded, not_sole_owner
 
 __all__ = ["TimeSlicer", "Slice", "SlicerClosedError", "SharedStateError",
            "UnpageableStateError"]
@@ -524,7 +524,6 @@ def _unpageable_reason(t: torch.Tensor) -> str | None:
         st = t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError) as exc:  # tensor subclasses
         return f"it has no storage of its own ({type(t).__name__}: {exc})"
-    if not st.resizable() and st.nbytes() > 0:
-        return ("its storage is not owned by torch's allocator (e.g. made by torch.from_numpy, "
-                "from DLPack or from a buffer), so it cannot be released in place")
+    if st.nbytes() > 0:  # (an empty storage is never paged)
+        return not_sole_owner(t)
     return None
