@@ -50,6 +50,8 @@ def test_arrays_are_snapshots_only_and_object_arrays_are_refused(manager):
         manager.offload(np.zeros(3))
     with pytest.raises(aq.InvalidArgumentError, match="object"):
         manager.offload(np.array([object()]), release=False)
+    with pytest.raises(aq.InvalidArgumentError, match="masked"):  # the mask would be lost
+        manager.offload(np.ma.masked_array(np.arange(1.0, 4.0), mask=[0, 1, 0]), release=False)
     assert manager.stats()["offloads"] == 0
 
 

@@ -62,6 +62,9 @@ def to_bytes(obj: Any, device: torch.device, what: str) -> tuple[torch.Tensor, A
     if hasattr(obj, "__array_interface__"):
         import numpy as np
 
+        if isinstance(obj, np.ma.MaskedArray):  # asarray would drop the mask: data lost
+            raise InvalidArgumentError(f"{what}: a masked array; offload its .data and .mask "
+                                       "(np.ma.getmaskarray) as two arrays")
         a = np.asarray(obj)
         if a.dtype.hasobject:
             raise InvalidArgumentError(f"{what}: object arrays hold pointers, not data")
