@@ -371,14 +371,12 @@ def test_handles_refuse_copies(manager, backend, how):
     assert same_bytes(manager.fetch(h), ref)
 
 
-@pytest.mark.parametrize("make", [lambda n: torch.arange(n, dtype=torch.float64),
-                                  lambda n: torch._neg_view(torch.arange(n, dtype=torch.float32))],
-                         ids=["other dtype", "negated view"])
-def test_an_extension_of_another_dtype_or_a_negated_view_is_refused(manager, backend, make):
+def test_a_negated_view_cannot_extend_a_base(manager, backend):
     base = manager.offload(torch.arange(16, dtype=torch.float32).to(backend.device),
                            release=False)
-    with pytest.raises(aq.InvalidArgumentError, match="base"):
-        manager.offload(make(20).to(backend.device), release=False, base=base)
+    longer = torch._neg_view(torch.arange(20, dtype=torch.float32).to(backend.device))
+    with pytest.raises(aq.InvalidArgumentError, match="negated"):
+        manager.offload(longer, release=False, base=base)
     assert base.state in ("offloaded", "in_flight")  # untouched: still a base
     assert torch.equal(manager.fetch(base).cpu(), torch.arange(16, dtype=torch.float32))
 

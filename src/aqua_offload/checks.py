@@ -90,13 +90,13 @@ def check_base(base: Handle, tensor: torch.Tensor) -> Handle:
                                    "fetch or free it first")
     if base._array is not None:
         raise InvalidArgumentError("offload(base=): an array snapshot cannot be a base")
-    if tensor.dtype != base.dtype or tensor.is_neg() or tensor.is_conj():
-        # Bytes of another type (or a view whose values are not its bytes) are no extension
-        # of the base's values: the copy would be wrong data.
+    if tensor.is_neg() or tensor.is_conj():
+        # A lazily negated/conjugated view: its values are not its bytes, so the bytes kept by
+        # the base and the values copied now would not line up. (Another dtype is fine: the
+        # contract is on bytes, e.g. a uint8 view of the same append-only buffer.)
         raise InvalidArgumentError(
-            f"offload(base=): the tensor is {tensor.dtype}"
-            f"{' (a negated or conjugated view)' if tensor.is_neg() or tensor.is_conj() else ''}"
-            f", the base {base.dtype}; an extension has the base's dtype and plain values")
+            "offload(base=): the tensor is a negated or conjugated view, whose values are not "
+            "its bytes; extend with t.resolve_neg() / t.resolve_conj()")
     if not tensor.is_contiguous():
         # A view whose logical order is not its memory order (a transpose, a strided slice)
         # is the usual way to pass bytes that are not the base's prefix: wrong data, so no.

@@ -42,8 +42,7 @@ import torch
 from . import _core, claims, orphans, paging, prefetching, snapshots, storage
 from .devices import (DeviceLike, current_stream, external_stream, parse_peer, record_stream,
                       resolve_device)
-from .errors import (ClosedError, InvalidArgumentError, InvalidHandleError,
-                     RemoteLostError)
+from .errors import InvalidArgumentError, InvalidHandleError, RemoteLostError
 from .handle import Handle, check_priority as _check_priority
 from .calls import CallGate
 from .checks import as_list, check_base, check_offload, check_out
@@ -460,8 +459,12 @@ class OffloadManager:
             migrations, batch paths, lending and reclaim latency, ``prefetched_bytes``,
             ``peer_budgets``, ``closed``. Sizes in bytes. After ``close()`` the tiers are empty.
         """
-        if self._gate.foreign():  # (its locks may be held by threads the child lacks)
-            raise ClosedError(f"stats: this OffloadManager belongs to process {self._gate.pid}")
+        if self._gate.foreign():  # a forked child: closed to it, and no lock of the parent's
+            s = {"backend": self._store.backend, "device": str(self.device), "closed": True,
+                 "forked_child": True, "policy": self.policy, "tiers": [], "live_handles": 0}
+            if self._lending is not None:
+                s["lending"] = self._lending.stats()  # "detached"
+            return s
         if not self._gate.closed:
             self._holders.reap()  # drops finished holders
             orphans.free(self)
