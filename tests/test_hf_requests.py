@@ -117,8 +117,9 @@ def test_factory_returning_one_cache_twice_is_refused(manager):
     reqs = [hf_models.prompts(1, 5, seed=8), hf_models.prompts(1, 4, seed=9)]
     with pytest.raises(aq.InvalidArgumentError, match="new cache per call"):
         many(model, reqs, manager, policy="fcfs", cache_factory=lambda: one)
-    # the request that got the cache first ran alone in it: its tokens are right
-    assert one.get_seq_length() == 5 + NEW - 1
+    # whichever request got the cache first ran alone in it (prompts of 5 and 4 tokens): the
+    # other was refused, before or after the first finished
+    assert one.get_seq_length() in (5 + NEW - 1, 4 + NEW - 1)
 
 
 @pytest.mark.parametrize("key", ["cache", "past_key_values"])

@@ -178,10 +178,8 @@ def generate_many(model: Any, inputs: Sequence[torch.Tensor | Mapping[str, Any]]
             for c in parts:
                 live[id(c)] = i
 
-    def release(kv: Any) -> None:
-        with live_lock:
-            for c in request_caches(kv):
-                live.pop(id(c), None)
+    made_caches: list[Any] = []  # claimed until the call returns (and their ids not reused):
+    # a factory handing out one cache twice is refused even after the first request finished
 
     for i, (_, kv) in enumerate(requests):
         if kv is not None:
@@ -198,6 +196,7 @@ def generate_many(model: Any, inputs: Sequence[torch.Tensor | Mapping[str, Any]]
             if made:
                 kv = make_cache()
                 claim(i, kv)
+                made_caches.append(kv)
             rng = RngState(seeds[i], model.device) if seeds[i] is not None else None
             try:
                 with slicer.slice(state=kv, name=names[i], weight=weights[i]) as s:
@@ -210,7 +209,6 @@ def generate_many(model: Any, inputs: Sequence[torch.Tensor | Mapping[str, Any]]
                     out = model.generate(**call)
             finally:  # a made OffloadedCache gives its tier memory back, also on failure
                 if made and kv is not None:
-                    release(kv)
                     for c in request_caches(kv):
                         close = getattr(c, "close", None)
                         if callable(close):

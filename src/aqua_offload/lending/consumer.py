@@ -247,10 +247,12 @@ class Consumer:
             serve = time.monotonic() - t
             self._held[key] -= freed  # freed now, whatever happens to the ledger
             self._owed[key] += freed  # until the ledger records it
+            # Taken before the charge commits: the producer may see the commit and return
+            # before this thread runs again, and its own latency must not be the shorter one.
+            done = time.monotonic() - asked_at
             with self._ledger.transaction() as st:
                 st.charge(self.id, key, freed)
             self._owed[key] -= freed
-            done = time.monotonic() - asked_at
             s = self._stats
             s["reclaims"] += 1
             s["bytes_returned"] += freed
