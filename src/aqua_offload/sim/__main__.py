@@ -237,13 +237,19 @@ def _sweep(args: argparse.Namespace) -> int:
         base = dataclasses.replace(base, quantum_s=args.quantum_ms / 1e3)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     doc = run_sweep(grid, base, jobs=args.jobs, progress=progress)
+    return _emit(args, doc, format_sweep, write_heatmaps)
+
+
+def _emit(args: argparse.Namespace, doc: dict, text: Any, plot: Any) -> int:
+    """Print ``doc`` as ``text(doc)`` (unless JSON goes to stdout), write ``--json`` and
+    ``--plot``; 2 when a file cannot be written."""
     if not _stdout_json(args):
-        print(format_sweep(doc))
+        print(text(doc))
     try:
         if args.json is not None:
             _write_json(args, doc)
         if args.plot is not None:
-            write_heatmaps(args.plot, doc)
+            plot(args.plot, doc)
             if not _stdout_json(args):
                 print(f"wrote {args.plot}")
     except OSError as exc:
@@ -256,19 +262,7 @@ def _place(args: argparse.Namespace) -> int:
     from .placer import format_placement, load_problem, place_and_simulate, write_place_plot
     problem = load_problem(args.spec)
     doc = place_and_simulate(problem, seed=args.seed)
-    if not _stdout_json(args):
-        print(format_placement(doc))
-    try:
-        if args.json is not None:
-            _write_json(args, doc)
-        if args.plot is not None:
-            write_place_plot(args.plot, doc)
-            if not _stdout_json(args):
-                print(f"wrote {args.plot}")
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return _emit(args, doc, format_placement, write_place_plot)
 
 
 def _long_decode(args: argparse.Namespace) -> int:
