@@ -98,7 +98,18 @@ def test_leftover_handles_say_they_are_closed(backend):
 # A tracer raises KeyboardInterrupt at the n-th line executed inside aqua_offload, for every n
 # until a call completes untouched. Each sweep runs in its own process with a hard timeout, so a
 # hang (close() waiting on a call that never ends) is a failure, not a stuck suite.
-_INTERRUPT = """
+_TRACED = """
+    import sys
+    def traced(fn, tracer):
+        sys.settrace(tracer)
+        try:
+            fn()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+"""
+_INTERRUPT = _TRACED + """
     import gc, sys
     class Interrupt:
         def __init__(self, n):
@@ -114,13 +125,7 @@ _INTERRUPT = """
             return self.local
     def interrupted(fn, n):
         tracer = Interrupt(n)
-        sys.settrace(tracer)
-        try:
-            fn()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
+        traced(fn, tracer)
         return tracer.fired
     m = aq.OffloadManager("cpu", peers=[1], peer_bytes="4MiB", host_bytes="16MiB")
     result.update(mixed=[], wrong=[], leaked=[], reused=[], sweeps=0)
@@ -171,9 +176,7 @@ def test_an_interrupt_anywhere_in_a_batch_is_all_or_nothing(step):
     assert result["reused"] == []
 
 
-_INTERRUPT_CLOSE = """
-    import gc, sys
-""" + _INTERRUPT.split("    m = aq.OffloadManager")[0].split("import gc, sys")[1] + """
+_INTERRUPT_CLOSE = _INTERRUPT.split("    m = aq.OffloadManager")[0] + """
     result.update(wrong=[], sweeps=0)
     for n in range(5000):
         m = aq.OffloadManager("cpu", peers=[1], peer_bytes="4MiB", host_bytes="16MiB")
@@ -200,7 +203,7 @@ def test_an_interrupt_anywhere_in_close_leaves_it_completable():
 
 # Interrupts at chosen points (each in its own process): where a handle is made, where a call's
 # token dies, inside free() and inside a dropped handle's finalizer.
-_AT = """
+_AT = _TRACED + """
     import gc, sys, threading
     def at(code_name, fn, event="return", file=None):
         fired = []
@@ -216,13 +219,7 @@ _AT = """
                     fired.append(1); raise KeyboardInterrupt
                 return local
             return local
-        sys.settrace(tracer)
-        try:
-            fn()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
+        traced(fn, tracer)
         return bool(fired)
     m = aq.OffloadManager("cpu", peers=[1], peer_bytes="1MiB", host_bytes="4MiB")
 """
