@@ -9,9 +9,10 @@ admission control or under the *same* policy classes as :class:`aqua_offload.Tim
 >>> from aqua_offload.sim import load_scenario, run_scenario
 >>> results = run_scenario(load_scenario("paper-burst"))
 
-Command line: ``python -m aqua_offload.sim [SCENARIO|validate|sweep|place] [--json [F]]
-[--plot F]``: a scenario, the validation against the real slicer, the regime map
-(:mod:`~aqua_offload.sim.sweep`) or the placer (:mod:`~aqua_offload.sim.placer`).
+Command line: ``python -m aqua_offload.sim [SCENARIO|validate|sweep|place|long-decode]
+[--json [F]] [--plot F]``: a scenario, the validation against the real slicer, the regime map
+(:mod:`~aqua_offload.sim.sweep`), the placer (:mod:`~aqua_offload.sim.placer`) or offloaded
+decoding of one long prompt (:mod:`~aqua_offload.sim.offloaded_decode`).
 ``import aqua_offload`` does not import this package; it imports no torch of its own and
 matplotlib only to plot. See docs/simulation.md.
 """
@@ -29,6 +30,7 @@ from .simulate import RunResult, configurations, percentile, run_scenario, simul
 from .trace import TraceError, TraceRequest, burst_trace, load_csv_trace, poisson_trace
 from .sweep import DEFAULT_GRID, QUICK_GRID, SweepBase, SweepGrid, run_sweep
 from .placer import PlacementError, PlacementProblem, load_problem, naive_placement, place
+from .offloaded_decode import LongDecodeCase, LongDecodeResult, long_decode, paper_case
 
 __all__ = [
     "Event", "EventEngine", "Channel", "Network", "Transfer",
@@ -40,4 +42,5 @@ __all__ = [
     "TraceRequest", "TraceError", "burst_trace", "poisson_trace", "load_csv_trace",
     "SweepBase", "SweepGrid", "QUICK_GRID", "DEFAULT_GRID", "run_sweep",
     "PlacementError", "PlacementProblem", "load_problem", "naive_placement", "place",
+    "LongDecodeCase", "LongDecodeResult", "long_decode", "paper_case",
 ]
