@@ -7,9 +7,11 @@ Note [Remote reclaim]
     blocks, and for handles another call is using (Note [Remote locks] in tier.py), then reads
     the handles' bytes once into a local buffer and moves them: into the core as one batch,
     else each that fits; the rest to other lenders, together, else one by one. A prefetched
-    handle just gives its block up (its prefetch buffer holds the bytes). If some find no
-    room anywhere, the blocks already moved are given back here and the rest refused: the
-    lender waits until they are fetched or freed. Nothing is lost either way.
+    handle just gives its block up (its prefetch buffer holds the bytes). A packed block
+    (Note [Packed blocks] in packing.py) holds several handles: all of them move. If some
+    find no room anywhere, the blocks all of whose handles moved are given back here and the
+    rest refused: the lender waits until they are fetched or freed. Nothing is lost either
+    way.
 """
 
 from __future__ import annotations
@@ -64,13 +66,13 @@ def _migrate(t: "RemoteTier", client: int, ids: list[int], wanted: set[int]) -> 
         moving = [(h, t._remote[h]) for h in ids if h in t._remote
                   and t._remote[h].block is not None
                   and t._remote[h].block.id in wanted]
-    done: list[RemoteBlock] = []  # blocks whose bytes are safe elsewhere now
+    done: list[RemoteBlock] = []  # blocks no handle uses any more (all moved)
     with t._lock:
         for _, r in moving:
             if r.prefetched:  # its prefetch buffer holds the bytes: give the block up
-                done.append(r.block)  # type: ignore[arg-type]
+                done.extend(t._packs.drop(client, [r.block]))  # type: ignore[list-item]
                 r.block = None
-        t._stats["reclaimed_handles"] += len(done)
+                t._stats["reclaimed_handles"] += 1
     moving = [(h, r) for h, r in moving if r.block is not None]
     left: list[tuple[int, _Remote, int]] = []
     if moving:
@@ -79,7 +81,8 @@ def _migrate(t: "RemoteTier", client: int, ids: list[int], wanted: set[int]) -> 
         ptrs = itertools.accumulate([r.nbytes for _, r in moving], initial=buf.data_ptr())
         group = [(h, r, p) for (h, r), p in zip(moving, ptrs)]
         stream = current_stream(t.device)
-        t._stage.read_into([(r.client, r.block, r.nbytes, p) for _, r, p in group], stream)
+        t._stage.read_into([(r.client, r.block, r.offset, r.nbytes, p) for _, r, p in group],
+                           stream)
         left = _to_core(t, group, stream, done)
         if left:
             left = _to_lenders(t, client, left, stream, done)
@@ -110,7 +113,7 @@ def _to_core(t: "RemoteTier", group: list[tuple[int, _Remote, int]], stream: int
                     del t._remote[h]
                     t._alias[h] = cid
                     t._lru[h] = None
-                    done.append(r.block)  # type: ignore[arg-type]
+                    done.extend(t._packs.drop(r.client, [r.block]))  # type: ignore[list-item]
                 t._stats["reclaimed_handles"] += len(batch)
         t._stage.sync()
         left = [x for x in left if x not in batch]
@@ -128,21 +131,21 @@ def _to_lenders(t: "RemoteTier", client: int, group: list[tuple[int, _Remote, in
         if not all(x in left for x in batch):
             continue
         try:
-            other, blocks = t._place([r.nbytes for _, r, _ in batch], avoid=client)
+            other, blocks, where = t._place([r.nbytes for _, r, _ in batch], avoid=client)
         except OutOfMemoryError:
             continue
         try:
-            t._stage.write_from(other, [(b, p, r.nbytes) for b, (_, r, p)
-                                        in zip(blocks, batch)], stream)
+            t._stage.write_from(other, [(b, off, p, r.nbytes) for (b, off), (_, r, p)
+                                        in zip(where, batch)], stream)
         except BaseException:
-            t._free_blocks(other, blocks)
+            t._discard(other, blocks)
             raise
         from .tier import _Remote  # (tier.py imports this module)
 
         with t._lock:
-            for (h, r, _), b in zip(batch, blocks):
-                t._remote[h] = _Remote(other, b, r.nbytes, r.priority)
-                done.append(r.block)  # type: ignore[arg-type]
+            for (h, r, _), (b, off) in zip(batch, where):
+                t._remote[h] = _Remote(other, b, r.nbytes, r.priority, off)
+                done.extend(t._packs.drop(client, [r.block]))  # type: ignore[list-item]
             t._stats["reclaimed_handles"] += len(batch)
         t._settled(other, blocks)
         left = [x for x in left if x not in batch]

@@ -10,6 +10,9 @@ Note [Staging]
     pieces. The lock is held for one round, a transfer under the client's deadline included.
     Copies in and out release the GIL (ctypes' memmove on emulation, the core's copy on CUDA,
     followed by a device synchronize: NIXL must not touch the buffer before the copy ended).
+    Within a round, items that are contiguous both in the buffer and in one block (the
+    handles of a packed batch, Note [Packed blocks] in packing.py) are merged into one NIXL
+    descriptor.
 """
 
 from __future__ import annotations
@@ -23,7 +26,22 @@ import torch
 from .client import RemoteClient
 from .items import RemoteBlock
 
-__all__ = ["Staging"]
+__all__ = ["Staging", "merge"]
+
+
+def merge(items: list[tuple[tuple[Any, int], RemoteBlock, int, int]]
+          ) -> list[tuple[tuple[Any, int], RemoteBlock, int, int]]:
+    """Transfer items ``((region, local offset), block, block offset, bytes)`` with each run
+    of items contiguous on both sides (same region, same block) merged into one."""
+    out: list[tuple[tuple[Any, int], RemoteBlock, int, int]] = []
+    for (region, off), b, boff, n in items:
+        if out:
+            (pr, poff), pb, pboff, pn = out[-1]
+            if pr is region and pb == b and poff + pn == off and pboff + pn == boff:
+                out[-1] = ((pr, poff), pb, pboff, pn + n)
+                continue
+        out.append(((region, off), b, boff, n))
+    return out
 
 
 class Staging:
@@ -93,22 +111,24 @@ class Staging:
         if batch:
             yield batch
 
-    def write_from(self, client: int, pieces: list[tuple[RemoteBlock, int, int]],
+    def write_from(self, client: int, pieces: list[tuple[RemoteBlock, int, int, int]],
                    stream: int) -> None:
-        """Write (block, local pointer, bytes) to one lender: one ``write`` per round."""
+        """Write (block, block offset, local pointer, bytes) to one lender: one ``write`` per
+        round."""
         c, region, base = self.clients[client], self.regions[client], self.buffer.data_ptr()
-        for rnd in self.rounds([(b, p, 0, n) for b, p, n in pieces]):
+        for rnd in self.rounds([(b, p, o, n) for b, o, p, n in pieces]):
             with self.lock:
                 for _, ptr, _, n, off in rnd:
                     self.copy(base + off, ptr, n, stream)
                 self.sync()
-                c.write([((region, off), b, boff, n) for b, _, boff, n, off in rnd])
+                c.write(merge([((region, off), b, boff, n) for b, _, boff, n, off in rnd]))
             self._count("write", 1, sum(x[3] for x in rnd))
 
-    def write_fetched(self, client: int, blocks: list[RemoteBlock], sizes: list[int],
-                      fetch: Callable[[list[int]], None]) -> None:
+    def write_fetched(self, client: int, blocks: list[tuple[RemoteBlock, int]],
+                      sizes: list[int], fetch: Callable[[list[int]], None]) -> None:
         """``fetch(pointers)`` fills the buffer (the core copies handles into it), then one
-        ``write`` sends it to ``blocks``; the sizes must fit the buffer together."""
+        ``write`` sends it to (block, offset) ``blocks``; the sizes must fit the buffer
+        together."""
         offs, o = [], 0
         for n in sizes:
             offs.append(o)
@@ -117,21 +137,22 @@ class Staging:
         with self.lock:
             fetch([base + x for x in offs])
             self.sync()
-            self.clients[client].write([((region, x), b, 0, n)
-                                        for x, b, n in zip(offs, blocks, sizes)])
+            self.clients[client].write(merge([((region, x), b, boff, n) for x, (b, boff), n
+                                              in zip(offs, blocks, sizes)]))
         self._count("write", 1, o)
 
-    def read_into(self, reads: list[tuple[int, RemoteBlock, int, int]], stream: int) -> None:
-        """Read (client, block, bytes, local pointer) items: per round, one ``read`` per
-        lender, then the copies out."""
+    def read_into(self, reads: list[tuple[int, RemoteBlock, int, int, int]],
+                  stream: int) -> None:
+        """Read (client, block, block offset, bytes, local pointer) items: per round, one
+        ``read`` per lender, then the copies out."""
         base = self.buffer.data_ptr()
-        for rnd in self.rounds([((c, b), d, 0, n) for c, b, n, d in reads]):
+        for rnd in self.rounds([((c, b), d, o, n) for c, b, o, n, d in reads]):
             with self.lock:
                 by_client: dict[int, list] = {}
                 for (c, b), _, boff, n, off in rnd:
                     by_client.setdefault(c, []).append(((self.regions[c], off), b, boff, n))
                 for i, items in by_client.items():
-                    self.clients[i].read(items)
+                    self.clients[i].read(merge(items))
                 for _, ptr, _, n, off in rnd:
                     self.copy(ptr, base + off, n, stream)
                 self.sync()

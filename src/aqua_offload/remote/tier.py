@@ -11,8 +11,9 @@ Note [Remote placement]
     round sends them to one lender (placement: the first lender, in the order given, with
     room for the whole round), and only then does the core free them; a spill that fails
     leaves them in the core. The offload is retried; if it still does not fit, the batch goes
-    to a lender directly. A handle's bytes live in exactly one place: a core tier, or one
-    block of one lender. Spill copies count in the core's ``fetches``/``bytes_fetched``.
+    to a lender directly. A handle's bytes live in exactly one place: a core tier, or a range
+    of one block of one lender: the handles of one batch share a block (Note [Packed blocks]
+    in packing.py). Spill copies count in the core's ``fetches``/``bytes_fetched``.
 
 Note [Staging]
     in staging.py: every remote transfer passes through one buffer registered once with
@@ -54,6 +55,7 @@ from ..errors import (InvalidArgumentError, InvalidHandleError, OffloadError, Ou
 from . import migration
 from .client import RemoteClient
 from .items import RemoteBlock
+from .packing import Packs, layout
 from .protocol import TOKEN_ENV
 from .staging import Staging
 
@@ -65,14 +67,16 @@ _FIRST_REMOTE_ID = 1 << 62  # ids of handles born remote; the core counts up fro
 
 @dataclass
 class _Remote:
-    """Where a handle's bytes are on a lender. ``block`` is None for 0 bytes, or once a
-    prefetch copied the bytes out and a reclaim took the block (the prefetch buffer holds
-    them)."""
+    """Where a handle's bytes are on a lender: ``nbytes`` at ``offset`` in ``block``, which
+    other handles of its batch may share (Note [Packed blocks]). ``block`` is None for 0
+    bytes, or once a prefetch copied the bytes out and a reclaim took the block (the
+    prefetch buffer holds them)."""
 
     client: int
     block: RemoteBlock | None
     nbytes: int
     priority: float = 0.0
+    offset: int = 0
     prefetched: bool = False
 
 
@@ -130,6 +134,7 @@ class RemoteTier:
         self._busy: set[int] = set()  # LOCK: _lock
         # (client, block id) allocated but not yet in _remote: a reclaim waits for them
         self._in_transit: set[tuple[int, int]] = set()  # LOCK: _lock
+        self._packs = Packs()  # LOCK: _lock; handles per block (Note [Packed blocks])
         self._ids = itertools.count(_FIRST_REMOTE_ID)
         self._stats = {"spills": 0, "spilled_handles": 0, "spilled_bytes": 0,
                        "direct_offloads": 0, "remote_fetches": 0, "reclaims": 0,
@@ -225,21 +230,17 @@ class RemoteTier:
             reads = [(r, d) for r, d in zip(where, dsts) if r is not None and r.block is not None
                      and not r.prefetched]
             self._check_lost([r for r, _ in reads])
-            self._stage.read_into([(r.client, r.block, r.nbytes, d) for r, d in reads], stream)
+            self._stage.read_into([(r.client, r.block, r.offset, r.nbytes, d)
+                                   for r, d in reads], stream)
             if cids:
                 self._core.fetch_many(cids, [d for r, d in zip(where, dsts) if r is None],
                                       stream, keep)
             if done is not None:  # at once, as the core's binding does: from here on the
                 done.append(True)  # caller finishes the batch even if interrupted
-            if not keep:  # the bytes are here now: the blocks go back, one request a lender
+            if not keep:  # the bytes are here now: emptied blocks go back, one request a lender
                 with self._lock:
                     self._stats["remote_fetches"] += sum(r is not None for r in where)
-                by_client: dict[int, list[RemoteBlock]] = {}
-                for r in where:
-                    if r is not None and r.block is not None:
-                        by_client.setdefault(r.client, []).append(r.block)
-                for i, blocks in by_client.items():
-                    self._free_blocks(i, blocks)
+                self._release([r for r in where if r is not None])
                 self._forget(ids)
             else:  # the prefetch buffers were handed out: a later fetch reads again
                 with self._lock:
@@ -256,7 +257,8 @@ class RemoteTier:
             reads = [(r, d) for r, d in zip(where, dsts) if r is not None and r.block is not None
                      and not r.prefetched]
             self._check_lost([r for r, _ in reads])
-            self._stage.read_into([(r.client, r.block, r.nbytes, d) for r, d in reads], stream)
+            self._stage.read_into([(r.client, r.block, r.offset, r.nbytes, d)
+                                   for r, d in reads], stream)
             core = [(self._alias.get(i, i), d) for i, r, d in zip(ids, where, dsts) if r is None]
             tiers = iter(self._core.prefetch_many([c for c, _ in core], [d for _, d in core],
                                                   stream) if core else [])
@@ -283,8 +285,8 @@ class RemoteTier:
                 r = self._remote.get(handle)
             if r is None:
                 self._core.free(self._alias.get(handle, handle))
-            elif r.block is not None:
-                self._free_blocks(r.client, [r.block])
+            else:
+                self._release([r])
             self._forget([handle])
 
     def ready(self, handle: int) -> bool:
@@ -347,7 +349,8 @@ class RemoteTier:
         remote_tiers = []
         for i, c in enumerate(self.clients):
             mine = [r for r in entries if r.client == i]
-            used = sum(r.block.nbytes for r in mine if r.block is not None)
+            blocks = {r.block.id: r.block.nbytes for r in mine if r.block is not None}
+            used = sum(blocks.values())
             capacity = int(c.lender.get("arena_bytes", 0))
             if c.lost is not None:
                 gone = [r for r in mine if r.block is not None and not r.prefetched]
@@ -356,7 +359,7 @@ class RemoteTier:
             remote_tiers.append({
                 "tier": "remote", "location": c.address, "capacity": capacity, "used": used,
                 "peak": used, "free": max(0, capacity - used), "largest_free": 0,
-                "fragmentation": 0.0, "blocks": len(mine), "free_ranges": 0, "segments": 0,
+                "fragmentation": 0.0, "blocks": len(blocks), "free_ranges": 0, "segments": 0,
                 "lent_segments": 0, "fenced": 0, "handles": len(mine),
                 "lost": c.lost})
         s["tiers"] = list(s["tiers"]) + remote_tiers
@@ -376,6 +379,7 @@ class RemoteTier:
                 self._remote.clear()
                 self._alias.clear()
                 self._lru.clear()
+                self._packs.clear()
 
     # -- what the manager asks besides the Store interface ----------------------------------
     def lost(self, handle: int) -> bool:
@@ -419,8 +423,8 @@ class RemoteTier:
                     self._core.free(self._alias.get(b, b))
                 else:
                     r = self._remote.get(b)
-                    if r is not None and r.block is not None:
-                        self._free_blocks(r.client, [r.block])
+                    if r is not None:
+                        self._release([r])
         self._forget(bases)
 
     def _check_lost(self, entries: list[_Remote]) -> None:
@@ -437,6 +441,24 @@ class RemoteTier:
             self._in_transit.difference_update((client, b.id) for b in blocks)
             self._cv.notify_all()
 
+    def _release(self, entries: list[_Remote]) -> None:
+        """The entries let go of their blocks (Note [Packed blocks]); the blocks no handle uses
+        any more go back, one request a lender. The caller forgets the entries."""
+        empty: dict[int, list[RemoteBlock]] = {}
+        with self._lock:
+            for r in entries:
+                if r.block is not None:
+                    empty.setdefault(r.client, []).extend(self._packs.drop(r.client, [r.block]))
+        for i, blocks in empty.items():
+            if blocks:
+                self._free_blocks(i, blocks)
+
+    def _discard(self, client: int, blocks: list[RemoteBlock]) -> None:
+        """Give back blocks that were placed but never filled (their transfer failed)."""
+        with self._lock:
+            self._packs.forget(client, blocks)
+        self._free_blocks(client, blocks)
+
     def _free_blocks(self, client: int, blocks: list[RemoteBlock]) -> None:
         self._settled(client, blocks)
         c = self.clients[client]
@@ -452,22 +474,34 @@ class RemoteTier:
 
     # -- placement ---------------------------------------------------------------------------
     def _place(self, sizes: list[int], avoid: int | None = None
-               ) -> tuple[int, list[RemoteBlock]]:
-        """Blocks for ``sizes`` on the first lender that holds them all."""
+               ) -> tuple[int, list[RemoteBlock], list[tuple[RemoteBlock, int]]]:
+        """Room for ``sizes`` (all > 0), packed (Note [Packed blocks]), on the first lender
+        that holds them all: (lender, its new blocks, (block, offset) per size). The blocks
+        are in transit and counted for their handles until ``_settled``/``_discard``."""
         why: list[str] = []
         for i, c in enumerate(self.clients):
             if i == avoid or c.lost is not None:
                 continue
             if not sizes:
-                return i, []
-            try:
-                blocks = c.allocate(sizes)
-            except (OutOfMemoryError, RemoteLostError) as exc:
-                why.append(f"{c.address}: {exc}")
+                return i, [], []
+            # packed; when the lender's free space is too fragmented for that, a block each
+            blocks = None
+            for limit in (int(c.lender.get("segment_bytes") or 0), 1):
+                chunks, slots = layout(sizes, limit)
+                try:
+                    blocks = c.allocate(chunks)
+                    break
+                except (OutOfMemoryError, RemoteLostError) as exc:
+                    if len(chunks) == len(sizes) or isinstance(exc, RemoteLostError):
+                        why.append(f"{c.address}: {exc}")
+                        break
+            if blocks is None:
                 continue
+            where = [(blocks[k], off) for k, off in slots]
             with self._lock:
                 self._in_transit.update((i, b.id) for b in blocks)
-            return i, blocks
+                self._packs.add(i, [b for b, _ in where])
+            return i, blocks, where
         raise OutOfMemoryError("no tier has room: the core's tiers are full and no lender "
                                f"can hold {sum(sizes)} bytes ({'; '.join(why) or 'none usable'})",
                                requested=sum(sizes))
@@ -506,17 +540,17 @@ class RemoteTier:
             return False
         try:
             try:
-                client, blocks = self._place([n for _, _, n in victims])
+                client, blocks, where = self._place([n for _, _, n in victims])
             except OutOfMemoryError:
                 return False
             try:
-                self._spill_copy(client, blocks, victims, total, stream)
+                self._spill_copy(client, where, victims, total, stream)
             except (OffloadError, TimeoutError):  # nothing moved: they stay in the core
-                self._free_blocks(client, blocks)
+                self._discard(client, blocks)
                 return False
             with self._lock:  # remote first: info() of a victim never sees it nowhere
-                for (hid, _, n), b in zip(victims, blocks):
-                    self._remote[hid] = _Remote(client, b, n)
+                for (hid, _, n), (b, off) in zip(victims, where):
+                    self._remote[hid] = _Remote(client, b, n, offset=off)
                     self._lru.pop(hid, None)
                 self._stats["spills"] += 1
                 self._stats["spilled_handles"] += len(victims)
@@ -532,20 +566,21 @@ class RemoteTier:
                 self._busy -= {hid for hid, _, _ in victims}
                 self._cv.notify_all()
 
-    def _spill_copy(self, client: int, blocks: list[RemoteBlock],
+    def _spill_copy(self, client: int, where: list[tuple[RemoteBlock, int]],
                     victims: list[tuple[int, int, int]], total: int, stream: int) -> None:
         """The core copies the victims out (keeping them) straight into staging and one write
         sends them, when they fit it (through a temporary buffer otherwise)."""
         cids, sizes = [c for _, c, _ in victims], [n for _, _, n in victims]
         if total <= self._stage.nbytes:
-            self._stage.write_fetched(client, blocks, sizes, lambda ptrs: self._core.fetch_many(
+            self._stage.write_fetched(client, where, sizes, lambda ptrs: self._core.fetch_many(
                 cids, ptrs, stream, True))
             return
         buf = torch.empty(total, dtype=torch.uint8, device=self.device)
         ptrs = list(itertools.accumulate(sizes, initial=buf.data_ptr()))[:-1]
         self._core.fetch_many(cids, ptrs, stream, True)
         self._stage.sync()
-        self._stage.write_from(client, list(zip(blocks, ptrs, sizes)), stream)
+        self._stage.write_from(client, [(b, off, p, n) for (b, off), p, n
+                                        in zip(where, ptrs, sizes)], stream)
 
     def _direct(self, items: list[tuple[int, int, float, int]], stream: int,
                 out: list | None) -> list[tuple[int, int]]:
@@ -553,20 +588,20 @@ class RemoteTier:
         tensor's prefix); ``OutOfMemoryError`` if none holds it. The results are appended to
         ``out`` with the entries, as the core does (Note [Interrupted batches] in manager.py)."""
         sizes = [n for _, n, _, _ in items if n]
-        client, blocks = self._place(sizes)
-        it = iter(blocks)
-        placed = [(next(it) if n else None, s, n, p) for s, n, p, _ in items]
+        client, blocks, where = self._place(sizes)
+        it = iter(where)
+        placed = [(next(it) if n else (None, 0), s, n, p) for s, n, p, _ in items]
         try:
-            self._stage.write_from(client, [(b, s, n) for b, s, n, _ in placed
+            self._stage.write_from(client, [(b, off, s, n) for (b, off), s, n, _ in placed
                                             if b is not None], stream)
         except BaseException:
-            self._free_blocks(client, blocks)
+            self._discard(client, blocks)
             raise
         got = []
         with self._lock:
-            for b, _, n, p in placed:
+            for (b, off), _, n, p in placed:
                 hid = next(self._ids)
-                self._remote[hid] = _Remote(client, b, n, p)
+                self._remote[hid] = _Remote(client, b, n, p, off)
                 got.append((hid, self._base + client))
             if out is not None:
                 out.extend(got)
