@@ -18,6 +18,7 @@ Note [Staging]
 from __future__ import annotations
 
 import ctypes
+import itertools
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -37,7 +38,8 @@ def merge(items: list[tuple[tuple[Any, int], RemoteBlock, int, int]]
     for (region, off), b, boff, n in items:
         if out:
             (pr, poff), pb, pboff, pn = out[-1]
-            if pr is region and pb == b and poff + pn == off and pboff + pn == boff:
+            if (poff + pn == off and pboff + pn == boff and pr is region
+                    and (pb is b or pb == b)):
                 out[-1] = ((pr, poff), pb, pboff, pn + n)
                 continue
         out.append(((region, off), b, boff, n))
@@ -76,10 +78,14 @@ class Staging:
         return self.buffer.numel()
 
     def copy(self, dst: int, src: int, n: int, stream: int) -> None:
+        self.copier(stream)(dst, src, n)
+
+    def copier(self, stream: int) -> Callable[[int, int, int], Any]:
+        """``copy(dst, src, nbytes)`` on ``stream``: ctypes' memmove itself on emulation (a
+        batch of 1000 pieces pays no wrapper per piece)."""
         if self._cuda:
-            self._raw_copy(dst, src, n, stream)
-        else:
-            ctypes.memmove(dst, src, n)
+            return lambda dst, src, n: self._raw_copy(dst, src, n, stream)
+        return ctypes.memmove
 
     def sync(self) -> None:
         """Wait for this device's copies (before NIXL reads or writes their memory)."""
@@ -96,6 +102,12 @@ class Staging:
         """Cut (key, local pointer, block offset, bytes) pieces into rounds of
         (key, local pointer, block offset, bytes, staging offset)."""
         cap = self.nbytes
+        offs = list(itertools.accumulate([p[3] for p in pieces], initial=0))
+        if offs[-1] <= cap:  # the common case, one round: no piece is cut
+            if pieces:
+                yield [(key, ptr, boff, n, off) for (key, ptr, boff, n), off
+                       in zip(pieces, offs)]
+            return
         batch: list[tuple[Any, int, int, int, int]] = []
         used = 0
         for key, ptr, boff, n in pieces:
@@ -116,10 +128,11 @@ class Staging:
         """Write (block, block offset, local pointer, bytes) to one lender: one ``write`` per
         round."""
         c, region, base = self.clients[client], self.regions[client], self.buffer.data_ptr()
+        copy = self.copier(stream)
         for rnd in self.rounds([(b, p, o, n) for b, o, p, n in pieces]):
             with self.lock:
                 for _, ptr, _, n, off in rnd:
-                    self.copy(base + off, ptr, n, stream)
+                    copy(base + off, ptr, n)
                 self.sync()
                 c.write(merge([((region, off), b, boff, n) for b, _, boff, n, off in rnd]))
             self._count("write", 1, sum(x[3] for x in rnd))
@@ -145,15 +158,18 @@ class Staging:
                   stream: int) -> None:
         """Read (client, block, block offset, bytes, local pointer) items: per round, one
         ``read`` per lender, then the copies out."""
-        base = self.buffer.data_ptr()
+        base, copy, regions = self.buffer.data_ptr(), self.copier(stream), self.regions
         for rnd in self.rounds([((c, b), d, o, n) for c, b, o, n, d in reads]):
             with self.lock:
                 by_client: dict[int, list] = {}
                 for (c, b), _, boff, n, off in rnd:
-                    by_client.setdefault(c, []).append(((self.regions[c], off), b, boff, n))
+                    items = by_client.get(c)
+                    if items is None:
+                        items = by_client[c] = []
+                    items.append(((regions[c], off), b, boff, n))
                 for i, items in by_client.items():
                     self.clients[i].read(merge(items))
                 for _, ptr, _, n, off in rnd:
-                    self.copy(ptr, base + off, n, stream)
+                    copy(ptr, base + off, n)
                 self.sync()
             self._count("read", len(by_client), sum(x[3] for x in rnd))
