@@ -1,4 +1,5 @@
-"""``aqua-offload bench remote`` runs end to end on a loopback lender and verifies its bytes
+"""``aqua-offload bench remote`` runs end to end on a loopback lender and verifies its bytes,
+client rows and OffloadManager(remote=...) rows against the raw NIXL rows of the same run
 (numbers are reported, never asserted)."""
 
 from __future__ import annotations
@@ -24,4 +25,16 @@ def test_bench_remote_rows_and_json(tmp_path, capsys) -> None:
     for r in result["rows"]:
         for method in ("client", "raw_nixl", "memcpy"):
             assert 0 < r[method]["min_s"] <= r[method]["median_s"] <= r[method]["max_s"]
-    assert "client/raw" in capsys.readouterr().out
+    manager = [(r["op"], r["bytes"], r["items"]) for r in result["manager_rows"]]
+    assert manager == [("offload", 4096, 1), ("fetch", 4096, 1), ("offload", 65536, 1),
+                       ("fetch", 65536, 1), ("offload", 1000 * 4096, 1000),
+                       ("fetch", 1000 * 4096, 1000)]
+    raw = {(r["op"], r["bytes"], r["items"]): r["raw_nixl"] for r in result["rows"]}
+    for r in result["manager_rows"]:
+        m = r["manager"]
+        assert 0 < m["min_s"] <= m["median_s"] <= m["max_s"]
+        assert r["raw_nixl"] == raw[("write" if r["op"] == "offload" else "read", r["bytes"],
+                                     r["items"])], "compared with the raw rows of the same run"
+        assert r["vs_raw"] == m["median_s"] / r["raw_nixl"]["median_s"]
+    out = capsys.readouterr().out
+    assert "client/raw" in out and "OffloadManager(remote=...)" in out

@@ -9,6 +9,13 @@ the same way. memcpy is a single-threaded numpy copy of the same bytes between t
 buffers (row by row for the batch). Every sample
 is the median of ``samples`` (>= 3) batches of repeats; the bytes are verified after timing.
 Host timers (``time.perf_counter``): every buffer is in host memory.
+
+Manager rows (``manager_rows``): an ``OffloadManager(remote=[lender])`` whose host tier is a
+single 256-byte block, so every tensor goes to the lender, offloads (release) and fetches one
+tensor of each size, and ``offload_many``/``fetch_many`` the 1000 x 4 KiB batch; each against
+the raw NIXL write/read of the same bytes measured above (``vs_raw``: manager time over raw
+time; the batch against the raw scattered batch). The fetch includes what a release fetch
+does: a fresh tensor for the bytes, the staging copy, the lender's block freed.
 """
 
 from __future__ import annotations
@@ -132,6 +139,9 @@ def run_remote_benchmark(sizes: list[int] | None = None, *, quick: bool = False,
                 rows += _batch_rows(client, samples)
             finally:
                 client.close()
+            if progress:
+                progress("manager")
+            manager_rows = _manager_rows(address, token, sizes, samples, rows)
         finally:
             if tls:
                 if old_tls is None:
@@ -148,7 +158,7 @@ def run_remote_benchmark(sizes: list[int] | None = None, *, quick: bool = False,
             "transports": tls or "UCX default", "samples": samples,
             "machine": {k: data.get(k) for k in ("platform", "cpu", "python", "torch")
                         if k in data},
-            "rows": rows}
+            "rows": rows, "manager_rows": manager_rows}
 
 
 def _size_rows(client: Any, n: int, samples: int) -> list[dict[str, Any]]:
@@ -219,6 +229,70 @@ def _batch_rows(client: Any, samples: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _manager_rows(address: str, token: str, sizes: list[int], samples: int,
+                  raw_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The manager's offload/fetch of single tensors and of the batch (module docstring)."""
+    from ..manager import OffloadManager
+
+    raw = {(r["op"], r["items"], r["bytes"]): r["raw_nixl"] for r in raw_rows}
+    m = OffloadManager("cpu", peers=None, host_bytes=256, remote=[address],
+                       remote_token=token, remote_deadline_s=60.0)
+    rows = []
+    try:
+        for n in sizes:
+            t = random_bytes(n, seed=n % 9967).clone()  # owned by torch alone: pageable
+            ref = t.clone()
+            times = _time_round_trips(m, [t], _repeats(n), samples)
+            if not torch.equal(t, ref):
+                raise VerificationError(f"manager round trip of {n} bytes: wrong bytes")
+            rows += _manager_pair(n, 1, times, raw)
+        n, size = BATCH_ITEMS, BATCH_ITEM
+        ts = [x.clone() for x in random_bytes(n * size, seed=78).split(size)]
+        refs = [x.clone() for x in ts]
+        times = _time_round_trips(m, ts, 3, samples)
+        if not all(torch.equal(a, b) for a, b in zip(ts, refs)):
+            raise VerificationError("manager batch round trip: wrong bytes")
+        rows += _manager_pair(n * size, n, times, raw)
+    finally:
+        m.close()
+    return rows
+
+
+def _time_round_trips(m: Any, ts: list[torch.Tensor], repeats: int, samples: int
+                      ) -> tuple[list[float], list[float]]:
+    """Per sample, the mean offload and fetch time of ``repeats`` round trips of ``ts``
+    (``offload``/``fetch`` for one tensor, ``offload_many``/``fetch_many`` for more)."""
+    def trip() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        hs = [m.offload(ts[0])] if len(ts) == 1 else m.offload_many(ts)
+        t1 = time.perf_counter()
+        if any(h.tier != "remote" for h in hs):
+            raise VerificationError("a manager benchmark tensor did not go to the lender")
+        m.fetch(hs[0]) if len(hs) == 1 else m.fetch_many(hs)
+        return t1 - t0, time.perf_counter() - t1
+
+    trip()  # warm-up
+    offs, fetches = [], []
+    for _ in range(samples):
+        o = f = 0.0
+        for _ in range(repeats):
+            a, b = trip()
+            o, f = o + a, f + b
+        offs.append(o / repeats)
+        fetches.append(f / repeats)
+    return offs, fetches
+
+
+def _manager_pair(nbytes: int, items: int, times: tuple[list[float], list[float]],
+                  raw: dict[tuple[str, int, int], dict[str, float]]) -> list[dict[str, Any]]:
+    out = []
+    for op, raw_op, t in (("offload", "write", times[0]), ("fetch", "read", times[1])):
+        s, r = _stat(t, nbytes), raw.get((raw_op, items, nbytes))
+        out.append({"op": op, "bytes": nbytes, "items": items, "manager": s,
+                    "raw_nixl": r, "vs_raw": s["median_s"] / r["median_s"] if r else None})
+    return out
+
+
 def _row(op: str, nbytes: int, items: int, t_client: list[float], t_raw: list[float],
          t_mem: list[float]) -> dict[str, Any]:
     c, r, m = _stat(t_client, nbytes), _stat(t_raw, nbytes), _stat(t_mem, nbytes)
@@ -238,4 +312,17 @@ def format_remote_table(result: dict[str, Any]) -> str:
                    f"{r['memcpy']['GBps']:>13.2f}{r['client']['median_s'] * 1e6:>11.1f}"
                    f"{r['raw_nixl']['median_s'] * 1e6:>9.1f}{r['client_vs_raw']:>12.2f}")
     out.append("client/raw: raw time over client time (1.00 = the client adds nothing)")
+    if result.get("manager_rows"):
+        out += ["", "OffloadManager(remote=...): offload (release) / fetch, vs the raw NIXL "
+                "write / read of the same bytes above",
+                f"{'op':<8}{'size':>12}{'items':>7}{'manager GB/s':>14}{'raw GB/s':>10}"
+                f"{'manager us':>12}{'raw us':>9}{'vs raw':>8}"]
+        for r in result["manager_rows"]:
+            raw = r["raw_nixl"] or {"GBps": float("nan"), "median_s": float("nan")}
+            ratio = f"{r['vs_raw']:.2f}x" if r["vs_raw"] is not None else "-"
+            out.append(f"{r['op']:<8}{format_size(r['bytes']):>12}{r['items']:>7}"
+                       f"{r['manager']['GBps']:>14.2f}{raw['GBps']:>10.2f}"
+                       f"{r['manager']['median_s'] * 1e6:>12.1f}{raw['median_s'] * 1e6:>9.1f}"
+                       f"{ratio:>8}")
+        out.append("vs raw: manager time over raw time (1.00x = the manager adds nothing)")
     return "\n".join(out)
