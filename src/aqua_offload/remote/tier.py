@@ -65,7 +65,7 @@ STAGING_BYTES = 64 << 20  # per manager; registered once with each lender's clie
 _FIRST_REMOTE_ID = 1 << 62  # ids of handles born remote; the core counts up from 1
 
 
-@dataclass
+@dataclass(slots=True)  # one object per remote handle, no __dict__: fewer for the GC to track
 class _Remote:
     """Where a handle's bytes are on a lender: ``nbytes`` at ``offset`` in ``block``, which
     other handles of its batch may share (Note [Packed blocks]). ``block`` is None for 0
