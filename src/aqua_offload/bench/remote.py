@@ -12,7 +12,8 @@ Host timers (``time.perf_counter``): every buffer is in host memory.
 
 Manager rows (``manager_rows``): an ``OffloadManager(remote=[lender])`` whose host tier is a
 single 256-byte block, so every tensor goes to the lender, offloads (release) and fetches one
-tensor of each size, and ``offload_many``/``fetch_many`` the 1000 x 4 KiB batch; each against
+tensor of each size, and ``offload_many``/``fetch_many`` the 1000 x 4 KiB batch (also into
+the host tier of a manager without a lender: what the manager itself costs); each against
 the raw NIXL write/read of the same bytes measured above (``vs_raw``: manager time over raw
 time; the batch against the raw scattered batch). The fetch includes what a release fetch
 does: a fresh tensor for the bytes, the staging copy, the lender's block freed. Every call is
@@ -245,23 +246,27 @@ def _manager_rows(address: str, token: str, sizes: list[int], samples: int,
         for n in sizes:
             t = random_bytes(n, seed=n % 9967).clone()  # owned by torch alone: pageable
             ref = t.clone()
-            times = _time_round_trips(m, [t], _repeats(n), samples)
+            times = _time_round_trips(m, [t], _repeats(n), samples, "remote")
             if not torch.equal(t, ref):
                 raise VerificationError(f"manager round trip of {n} bytes: wrong bytes")
-            rows += _manager_pair(n, 1, times, raw)
+            rows += _manager_pair(n, 1, times, raw, "remote")
         n, size = BATCH_ITEMS, BATCH_ITEM
         ts = [x.clone() for x in random_bytes(n * size, seed=78).split(size)]
         refs = [x.clone() for x in ts]
-        times = _time_round_trips(m, ts, 3, samples)
-        if not all(torch.equal(a, b) for a, b in zip(ts, refs)):
-            raise VerificationError("manager batch round trip: wrong bytes")
-        rows += _manager_pair(n * size, n, times, raw)
+        for tier in ("remote", "host"):
+            if tier == "host":
+                m.close()
+                m = OffloadManager("cpu", peers=None, host_bytes=2 * n * size)
+            times = _time_round_trips(m, ts, 3, samples, tier)
+            if not all(torch.equal(a, b) for a, b in zip(ts, refs)):
+                raise VerificationError("manager batch round trip: wrong bytes")
+            rows += _manager_pair(n * size, n, times, raw, tier)
     finally:
         m.close()
     return rows
 
 
-def _time_round_trips(m: Any, ts: list[torch.Tensor], repeats: int, samples: int
+def _time_round_trips(m: Any, ts: list[torch.Tensor], repeats: int, samples: int, tier: str
                       ) -> tuple[list[float], list[float]]:
     """The offload and fetch time of each of ``samples * repeats`` round trips of ``ts``
     (``offload``/``fetch`` for one tensor, ``offload_many``/``fetch_many`` for more)."""
@@ -269,8 +274,8 @@ def _time_round_trips(m: Any, ts: list[torch.Tensor], repeats: int, samples: int
         t0 = time.perf_counter()
         hs = [m.offload(ts[0])] if len(ts) == 1 else m.offload_many(ts)
         t1 = time.perf_counter()
-        if any(h.tier != "remote" for h in hs):
-            raise VerificationError("a manager benchmark tensor did not go to the lender")
+        if any(h.tier != tier for h in hs):
+            raise VerificationError(f"a manager benchmark tensor did not go to the {tier} tier")
         m.fetch(hs[0]) if len(hs) == 1 else m.fetch_many(hs)
         return t1 - t0, time.perf_counter() - t1
 
@@ -284,12 +289,13 @@ def _time_round_trips(m: Any, ts: list[torch.Tensor], repeats: int, samples: int
 
 
 def _manager_pair(nbytes: int, items: int, times: tuple[list[float], list[float]],
-                  raw: dict[tuple[str, int, int], dict[str, float]]) -> list[dict[str, Any]]:
+                  raw: dict[tuple[str, int, int], dict[str, float]], tier: str
+                  ) -> list[dict[str, Any]]:
     out = []
     for op, raw_op, t in (("offload", "write", times[0]), ("fetch", "read", times[1])):
         s, r = _stat(t, nbytes), raw.get((raw_op, items, nbytes))
         s["mean_s"] = statistics.fmean(t)
-        out.append({"op": op, "bytes": nbytes, "items": items, "manager": s,
+        out.append({"op": op, "tier": tier, "bytes": nbytes, "items": items, "manager": s,
                     "raw_nixl": r, "vs_raw": s["median_s"] / r["median_s"] if r else None})
     return out
 
@@ -316,12 +322,12 @@ def format_remote_table(result: dict[str, Any]) -> str:
     if result.get("manager_rows"):
         out += ["", "OffloadManager(remote=...): offload (release) / fetch, vs the raw NIXL "
                 "write / read of the same bytes above",
-                f"{'op':<8}{'size':>12}{'items':>7}{'manager GB/s':>14}{'raw GB/s':>10}"
+                f"{'op':<8}{'tier':<7}{'size':>12}{'items':>7}{'manager GB/s':>14}{'raw GB/s':>10}"
                 f"{'manager us':>12}{'mean us':>10}{'raw us':>9}{'vs raw':>8}"]
         for r in result["manager_rows"]:
             raw = r["raw_nixl"] or {"GBps": float("nan"), "median_s": float("nan")}
             ratio = f"{r['vs_raw']:.2f}x" if r["vs_raw"] is not None else "-"
-            out.append(f"{r['op']:<8}{format_size(r['bytes']):>12}{r['items']:>7}"
+            out.append(f"{r['op']:<8}{r['tier']:<7}{format_size(r['bytes']):>12}{r['items']:>7}"
                        f"{r['manager']['GBps']:>14.2f}{raw['GBps']:>10.2f}"
                        f"{r['manager']['median_s'] * 1e6:>12.1f}"
                        f"{r['manager']['mean_s'] * 1e6:>10.1f}{raw['median_s'] * 1e6:>9.1f}"

@@ -6,9 +6,10 @@ Note [Packed blocks]
     at offsets inside as few blocks as the lender allows, one block per ``segment_bytes``
     of the batch (so one block for any batch up to a segment), and one ``ALLOC`` asks for
     them; only when the lender's free space is too fragmented for that does each handle get
-    a block of its own (the degenerate pack of one). A handle's entry names its block and its offset in it. So a batch of 1000 small
-    tensors costs one allocation, one free, and (staging lays the pieces out in the same
-    order, Note [Staging]) one NIXL descriptor per round instead of 1000.
+    a block of its own (the degenerate pack of one). A handle's entry names its block and
+    its offset in it. So a batch of 1000 small tensors costs one allocation, one free, and
+    (staging lays the pieces out in the same order, Note [Staging]) one NIXL descriptor per
+    round instead of 1000.
 
     Invariant: for every block in :class:`Packs`, its count is the number of handles placed
     in it that have not let go of it yet (placed but not yet entered, while the block is in
