@@ -50,13 +50,15 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
                 m._holders.transfer(bases[i]._id, cid)
                 bases[i]._end("freed")
 
+    # Built before anything is reserved: on Python 3.12 an exception raised inside an inlined
+    # comprehension by a trace function can skip the handler below (seen with 3.12.1).
+    items = [(s.data_ptr(), n, prio, b) for s, n, b in zip(stores, sizes, base_ids)]
+    stream = current_stream(m.device)
     try:
         for t in tensors:
             storage.check_sole_owner(t, f"{what}(release=True)")
             storage.reserve(t, f"{what}(release=True)", reserved)
-        m._store.offload_many([(s.data_ptr(), n, prio, b)
-                               for s, n, b in zip(stores, sizes, base_ids)],
-                              current_stream(m.device), False, got)
+        m._store.offload_many(items, stream, False, got)
         finish()
     except BaseException:
         if got:  # the core accepted the batch: every tensor ends paged out
