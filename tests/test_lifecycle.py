@@ -331,6 +331,35 @@ def test_the_guard_covers_threads_started_under_all_threads(manager, backend):
     manager.fetch(h)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12),
+                    reason="threads already running are reached through "
+                           "threading.setprofile_all_threads (Python >= 3.12)")
+def test_the_all_threads_guard_reaches_a_pool_started_before_it():
+    """A pool worker started before the guard: without the hook its touch was a segfault (so the
+    case runs in a child process)."""
+    from helpers import run_emulated
+    result = run_emulated(2, """
+        from concurrent.futures import ThreadPoolExecutor
+        m = aq.OffloadManager("cpu", peers=None, host_bytes="1MiB")
+        pool = ThreadPoolExecutor(1)
+        pool.submit(lambda: None).result()  # the worker runs, parked on its queue
+        t = rand(1000)
+        h = m.offload(t)
+        m.synchronize()
+        def touch():
+            try:
+                t.sum()
+                return "let through"
+            except aq.PagedOutError:
+                return "refused"
+        with aq.debug_guard(all_threads=True):
+            result["pool"] = pool.submit(touch).result()
+        m.fetch(h)
+        result["after"] = pool.submit(lambda: int(t.sum())).result() == int(t.sum())
+    """)
+    assert result == {"pool": "refused", "after": True}
+
+
 def test_a_paged_out_tensor_dropped_with_its_handle_gives_its_bytes_back(manager, backend):
     used = lambda: sum(t["used"] for t in manager.stats()["tiers"])  # noqa: E731
     before = used()
