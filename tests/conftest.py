@@ -233,6 +233,26 @@ def remote_clients():
         c.close()
 
 
+@pytest.fixture
+def remote_managers():
+    """Factory of emulation managers over in-process lenders (``make(*lenders, host="2MiB",
+    peers=None, **kw)``, token ``remote_helpers.TOKEN``), closed at teardown."""
+    from remote_helpers import TOKEN
+
+    made: list[aq.OffloadManager] = []
+
+    def make(*lenders, host: str = "2MiB", peers=None, **kw) -> aq.OffloadManager:
+        m = aq.OffloadManager("cpu", peers=peers, host_bytes=host,
+                              remote=[lender.address for lender in lenders],
+                              remote_token=TOKEN, **kw)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()
+
+
 # -- HuggingFace suites (test_hf_*.py) ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def one_torch_thread():

@@ -6,6 +6,8 @@ another lender) or refuses and keeps the block; a killed lender loses every hand
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from remote_helpers import TOKEN, LenderProcess, child_env, needs_nixl
@@ -28,19 +30,9 @@ def small_staging(monkeypatch):
 
 
 @pytest.fixture
-def managers():
-    made: list[aq.OffloadManager] = []
-
-    def make(*lenders, **kw) -> aq.OffloadManager:
-        m = aq.OffloadManager("cpu", peers=None, host_bytes="1MiB",
-                              remote=[lender.address for lender in lenders],
-                              remote_token=TOKEN, **kw)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        m.close()
+def managers(remote_managers):
+    """1 MiB of host: a COUNT-tensor batch goes to a lender whole."""
+    return functools.partial(remote_managers, host="1MiB")
 
 
 def _batch(seed: int, odd: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -40,19 +40,8 @@ def small_staging(monkeypatch):
 
 
 @pytest.fixture
-def managers():
-    made: list[aq.OffloadManager] = []
-
-    def make(*lenders: Lender, host: str = "2MiB", peers=None, **kw) -> aq.OffloadManager:
-        m = aq.OffloadManager("cpu", peers=peers, host_bytes=host,
-                              remote=[lender.address for lender in lenders],
-                              remote_token=TOKEN, **kw)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        m.close()
+def managers(remote_managers):
+    return remote_managers
 
 
 def _rand(n: int, seed: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
