@@ -125,11 +125,12 @@ def model(name: str) -> torch.nn.Module:
     return _BUILT[name]
 
 
-def prompts(batch: int, length: int, seed: int, padded: bool = False) -> dict[str, torch.Tensor]:
+def prompts(batch: int, length: int, seed: int, padded: bool = False,
+            vocab: int = VOCAB) -> dict[str, torch.Tensor]:
     """Random prompts (never token 0, the pad). ``padded``: left padding of different lengths
     per row, with the attention mask."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, VOCAB, (batch, length), generator=g)
+    ids = torch.randint(2, vocab, (batch, length), generator=g)
     mask = torch.ones_like(ids)
     if padded:
         for row in range(batch):

@@ -24,6 +24,7 @@ from aqua_offload.hf.layers import raw_keys, raw_values  # noqa: E402
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
 
 from conftest import run_with_timeout, same_bytes  # noqa: E402
+import hf_models  # noqa: E402
 
 VOCAB = 384
 WINDOW = 8  # sliding window of the sliding models: shorter than prompt + generation
@@ -89,17 +90,7 @@ def model_of(family: str):
 
 
 def prompts(batch: int, length: int, seed: int, padded: bool = False) -> dict[str, torch.Tensor]:
-    """Random prompts (never zeros: token 0 is the pad). ``padded``: left padding of different
-    lengths per row, with the attention mask."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    if padded:
-        for row in range(batch):
-            pad = row * 2 % length
-            ids[row, :pad] = 0
-            mask[row, :pad] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    return hf_models.prompts(batch, length, seed, padded, vocab=VOCAB)
 
 
 def gen(model, inputs, n, kv=None, **kw):
