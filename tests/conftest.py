@@ -272,6 +272,13 @@ def small_manager():
     m.close()
 
 
+@pytest.fixture
+def checked_manager(small_manager):
+    """``small_manager``, and at teardown every handle given back (:func:`check_no_leak`)."""
+    yield small_manager
+    check_no_leak(small_manager)
+
+
 def check_no_leak(m: aq.OffloadManager) -> None:
     """Every handle of ``m`` was given back and its tiers are empty."""
     m.synchronize()

@@ -15,7 +15,6 @@ import aqua_offload as aq
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 import hf_models  # noqa: E402
-from conftest import check_no_leak  # noqa: E402
 from aqua_offload.hf import OffloadedCache, cache_kwarg, offloaded_cache_for  # noqa: E402
 from aqua_offload.hf.layers import OffloadedLayer, raw_keys  # noqa: E402
 from transformers.cache_utils import DummyLayer, LinearAttentionLayer  # noqa: E402
@@ -25,9 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture
-def manager(small_manager):
-    yield small_manager
-    check_no_leak(small_manager)
+def manager(checked_manager):
+    return checked_manager
 
 
 def gen(model, inputs, n, kv=None, **kw):

@@ -14,7 +14,6 @@ import aqua_offload as aq
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 import hf_models  # noqa: E402
-from conftest import check_no_leak  # noqa: E402
 from aqua_offload.hf import OffloadedCache, cache_kwarg  # noqa: E402
 
 
@@ -22,9 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture
-def manager(small_manager):
-    yield small_manager
-    check_no_leak(small_manager)
+def manager(checked_manager):
+    return checked_manager
 
 
 def gen(model, inputs, n, kv):
