@@ -233,14 +233,24 @@ def _mark_exported(t: torch.Tensor) -> None:
         weakref.finalize(storage, _exported.discard, key)
 
 
+def _unsafe_or_none(t: Any) -> str | None:
+    """:func:`unsafe_to_touch` for the wrappers below, which see every tensor: one without a
+    storage of its own (a sparse, meta or wrapper subclass tensor) is never ours."""
+    if not isinstance(t, torch.Tensor) or not any_offloaded():
+        return None
+    try:
+        return unsafe_to_touch(t)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
 def _refuse_unsafe(t: Any, what: str) -> None:
     """Note [Never exported while paged out]."""
-    if isinstance(t, torch.Tensor) and any_offloaded():
-        unsafe = unsafe_to_touch(t)
-        if unsafe is not None:
-            raise PagedOutError(f"{what} of a tensor of shape {tuple(t.shape)} whose storage is "
-                                f"{unsafe}: it would expose freed memory (or save nothing); "
-                                "fetch its handle first (aqua_offload.fetch)")
+    unsafe = _unsafe_or_none(t)
+    if unsafe is not None:
+        raise PagedOutError(f"{what} of a tensor of shape {tuple(t.shape)} whose storage is "
+                            f"{unsafe}: it would expose freed memory (or save nothing); "
+                            "fetch its handle first (aqua_offload.fetch)")
 
 
 def _wrap_exports() -> None:
@@ -295,11 +305,10 @@ def _wrap_exports() -> None:
     tensor_repr = torch.Tensor.__repr__
 
     def __repr__(self: torch.Tensor, *args: Any, **kwargs: Any) -> str:
-        if any_offloaded():
-            unsafe = unsafe_to_touch(self)
-            if unsafe is not None:
-                return (f"tensor(<{unsafe} by aqua_offload>, shape={tuple(self.shape)}, "
-                        f"dtype={self.dtype}, device={self.device})")
+        unsafe = _unsafe_or_none(self)
+        if unsafe is not None:
+            return (f"tensor(<{unsafe} by aqua_offload>, shape={tuple(self.shape)}, "
+                    f"dtype={self.dtype}, device={self.device})")
         return tensor_repr(self, *args, **kwargs)
 
     torch.Tensor.__repr__ = __repr__  # type: ignore[method-assign]
