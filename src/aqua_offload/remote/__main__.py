@@ -1,11 +1,22 @@
-"""``aqua-offload lend`` / ``python -m aqua_offload.remote``: lend memory over NIXL.
+"""``aqua-offload lend`` / ``python -m aqua_offload.remote``: lend memory over NIXL or the ledger.
 
 Serves an arena of host memory (``--host-bytes``) or GPU memory (``--device cuda:N --bytes``)
 to borrowers that hold the shared token (``--token-file``, or the environment variable named by
 ``--token-env``, default AQUA_OFFLOAD_REMOTE_TOKEN), on one address (``--address``, default
 127.0.0.1: this host only). With ``--keep``, lends whatever the device has free above that
 reserve, and reclaims when free memory falls below it. Runs until SIGINT or SIGTERM.
-Exit status: 0, or 2 for a usage error (bad size, address, token) or a start that failed.
+
+With ``--ledger [PATH]`` it lends GPU memory (``--device cuda:N --bytes``, elastic with
+``--keep``) to processes of this host through the lending ledger instead (an offer that
+``OffloadManager(..., peers="lent")`` leases; :mod:`.ledger_lending`), and NIXL is not used
+nor imported. One process lends one way: the NIXL options (``--address``, ``--port``,
+``--token-file``, ``--token-env``) and ``--host-bytes`` are refused with ``--ledger``, so the
+two never promise the same bytes. At SIGINT/SIGTERM the offer is withdrawn, waiting up to
+``--withdraw-timeout`` seconds for the consumers to give the memory back.
+
+Exit status: 0, or 2 for a usage error (bad size, address, token) or a start that failed;
+with ``--ledger``, 1 when consumers still held memory at ``--withdraw-timeout`` (their
+offer stays asked back in full, and the ledger's recovery takes it over at exit).
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from pathlib import Path
 from ..errors import OffloadError
 from ..sizes import format_size, parse_size
 
-__all__ = ["add_arguments", "run", "main"]
+__all__ = ["add_arguments", "run", "run_ledger", "main"]
 
 
 def _size(text: str) -> int:
@@ -42,9 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=_size, metavar="SIZE",
                         help="elastic: lend what is free above this reserve; the size given "
                              "with --host-bytes/--bytes is then the most ever lent")
-    parser.add_argument("--address", default="127.0.0.1",
+    # None, not the defaults: --ledger must tell given NIXL options from absent ones
+    parser.add_argument("--address", default=None,
                         help="address to listen on (default 127.0.0.1; only it is bound)")
-    parser.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="TCP port (default: any free one)")
     parser.add_argument("--segment", type=_size, default=64 << 20, metavar="SIZE",
                         help="granule of growth and reclaim, and the largest block "
                              "(default 64MiB)")
@@ -56,11 +69,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                         help="with --keep: how often free memory is checked (default 1)")
     parser.add_argument("--ready-file", type=Path, metavar="PATH",
-                        help="write {address, port, pid} as JSON here once serving")
+                        help="write {address, port, pid} as JSON here once serving "
+                             "(with --ledger: {ledger, device, offers, pid})")
+    parser.add_argument("--ledger", nargs="?", const="", default=None, metavar="PATH",
+                        help="lend GPU memory to processes of this host through the lending "
+                             "ledger (PATH, default $AQUA_OFFLOAD_LEDGER or the per-user one) "
+                             "instead of over NIXL")
+    parser.add_argument("--withdraw-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="with --ledger: at stop, how long to wait for consumers to give "
+                             "the memory back (default 30)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; see the module docstring for the exit status."""
+    if args.ledger is not None:
+        return run_ledger(args)  # NIXL is never imported on this path
     from .elastic import ReserveWatcher, cuda_free_memory, host_free_memory
     from .lender import Lender
     from .protocol import load_token
@@ -79,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         return usage("--interval must be positive")
     cap = args.nbytes if args.device is not None else args.host_bytes
+    args.address = "127.0.0.1" if args.address is None else args.address
+    args.port = 0 if args.port is None else args.port
     try:
         token = load_token(token_file=args.token_file, token_env=args.token_env)
         start = 0 if args.keep is not None else cap
@@ -126,6 +151,91 @@ def run(args: argparse.Namespace) -> int:
           f"{int(stats['reclaims_done'])} reclaims, {int(stats['auth_failures'])} refused "
           f"tokens, {int(stats['protocol_errors'])} protocol errors", flush=True)
     return 0
+
+
+def run_ledger(args: argparse.Namespace) -> int:
+    """``lend --ledger``: offer GPU memory in the lending ledger until SIGINT/SIGTERM, then
+    withdraw it (bounded by ``--withdraw-timeout``); see the module docstring."""
+    from .elastic import ReserveWatcher, cuda_free_memory, host_free_memory
+    from .ledger_lending import LedgerLender
+
+    def usage(message: str) -> int:
+        print(f"aqua-offload lend: {message}", file=sys.stderr)
+        return 2
+
+    if args.host_bytes is not None or args.device is None:
+        return usage("--ledger lends GPU memory only (--device cuda:N --bytes SIZE, or --keep); "
+                     "host memory cannot be lent through the ledger (lend it over NIXL with "
+                     "--host-bytes, without --ledger)")
+    nixl = [name for name, value in (("--address", args.address), ("--port", args.port),
+                                     ("--token-file", args.token_file),
+                                     ("--token-env", args.token_env)) if value is not None]
+    if nixl:
+        return usage(f"{', '.join(nixl)}: options of lending over NIXL; --ledger lends to "
+                     "processes of this host only (run a second lender for NIXL, with its own "
+                     "sizes)")
+    if args.nbytes is None and args.keep is None:
+        return usage("--device needs --bytes (or --keep)")
+    if args.interval <= 0:
+        return usage("--interval must be positive")
+    if not args.withdraw_timeout >= 0:  # (NaN too)
+        return usage("--withdraw-timeout must be >= 0 seconds")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before offering: a stop then still withdraws
+        signal.signal(sig, lambda *_: stop.set())
+    elastic = args.keep is not None
+    try:
+        lender = LedgerLender(args.device, nbytes=0 if elastic else args.nbytes,
+                              segment_bytes=args.segment, ledger=args.ledger or None)
+    except OffloadError as exc:
+        return usage(str(exc))
+    watcher = None
+    status = 0
+    try:
+        if elastic:
+            # An emulated device is host memory of the consumers: MemAvailable stands for it.
+            device_free = (host_free_memory if lender.emulated
+                           else cuda_free_memory(int(lender.device.split(":")[1])))
+            watcher = ReserveWatcher(lender, args.keep, lender.free_memory(device_free),
+                                     max_bytes=args.nbytes, interval_s=args.interval)
+            watcher.step()  # offer what is spare from the start
+        st = lender.stats()
+        what = lender.device + (" (emulated: no GPU)" if lender.emulated else "")
+        print(f"aqua-offload lend: offering {format_size(st['lendable_bytes'])} of {what} "
+              f"through the ledger {lender.ledger} (offers {lender.offer_ids()})"
+              + (f" (elastic, keeping {format_size(args.keep)} free)" if elastic else ""),
+              flush=True)
+        if args.ready_file is not None:
+            tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
+            tmp.write_text(json.dumps({"ledger": lender.ledger, "device": lender.device,
+                                       "offers": lender.offer_ids(), "pid": os.getpid()}))
+            tmp.replace(args.ready_file)
+        if watcher is not None:
+            watcher.start()
+        while not stop.wait(0.5):
+            pass
+    except (OffloadError, OSError) as exc:
+        status = usage(str(exc))
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        done = lender.close(args.withdraw_timeout)
+        try:
+            st = lender.stats()
+        except OffloadError as exc:  # an offer left in a ledger that broke meanwhile
+            print(f"aqua-offload lend: {exc}", file=sys.stderr)
+            st = lender.counters()
+    if done["left"]:
+        print(f"aqua-offload lend: consumers still hold {format_size(done['left'])} after "
+              f"{args.withdraw_timeout:g} s; the offer stays asked back in full and is handed "
+              "to the ledger's recovery at exit", file=sys.stderr, flush=True)
+        status = status or 1
+    print(f"aqua-offload lend: stopped; withdrew {format_size(done['withdrawn'])} in "
+          f"{done['seconds']:.3f} s; {st['grows']} grows, {st['reclaims_done']} reclaims "
+          f"({format_size(st['reclaimed_bytes'])}), reclaim latency last "
+          f"{st['reclaim_last_s']:.3f} s, max {st['reclaim_max_s']:.3f} s, "
+          f"{st['consumer_errors']} consumer errors", flush=True)
+    return status
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -10,11 +10,14 @@ way back (pending reclaims) counts as returned, so one shortage is not reclaimed
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import InvalidArgumentError, OffloadError
 from ..sizes import parse_size
 from .lender import Lender
+
+if TYPE_CHECKING:
+    from .ledger_lending import LedgerLender
 
 __all__ = ["ReserveWatcher", "host_free_memory", "cuda_free_memory"]
 
@@ -42,8 +45,10 @@ class ReserveWatcher:
 
     Parameters
     ----------
-    lender : Lender
-        The lender whose arena grows and shrinks.
+    lender : Lender or LedgerLender
+        The lender whose arena grows and shrinks: a NIXL :class:`~.lender.Lender`, or a
+        :class:`~.ledger_lending.LedgerLender` whose offers in the lending ledger do (pass
+        its ``free_memory(device_free)`` as ``free_memory``).
     keep : int or str
         Reserve the device keeps for itself.
     free_memory : callable
@@ -55,7 +60,8 @@ class ReserveWatcher:
         Poll period of :meth:`start`'s thread.
     """
 
-    def __init__(self, lender: Lender, keep: int | str, free_memory: Callable[[], int], *,
+    def __init__(self, lender: Lender | LedgerLender, keep: int | str,
+                 free_memory: Callable[[], int], *,
                  max_bytes: int | str | None = None, interval_s: float = 1.0) -> None:
         self.lender = lender
         self.keep = parse_size(keep, name="keep")
