@@ -210,15 +210,14 @@ class LedgerLender:
         Every offer is lowered to nothing first, so all consumers migrate at once. Returns
         ``{"withdrawn": bytes taken back, "seconds": s, "left": bytes still with consumers}``;
         offers with bytes left stay in the ledger, asked back in full, and are handed to the
-        ledger's recovery when this process exits. Idempotent.
+        ledger's recovery when this process exits, unless a later ``close()`` (which waits
+        again, for them only) withdraws them first. Nothing else changes after the first call.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
         self._collector.join(10)
         with self._op_lock:
-            if self._closed:
-                return {"withdrawn": 0, "seconds": 0.0, "left": 0}
             self._closed = True
             t0 = time.monotonic()
             with self._lock:
@@ -246,8 +245,8 @@ class LedgerLender:
             seconds = time.monotonic() - t0
             with self._lock:
                 self._offers = [o for o in self._offers if not o.closed]
-                self._stats.update(withdrawn_bytes=got, withdraw_s=seconds,
-                                   withdraw_left_bytes=left)
+                self._stats["withdrawn_bytes"] += got
+                self._stats.update(withdraw_s=seconds, withdraw_left_bytes=left)
             return {"withdrawn": got, "seconds": seconds, "left": left}
 
     def __enter__(self) -> "LedgerLender":
