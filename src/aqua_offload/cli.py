@@ -66,7 +66,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             ("lending", "aqua_offload.lending.__main__",
              "show the cross-process lending ledger: offers, leases, pending reclaims"),
             ("lend", "aqua_offload.remote.__main__",
-             "lend host or GPU memory to other processes or nodes over NIXL")):
+             "lend host or GPU memory over NIXL, or GPU memory through the ledger")):
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=text, description=(mod.__doc__ or text).split("\n\n")[0])
         mod.add_arguments(p)
