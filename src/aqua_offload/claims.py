@@ -4,19 +4,25 @@ prefetching.py)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import operator
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from . import prefetching, storage
 from .errors import ClosedError, InvalidHandleError
-from .handle import Handle
+from .handle import LIVE, Handle
 
 if TYPE_CHECKING:
     from .manager import OffloadManager
 
 __all__ = ["own", "claim"]
+
+_by_id = operator.attrgetter("_id")
+_acquire = operator.methodcaller("acquire")
+_release = operator.methodcaller("release")
 
 
 def own(m: "OffloadManager", handle: Any, what: str) -> Handle:
@@ -41,11 +47,21 @@ def own(m: "OffloadManager", handle: Any, what: str) -> Handle:
 def claim(m: "OffloadManager", handles: list[Any], what: str) -> Iterator[list[Handle]]:
     """Hold the handles' locks (in a fixed order) and check them under the locks: the Python
     side of a handle (prefetch buffer, state) changes with its C++ entry at once."""
-    hs = [own(m, h, what) for h in handles]
-    with contextlib.ExitStack() as stack:
-        for h in sorted({id(h): h for h in hs}.values(), key=lambda h: h._id):
-            stack.enter_context(h._lock)
-        hs = [own(m, h, what) for h in hs]
+    # A live Handle of m passes at once; anything else gets own()'s checks and errors, in order.
+    hs = [h if type(h) is Handle and h._manager is m and h._state in LIVE else own(m, h, what)
+          for h in handles]
+    locks = [h._lock for h in sorted({id(h): h for h in hs}.values(), key=_by_id)]
+    # The locks are taken and let go by C loops (no Python line runs between two of them, so
+    # a traced interrupt cannot split one off); `taken` counts them even if an acquire is
+    # interrupted partway, so exactly those are released.
+    taken: list[bool] = []
+    try:
+        taken.extend(map(_acquire, locks))
+        if any(h._state not in LIVE for h in hs):  # ended by another thread meanwhile
+            hs = [own(m, h, what) for h in hs]  # raises the typed error
         for h in hs:
-            prefetching.settle(m, h)
+            if h._pending is not None:
+                prefetching.settle(m, h)
         yield hs
+    finally:
+        collections.deque(map(_release, locks[:len(taken)]), maxlen=0)
