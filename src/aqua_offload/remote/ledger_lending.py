@@ -102,6 +102,9 @@ class LedgerLender:
         with ledger_obj.transaction(create=False):  # refuse a bad ledger before offering
             pass
         self.ledger = ledger_obj.path
+        # Offers get the caller's argument, not the resolved path: the default ledger's
+        # directory is checked to be private only when no path was named.
+        self._ledger_arg = ledger
         self._op_lock = threading.Lock()  # one grow / reclaim / close at a time
         self._lock = threading.Lock()  # LOCK: _offers, _tickets, _stats (never held on the ledger)
         self._offers: list[Offer] = []
@@ -116,7 +119,7 @@ class LedgerLender:
         self._stop = threading.Event()
         self._closed = False
         if start > 0:
-            self._offers.append(offer(self.device, start, ledger=self.ledger))
+            self._offers.append(offer(self.device, start, ledger=self._ledger_arg))
         self._collector = threading.Thread(target=self._collect, name="aqua-ledger-lend",
                                            daemon=True)
         self._collector.start()
@@ -136,7 +139,7 @@ class LedgerLender:
             return 0
         with self._op_lock:
             self._check_open("grow")
-            o = offer(self.device, n, ledger=self.ledger)
+            o = offer(self.device, n, ledger=self._ledger_arg)
             with self._lock:
                 self._offers.append(o)
                 self._stats["grows"] += 1
@@ -155,25 +158,27 @@ class LedgerLender:
             offered = {o.id: o.status()["offered"] for o in offers}
             left = min(-(-int(nbytes) // seg) * seg, sum(offered.values()))
             want, lowered = left, set()
-            for o in reversed(offers):
-                part = min(left, offered[o.id])
-                if part <= 0:
-                    continue
-                try:
-                    o.reclaim(part, timeout=0)
-                except ReclaimTimeoutError:
-                    pass  # asked; the reclaim stays in force and the collector waits
-                except ReclaimError as exc:
-                    self._error(exc)
-                lowered.add(o.id)
-                left -= part
-                if left <= 0:
-                    break
-            ticket = LedgerReclaim(next(self._ids), want, t0, lowered)
-            with self._lock:
-                self._stats["reclaims"] += 1
-                self._tickets[ticket.id] = ticket
-            self._wake.set()
+            try:
+                for o in reversed(offers):
+                    part = min(left, offered[o.id])
+                    if part <= 0:
+                        continue
+                    try:
+                        o.reclaim(part, timeout=0)
+                    except ReclaimTimeoutError:
+                        pass  # asked; the reclaim stays in force and the collector waits
+                    except ReclaimError as exc:
+                        self._error(exc)
+                    lowered.add(o.id)
+                    left -= part
+                    if left <= 0:
+                        break
+            finally:  # (a ledger error midway: what was lowered is still waited for)
+                ticket = LedgerReclaim(next(self._ids), want - max(left, 0), t0, lowered)
+                with self._lock:
+                    self._stats["reclaims"] += 1
+                    self._tickets[ticket.id] = ticket
+                self._wake.set()
             return ticket
 
     def stats(self) -> dict[str, Any]:
