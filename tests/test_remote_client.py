@@ -116,6 +116,29 @@ def test_allocation_over_capacity_is_oom_and_all_or_nothing(remote_lender,
     assert len(c.allocate([4 * MiB] * 4)) == 4  # the whole arena is still there
 
 
+def test_a_free_not_waited_for_comes_before_the_next_request(remote_lender,
+                                                             remote_clients) -> None:
+    """``free(wait=False)`` sends and returns; the lender frees before serving this client's
+    next request (one connection, in order), so the whole arena can be allocated again."""
+    c = remote_clients(remote_lender.address)
+    cap = remote_lender.stats()["lendable_bytes"]
+    seg = remote_lender.segment_bytes
+    blocks = c.allocate([seg] * (cap // seg))
+    with pytest.raises(OutOfMemoryError):
+        c.allocate([KiB])
+    errors = remote_lender.stats()["request_errors"]
+    c.free(blocks, wait=False)
+    assert c.blocks == [] and c.stats()["frees"] == len(blocks)
+    again = c.allocate([seg] * (cap // seg))
+    assert len(again) == cap // seg
+    with pytest.raises(InvalidArgumentError):  # checked before anything is sent
+        c.free(blocks, wait=False)
+    c.free(again, wait=False)
+    assert run_with_timeout(lambda: c.ping(), 30) >= 0
+    assert remote_lender.stats()["blocks"] == 0
+    assert remote_lender.stats()["request_errors"] == errors, "every free was accepted"
+
+
 def test_new_segments_reach_the_client(remote_lender, remote_clients) -> None:
     c = remote_clients(remote_lender.address)
     c.allocate([4 * MiB] * 4)

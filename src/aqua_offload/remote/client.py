@@ -304,12 +304,12 @@ class RemoteClient:
             self._check()
         return msg
 
-    def _post(self, kind: P.Kind, body: dict) -> None:
-        """A message that gets no answer."""
+    def _post(self, kind: P.Kind, body: dict, request: int = 0) -> None:
+        """A message whose answer (if any) nobody waits for."""
         try:
             with self._send_lock:
                 self._sock.settimeout(self.deadline_s)
-                self._sock.sendall(P.encode(kind, 0, body))
+                self._sock.sendall(P.encode(kind, request, body))
         except OSError as exc:
             self._lose(f"cannot send to the lender ({exc})")
 
@@ -342,15 +342,23 @@ class RemoteClient:
             self._refresh_metadata()
         return blocks
 
-    def free(self, blocks: Iterable[RemoteBlock]) -> None:
-        """Give ``blocks`` back (one round trip)."""
+    def free(self, blocks: Iterable[RemoteBlock], wait: bool = True) -> None:
+        """Give ``blocks`` back: one round trip, or with ``wait=False`` one message that is not
+        waited for (the lender handles it before any later request of this client, since one
+        connection carries them in order; a refusal then only counts in the lender's
+        ``request_errors``)."""
         blocks = list(blocks)
         if not blocks:
             return
         ids = [self._own(b).id for b in blocks]
         if len(set(ids)) != len(ids):
             raise InvalidArgumentError("a block is named twice")
-        self._request(P.Kind.FREE, {"ids": ids}, P.Kind.FREED)
+        if wait:
+            self._request(P.Kind.FREE, {"ids": ids}, P.Kind.FREED)
+        else:
+            self._check()
+            # a request id nobody waits for: the reader drops the answer
+            self._post(P.Kind.FREE, {"ids": ids}, next(self._ids) & 0xFFFFFFFF or 1)
         with self._state:
             for i in ids:
                 self._blocks.pop(i, None)
@@ -396,11 +404,22 @@ class RemoteClient:
             kind, dev = "DRAM", 0
         else:
             raise InvalidArgumentError(f"cannot register memory of device {tensor.device}")
+        return self.register_memory(tensor.data_ptr(), nbytes, kind, dev, owner=tensor)
+
+    def register_memory(self, addr: int, nbytes: int, kind: str = "DRAM", device: int = 0, *,
+                        owner: Any = None) -> LocalRegion:
+        """Register ``nbytes`` of memory at ``addr`` (``kind`` "DRAM", or "VRAM" of CUDA
+        ``device``). The region keeps ``owner`` alive; without one, the caller keeps the
+        memory alive until :meth:`unregister`."""
+        if kind not in ("DRAM", "VRAM") or type(addr) is not int or type(nbytes) is not int \
+                or addr <= 0 or nbytes <= 0:
+            raise InvalidArgumentError(f"register_memory: a positive address and size of DRAM "
+                                       f"or VRAM, got {addr!r}, {nbytes!r}, {kind!r}")
         self._check()
         assert self._agent is not None
         with self._xfer:
-            reg = self._agent.register(tensor.data_ptr(), nbytes, kind, dev)
-        region = LocalRegion(tensor.data_ptr(), nbytes, kind, dev, tensor)
+            reg = self._agent.register(addr, nbytes, kind, device)
+        region = LocalRegion(addr, nbytes, kind, device, owner)
         object.__setattr__(region, "_reg", reg)
         with self._state:
             self._regions.add(id(region))
