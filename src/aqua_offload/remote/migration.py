@@ -24,6 +24,7 @@ import torch
 
 from ..devices import current_stream
 from ..errors import OutOfMemoryError
+from . import placement
 from .items import RemoteBlock
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ def on_reclaim(t: "RemoteTier", client: int, blocks: list[RemoteBlock]) -> None:
     t0 = time.monotonic()
     wanted = {b.id for b in blocks}
     limit = t.clients[client].deadline_s
+    # no batch goes to a named open slab any more (Note [Slabs] in placement.py); if no
+    # handle uses it, it goes back now (the client answers for the other blocks)
+    placement.free_blocks(t, client, placement.retire_slab(t, client, wanted))
     try:
         with t._cv:  # blocks being filled or placed: wait until they are entries
             if not t._cv.wait_for(lambda: not any((client, b) in t._in_transit
@@ -87,7 +91,7 @@ def _migrate(t: "RemoteTier", client: int, ids: list[int], wanted: set[int]) -> 
         if left:
             left = _to_lenders(t, client, left, stream, done)
     if left:
-        t._free_blocks(client, done)
+        placement.free_blocks(t, client, done)
         n = sum(r.nbytes for _, r, _ in left)
         raise OutOfMemoryError(f"reclaim: {len(left)} handles ({n} bytes) find no room in the "
                                "core or another lender", requested=n)
@@ -131,14 +135,15 @@ def _to_lenders(t: "RemoteTier", client: int, group: list[tuple[int, _Remote, in
         if not all(x in left for x in batch):
             continue
         try:
-            other, blocks, where = t._place([r.nbytes for _, r, _ in batch], avoid=client)
+            got = placement.place(t, [r.nbytes for _, r, _ in batch], avoid=client)
+            other, blocks, where = got
         except OutOfMemoryError:
             continue
         try:
             t._stage.write_from(other, [(b, off, p, r.nbytes) for (b, off), (_, r, p)
                                         in zip(where, batch)], stream)
         except BaseException:
-            t._discard(other, blocks)
+            placement.discard(t, got)
             raise
         from .tier import _Remote  # (tier.py imports this module)
 
@@ -147,7 +152,7 @@ def _to_lenders(t: "RemoteTier", client: int, group: list[tuple[int, _Remote, in
                 t._remote[h] = _Remote(other, b, r.nbytes, r.priority, off)
                 done.extend(t._packs.drop(client, [r.block]))  # type: ignore[list-item]
             t._stats["reclaimed_handles"] += len(batch)
-        t._settled(other, blocks)
+        placement.settled(t, other, blocks)
         left = [x for x in left if x not in batch]
         if not left:
             break

@@ -13,9 +13,10 @@ Note [Packed blocks]
 
     Invariant: for every block in :class:`Packs`, its count is the number of handles placed
     in it that have not let go of it yet (placed but not yet entered, while the block is in
-    transit, or in ``_remote``). A handle lets go exactly once: when it is fetched, freed,
-    consumed as an incremental base, given up by a prefetched handle under reclaim, or moved
-    elsewhere by a reclaim. The block goes back to its lender when its count reaches 0,
+    transit, or in ``_remote``), plus one while it is a lender's open slab (Note [Slabs] in
+    placement.py: small batches share a slab instead of a block of their own). A handle lets
+    go exactly once: when it is fetched, freed, consumed as an incremental base, given up by
+    a prefetched handle under reclaim, or moved elsewhere by a reclaim. The block goes back to its lender when its count reaches 0,
     never earlier (other handles' bytes live in it) and never twice. Consequences: a reclaim
     names blocks, so it moves every live handle of a packed block; a refused reclaim gives
     back only the blocks all of whose handles moved; a lost lender loses every handle of
@@ -72,11 +73,6 @@ class Packs:
                 del self._refs[key]
                 empty.append(b)
         return empty
-
-    def forget(self, client: int, blocks: list[RemoteBlock]) -> None:
-        """``blocks`` go back whole (a transfer into them failed before any entry existed)."""
-        for b in blocks:
-            self._refs.pop((client, b.id), None)
 
     def count(self, client: int, block: RemoteBlock) -> int:
         return self._refs.get((client, block.id), 0)

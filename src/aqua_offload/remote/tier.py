@@ -13,7 +13,8 @@ Note [Remote placement]
     leaves them in the core. The offload is retried; if it still does not fit, the batch goes
     to a lender directly. A handle's bytes live in exactly one place: a core tier, or a range
     of one block of one lender: the handles of one batch share a block (Note [Packed blocks]
-    in packing.py). Spill copies count in the core's ``fetches``/``bytes_fetched``.
+    in packing.py), small batches a lender's open slab (Note [Slabs] in placement.py). Spill
+    copies count in the core's ``fetches``/``bytes_fetched``.
 
 Note [Staging]
     in staging.py: every remote transfer passes through one buffer registered once with
@@ -55,7 +56,8 @@ from ..errors import (InvalidArgumentError, InvalidHandleError, OffloadError, Ou
 from . import migration
 from .client import RemoteClient
 from .items import RemoteBlock
-from .packing import Packs, layout
+from . import placement
+from .packing import Packs
 from .protocol import TOKEN_ENV
 from .staging import Staging
 
@@ -132,9 +134,10 @@ class RemoteTier:
         self._alias: dict[int, int] = {}  # LOCK: _lock; id -> core id, when they differ
         self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # LOCK: _lock
         self._busy: set[int] = set()  # LOCK: _lock
-        # (client, block id) allocated but not yet in _remote: a reclaim waits for them
-        self._in_transit: set[tuple[int, int]] = set()  # LOCK: _lock
+        # placements per (client, block id) not yet in _remote: a reclaim waits for them
+        self._in_transit: collections.Counter[tuple[int, int]] = collections.Counter()  # LOCK
         self._packs = Packs()  # LOCK: _lock; handles per block (Note [Packed blocks])
+        self._slabs: dict[int, list] = {}  # LOCK: _lock; client -> [open slab, used] (placement.py)
         self._ids = itertools.count(_FIRST_REMOTE_ID)
         self._stats = {"spills": 0, "spilled_handles": 0, "spilled_bytes": 0,
                        "direct_offloads": 0, "remote_fetches": 0, "reclaims": 0,
@@ -380,6 +383,7 @@ class RemoteTier:
                 self._alias.clear()
                 self._lru.clear()
                 self._packs.clear()
+                self._slabs.clear()
 
     # -- what the manager asks besides the Store interface ----------------------------------
     def lost(self, handle: int) -> bool:
@@ -435,12 +439,6 @@ class RemoteTier:
                                       f"bytes it held are gone", address=c.address,
                                       reason=c.lost)
 
-    def _settled(self, client: int, blocks: list[RemoteBlock]) -> None:
-        """``blocks`` are in _remote now, or given back: a reclaim may take them."""
-        with self._cv:
-            self._in_transit.difference_update((client, b.id) for b in blocks)
-            self._cv.notify_all()
-
     def _release(self, entries: list[_Remote]) -> None:
         """The entries let go of their blocks (Note [Packed blocks]); the blocks no handle uses
         any more go back, one request a lender. The caller forgets the entries."""
@@ -450,61 +448,7 @@ class RemoteTier:
                 if r.block is not None:
                     empty.setdefault(r.client, []).extend(self._packs.drop(r.client, [r.block]))
         for i, blocks in empty.items():
-            if blocks:
-                self._free_blocks(i, blocks)
-
-    def _discard(self, client: int, blocks: list[RemoteBlock]) -> None:
-        """Give back blocks that were placed but never filled (their transfer failed)."""
-        with self._lock:
-            self._packs.forget(client, blocks)
-        self._free_blocks(client, blocks)
-
-    def _free_blocks(self, client: int, blocks: list[RemoteBlock]) -> None:
-        self._settled(client, blocks)
-        c = self.clients[client]
-        if c.lost is not None:  # gone with the lender
-            with self._lock:
-                self._stats["lost_freed"] += len(blocks)
-            return
-        try:
-            c.free(blocks)
-        except OffloadError:  # lost meanwhile (or refused): the bytes are not needed any more
-            with self._lock:
-                self._stats["lost_freed"] += len(blocks)
-
-    # -- placement ---------------------------------------------------------------------------
-    def _place(self, sizes: list[int], avoid: int | None = None
-               ) -> tuple[int, list[RemoteBlock], list[tuple[RemoteBlock, int]]]:
-        """Room for ``sizes`` (all > 0), packed (Note [Packed blocks]), on the first lender
-        that holds them all: (lender, its new blocks, (block, offset) per size). The blocks
-        are in transit and counted for their handles until ``_settled``/``_discard``."""
-        why: list[str] = []
-        for i, c in enumerate(self.clients):
-            if i == avoid or c.lost is not None:
-                continue
-            if not sizes:
-                return i, [], []
-            # packed; when the lender's free space is too fragmented for that, a block each
-            blocks = None
-            for limit in (int(c.lender.get("segment_bytes") or 0), 1):
-                chunks, slots = layout(sizes, limit)
-                try:
-                    blocks = c.allocate(chunks)
-                    break
-                except (OutOfMemoryError, RemoteLostError) as exc:
-                    if len(chunks) == len(sizes) or isinstance(exc, RemoteLostError):
-                        why.append(f"{c.address}: {exc}")
-                        break
-            if blocks is None:
-                continue
-            where = [(blocks[k], off) for k, off in slots]
-            with self._lock:
-                self._in_transit.update((i, b.id) for b in blocks)
-                self._packs.add(i, [b for b, _ in where])
-            return i, blocks, where
-        raise OutOfMemoryError("no tier has room: the core's tiers are full and no lender "
-                               f"can hold {sum(sizes)} bytes ({'; '.join(why) or 'none usable'})",
-                               requested=sum(sizes))
+            placement.free_blocks(self, i, blocks)
 
     # -- spilling and direct offloads (Note [Remote placement]) ------------------------------
     def _could_fit(self, sizes: list[int]) -> bool:
@@ -540,13 +484,14 @@ class RemoteTier:
             return False
         try:
             try:
-                client, blocks, where = self._place([n for _, _, n in victims])
+                got = placement.place(self, [n for _, _, n in victims])
+                client, blocks, where = got
             except OutOfMemoryError:
                 return False
             try:
                 self._spill_copy(client, where, victims, total, stream)
             except (OffloadError, TimeoutError):  # nothing moved: they stay in the core
-                self._discard(client, blocks)
+                placement.discard(self, got)
                 return False
             with self._lock:  # remote first: info() of a victim never sees it nowhere
                 for (hid, _, n), (b, off) in zip(victims, where):
@@ -555,7 +500,7 @@ class RemoteTier:
                 self._stats["spills"] += 1
                 self._stats["spilled_handles"] += len(victims)
                 self._stats["spilled_bytes"] += total
-            self._settled(client, blocks)
+            placement.settled(self, client, blocks)
             for hid, cid, _ in victims:
                 self._core.free(cid)
                 with self._lock:
@@ -588,14 +533,15 @@ class RemoteTier:
         tensor's prefix); ``OutOfMemoryError`` if none holds it. The results are appended to
         ``out`` with the entries, as the core does (Note [Interrupted batches] in manager.py)."""
         sizes = [n for _, n, _, _ in items if n]
-        client, blocks, where = self._place(sizes)
+        got = placement.place(self, sizes)
+        client, blocks, where = got
         it = iter(where)
         placed = [(next(it) if n else (None, 0), s, n, p) for s, n, p, _ in items]
         try:
             self._stage.write_from(client, [(b, off, s, n) for (b, off), s, n, _ in placed
                                             if b is not None], stream)
         except BaseException:
-            self._discard(client, blocks)
+            placement.discard(self, got)
             raise
         got = []
         with self._lock:
@@ -606,5 +552,5 @@ class RemoteTier:
             if out is not None:
                 out.extend(got)
             self._stats["direct_offloads"] += len(items)
-        self._settled(client, blocks)
+        placement.settled(self, client, blocks)
         return got

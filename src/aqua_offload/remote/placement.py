@@ -1,0 +1,170 @@
+"""Where a batch goes on the lenders: packed blocks for large batches, the open slab for small
+ones, and the blocks in transit that a reclaim must wait for.
+
+Note [Slabs]
+    A batch of at most ``SMALL_BYTES`` (one small tensor, a few layers of a short cache) does
+    not ask its lender for blocks: it is placed at the bump pointer of that lender's *open
+    slab*, a block of ``SLAB_BYTES`` (at most the lender's segment) the tier allocated once, so
+    a small offload costs its transfer and no round trip. The open slab holds one count of its
+    own in :class:`~.packing.Packs` (its *pin*), besides one per handle placed in it, so it is
+    not given back while it is open even when no handle uses it. When a batch no longer fits,
+    a new slab is opened and the old one *retired*: its pin is dropped, and it goes back to
+    its lender once its last handle lets go (Note [Packed blocks]). Space freed inside a slab
+    is not reused, so a slab lives as long as its longest-lived handle: the waste is bounded by
+    one slab per long-lived small handle, and a lender that wants the memory reclaims it like
+    any block (a reclaim retires the slab it names before anything else).
+
+Note [In transit]
+    Between placement and the moment its handles' entries exist (or the placement is given
+    up), a block is *in transit*: a reclaim naming it waits. Several placements can be in
+    transit in one slab at once, so the tier counts them per block.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+from ..errors import OffloadError, OutOfMemoryError, RemoteLostError
+from .items import RemoteBlock
+from .packing import layout
+
+if TYPE_CHECKING:
+    from .tier import RemoteTier
+
+__all__ = ["place", "settled", "discard", "free_blocks", "retire_slab", "SLAB_BYTES",
+           "SMALL_BYTES"]
+
+SLAB_BYTES = 4 << 20
+SMALL_BYTES = SLAB_BYTES // 16  # batches up to this go to the open slab (Note [Slabs])
+
+Placement = tuple[int, list[RemoteBlock], list[tuple[RemoteBlock, int]]]
+
+
+def place(t: "RemoteTier", sizes: list[int], avoid: int | None = None) -> Placement:
+    """Room for ``sizes`` (all > 0) on the first lender that holds them all (skipping lost
+    ones and ``avoid``): (lender, the blocks in transit, (block, offset) per size), counted
+    for their handles (Note [Packed blocks]) and in transit until :func:`settled` or
+    :func:`discard`.
+
+    Raises
+    ------
+    OutOfMemoryError
+        No lender can hold the batch.
+    """
+    why: list[str] = []
+    total = sum(sizes)
+    for i, c in enumerate(t.clients):
+        if i == avoid or c.lost is not None:
+            continue
+        if not sizes:
+            return i, [], []
+        if total <= SMALL_BYTES:
+            got = _in_slab(t, i, sizes, total)
+            if got is not None:
+                return got
+        # packed; when the lender's free space is too fragmented for that, a block each
+        blocks = None
+        for limit in (int(c.lender.get("segment_bytes") or 0), 1):
+            chunks, slots = layout(sizes, limit)
+            try:
+                blocks = c.allocate(chunks)
+                break
+            except (OutOfMemoryError, RemoteLostError) as exc:
+                if len(chunks) == len(sizes) or isinstance(exc, RemoteLostError):
+                    why.append(f"{c.address}: {exc}")
+                    break
+        if blocks is None:
+            continue
+        where = [(blocks[k], off) for k, off in slots]
+        with t._lock:
+            for b in blocks:
+                t._in_transit[i, b.id] += 1
+            t._packs.add(i, [b for b, _ in where])
+        return i, blocks, where
+    raise OutOfMemoryError("no tier has room: the core's tiers are full and no lender "
+                           f"can hold {total} bytes ({'; '.join(why) or 'none usable'})",
+                           requested=total)
+
+
+def _in_slab(t: "RemoteTier", i: int, sizes: list[int], total: int) -> Placement | None:
+    """The batch at the bump pointer of lender ``i``'s open slab, opening a new slab when it
+    does not fit (Note [Slabs]); None when the lender has no room for a slab."""
+    for attempt in range(2):
+        with t._lock:
+            slab = t._slabs.get(i)
+            if slab is not None and slab[1] + total <= slab[0].nbytes:
+                block, off = slab[0], slab[1]
+                slab[1] += total
+                t._in_transit[i, block.id] += 1
+                t._packs.add(i, [block] * len(sizes))
+                offs = itertools.accumulate(sizes, initial=off)
+                return i, [block], [(block, o) for o, _ in zip(offs, sizes)]
+        if attempt:
+            return None
+        c = t.clients[i]
+        size = min(SLAB_BYTES, int(c.lender.get("segment_bytes") or SLAB_BYTES))
+        if total > size:
+            return None
+        try:
+            (block,) = c.allocate([size])
+        except (OutOfMemoryError, RemoteLostError):
+            return None
+        with t._lock:
+            t._packs.add(i, [block])  # the pin
+            empty = _retire(t, i)
+            t._slabs[i] = [block, 0]
+        free_blocks(t, i, empty)
+    return None
+
+
+def _retire(t: "RemoteTier", i: int) -> list[RemoteBlock]:
+    """Close lender ``i``'s open slab (under the tier's lock); returns it if no handle uses it
+    (the caller gives it back)."""
+    slab = t._slabs.pop(i, None)
+    return t._packs.drop(i, [slab[0]]) if slab is not None else []
+
+
+def retire_slab(t: "RemoteTier", i: int, ids: set[int]) -> list[RemoteBlock]:
+    """A reclaim of lender ``i`` names blocks ``ids``: if the open slab is among them, no batch
+    goes there any more. Returns it if no handle uses it (the caller gives it back)."""
+    with t._lock:
+        slab = t._slabs.get(i)
+        return _retire(t, i) if slab is not None and slab[0].id in ids else []
+
+
+def settled(t: "RemoteTier", client: int, blocks: list[RemoteBlock]) -> None:
+    """A placement's handles are entries now (or it was given up): its blocks are no longer
+    in transit for it (Note [In transit])."""
+    with t._cv:
+        for b in blocks:
+            key = (client, b.id)
+            t._in_transit[key] -= 1
+            if t._in_transit[key] <= 0:
+                del t._in_transit[key]
+        t._cv.notify_all()
+
+
+def discard(t: "RemoteTier", placement: Placement) -> None:
+    """Give up a placement whose transfer failed: its handles' counts go, and the blocks no
+    handle uses any more go back (an open slab stays, pinned)."""
+    client, blocks, where = placement
+    with t._lock:
+        empty = t._packs.drop(client, [b for b, _ in where])
+    settled(t, client, blocks)
+    free_blocks(t, client, empty)
+
+
+def free_blocks(t: "RemoteTier", client: int, blocks: list[RemoteBlock]) -> None:
+    """Give ``blocks`` back to their lender, without waiting for its answer."""
+    if not blocks:
+        return
+    c = t.clients[client]
+    if c.lost is None:
+        try:
+            c.free(blocks, wait=False)
+            return
+        except OffloadError:  # lost meanwhile (or refused): the bytes are not needed any more
+            pass
+    with t._lock:  # gone with the lender
+        t._stats["lost_freed"] += len(blocks)
