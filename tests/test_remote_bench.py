@@ -25,13 +25,13 @@ def test_bench_remote_rows_and_json(tmp_path, capsys) -> None:
     for r in result["rows"]:
         for method in ("client", "raw_nixl", "memcpy"):
             assert 0 < r[method]["min_s"] <= r[method]["median_s"] <= r[method]["max_s"]
-    manager = [(r["op"], r["tier"], r["bytes"], r["items"]) for r in result["manager_rows"]]
-    assert manager == [("offload", "remote", 4096, 1), ("fetch", "remote", 4096, 1),
-                       ("offload", "remote", 65536, 1), ("fetch", "remote", 65536, 1),
-                       ("offload", "remote", 1000 * 4096, 1000),
-                       ("fetch", "remote", 1000 * 4096, 1000),
-                       ("offload", "host", 1000 * 4096, 1000),
-                       ("fetch", "host", 1000 * 4096, 1000)]
+    manager = [(r["op"], r["mode"], r["tier"], r["bytes"], r["items"])
+               for r in result["manager_rows"]]
+    assert manager == [(op, mode, tier, n, items)
+                       for tier, n, items in (("remote", 4096, 1), ("remote", 65536, 1),
+                                              ("remote", 1000 * 4096, 1000),
+                                              ("host", 1000 * 4096, 1000))
+                       for mode in ("release", "snapshot") for op in ("offload", "fetch")]
     raw = {(r["op"], r["bytes"], r["items"]): r["raw_nixl"] for r in result["rows"]}
     for r in result["manager_rows"]:
         m = r["manager"]
@@ -40,4 +40,4 @@ def test_bench_remote_rows_and_json(tmp_path, capsys) -> None:
                                      r["items"])], "compared with the raw rows of the same run"
         assert r["vs_raw"] == m["median_s"] / r["raw_nixl"]["median_s"]
     out = capsys.readouterr().out
-    assert "client/raw" in out and "OffloadManager(remote=...)" in out
+    assert "client/raw" in out and "OffloadManager(remote=...)" in out and "snapshot" in out

@@ -11,12 +11,14 @@ is the median of ``samples`` (>= 3) batches of repeats; the bytes are verified a
 Host timers (``time.perf_counter``): every buffer is in host memory.
 
 Manager rows (``manager_rows``): an ``OffloadManager(remote=[lender])`` whose host tier is a
-single 256-byte block, so every tensor goes to the lender, offloads (release) and fetches one
-tensor of each size, and ``offload_many``/``fetch_many`` the 1000 x 4 KiB batch (also into
-the host tier of a manager without a lender: what the manager itself costs); each against
-the raw NIXL write/read of the same bytes measured above (``vs_raw``: manager time over raw
-time; the batch against the raw scattered batch). The fetch includes what a release fetch
-does: a fresh tensor for the bytes, the staging copy, the lender's block freed. Every call is
+single 256-byte block, so every tensor goes to the lender, offloads and fetches one tensor of
+each size, and ``offload_many``/``fetch_many`` the 1000 x 4 KiB batch (also into the host tier
+of a manager without a lender: what the manager itself costs); each against the raw NIXL
+write/read of the same bytes measured above (``vs_raw``: manager time over raw time; the batch
+against the raw scattered batch). Two modes: ``release`` pages the storage out, and its fetch
+includes what a release fetch does (fresh memory for the bytes, whose first touch page-faults
+on the host, the lender's block given back); ``snapshot`` offloads with ``release=False`` and
+fetches into ``out=`` tensors made once, like the raw rows' buffers: the library's own cost. Every call is
 timed alone: ``median_s`` is the median call (``min_s``/``max_s`` likewise), ``mean_s`` the
 mean, which includes the pauses of Python's cyclic garbage collector (a full collection lands
 on some batch calls: 1000 handles are thousands of objects).
@@ -47,6 +49,7 @@ KiB, MiB = 1 << 10, 1 << 20
 DEFAULT_SIZES = (4 * KiB, 64 * KiB, MiB, 16 * MiB, 64 * MiB)
 QUICK_SIZES = (4 * KiB, MiB, 16 * MiB)
 BATCH_ITEMS, BATCH_ITEM = 1000, 4 * KiB
+MODES = ("release", "snapshot")
 START_TIMEOUT_S = 60.0
 
 
@@ -245,39 +248,52 @@ def _manager_rows(address: str, token: str, sizes: list[int], samples: int,
     try:
         for n in sizes:
             t = random_bytes(n, seed=n % 9967).clone()  # owned by torch alone: pageable
-            ref = t.clone()
-            times = _time_round_trips(m, [t], _repeats(n), samples, "remote")
-            if not torch.equal(t, ref):
-                raise VerificationError(f"manager round trip of {n} bytes: wrong bytes")
-            rows += _manager_pair(n, 1, times, raw, "remote")
+            for mode in MODES:
+                times = _time_round_trips(m, [t], _repeats(n), samples, "remote", mode)
+                rows += _manager_pair(n, 1, times, raw, "remote", mode)
         n, size = BATCH_ITEMS, BATCH_ITEM
         ts = [x.clone() for x in random_bytes(n * size, seed=78).split(size)]
-        refs = [x.clone() for x in ts]
         for tier in ("remote", "host"):
             if tier == "host":
                 m.close()
                 m = OffloadManager("cpu", peers=None, host_bytes=2 * n * size)
-            times = _time_round_trips(m, ts, 3, samples, tier)
-            if not all(torch.equal(a, b) for a, b in zip(ts, refs)):
-                raise VerificationError("manager batch round trip: wrong bytes")
-            rows += _manager_pair(n * size, n, times, raw, tier)
+            for mode in MODES:
+                times = _time_round_trips(m, ts, 3, samples, tier, mode)
+                rows += _manager_pair(n * size, n, times, raw, tier, mode)
     finally:
         m.close()
     return rows
 
 
-def _time_round_trips(m: Any, ts: list[torch.Tensor], repeats: int, samples: int, tier: str
-                      ) -> tuple[list[float], list[float]]:
+def _time_round_trips(m: Any, ts: list[torch.Tensor], repeats: int, samples: int, tier: str,
+                      mode: str) -> tuple[list[float], list[float]]:
     """The offload and fetch time of each of ``samples * repeats`` round trips of ``ts``
-    (``offload``/``fetch`` for one tensor, ``offload_many``/``fetch_many`` for more)."""
+    (``offload``/``fetch`` for one tensor, ``offload_many``/``fetch_many`` for more), in
+    ``mode`` "release" (the storage paged out; fetch restores it into fresh memory) or
+    "snapshot" (``release=False``; fetched into ``out=`` tensors made once). The bytes are
+    verified after every round trip."""
+    refs = [t.clone() for t in ts]
+    release = mode == "release"
+    outs = None if release else [torch.empty_like(t).fill_(1) for t in ts]  # touched once
+
     def trip() -> tuple[float, float]:
         t0 = time.perf_counter()
-        hs = [m.offload(ts[0])] if len(ts) == 1 else m.offload_many(ts)
+        hs = ([m.offload(ts[0], release)] if len(ts) == 1
+              else m.offload_many(ts, release))
         t1 = time.perf_counter()
         if any(h.tier != tier for h in hs):
             raise VerificationError(f"a manager benchmark tensor did not go to the {tier} tier")
-        m.fetch(hs[0]) if len(hs) == 1 else m.fetch_many(hs)
-        return t1 - t0, time.perf_counter() - t1
+        if len(hs) == 1:
+            m.fetch(hs[0], outs[0] if outs else None)
+        else:
+            m.fetch_many(hs, outs)
+        t2 = time.perf_counter()
+        if not all(torch.equal(a, b) for a, b in zip(outs or ts, refs)):
+            raise VerificationError(f"manager round trip ({mode}, {tier}): wrong bytes")
+        if outs:
+            for o in outs:
+                o[0] ^= 1  # the next fetch must write every byte again (checked above)
+        return t1 - t0, t2 - t1
 
     trip()  # warm-up
     offs, fetches = [], []
@@ -289,14 +305,15 @@ def _time_round_trips(m: Any, ts: list[torch.Tensor], repeats: int, samples: int
 
 
 def _manager_pair(nbytes: int, items: int, times: tuple[list[float], list[float]],
-                  raw: dict[tuple[str, int, int], dict[str, float]], tier: str
+                  raw: dict[tuple[str, int, int], dict[str, float]], tier: str, mode: str
                   ) -> list[dict[str, Any]]:
     out = []
     for op, raw_op, t in (("offload", "write", times[0]), ("fetch", "read", times[1])):
         s, r = _stat(t, nbytes), raw.get((raw_op, items, nbytes))
         s["mean_s"] = statistics.fmean(t)
-        out.append({"op": op, "tier": tier, "bytes": nbytes, "items": items, "manager": s,
-                    "raw_nixl": r, "vs_raw": s["median_s"] / r["median_s"] if r else None})
+        out.append({"op": op, "mode": mode, "tier": tier, "bytes": nbytes, "items": items,
+                    "manager": s, "raw_nixl": r,
+                    "vs_raw": s["median_s"] / r["median_s"] if r else None})
     return out
 
 
@@ -320,18 +337,21 @@ def format_remote_table(result: dict[str, Any]) -> str:
                    f"{r['raw_nixl']['median_s'] * 1e6:>9.1f}{r['client_vs_raw']:>12.2f}")
     out.append("client/raw: raw time over client time (1.00 = the client adds nothing)")
     if result.get("manager_rows"):
-        out += ["", "OffloadManager(remote=...): offload (release) / fetch, vs the raw NIXL "
-                "write / read of the same bytes above",
-                f"{'op':<8}{'tier':<7}{'size':>12}{'items':>7}{'manager GB/s':>14}{'raw GB/s':>10}"
-                f"{'manager us':>12}{'mean us':>10}{'raw us':>9}{'vs raw':>8}"]
+        out += ["", "OffloadManager(remote=...): offload / fetch, vs the raw NIXL write / read "
+                "of the same bytes above",
+                f"{'op':<8}{'mode':<9}{'tier':<7}{'size':>12}{'items':>7}{'manager GB/s':>14}"
+                f"{'raw GB/s':>10}{'manager us':>12}{'mean us':>10}{'raw us':>9}{'vs raw':>8}"]
         for r in result["manager_rows"]:
             raw = r["raw_nixl"] or {"GBps": float("nan"), "median_s": float("nan")}
             ratio = f"{r['vs_raw']:.2f}x" if r["vs_raw"] is not None else "-"
-            out.append(f"{r['op']:<8}{r['tier']:<7}{format_size(r['bytes']):>12}{r['items']:>7}"
+            out.append(f"{r['op']:<8}{r.get('mode', 'release'):<9}{r['tier']:<7}"
+                       f"{format_size(r['bytes']):>12}{r['items']:>7}"
                        f"{r['manager']['GBps']:>14.2f}{raw['GBps']:>10.2f}"
                        f"{r['manager']['median_s'] * 1e6:>12.1f}"
                        f"{r['manager']['mean_s'] * 1e6:>10.1f}{raw['median_s'] * 1e6:>9.1f}"
                        f"{ratio:>8}")
         out.append("vs raw: median manager call over raw time (1.00x = the manager adds "
-                   "nothing); mean: with the garbage collector's pauses")
+                   "nothing); mean: with the garbage collector's pauses. release: the storage "
+                   "is paged out and fetched into fresh memory (first-touch page faults "
+                   "included); snapshot: release=False, fetched into out= tensors made once")
     return "\n".join(out)
