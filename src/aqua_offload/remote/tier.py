@@ -16,6 +16,16 @@ Note [Remote placement]
     in packing.py), small batches a lender's open slab (Note [Slabs] in placement.py). Spill
     copies count in the core's ``fetches``/``bytes_fetched``.
 
+Note [Tier order]
+    ``order="below_host"`` (the default) puts the lenders below every core tier: a batch goes
+    to the core, and only when the core is full (after its own eviction, peer to host) does
+    anything go to a lender (spilled, else direct). ``"above_host"`` puts them between the
+    peers and host memory: a batch the peer tiers can take as they are (their free space, no
+    eviction) goes to the core, which places it on a peer; any other goes to a lender
+    directly, and to the core (host memory, with its eviction) only when no lender can hold
+    it. Handles placed on the host that way stay there; a full core still spills its
+    bottom tier to the lenders. The order is by placement, not a re-sort of what is placed.
+
 Note [Staging]
     in staging.py: every remote transfer passes through one buffer registered once with
     every client, in rounds of one ``write`` (or one ``read`` per lender).
@@ -61,7 +71,9 @@ from .packing import Packs
 from .protocol import TOKEN_ENV
 from .staging import Staging
 
-__all__ = ["RemoteTier", "STAGING_BYTES"]
+__all__ = ["RemoteTier", "STAGING_BYTES", "ORDERS"]
+
+ORDERS = ("below_host", "above_host")  # Note [Tier order]
 
 STAGING_BYTES = 64 << 20  # per manager; registered once with each lender's client
 _FIRST_REMOTE_ID = 1 << 62  # ids of handles born remote; the core counts up from 1
@@ -97,11 +109,15 @@ class RemoteTier:
         The lenders' shared secret; None: the ``AQUA_OFFLOAD_REMOTE_TOKEN`` environment variable.
     deadline_s : float
         Longest wait for any request or transfer of a lender.
+    order : str
+        ``"below_host"``: the lenders come after every core tier (peer, host, remote);
+        ``"above_host"``: after the peers, before host memory (peer, remote, host). See Note
+        [Tier order].
 
     Raises
     ------
     InvalidArgumentError
-        No address, a malformed or repeated address, no token, a bad deadline.
+        No address, a malformed or repeated address, no token, a bad deadline or order.
     RemoteConnectError, RemoteAuthError, RemoteVersionError, RemoteProtocolError
         A lender cannot be used; the clients made so far are closed (the core is not).
     BackendError
@@ -109,7 +125,12 @@ class RemoteTier:
     """
 
     def __init__(self, core: Any, device: torch.device, addresses: str | Sequence[str],
-                 token: bytes | str | None, deadline_s: float = 5.0) -> None:
+                 token: bytes | str | None, deadline_s: float = 5.0,
+                 order: str = "below_host") -> None:
+        if order not in ORDERS:
+            raise InvalidArgumentError(f"remote_order must be one of {', '.join(ORDERS)}, got "
+                                       f"{order!r}")
+        self.order = order
         if isinstance(addresses, str):
             addresses = [addresses]
         addresses = list(addresses) if isinstance(addresses, (list, tuple)) else None
@@ -192,6 +213,11 @@ class RemoteTier:
                 remote_bases = [b for b in bases if b in self._remote]
                 core_items = [(s, n, p, 0 if b in self._remote else self._alias.get(b, b)
                                ) if b else (s, n, p, 0) for s, n, p, b in items]
+            if self.order == "above_host" and not self._fits_peers([n for _, n, _, _ in items]):
+                try:  # Note [Tier order]: a lender before host memory
+                    return self._to_lenders(items, bases, remote_bases, stream, out)
+                except OutOfMemoryError:
+                    pass  # no lender can hold it: the core's tiers after all
             try:
                 got = self._core.offload_many(core_items, stream, fence_user, out)
             except OutOfMemoryError as oom:
@@ -202,10 +228,7 @@ class RemoteTier:
                         raise oom
                     got = self._core.offload_many(core_items, stream, fence_user, out)
                 except OutOfMemoryError:
-                    got = self._direct(items, stream, out)
-                    self._consume([b for b in bases if b not in remote_bases], core=True)
-                    self._consume(remote_bases, core=False)
-                    return got
+                    return self._to_lenders(items, bases, remote_bases, stream, out)
             with self._lock:
                 for cid, _ in got:
                     self._lru[cid] = None
@@ -366,7 +389,7 @@ class RemoteTier:
                 "lent_segments": 0, "fenced": 0, "handles": len(mine),
                 "lost": c.lost})
         s["tiers"] = list(s["tiers"]) + remote_tiers
-        out.update(lost_handles=lost_handles, lost_bytes=lost_bytes,
+        out.update(order=self.order, lost_handles=lost_handles, lost_bytes=lost_bytes,
                    lenders=[c.stats() for c in self.clients])
         s["remote"] = out
         return s
@@ -455,6 +478,21 @@ class RemoteTier:
         """Whether the core's tiers, emptied, could hold the batch (else spilling is no use)."""
         caps = [t["capacity"] for t in self._core.stats()["tiers"]]
         return bool(caps) and sum(sizes) <= sum(caps) and max(sizes, default=0) <= max(caps)
+
+    def _fits_peers(self, sizes: list[int]) -> bool:
+        """Whether the core's peer tiers can take the batch as they are (Note [Tier order])."""
+        peers = [t for t in self._core.stats()["tiers"] if t["tier"] == "peer"]
+        return bool(peers) and sum(sizes) <= sum(t["free"] for t in peers) and max(
+            sizes, default=0) <= max(t["largest_free"] for t in peers)
+
+    def _to_lenders(self, items: list[tuple[int, int, float, int]], bases: list[int],
+                    remote_bases: list[int], stream: int, out: list | None
+                    ) -> list[tuple[int, int]]:
+        """The batch to a lender in full; its incremental bases are consumed after."""
+        got = self._direct(items, stream, out)
+        self._consume([b for b in bases if b not in remote_bases], core=True)
+        self._consume(remote_bases, core=False)
+        return got
 
     def _spill(self, need: int, stream: int, exclude: set[int]) -> bool:
         """Move at least ``need`` bytes of the core's bottom tier to a lender; False if none
