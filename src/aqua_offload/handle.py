@@ -15,7 +15,7 @@ paged-out tensor dropped together with its handle gives its tier bytes back.
 
 from __future__ import annotations
 
-import threading
+import _thread
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +56,7 @@ class Handle:
     def __init__(self, manager: "OffloadManager", core_id: int, *, nbytes: int,
                  shape: torch.Size, dtype: torch.dtype, release: bool,
                  tensor: torch.Tensor | None, key: int | None, tier: str, location: str,
-                 priority: float = 0.0) -> None:
+                 priority: float = 0.0, storage: torch.UntypedStorage | None = None) -> None:
         self._manager = manager
         self._id = core_id
         self.nbytes = nbytes
@@ -70,10 +70,10 @@ class Handle:
         self._tensor: Any = None
         self._storage: Any = None
         self._layout: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None
-        if tensor is not None:
+        if tensor is not None:  # (``storage``: the tensor's, when the caller has it already)
             self._tensor = weakref.ref(tensor)
-            self._storage = weakref.ref(tensor.untyped_storage())
-            self._layout = (tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+            self._storage = weakref.ref(tensor.untyped_storage() if storage is None else storage)
+            self._layout = (tensor.storage_offset(), tuple(shape), tensor.stride())
         self._key = key  # release=True: registry key of its storage
         self._tier = tier
         self._location = location
@@ -85,7 +85,7 @@ class Handle:
         self._pending: tuple[torch.Tensor, Any] | None = None
         self._deferred: int | None = None  # storage key of a fence="deferred" snapshot's source
         self._array: Any = None  # a snapshot of a numpy/CuPy/DLPack array: how to rebuild it
-        self._lock = threading.RLock()  # serialises fetch/prefetch/free of this handle
+        self._lock = _thread.RLock()  # serialises fetch/prefetch/free of this handle
         # Set once the call that made it returns it (Note [Orphans] in manager.py): a handle an
         # interrupt dropped before that never frees the block its call's finish() re-adopts.
         self._adopted = False
@@ -203,6 +203,13 @@ class Handle:
             if self._state in LIVE and self._adopted:
                 self._manager._discard(self)
         except Exception:  # interpreter shutdown, closed manager: nothing to give back to
+            pass
+        try:  # leave the manager's table (a later Handle made for the same id stays in it)
+            table = self._manager._handles
+            ref = table.get(self._id)
+            if ref is not None and ref() in (self, None):  # None: weakrefs cleared by the GC
+                table.pop(self._id, None)
+        except Exception:  # interpreter shutdown
             pass
 
     def __repr__(self) -> str:

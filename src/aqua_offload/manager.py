@@ -152,8 +152,10 @@ class OffloadManager:
         self._ext_streams: dict[tuple[int, str], Any] = {}
         self._holders = HolderWatch(self._store.ready)  # emulation (holders.py)
         self._gate = CallGate()  # calls in progress, closing, closed (calls.py)
-        # core id -> its Handle while the object lives (Note [Orphans] in orphans.py)
-        self._handles: weakref.WeakValueDictionary[int, Handle] = weakref.WeakValueDictionary()
+        # core id -> weak reference to its Handle, dropped by Handle.__del__ (Note [Orphans] in
+        # orphans.py; a dead reference counts as none). Not a WeakValueDictionary: its
+        # pure-Python references cost more than the rest of making a handle.
+        self._handles: dict[int, weakref.ref[Handle]] = {}
         # handle id -> bytes of its prefetch buffer (prefetching.py); no lock: an interrupt
         # inside `with lock:` can leave the lock held, and dict updates are atomic
         self._prefetched: dict[int, int] = {}
@@ -242,12 +244,13 @@ class OffloadManager:
     _undefer = staticmethod(storage.undefer_handle)
 
     def _new_handle(self, core_id: int, tier: int, tensor: torch.Tensor, *, nbytes: int,
-                    release: bool, priority: float, key: int | None = None) -> Handle:
+                    release: bool, priority: float, key: int | None = None,
+                    storage: torch.UntypedStorage | None = None) -> Handle:
         kind, location = self._tiers[tier]  # where the copy went (Handle.tier stays live)
         h = Handle(self, core_id, nbytes=nbytes, shape=tensor.shape, dtype=tensor.dtype,
                    release=release, tensor=tensor if release else None, key=key,
-                   tier=kind, location=location, priority=priority)
-        self._handles[core_id] = h
+                   tier=kind, location=location, priority=priority, storage=storage)
+        self._handles[core_id] = weakref.ref(h)
         return h
 
     # -- fetch ---------------------------------------------------------------------------
@@ -520,8 +523,9 @@ class OffloadManager:
         for h in storage.handles_of(self):  # restore=False: their data is gone
             storage.discard(h._key, h)
             h._end("closed")
-        for h in list(self._handles.values()):  # snapshots (a deferred one lets its source go)
-            if h._live():
+        for ref in list(self._handles.values()):  # snapshots (a deferred one lets its source go)
+            h = ref()
+            if h is not None and h._live():
                 h._end("closed")
         self._holders.clear()
         if self._lending is not None:  # the leased memory is freed now: give the leases back

@@ -5,10 +5,10 @@ A Handle gives its block back when it dies (``Handle.__del__``), but only once i
 it (``_adopted``, set by the batch's idempotent ``finish()``): a Handle that an interrupt
 dropped before then must not free the block that the re-run ``finish()`` hands out under a new
 Handle. What no Handle object stands for any more (an interrupt inside a finalizer, or inside a
-handler) is found by comparing the core's live ids with the manager's ``_handles`` (a weak map
-filled as handles are made) while no call is in progress (``CallGate.quiet``: every handle made
-is then adopted, and no call can start meanwhile), on ``stats()`` and ``synchronize()``, and
-freed.
+handler) is found by comparing the core's live ids with the manager's ``_handles`` (weak
+references filled as handles are made, each dropped as its Handle dies; a dead one counts as
+none) while no call is in progress (``CallGate.quiet``: every handle made is then adopted, and
+no call can start meanwhile), on ``stats()`` and ``synchronize()``, and freed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def free(m: "OffloadManager") -> None:
     with m._gate.quiet() as quiet:
         if quiet:
             for cid in m._store.live_ids():
-                if cid not in m._handles:
+                ref = m._handles.get(cid)
+                if ref is None or ref() is None:
                     m._store.wait(cid)  # a copy may still use its memory
                     m._store.free(cid)
                     m._holders.drop(cid)
+                    m._handles.pop(cid, None)
