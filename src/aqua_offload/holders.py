@@ -31,6 +31,13 @@ class HolderWatch:
         with self._lock:
             self._held.setdefault(core_id, []).append(memory)
 
+    def hold_many(self, items: list[tuple[int, Any]]) -> None:
+        """:meth:`hold` of each ``(core_id, memory)``, in order, under one lock."""
+        with self._lock:
+            held = self._held
+            for core_id, memory in items:  # a loop: see storage.unregister_many
+                held.setdefault(core_id, []).append(memory)
+
     def transfer(self, old_id: int, new_id: int) -> None:
         """``new_id``'s copy completes after ``old_id``'s (an incremental offload consumed the
         base ``old_id``): what ``old_id`` kept alive is now kept until ``new_id`` is ready."""

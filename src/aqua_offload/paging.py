@@ -22,30 +22,38 @@ from .handle import Handle
 if TYPE_CHECKING:
     from .manager import OffloadManager
 
-__all__ = ["page_out", "page_in", "destination", "restore", "keep_alive", "forget"]
+__all__ = ["page_out", "page_in", "destination", "restore", "keep_alive", "keep_alive_many",
+           "forget"]
 
 
 def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
              bases: list[Handle | None], base_ids: list[int], what: str) -> list[Handle]:
     """Release: reserve every storage, let the core copy them, then swap each out."""
     stores = [t.untyped_storage() for t in tensors]
-    holders = [torch.UntypedStorage(0, device=s.device) for s in stores]
+    # Empty holders made beforehand, so that swapping a storage out is one C call (on the CPU
+    # without arguments: parsing them costs more than the storage; not s.new(), which crashes
+    # on a storage without an allocator, such as numpy's, refused only below).
+    holders = ([torch.UntypedStorage(0, device=m.device) for _ in stores] if m._cuda
+               else [torch.UntypedStorage() for _ in stores])
     sizes = [s.nbytes() for s in stores]
     reserved: list[tuple[int, Any]] = []
     got: list[tuple[int, int]] = []  # filled by the core before it returns
     handles: list[Handle | None] = [None] * len(tensors)
 
     def finish() -> None:  # idempotent (Note [Interrupted batches])
-        for i, ((cid, tier), t) in enumerate(zip(got, tensors)):
-            if handles[i] is None:
-                handles[i] = m._new_handle(cid, tier, t, nbytes=sizes[i], release=True,
-                                           priority=prio, key=reserved[i][0])
-            handles[i]._adopted = True  # (Note [Orphans] in manager.py)
+        for i, (cid, tier) in enumerate(got):
+            h = handles[i]
+            if h is None:
+                h = handles[i] = m._new_handle(cid, tier, tensors[i], nbytes=sizes[i],
+                                               release=True, priority=prio,
+                                               key=reserved[i][0], storage=stores[i])
+            h._adopted = True  # (Note [Orphans] in manager.py)
             if sizes[i] and holders[i].nbytes() == 0:
                 storage.swap_out(stores[i], holders[i])  # one C call: done or not
-            storage.commit(reserved[i][0], reserved[i][1], handles[i], stores[i])
-            if sizes[i]:
-                keep_alive(m, cid, tier, holders[i], dropped_now=True)
+        storage.commit(reserved, handles, stores)  # type: ignore[arg-type]
+        keep_alive_many(m, [(cid, tier, holders[i]) for i, (cid, tier) in enumerate(got)
+                            if sizes[i]])
+        for i, (cid, _tier) in enumerate(got):
             if bases[i] is not None:  # consumed (see snapshots.take)
                 m._holders.transfer(bases[i]._id, cid)
                 bases[i]._end("freed")
@@ -55,17 +63,14 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
     items = [(s.data_ptr(), n, prio, b) for s, n, b in zip(stores, sizes, base_ids)]
     stream = current_stream(m.device)
     try:
-        for t in tensors:
-            storage.check_sole_owner(t, f"{what}(release=True)")
-            storage.reserve(t, f"{what}(release=True)", reserved)
+        storage.reserve(stores, f"{what}(release=True)", reserved)
         m._store.offload_many(items, stream, False, got)
         finish()
     except BaseException:
         if got:  # the core accepted the batch: every tensor ends paged out
             finish()
         else:  # nothing was swapped: the data is where it was
-            for key, token in reserved:
-                storage.unregister(key, token)
+            storage.unregister_many(reserved)
         raise
     return handles  # type: ignore[return-value]
 
@@ -80,6 +85,16 @@ def keep_alive(m: "OffloadManager", core_id: int, tier: int, memory: Any,
         m._record_stream(memory, m._stream(tier, "to_tier"))
     else:
         m._holders.hold(core_id, memory)
+
+def keep_alive_many(m: "OffloadManager", items: list[tuple[int, int, Any]]) -> None:
+    """:func:`keep_alive` of each ``(core_id, tier, holder)`` of paged-out storages (dropped
+    now), holders under one lock."""
+    if m._cuda:
+        for core_id, tier, memory in items:
+            m._record_stream(memory, m._stream(tier, "to_tier"))
+    else:
+        m._holders.hold_many([(core_id, memory) for core_id, _tier, memory in items])
+
 
 def forget(m: "OffloadManager", got: list[tuple[int, int]]) -> None:
     """Drop core handles no Python handle was made for (an interrupted batch)."""

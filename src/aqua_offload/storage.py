@@ -20,12 +20,14 @@ Note [Paging registry]
 A module-wide registry maps each paged storage (by StorageImpl address) to its handle, so a
 second ``release`` of the same storage (through any view, from any manager) is refused,
 ``is_offloaded`` answers, and a paged-out tensor can always be fetched even if its handle was
-dropped. The registry holds the handle; the handle holds its storage weakly. A finalizer on the
-storage's Python object (torch preserves it exactly as long as the StorageImpl lives) drops the
-entry when the last tensor of the storage dies: a paged-out tensor dropped with its handle then
-gives its tier bytes back. A released storage whose handle was freed (or closed without
-restoring) stays registered as *discarded* until it dies: it has no data, touching it would
-crash, so the guard refuses it and so does a new offload.
+dropped. The registry holds the handle; the handle holds its storage weakly. A weak reference
+with a callback on the storage's Python object (:class:`_Watch`; torch preserves the object
+exactly as long as the StorageImpl lives) drops the entry when the last tensor of the storage
+dies: a paged-out tensor dropped with its handle then gives its tier bytes back. (Not
+``weakref.finalize``: ten times the cost, paid per storage by a batch of small tensors.) A
+released storage whose handle was freed (or closed without restoring) stays registered as
+*discarded* until it dies: it has no data, touching it would crash, so the guard refuses it and
+so does a new offload.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ __all__ = ["is_offloaded", "is_discarded"]
 
 _lock = threading.RLock()  # dropping an entry can run a Handle's __del__, which frees
 _registry: dict[int, Any] = {}  # StorageImpl address -> Handle, reservation or _Discarded
-_watched: set[int] = set()      # addresses with a finalizer on their storage object
+_watched: dict[int, "_Watch"] = {}  # address -> the weak reference watching its storage object
 
 
 class _Discarded:
@@ -57,7 +59,14 @@ class _Discarded:
 
 
 class _Reservation:
-    """Placeholder while an offload of the storage is being submitted."""
+    """Placeholder while an offload of the storage is being submitted (one per batch)."""
+
+
+class _Watch(weakref.ref):
+    """A weak reference to a paged storage's Python object whose callback drops the storage's
+    registry entry when the object dies (Note [Paging registry])."""
+
+    __slots__ = ("key",)
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -127,46 +136,63 @@ def handles_of(manager: Any) -> list["Handle"]:
                 if _type_of(h) == "handle" and h._manager is manager]
 
 
-def reserve(t: torch.Tensor, what: str, reserved: list[tuple[int, Any]]) -> None:
-    """Reserve ``t``'s storage for a release, appending ``(key, token)`` to ``reserved``
-    *before* registering it: an interrupt anywhere leaves nothing the caller cannot undo
-    with :func:`unregister` (Note [Interrupted batches] in manager.py)."""
-    key = storage_key(t)
+def reserve(stores: list[torch.UntypedStorage], what: str,
+            reserved: list[tuple[int, Any]]) -> None:
+    """Check (:func:`check_sole_owner`) and reserve each storage for a release, in order,
+    appending ``(key, token)`` to ``reserved`` *before* registering it: an interrupt or an error
+    anywhere leaves nothing the caller cannot undo with :func:`unregister` (Note [Interrupted
+    batches] in manager.py). One lock and one token for the whole batch."""
     token = _Reservation()
+    stale = []  # dead storages' entries at reused addresses: replaced, dropped outside the lock
     with _lock:
-        entry = _entry(t)
-        if isinstance(entry, _Discarded):
-            raise InvalidArgumentError(
-                f"{what}: the tensor's storage was paged out and its handle freed (or its manager "
-                "closed without restoring): its data is gone; make a new tensor")
-        if entry is not None:
-            raise InvalidArgumentError(
-                f"{what}: the tensor's storage is already paged out (or being paged out); fetch "
-                "its handle first")
-        reserved.append((key, token))
-        stale = _registry.get(key)  # a dead storage's entry at a reused address: replaced
-        _registry[key] = token
+        for s in stores:
+            why = _not_sole_owner(s)
+            if why is not None:
+                raise InvalidArgumentError(f"{what}: {why}; use release=False")
+            key = s._cdata
+            entry = _registry.get(key)
+            if entry is not None:
+                if isinstance(entry, _Discarded):
+                    if entry.storage() is s:
+                        raise InvalidArgumentError(
+                            f"{what}: the tensor's storage was paged out and its handle freed (or "
+                            "its manager closed without restoring): its data is gone; make a new "
+                            "tensor")
+                elif isinstance(entry, _Reservation) or entry._storage is None \
+                        or entry._storage() is s:
+                    raise InvalidArgumentError(
+                        f"{what}: the tensor's storage is already paged out (or being paged "
+                        "out); fetch its handle first")
+                stale.append(entry)
+            reserved.append((key, token))
+            _registry[key] = token
     del stale
 
 
-def commit(key: int, token: _Reservation, handle: "Handle",
-           storage: torch.UntypedStorage) -> None:
-    """The reserved storage is paged out now, held by ``handle`` (Note [Paging registry])."""
+def commit(reserved: list[tuple[int, Any]], handles: list["Handle"],
+           stores: list[torch.UntypedStorage]) -> None:
+    """The reserved storages are paged out now, each held by its handle (Note [Paging
+    registry]). Idempotent."""
     with _lock:
-        if _registry.get(key) is token:
-            _registry[key] = handle
-        watch = key not in _watched
-        _watched.add(key)
-    if watch:
-        weakref.finalize(storage, _storage_died, key)
+        for (key, token), handle, s in zip(reserved, handles, stores):
+            if _registry.get(key) is token:
+                _registry[key] = handle
+            if key not in _watched:
+                # one line: no traced interrupt between making the watch and keeping it
+                w = _Watch(s, _storage_died); w.key = key; _watched[key] = w  # noqa: E702
 
 
-def _storage_died(key: int) -> None:
+def _storage_died(watch: _Watch) -> None:
     entry = None
-    with _lock:
-        _watched.discard(key)
-        if not isinstance(_registry.get(key), _Reservation):
-            entry = _registry.pop(key, None)
+    try:
+        key = watch.key
+        with _lock:
+            if _watched.get(key) is watch:
+                del _watched[key]
+            if not isinstance(_registry.get(key), _Reservation):
+                entry = _registry.pop(key, None)
+    except Exception:  # noqa: BLE001 - interpreter teardown: the module is half gone
+        return
     del entry  # outside the lock: the handle may die now, and its __del__ frees its block
 
 
@@ -174,6 +200,16 @@ def unregister(key: int, expected: Any) -> None:
     with _lock:
         entry = _registry.pop(key) if _registry.get(key) is expected else None
     del entry
+
+
+def unregister_many(pairs: list[tuple[int, Any]]) -> None:
+    """:func:`unregister` of each ``(key, expected)``, under one lock."""
+    entries = []  # dropped outside the lock
+    with _lock:
+        for key, expected in pairs:  # a loop: an interrupted comprehension can skip the
+            if _registry.get(key) is expected:  # lock's exit on 3.12 (paging.page_out)
+                entries.append(_registry.pop(key))
+    del entries
 
 
 def discard(key: int, expected: Any) -> None:
@@ -190,7 +226,10 @@ def discard(key: int, expected: Any) -> None:
 
 def not_sole_owner(t: torch.Tensor) -> str | None:
     """Why other owners can reach ``t``'s storage (Note [In-place paging]), or None."""
-    s = t.untyped_storage()
+    return _not_sole_owner(t.untyped_storage())
+
+
+def _not_sole_owner(s: torch.UntypedStorage) -> str | None:
     if not s.resizable():
         return ("this storage is not owned by torch's allocator alone (made by "
                 "torch.from_numpy, from_dlpack or from a buffer, or exposed by tensor.numpy()), "
@@ -198,7 +237,7 @@ def not_sole_owner(t: torch.Tensor) -> str | None:
     if s.is_shared():
         return ("this storage is shared with other processes (share_memory_() or a file "
                 "mapping): paging it out would hide their writes")
-    if int(s._cdata) in _exported:
+    if s._cdata in _exported:
         return ("this storage was exported through DLPack or __cuda_array_interface__ "
                 "(numpy, CuPy, JAX...): the alias would write into freed memory")
     return None
