@@ -55,6 +55,16 @@ class HolderWatch:
             memory = self._held.pop(core_id, None)
         del memory  # outside the lock: freeing it can run finalizers that call back in
 
+    def drop_many(self, core_ids: list[int]) -> None:
+        """:meth:`drop` of each, under one lock."""
+        dropped = []
+        with self._lock:
+            held = self._held
+            for core_id in core_ids:  # a loop: see storage.unregister_many
+                if core_id in held:
+                    dropped.append(held.pop(core_id))
+        del dropped  # outside the lock, as in drop()
+
     def reap(self) -> None:
         """Drop holders whose copy completed, oldest first, stopping at the first still running
         (copies of one lane complete in order)."""

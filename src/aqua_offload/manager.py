@@ -301,7 +301,7 @@ class OffloadManager:
             if len(outs) != len(handles):
                 raise InvalidArgumentError(f"{what}: outs must have one entry per handle")
             for h, o in zip(handles, outs):
-                if h._kept:
+                if h._state == "kept":
                     raise InvalidHandleError(
                         f"{what}: this handle is the kept copy of a tensor already restored; use "
                         "it as offload(..., base=h) or free it")
@@ -310,24 +310,18 @@ class OffloadManager:
                         raise InvalidArgumentError(f"{what}: out= is for tensor snapshots; a "
                                                    "released tensor is restored in place")
                     check_out(o, h, self.device)
-            dests = [paging.destination(h, o, self.device) for h, o in zip(handles, outs)]
+            dests = paging.destinations(self, handles, outs)
             done: list[bool] = []
             ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
                     for h, d in zip(handles, dests)]
             results: list[Any] = [None] * len(handles)
-
-            def finish() -> None:  # idempotent (Note [Interrupted batches])
-                for i, (h, d, o) in enumerate(zip(handles, dests, outs)):
-                    if results[i] is None:
-                        results[i] = paging.restore(self, h, d, o, keep)
-
             try:
                 self._store.fetch_many([h._id for h in handles], ptrs,
                                        current_stream(self.device), keep, done)
-                finish()
+                paging.restore_all(self, handles, dests, outs, keep, results)
             except BaseException:
                 if done:  # the core fetched them: finish the Python side regardless
-                    finish()
+                    paging.restore_all(self, handles, dests, outs, keep, results)
                 raise
             return results
 

@@ -22,8 +22,8 @@ from .handle import Handle
 if TYPE_CHECKING:
     from .manager import OffloadManager
 
-__all__ = ["page_out", "page_in", "destination", "restore", "keep_alive", "keep_alive_many",
-           "forget"]
+__all__ = ["page_out", "page_in", "destination", "destinations", "restore", "restore_all",
+           "keep_alive", "keep_alive_many", "forget"]
 
 
 def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
@@ -106,25 +106,41 @@ def forget(m: "OffloadManager", got: list[tuple[int, int]]) -> None:
             pass
 
 
-def page_in(h: Handle, dest: torch.Tensor, keep: bool) -> torch.Tensor:
-    """After the core fetched release handle ``h`` into ``dest``: its storage gets ``dest``'s
-    memory (every view sees the data again); returns the tensor fetch returns."""
+def page_in(h: Handle, dest: Any) -> torch.Tensor:
+    """After the core fetched release handle ``h`` into ``dest`` (a storage, or a prefetch
+    buffer): its storage gets ``dest``'s memory (every view sees the data again); returns the
+    tensor fetch returns. Idempotent; :func:`restore_all` ends the handle afterwards."""
+    filled = dest if isinstance(dest, torch.UntypedStorage) else dest.untyped_storage()
     s = h._storage() if h._storage is not None else None
     if s is None:  # every tensor of it is gone: a new one on the fetched bytes
-        s = dest.untyped_storage()
+        s = filled
     elif s.nbytes() == 0 and h.nbytes:
-        storage.swap_in(s, dest.untyped_storage())
-    tensor = h._restored_tensor(s)
-    if h._key is not None:
-        storage.unregister(h._key, h)
-    if keep:
-        h._state = "kept"
-    else:
-        h._end("fetched")
-    return tensor
+        storage.swap_in(s, filled)
+    return h._restored_tensor(s)
 
 
-def destination(h: Handle, out: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def destinations(m: "OffloadManager", handles: list[Handle],
+                 outs: list[torch.Tensor | None]) -> list[Any]:
+    """:func:`destination` of each handle, in order (the first refusal raises)."""
+    dests: list[Any] = []
+    cuda, device = m._cuda, m.device
+    for h, out in zip(handles, outs):
+        if h._prefetch is None and h.release:  # the common case, inline
+            s = h._storage() if h._storage is not None else None
+            if s is not None and s.nbytes() != 0:
+                raise InvalidArgumentError(_RESIZED)
+            # A storage, not a tensor: half the cost on the CPU (same allocator, same stream)
+            dests.append(torch.UntypedStorage(h.nbytes, device=device) if cuda
+                         else torch.UntypedStorage(h.nbytes))
+        else:
+            dests.append(destination(h, out, device))
+    return dests
+
+
+_RESIZED = "fetch: the paged-out storage was resized meanwhile; refusing to overwrite it"
+
+
+def destination(h: Handle, out: torch.Tensor | None, device: torch.device) -> Any:
     """Where the core fetches ``h``: its prefetch buffer, fresh bytes for a release's storage
     (allocated on the current stream before the core records its event), ``out``, or a new
     tensor of the snapshot's shape."""
@@ -133,29 +149,43 @@ def destination(h: Handle, out: torch.Tensor | None, device: torch.device) -> to
     if h.release:
         s = h._storage() if h._storage is not None else None
         if s is not None and s.nbytes() != 0:
-            raise InvalidArgumentError("fetch: the paged-out storage was resized meanwhile; "
-                                       "refusing to overwrite it")
-        return torch.empty(h.nbytes, dtype=torch.uint8, device=device)
+            raise InvalidArgumentError(_RESIZED)
+        return torch.UntypedStorage(h.nbytes, device=device)
     if out is not None:
         return out
     return torch.empty(h.shape, dtype=h.dtype, device=device)
 
 
-def restore(m: "OffloadManager", h: Handle, dest: torch.Tensor, out: torch.Tensor | None,
-            keep: bool) -> Any:
-    """After the core fetched ``h`` into ``dest``: the Python side, once per handle."""
+def restore_all(m: "OffloadManager", handles: list[Handle], dests: list[Any],
+                outs: list[torch.Tensor | None], keep: bool, results: list[Any]) -> None:
+    """After the core fetched every handle into its destination: the Python side, each handle
+    once (``results[i]`` None until then), then the handles end (only once every result is
+    kept: a handle ended before its result would be re-run without its weak references), then
+    the registry lets their storages go. Idempotent (Note [Interrupted batches] in manager.py)."""
+    m._holders.drop_many([h._id for h in handles])  # the fetch ordered the caller after the copy
+    for i, h in enumerate(handles):
+        if results[i] is None:
+            results[i] = (page_in(h, dests[i]) if h.release and h._prefetch is None
+                          and h._deferred is None else restore(m, h, dests[i], outs[i]))
+    for h in handles:
+        if h._state == "live":
+            if not keep:
+                h._end("fetched")
+            elif h.release:
+                h._state = "kept"
+    storage.unregister_many([(h._key, h) for h in handles if h.release and h._key is not None])
+
+
+def restore(m: "OffloadManager", h: Handle, dest: Any, out: torch.Tensor | None) -> Any:
+    """:func:`restore_all`'s step for one handle (prefetched, deferred or a snapshot)."""
     if h._prefetch is not None:
         if m._cuda:  # the prefetch buffer is used on the current stream from now on
             current = torch.cuda.current_stream(m.device)
             if current != h._prefetch_stream:
                 m._record_stream(h._prefetch, current)
         prefetching.drop(m, h)
-    m._holders.drop(h._id)  # the fetch ordered the caller after the offload copy
     storage.undefer_handle(h)
     if h.release:
-        return page_in(h, dest, keep)
+        return page_in(h, dest)
     result = out.copy_(dest) if out is not None and out is not dest else dest
-    if not keep:
-        h._end("fetched")
     return arrays.from_bytes(result, h._array) if h._array is not None else result
-
