@@ -105,6 +105,12 @@ class OffloadManager:
         The lenders' token (default: ``$AQUA_OFFLOAD_REMOTE_TOKEN``).
     remote_deadline_s : float
         Longest wait for any remote request or transfer.
+    remote_order : str
+        ``"below_host"`` (default): peer, host, then the lenders; ``"above_host"``: peer, the
+        lenders, then host memory (docs/remote.md).
+    remote_copies : int
+        2: every handle on the lenders has a copy on two of them, so one lender's death loses
+        nothing (needs two lenders); 1 (default): one copy.
 
     Notes
     -----
@@ -119,8 +125,11 @@ class OffloadManager:
                  peer_bytes: int | str | Mapping[Any, int | str] | None = None,
                  host_bytes: int | str | None = None, policy: str = "lru",
                  chunk_bytes: int | str | None = None, remote: str | Sequence[str] | None = None,
-                 remote_token: bytes | str | None = None, remote_deadline_s: float = 5.0) -> None:
+                 remote_token: bytes | str | None = None, remote_deadline_s: float = 5.0,
+                 remote_order: str = "below_host", remote_copies: int = 1) -> None:
         backend, index, tdevice = resolve_device(device)
+        if remote is None and (remote_order != "below_host" or remote_copies != 1):
+            raise InvalidArgumentError("remote_order and remote_copies go with remote=[...]")
         if not isinstance(policy, str) or policy not in POLICIES:
             raise InvalidArgumentError(f"unknown eviction policy {policy!r} (available: {', '.join(POLICIES)})")
         default_peer, default_host = _DEFAULT_BYTES[backend]
@@ -140,7 +149,8 @@ class OffloadManager:
             from .remote.tier import RemoteTier
             try:
                 self._store = self._remote = RemoteTier(self._store, tdevice, remote,
-                                                        remote_token, remote_deadline_s)
+                                                        remote_token, remote_deadline_s,
+                                                        remote_order, remote_copies)
             except BaseException:
                 self._store.close()
                 raise
