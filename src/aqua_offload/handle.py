@@ -69,11 +69,11 @@ class Handle:
         # tensor's layout, to rebuild a tensor on the storage if the object itself is gone.
         self._tensor: Any = None
         self._storage: Any = None
-        self._layout: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None
+        self._layout: tuple[int, torch.Size, tuple[int, ...]] | None = None
         if tensor is not None:  # (``storage``: the tensor's, when the caller has it already)
             self._tensor = weakref.ref(tensor)
             self._storage = weakref.ref(tensor.untyped_storage() if storage is None else storage)
-            self._layout = (tensor.storage_offset(), tuple(shape), tensor.stride())
+            self._layout = (tensor.storage_offset(), shape, tensor.stride())
         self._key = key  # release=True: registry key of its storage
         self._tier = tier
         self._location = location

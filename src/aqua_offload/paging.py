@@ -49,14 +49,15 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
                                                key=reserved[i][0], storage=stores[i])
             h._adopted = True  # (Note [Orphans] in manager.py)
             if sizes[i] and holders[i].nbytes() == 0:
-                storage.swap_out(stores[i], holders[i])  # one C call: done or not
+                stores[i]._swap_data_ptr_(holders[i])  # storage.swap_out: one C call
         storage.commit(reserved, handles, stores)  # type: ignore[arg-type]
         keep_alive_many(m, [(cid, tier, holders[i]) for i, (cid, tier) in enumerate(got)
                             if sizes[i]])
-        for i, (cid, _tier) in enumerate(got):
-            if bases[i] is not None:  # consumed (see snapshots.take)
-                m._holders.transfer(bases[i]._id, cid)
-                bases[i]._end("freed")
+        if bases.count(None) != len(bases):
+            for i, (cid, _tier) in enumerate(got):
+                if bases[i] is not None:  # consumed (see snapshots.take)
+                    m._holders.transfer(bases[i]._id, cid)
+                    bases[i]._end("freed")
 
     # Built before anything is reserved: on Python 3.12 an exception raised inside an inlined
     # comprehension by a trace function can skip the handler below (seen with 3.12.1).
@@ -165,8 +166,18 @@ def restore_all(m: "OffloadManager", handles: list[Handle], dests: list[Any],
     m._holders.drop_many([h._id for h in handles])  # the fetch ordered the caller after the copy
     for i, h in enumerate(handles):
         if results[i] is None:
-            results[i] = (page_in(h, dests[i]) if h.release and h._prefetch is None
-                          and h._deferred is None else restore(m, h, dests[i], outs[i]))
+            if h.release and h._prefetch is None and h._deferred is None:
+                # page_in, inline for the common case: the tensor lives (so does its storage)
+                tensor = h._tensor() if h._tensor is not None else None
+                s = h._storage() if h._storage is not None else None
+                if tensor is None or s is None:
+                    results[i] = page_in(h, dests[i])
+                    continue
+                if s.nbytes() == 0 and h.nbytes:
+                    s._swap_data_ptr_(dests[i])  # storage.swap_in: one C call
+                results[i] = tensor
+            else:
+                results[i] = restore(m, h, dests[i], outs[i])
     for h in handles:
         if h._state == "live":
             if not keep:

@@ -146,10 +146,9 @@ def reserve(stores: list[torch.UntypedStorage], what: str,
     stale = []  # dead storages' entries at reused addresses: replaced, dropped outside the lock
     with _lock:
         for s in stores:
-            why = _not_sole_owner(s)
-            if why is not None:
-                raise InvalidArgumentError(f"{what}: {why}; use release=False")
             key = s._cdata
+            if not s.resizable() or s.is_shared() or key in _exported:  # _not_sole_owner
+                raise InvalidArgumentError(f"{what}: {_not_sole_owner(s)}; use release=False")
             entry = _registry.get(key)
             if entry is not None:
                 if isinstance(entry, _Discarded):
