@@ -130,15 +130,22 @@ def destinations(m: "OffloadManager", handles: list[Handle],
             s = h._storage() if h._storage is not None else None
             if s is not None and s.nbytes() != 0:
                 raise InvalidArgumentError(_RESIZED)
-            # A storage, not a tensor: half the cost on the CPU (same allocator, same stream)
-            dests.append(torch.UntypedStorage(h.nbytes, device=device) if cuda
-                         else torch.UntypedStorage(h.nbytes))
+            dests.append(_fresh(h.nbytes, device, cuda))
         else:
             dests.append(destination(h, out, device))
     return dests
 
 
 _RESIZED = "fetch: the paged-out storage was resized meanwhile; refusing to overwrite it"
+
+
+def _fresh(nbytes: int, device: torch.device, cuda: bool) -> torch.UntypedStorage:
+    """New memory for a release's storage, allocated on the current stream. On the CPU a bare
+    storage (half the cost of a tensor); on CUDA through a tensor, whose device guard puts it
+    on ``device`` even when another device is current."""
+    if cuda:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
+    return torch.UntypedStorage(nbytes)
 
 
 def destination(h: Handle, out: torch.Tensor | None, device: torch.device) -> Any:
@@ -151,7 +158,7 @@ def destination(h: Handle, out: torch.Tensor | None, device: torch.device) -> An
         s = h._storage() if h._storage is not None else None
         if s is not None and s.nbytes() != 0:
             raise InvalidArgumentError(_RESIZED)
-        return torch.UntypedStorage(h.nbytes, device=device)
+        return _fresh(h.nbytes, device, device.type == "cuda")
     if out is not None:
         return out
     return torch.empty(h.shape, dtype=h.dtype, device=device)
