@@ -118,3 +118,13 @@ def recv_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
             break
         out += data
     return bytes(out)
+
+
+def until(cond, timeout: float = 30.0) -> None:
+    """Wait for ``cond()`` (state another process or thread settles), failing after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail("the condition did not hold in time")
+        time.sleep(0.01)

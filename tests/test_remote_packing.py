@@ -83,8 +83,10 @@ def test_a_batch_shares_one_block_and_round_trips_bitwise(remote_lender, manager
     # contiguous in staging and in the block: one descriptor per staging round, not COUNT
     assert lender["items_written"] == -(-total // MiB)
     m.fetch_many(hs[::-1][:COUNT // 2])  # out of order, half of them: the block stays
+    m.synchronize()  # the blocks given back have reached the lender
     assert remote_lender.stats()["blocks"] == 1
     m.fetch_many(hs[: COUNT - COUNT // 2])
+    m.synchronize()  # the blocks given back have reached the lender
     assert remote_lender.stats()["blocks"] == 0, "given back after the last fetch"
     for t, ref in zip(ts, refs):
         assert torch.equal(t, ref)
@@ -105,9 +107,11 @@ def test_the_block_goes_back_only_after_its_last_handle(remote_lender, managers)
             m.free(h)
         else:
             assert m.fetch(h) is ts[k] and torch.equal(ts[k], refs[k])
+        m.synchronize()  # the blocks given back have reached the lender
         assert remote_lender.stats()["blocks"] == 1, f"after {k + 1} of {COUNT}"
     assert remote_lender.stats()["used_bytes"] >= COUNT * 4 * KiB
     assert torch.equal(m.fetch(hs[-1]), refs[-1])
+    m.synchronize()  # the blocks given back have reached the lender
     assert remote_lender.stats()["blocks"] == 0
     assert m.stats()["tiers"][-1]["handles"] == 0
 
@@ -133,6 +137,7 @@ def test_a_reclaim_moves_every_live_handle_of_the_block(managers) -> None:
         assert m.stats()["remote"]["reclaimed_handles"] == len(live)
         for k in live:
             assert m.fetch(hs[k]) is ts[k] and torch.equal(ts[k], refs[k])
+        m.synchronize()  # the blocks given back have reached the lender
         assert b.stats()["blocks"] == 0
 
 
@@ -146,6 +151,7 @@ def test_a_refused_reclaim_keeps_the_block_until_its_last_handle(managers) -> No
         moved = [k for k, h in enumerate(hs) if h.tier == "host"]
         stuck = [k for k, h in enumerate(hs) if h.tier == "remote"]
         assert moved and stuck
+        m.synchronize()  # the blocks given back have reached the lender
         assert lender.stats()["blocks"] == 1, "the stuck handles still use the block"
         for k in stuck:  # their fetch empties the block: it goes back, the reclaim completes
             assert m.fetch(hs[k]) is ts[k] and torch.equal(ts[k], refs[k])

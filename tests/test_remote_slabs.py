@@ -10,7 +10,7 @@ import functools
 
 import pytest
 import torch
-from remote_helpers import TOKEN, needs_nixl
+from remote_helpers import TOKEN, needs_nixl, until
 
 import aqua_offload as aq
 from aqua_offload.errors import BackendError
@@ -56,6 +56,7 @@ def test_small_offloads_share_one_slab_and_ask_the_lender_once(remote_lender, ma
     for k in range(40):
         if k % 3:
             assert torch.equal(m.fetch(hs[k]), refs[k])
+    m.synchronize()  # the blocks given back have reached the lender
     assert remote_lender.stats()["blocks"] == 1, "the open slab stays while it is open"
     assert m.stats()["remote"]["lenders"][0]["frees"] == 0
 
@@ -69,14 +70,17 @@ def test_a_full_slab_is_retired_and_goes_back_with_its_last_handle(remote_lender
     assert _allocs(m) == 2 and remote_lender.stats()["blocks"] == 2
     for k in range(5):
         assert torch.equal(m.fetch(hs[k]), refs[k])
+    m.synchronize()  # the blocks given back have reached the lender
     assert remote_lender.stats()["blocks"] == 2, "one handle still uses the retired slab"
     assert torch.equal(m.fetch(hs[5]), refs[5])
+    m.synchronize()  # the blocks given back have reached the lender
     assert remote_lender.stats()["blocks"] == 1, "the retired slab went back"
     for k in range(6, 9):
         assert torch.equal(m.fetch(hs[k]), refs[k])
+    m.synchronize()  # the blocks given back have reached the lender
     assert remote_lender.stats()["blocks"] == 1
     m.close()
-    assert remote_lender.stats()["blocks"] == 0, "close gives the open slab back"
+    until(lambda: remote_lender.stats()["blocks"] == 0)  # close gives the open slab back
 
 
 def test_a_batch_over_the_small_size_gets_blocks_of_its_own(remote_lender, managers,
@@ -88,6 +92,7 @@ def test_a_batch_over_the_small_size_gets_blocks_of_its_own(remote_lender, manag
     hs = m.offload_many(big)
     assert _allocs(m) == 2 and remote_lender.stats()["blocks"] == 2
     assert all(torch.equal(m.fetch(h), r) for h, r in zip(hs, refs))
+    m.synchronize()  # the blocks given back have reached the lender
     assert remote_lender.stats()["blocks"] == 1, "the batch's block went back, the slab stays"
     m.fetch(small)
 
@@ -141,7 +146,37 @@ def test_a_failed_transfer_into_the_slab_leaves_its_other_handles(remote_lender,
     assert not aq.is_offloaded(second) and torch.equal(second, refs[1]), "nothing changed"
     monkeypatch.setattr(Staging, "write_from", real)
     h3 = m.offload(third)
+    m.synchronize()  # the blocks given back have reached the lender
     assert remote_lender.stats()["blocks"] == 1 and _allocs(m) == 1
     assert torch.equal(m.fetch(h1), refs[0]) and torch.equal(m.fetch(h3), refs[2])
     h2 = m.offload(second)
     assert torch.equal(m.fetch(h2), refs[1])
+
+
+def test_slab_ranges_are_first_fit_and_merge() -> None:
+    from aqua_offload.remote.items import RemoteBlock
+
+    s = placement.Slab(RemoteBlock(1, 100, 0, 1))
+    assert [s.take(n) for n in (10, 20, 30)] == [0, 10, 30]
+    s.give(10, 20)
+    assert s.take(25) == 60, "the 20-byte hole is too small: after the last range"
+    assert s.take(15) == 10, "first fit: the hole"
+    s.give(0, 10)
+    s.give(10, 15)  # merges with the ranges before and after it
+    assert s.free == [(0, 30), (85, 15)]
+    s.give(30, 30)
+    assert s.free == [(0, 60), (85, 15)]
+    assert s.take(61) is None and s.take(60) == 0
+
+
+def test_the_range_a_handle_gives_back_is_used_again(remote_lender, managers,
+                                                     small_slabs) -> None:
+    m = managers(remote_lender)
+    ts = _tensors(6, 9)  # ~60 KiB: one 64 KiB slab, nearly full
+    refs = [t.clone() for t in ts]
+    hs = [m.offload(t) for t in ts]
+    assert torch.equal(m.fetch(hs[2]), refs[2])
+    h = m.offload(ts[2])  # into the hole it left
+    assert _allocs(m) == 1 and remote_lender.stats()["blocks"] == 1
+    for x, t, r in zip(hs[:2] + [h] + hs[3:], ts, refs):
+        assert m.fetch(x) is t and torch.equal(t, r)

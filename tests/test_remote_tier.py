@@ -80,6 +80,7 @@ def test_releases_spill_to_the_lender_and_come_back_bitwise(remote_lender, manag
     assert remote_lender.stats()["blocks"] == len(remote)
     for t, ref, h in zip(ts, refs, hs):
         assert m.fetch(h) is t and torch.equal(t, ref)
+    m.synchronize()  # the blocks given back have reached the lender
     assert remote_lender.stats()["blocks"] == 0, "blocks given back after the fetch"
     assert m.stats()["remote"]["bytes_read"] == len(remote) * 512 * KiB
 
@@ -163,6 +164,7 @@ def test_prefetch_of_remote_handles(remote_lender, managers) -> None:
     for k, h in enumerate(hs):
         if k not in (i, j, len(hs) - 1):
             assert torch.equal(m.fetch(h), refs[k])
+    m.synchronize()  # the blocks given back have reached the lender
     assert remote_lender.stats()["blocks"] == 0
 
 
@@ -226,6 +228,7 @@ def test_a_reclaim_moves_what_fits_and_refuses_the_rest(managers) -> None:
         moved = [k for k in remote if hs[k].tier == "host"]
         stuck = [k for k in remote if hs[k].tier == "remote"]
         assert len(moved) == 2 and len(stuck) == 2
+        m.synchronize()  # the blocks given back have reached the lender
         assert lender.stats()["blocks"] == 2, "the moved ones' blocks were given back"
         for k in stuck:  # fetching them frees their blocks: the reclaim completes
             assert m.fetch(hs[k]) is ts[k] and torch.equal(ts[k], refs[k])
@@ -520,4 +523,5 @@ def test_random_operations_across_every_tier(managers) -> None:
             check(h, m.fetch(h), ref)
         s = m.stats()["remote"]
         assert s["spills"] >= 1 and s["remote_fetches"] >= 1, (s, tiers)
+        m.synchronize()  # the blocks given back have reached the lender
         assert a.stats()["blocks"] == 0 and b.stats()["blocks"] == 0

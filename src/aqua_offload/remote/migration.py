@@ -24,7 +24,7 @@ import torch
 
 from ..devices import current_stream
 from ..errors import OutOfMemoryError
-from . import placement
+from . import placement, replicas
 from .items import RemoteBlock
 
 if TYPE_CHECKING:
@@ -48,9 +48,16 @@ def on_reclaim(t: "RemoteTier", client: int, blocks: list[RemoteBlock]) -> None:
                                                   for b in wanted), limit):
                 raise TimeoutError("blocks still in transit")
             ids = [h for h, r in t._remote.items()
-                   if r.client == client and r.block is not None and r.block.id in wanted]
+                   if (r.client == client and r.block is not None and r.block.id in wanted)
+                   or (r.mirror is not None and r.mirror[0] == client
+                       and r.mirror[1].id in wanted)]
         with t._using(ids, timeout=limit):
+            # handles with another live copy just drop the named one (Note [Replicas])
+            empty, single = replicas.drop_reclaimed(t, client, ids, wanted)
+            for i in {c for c, _ in empty}:
+                placement.free_blocks(t, i, [b for c, b in empty if c == i])
             _migrate(t, client, ids, wanted)
+            replicas.remirror(t, single)
     except BaseException:
         with t._lock:
             t._stats["reclaim_refusals"] += 1
@@ -68,7 +75,7 @@ def _migrate(t: "RemoteTier", client: int, ids: list[int], wanted: set[int]) -> 
     room, the blocks already moved are given back here and the rest refused."""
     with t._lock:  # still there? a fetch or free may have taken some meanwhile
         moving = [(h, t._remote[h]) for h in ids if h in t._remote
-                  and t._remote[h].block is not None
+                  and t._remote[h].client == client and t._remote[h].block is not None
                   and t._remote[h].block.id in wanted]
     done: list[RemoteBlock] = []  # blocks no handle uses any more (all moved)
     with t._lock:
@@ -135,24 +142,24 @@ def _to_lenders(t: "RemoteTier", client: int, group: list[tuple[int, _Remote, in
         if not all(x in left for x in batch):
             continue
         try:
-            got = placement.place(t, [r.nbytes for _, r, _ in batch], avoid=client)
-            other, blocks, where = got
+            got = replicas.place_and_write(
+                t, [r.nbytes for _, r, _ in batch], lambda other, where: t._stage.write_from(
+                    other, [(b, off, p, r.nbytes) for (b, off), (_, r, p) in zip(where, batch)],
+                    stream), avoid=(client,))
         except OutOfMemoryError:
             continue
-        try:
-            t._stage.write_from(other, [(b, off, p, r.nbytes) for (b, off), (_, r, p)
-                                        in zip(where, batch)], stream)
-        except BaseException:
-            placement.discard(t, got)
-            raise
         from .tier import _Remote  # (tier.py imports this module)
 
+        other, _, where = got[0]
+        mirrors = got[1][2] if len(got) > 1 else [None] * len(batch)
         with t._lock:
-            for (h, r, _), (b, off) in zip(batch, where):
-                t._remote[h] = _Remote(other, b, r.nbytes, r.priority, off)
+            for (h, r, _), (b, off), m in zip(batch, where, mirrors):
+                t._remote[h] = _Remote(other, b, r.nbytes, r.priority, off,
+                                       mirror=m and (got[1][0], m[0], m[1]))
                 done.extend(t._packs.drop(client, [r.block]))  # type: ignore[list-item]
             t._stats["reclaimed_handles"] += len(batch)
-        placement.settled(t, other, blocks)
+        for p in got:
+            placement.settled(t, p[0], p[1])
         left = [x for x in left if x not in batch]
         if not left:
             break

@@ -3,16 +3,17 @@ ones, and the blocks in transit that a reclaim must wait for.
 
 Note [Slabs]
     A batch of at most ``SMALL_BYTES`` (one small tensor, a few layers of a short cache) does
-    not ask its lender for blocks: it is placed at the bump pointer of that lender's *open
-    slab*, a block of ``SLAB_BYTES`` (at most the lender's segment) the tier allocated once, so
-    a small offload costs its transfer and no round trip. The open slab holds one count of its
-    own in :class:`~.packing.Packs` (its *pin*), besides one per handle placed in it, so it is
-    not given back while it is open even when no handle uses it. When a batch no longer fits,
-    a new slab is opened and the old one *retired*: its pin is dropped, and it goes back to
-    its lender once its last handle lets go (Note [Packed blocks]). Space freed inside a slab
-    is not reused, so a slab lives as long as its longest-lived handle: the waste is bounded by
-    one slab per long-lived small handle, and a lender that wants the memory reclaims it like
-    any block (a reclaim retires the slab it names before anything else).
+    not ask its lender for blocks: it is placed in a free range of that lender's *open slab*,
+    a block of ``SLAB_BYTES`` (at most a segment and a sixteenth of the lender's arena) the
+    tier allocated once, so a small offload costs its transfer and no round trip. A handle
+    that lets go gives its range back to the open slab (first fit, ranges merged). The open
+    slab holds one count of its own in :class:`~.packing.Packs` (its *pin*), besides one per
+    handle placed in it, so it is not given back while it is open even when no handle uses
+    it. When no free range holds a batch, a new slab is opened and the old one *retired*: its
+    pin is dropped, its ranges are no longer tracked, and it goes back to its lender once its
+    last handle lets go (Note [Packed blocks]). So the waste is bounded by the retired slabs
+    that long-lived small handles keep, and a lender that wants the memory reclaims a slab
+    like any block (a reclaim retires the slab it names before anything else).
 
 Note [In transit]
     Between placement and the moment its handles' entries exist (or the placement is given
@@ -22,6 +23,7 @@ Note [In transit]
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from typing import TYPE_CHECKING
 
@@ -41,9 +43,9 @@ SMALL_BYTES = SLAB_BYTES // 16  # batches up to this go to the open slab (Note [
 Placement = tuple[int, list[RemoteBlock], list[tuple[RemoteBlock, int]]]
 
 
-def place(t: "RemoteTier", sizes: list[int], avoid: int | None = None) -> Placement:
+def place(t: "RemoteTier", sizes: list[int], avoid: tuple[int, ...] = ()) -> Placement:
     """Room for ``sizes`` (all > 0) on the first lender that holds them all (skipping lost
-    ones and ``avoid``): (lender, the blocks in transit, (block, offset) per size), counted
+    ones and those in ``avoid``): (lender, the blocks in transit, (block, offset) per size), counted
     for their handles (Note [Packed blocks]) and in transit until :func:`settled` or
     :func:`discard`.
 
@@ -55,7 +57,7 @@ def place(t: "RemoteTier", sizes: list[int], avoid: int | None = None) -> Placem
     why: list[str] = []
     total = sum(sizes)
     for i, c in enumerate(t.clients):
-        if i == avoid or c.lost is not None:
+        if i in avoid or c.lost is not None:
             continue
         if not sizes:
             return i, [], []
@@ -87,15 +89,47 @@ def place(t: "RemoteTier", sizes: list[int], avoid: int | None = None) -> Placem
                            requested=total)
 
 
+class Slab:
+    """A lender's open slab: its block and its free ranges, sorted by offset (first fit)."""
+
+    __slots__ = ("block", "free")
+
+    def __init__(self, block: RemoteBlock) -> None:
+        self.block = block
+        self.free: list[tuple[int, int]] = [(0, block.nbytes)]  # (offset, bytes)
+
+    def take(self, n: int) -> int | None:
+        """The offset of ``n`` contiguous free bytes, now taken; None if no range holds them."""
+        for k, (off, size) in enumerate(self.free):
+            if size >= n:
+                if size == n:
+                    del self.free[k]
+                else:
+                    self.free[k] = (off + n, size - n)
+                return off
+        return None
+
+    def give(self, off: int, n: int) -> None:
+        """``n`` bytes at ``off`` are free again (merged with the ranges beside them)."""
+        k = bisect.bisect(self.free, (off, n))
+        if k < len(self.free) and off + n == self.free[k][0]:
+            n += self.free.pop(k)[1]
+        if k and self.free[k - 1][0] + self.free[k - 1][1] == off:
+            off, n = self.free[k - 1][0], self.free[k - 1][1] + n
+            k -= 1
+            del self.free[k]
+        self.free.insert(k, (off, n))
+
+
 def _in_slab(t: "RemoteTier", i: int, sizes: list[int], total: int) -> Placement | None:
-    """The batch at the bump pointer of lender ``i``'s open slab, opening a new slab when it
-    does not fit (Note [Slabs]); None when the lender has no room for a slab."""
+    """The batch in a free range of lender ``i``'s open slab, opening a new slab when none
+    holds it (Note [Slabs]); None when the lender has no room for a slab."""
     for attempt in range(2):
         with t._lock:
             slab = t._slabs.get(i)
-            if slab is not None and slab[1] + total <= slab[0].nbytes:
-                block, off = slab[0], slab[1]
-                slab[1] += total
+            off = slab.take(total) if slab is not None else None
+            if off is not None:
+                block = slab.block  # type: ignore[union-attr]
                 t._in_transit[i, block.id] += 1
                 t._packs.add(i, [block] * len(sizes))
                 offs = itertools.accumulate(sizes, initial=off)
@@ -103,7 +137,9 @@ def _in_slab(t: "RemoteTier", i: int, sizes: list[int], total: int) -> Placement
         if attempt:
             return None
         c = t.clients[i]
-        size = min(SLAB_BYTES, int(c.lender.get("segment_bytes") or SLAB_BYTES))
+        # a slab is small next to the lender: at most a segment and a sixteenth of its arena
+        size = min(SLAB_BYTES, int(c.lender.get("segment_bytes") or SLAB_BYTES),
+                   int(c.lender.get("arena_bytes") or 0) // 16)
         if total > size:
             return None
         try:
@@ -113,16 +149,27 @@ def _in_slab(t: "RemoteTier", i: int, sizes: list[int], total: int) -> Placement
         with t._lock:
             t._packs.add(i, [block])  # the pin
             empty = _retire(t, i)
-            t._slabs[i] = [block, 0]
+            t._slabs[i] = Slab(block)
         free_blocks(t, i, empty)
     return None
+
+
+def let_go(t: "RemoteTier", client: int, block: RemoteBlock, offset: int, nbytes: int
+           ) -> list[RemoteBlock]:
+    """One handle's copy (``nbytes`` at ``offset``) lets go of ``block`` (under the tier's
+    lock): its range is free again if the block is an open slab; returns the block if no
+    handle uses it any more (the caller gives it back)."""
+    slab = t._slabs.get(client)
+    if slab is not None and slab.block.id == block.id and nbytes:
+        slab.give(offset, nbytes)
+    return t._packs.drop(client, [block])
 
 
 def _retire(t: "RemoteTier", i: int) -> list[RemoteBlock]:
     """Close lender ``i``'s open slab (under the tier's lock); returns it if no handle uses it
     (the caller gives it back)."""
     slab = t._slabs.pop(i, None)
-    return t._packs.drop(i, [slab[0]]) if slab is not None else []
+    return t._packs.drop(i, [slab.block]) if slab is not None else []
 
 
 def retire_slab(t: "RemoteTier", i: int, ids: set[int]) -> list[RemoteBlock]:
@@ -130,7 +177,7 @@ def retire_slab(t: "RemoteTier", i: int, ids: set[int]) -> list[RemoteBlock]:
     goes there any more. Returns it if no handle uses it (the caller gives it back)."""
     with t._lock:
         slab = t._slabs.get(i)
-        return _retire(t, i) if slab is not None and slab[0].id in ids else []
+        return _retire(t, i) if slab is not None and slab.block.id in ids else []
 
 
 def settled(t: "RemoteTier", client: int, blocks: list[RemoteBlock]) -> None:
@@ -145,12 +192,12 @@ def settled(t: "RemoteTier", client: int, blocks: list[RemoteBlock]) -> None:
         t._cv.notify_all()
 
 
-def discard(t: "RemoteTier", placement: Placement) -> None:
+def discard(t: "RemoteTier", placement: Placement, sizes: list[int]) -> None:
     """Give up a placement whose transfer failed: its handles' counts go, and the blocks no
     handle uses any more go back (an open slab stays, pinned)."""
     client, blocks, where = placement
     with t._lock:
-        empty = t._packs.drop(client, [b for b, _ in where])
+        empty = [e for (b, off), n in zip(where, sizes) for e in let_go(t, client, b, off, n)]
     settled(t, client, blocks)
     free_blocks(t, client, empty)
 

@@ -66,7 +66,7 @@ from ..errors import (InvalidArgumentError, InvalidHandleError, OffloadError, Ou
 from . import migration
 from .client import RemoteClient
 from .items import RemoteBlock
-from . import placement
+from . import placement, replicas
 from .packing import Packs
 from .protocol import TOKEN_ENV
 from .staging import Staging
@@ -92,6 +92,7 @@ class _Remote:
     priority: float = 0.0
     offset: int = 0
     prefetched: bool = False
+    mirror: tuple[int, RemoteBlock, int] | None = None  # (client, block, offset): Note [Replicas]
 
 
 class RemoteTier:
@@ -113,11 +114,15 @@ class RemoteTier:
         ``"below_host"``: the lenders come after every core tier (peer, host, remote);
         ``"above_host"``: after the peers, before host memory (peer, remote, host). See Note
         [Tier order].
+    copies : int
+        1, or 2: every handle on the lenders has a copy on two of them (Note [Replicas] in
+        replicas.py; needs two lenders).
 
     Raises
     ------
     InvalidArgumentError
-        No address, a malformed or repeated address, no token, a bad deadline or order.
+        No address, a malformed or repeated address, no token, a bad deadline, order or
+        number of copies.
     RemoteConnectError, RemoteAuthError, RemoteVersionError, RemoteProtocolError
         A lender cannot be used; the clients made so far are closed (the core is not).
     BackendError
@@ -126,7 +131,7 @@ class RemoteTier:
 
     def __init__(self, core: Any, device: torch.device, addresses: str | Sequence[str],
                  token: bytes | str | None, deadline_s: float = 5.0,
-                 order: str = "below_host") -> None:
+                 order: str = "below_host", copies: int = 1) -> None:
         if order not in ORDERS:
             raise InvalidArgumentError(f"remote_order must be one of {', '.join(ORDERS)}, got "
                                        f"{order!r}")
@@ -138,6 +143,12 @@ class RemoteTier:
             raise InvalidArgumentError("remote: a list of lender addresses 'host:port'")
         if len(set(addresses)) != len(addresses):
             raise InvalidArgumentError("remote: a lender is listed twice")
+        if type(copies) is not int or copies not in (1, 2):
+            raise InvalidArgumentError(f"remote_copies must be 1 or 2, got {copies!r}")
+        if copies > len(addresses):
+            raise InvalidArgumentError(f"remote_copies={copies} needs as many lenders, got "
+                                       f"{len(addresses)}")
+        self.copies = copies
         if token is None:
             token = os.environ.get(TOKEN_ENV)
             if token is None:
@@ -194,7 +205,7 @@ class RemoteTier:
 
     # The core's attributes that take no handle id pass through; one that does must be
     # translated here (ids of migrated or remote handles are not the core's).
-    _PASS = frozenset({"lend", "synchronize", "raw_copy", "closed", "backend", "emulation",
+    _PASS = frozenset({"lend", "raw_copy", "closed", "backend", "emulation",
                        "device", "policy", "chunk_bytes"})
 
     def __getattr__(self, name: str) -> Any:
@@ -253,11 +264,7 @@ class RemoteTier:
                 raise InvalidArgumentError(
                     "fetch(keep=True): a lender reclaimed this handle's block while it was "
                     "prefetched, so the prefetch holds its only copy; fetch it without keep")
-            reads = [(r, d) for r, d in zip(where, dsts) if r is not None and r.block is not None
-                     and not r.prefetched]
-            self._check_lost([r for r, _ in reads])
-            self._stage.read_into([(r.client, r.block, r.offset, r.nbytes, d)
-                                   for r, d in reads], stream)
+            self._read([(r, d) for r, d in zip(where, dsts) if r is not None], stream)
             if cids:
                 self._core.fetch_many(cids, [d for r, d in zip(where, dsts) if r is None],
                                       stream, keep)
@@ -280,11 +287,7 @@ class RemoteTier:
         with self._using(ids):
             with self._lock:
                 where = [self._remote.get(i) for i in ids]
-            reads = [(r, d) for r, d in zip(where, dsts) if r is not None and r.block is not None
-                     and not r.prefetched]
-            self._check_lost([r for r, _ in reads])
-            self._stage.read_into([(r.client, r.block, r.offset, r.nbytes, d)
-                                   for r, d in reads], stream)
+            self._read([(r, d) for r, d in zip(where, dsts) if r is not None], stream)
             core = [(self._alias.get(i, i), d) for i, r, d in zip(ids, where, dsts) if r is None]
             tiers = iter(self._core.prefetch_many([c for c, _ in core], [d for _, d in core],
                                                   stream) if core else [])
@@ -292,7 +295,8 @@ class RemoteTier:
                 for r in where:
                     if r is not None:
                         r.prefetched = True
-            return [self._base + r.client if r is not None else next(tiers) for r in where]
+            return [self._base + replicas.source(self, r)[0] if r is not None else next(tiers)
+                    for r in where]
 
     def reclaim(self, device: int, nbytes: int | None = None) -> int:
         """The core's reclaim of a peer; when the tiers below cannot take its handles, the
@@ -314,6 +318,15 @@ class RemoteTier:
             else:
                 self._release([r])
             self._forget([handle])
+
+    def synchronize(self) -> None:
+        """The core's synchronize; then every block given back (not waited for) has reached
+        its lender: one round trip per live lender, answered after the frees before it."""
+        self._core.synchronize()
+        for c in self.clients:
+            if c.lost is None:
+                with contextlib.suppress(OffloadError):
+                    c.ping()
 
     def ready(self, handle: int) -> bool:
         if handle in self._remote:
@@ -341,7 +354,8 @@ class RemoteTier:
         for _ in range(2):  # a spill may move it between the two looks
             r = self._remote.get(handle)
             if r is not None:
-                return ("offloaded", self._base + r.client, r.nbytes, r.prefetched)
+                return ("offloaded", self._base + replicas.source(self, r)[0], r.nbytes,
+                        r.prefetched)
             try:
                 return self._core.info(self._alias.get(handle, handle))
             except InvalidHandleError:
@@ -371,17 +385,18 @@ class RemoteTier:
             entries = list(self._remote.values())
             out = dict(self._stats)
         out.update(self._stage.stats)
-        lost_handles = lost_bytes = 0
+        copies = [(r.client, r.block) for r in entries] + [r.mirror[:2] for r in entries
+                                                           if r.mirror is not None]
+        gone = [r for r in entries if self._gone(r)]
+        degraded = sum(1 for r in entries if self.copies > 1 and r not in gone and (
+            r.mirror is None or not (replicas.alive(self, r.client)
+                                     and replicas.alive(self, r.mirror[0]))))
         remote_tiers = []
         for i, c in enumerate(self.clients):
-            mine = [r for r in entries if r.client == i]
-            blocks = {r.block.id: r.block.nbytes for r in mine if r.block is not None}
+            mine = [b for ci, b in copies if ci == i]
+            blocks = {b.id: b.nbytes for b in mine if b is not None}
             used = sum(blocks.values())
             capacity = int(c.lender.get("arena_bytes", 0))
-            if c.lost is not None:
-                gone = [r for r in mine if r.block is not None and not r.prefetched]
-                lost_handles += len(gone)
-                lost_bytes += sum(r.nbytes for r in gone)
             remote_tiers.append({
                 "tier": "remote", "location": c.address, "capacity": capacity, "used": used,
                 "peak": used, "free": max(0, capacity - used), "largest_free": 0,
@@ -389,7 +404,8 @@ class RemoteTier:
                 "lent_segments": 0, "fenced": 0, "handles": len(mine),
                 "lost": c.lost})
         s["tiers"] = list(s["tiers"]) + remote_tiers
-        out.update(order=self.order, lost_handles=lost_handles, lost_bytes=lost_bytes,
+        out.update(order=self.order, copies=self.copies, lost_handles=len(gone),
+                   lost_bytes=sum(r.nbytes for r in gone), degraded_handles=degraded,
                    lenders=[c.stats() for c in self.clients])
         s["remote"] = out
         return s
@@ -412,8 +428,7 @@ class RemoteTier:
     def lost(self, handle: int) -> bool:
         """Whether the handle's bytes were only on a lender that is lost."""
         r = self._remote.get(handle)
-        return (r is not None and r.block is not None and not r.prefetched
-                and self.clients[r.client].lost is not None)
+        return r is not None and self._gone(r)
 
     # -- ids in use ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -454,13 +469,36 @@ class RemoteTier:
                         self._release([r])
         self._forget(bases)
 
-    def _check_lost(self, entries: list[_Remote]) -> None:
-        for r in entries:
-            c = self.clients[r.client]
-            if c.lost is not None:
-                raise RemoteLostError(f"the lender at {c.address} is lost ({c.lost}): the "
-                                      f"bytes it held are gone", address=c.address,
-                                      reason=c.lost)
+    def _gone(self, r: _Remote) -> bool:
+        """Whether no live copy of the entry's bytes is left (a prefetch buffer counts)."""
+        if r.prefetched and r.block is None:
+            return False
+        client, block, _ = replicas.source(self, r)
+        return block is not None and not replicas.alive(self, client)
+
+    def _read(self, entries: list[tuple[_Remote, int]], stream: int) -> None:
+        """Read each entry's bytes (from a live copy, Note [Replicas]) to its pointer, unless a
+        prefetch already holds them; ``RemoteLostError`` before anything moves if a copy is
+        needed and none lives. A lender found lost during the read is read around once, from
+        the other copies."""
+        for attempt in range(2):
+            reads = []
+            for r, d in entries:
+                if r.prefetched or r.block is None:
+                    continue
+                client, block, offset = replicas.source(self, r)
+                if not replicas.alive(self, client):
+                    c = self.clients[client]
+                    raise RemoteLostError(f"the lender at {c.address} is lost ({c.lost}): the "
+                                          f"bytes it held are gone", address=c.address,
+                                          reason=c.lost)
+                reads.append((client, block, offset, r.nbytes, d))
+            try:
+                self._stage.read_into(reads, stream)
+                return
+            except RemoteLostError:
+                if attempt or self.copies == 1:
+                    raise
 
     def _release(self, entries: list[_Remote]) -> None:
         """The entries let go of their blocks (Note [Packed blocks]); the blocks no handle uses
@@ -468,8 +506,11 @@ class RemoteTier:
         empty: dict[int, list[RemoteBlock]] = {}
         with self._lock:
             for r in entries:
-                if r.block is not None:
-                    empty.setdefault(r.client, []).extend(self._packs.drop(r.client, [r.block]))
+                copies = [(r.client, r.block, r.offset)] + ([r.mirror] if r.mirror else [])
+                for client, block, offset in copies:
+                    if block is not None:
+                        empty.setdefault(client, []).extend(
+                            placement.let_go(self, client, block, offset, r.nbytes))
         for i, blocks in empty.items():
             placement.free_blocks(self, i, blocks)
 
@@ -522,23 +563,21 @@ class RemoteTier:
             return False
         try:
             try:
-                got = placement.place(self, [n for _, _, n in victims])
-                client, blocks, where = got
-            except OutOfMemoryError:
-                return False
-            try:
-                self._spill_copy(client, where, victims, total, stream)
+                got = self._spill_copy(victims, total, stream)
             except (OffloadError, TimeoutError):  # nothing moved: they stay in the core
-                placement.discard(self, got)
                 return False
+            client, blocks, where = got[0]
+            mirrors = got[1][2] if len(got) > 1 else [None] * len(victims)
             with self._lock:  # remote first: info() of a victim never sees it nowhere
-                for (hid, _, n), (b, off) in zip(victims, where):
-                    self._remote[hid] = _Remote(client, b, n, offset=off)
+                for (hid, _, n), (b, off), m in zip(victims, where, mirrors):
+                    self._remote[hid] = _Remote(client, b, n, offset=off,
+                                                mirror=m and (got[1][0], m[0], m[1]))
                     self._lru.pop(hid, None)
                 self._stats["spills"] += 1
                 self._stats["spilled_handles"] += len(victims)
                 self._stats["spilled_bytes"] += total
-            placement.settled(self, client, blocks)
+            for p in got:
+                placement.settled(self, p[0], p[1])
             for hid, cid, _ in victims:
                 self._core.free(cid)
                 with self._lock:
@@ -549,21 +588,28 @@ class RemoteTier:
                 self._busy -= {hid for hid, _, _ in victims}
                 self._cv.notify_all()
 
-    def _spill_copy(self, client: int, where: list[tuple[RemoteBlock, int]],
-                    victims: list[tuple[int, int, int]], total: int, stream: int) -> None:
-        """The core copies the victims out (keeping them) straight into staging and one write
-        sends them, when they fit it (through a temporary buffer otherwise)."""
+    def _spill_copy(self, victims: list[tuple[int, int, int]], total: int, stream: int
+                    ) -> list[placement.Placement]:
+        """Place the victims and copy them there: the core copies them out (keeping them)
+        straight into staging and one write sends them, when one copy fits staging; through a
+        temporary buffer otherwise (Note [Replicas]: each copy written from it)."""
         cids, sizes = [c for _, c, _ in victims], [n for _, _, n in victims]
-        if total <= self._stage.nbytes:
-            self._stage.write_fetched(client, where, sizes, lambda ptrs: self._core.fetch_many(
-                cids, ptrs, stream, True))
-            return
+        if self.copies == 1 and total <= self._stage.nbytes:
+            got = placement.place(self, sizes)
+            try:
+                self._stage.write_fetched(got[0], got[2], sizes, lambda ptrs: (
+                    self._core.fetch_many(cids, ptrs, stream, True)))
+            except BaseException:
+                placement.discard(self, got, sizes)
+                raise
+            return [got]
         buf = torch.empty(total, dtype=torch.uint8, device=self.device)
         ptrs = list(itertools.accumulate(sizes, initial=buf.data_ptr()))[:-1]
         self._core.fetch_many(cids, ptrs, stream, True)
         self._stage.sync()
-        self._stage.write_from(client, [(b, off, p, n) for (b, off), p, n
-                                        in zip(where, ptrs, sizes)], stream)
+        return replicas.place_and_write(self, sizes, lambda client, where: (
+            self._stage.write_from(client, [(b, off, p, n) for (b, off), p, n
+                                            in zip(where, ptrs, sizes)], stream)))
 
     def _direct(self, items: list[tuple[int, int, float, int]], stream: int,
                 out: list | None) -> list[tuple[int, int]]:
@@ -571,24 +617,23 @@ class RemoteTier:
         tensor's prefix); ``OutOfMemoryError`` if none holds it. The results are appended to
         ``out`` with the entries, as the core does (Note [Interrupted batches] in manager.py)."""
         sizes = [n for _, n, _, _ in items if n]
-        got = placement.place(self, sizes)
-        client, blocks, where = got
-        it = iter(where)
-        placed = [(next(it) if n else (None, 0), s, n, p) for s, n, p, _ in items]
-        try:
-            self._stage.write_from(client, [(b, off, s, n) for (b, off), s, n, _ in placed
-                                            if b is not None], stream)
-        except BaseException:
-            placement.discard(self, got)
-            raise
-        got = []
+        srcs = [s for s, n, _, _ in items if n]
+        got = replicas.place_and_write(self, sizes, lambda client, where: (
+            self._stage.write_from(client, [(b, off, s, n) for (b, off), s, n
+                                            in zip(where, srcs, sizes)], stream)))
+        copies = [iter(where) for _, _, where in got]
+        done = []
         with self._lock:
-            for (b, off), _, n, p in placed:
+            for _, n, p, _ in items:
                 hid = next(self._ids)
-                self._remote[hid] = _Remote(client, b, n, p, off)
-                got.append((hid, self._base + client))
+                b, off = next(copies[0]) if n else (None, 0)
+                m = next(copies[1]) if n and len(got) > 1 else None
+                self._remote[hid] = _Remote(got[0][0], b, n, p, off,
+                                            mirror=m and (got[1][0], m[0], m[1]))
+                done.append((hid, self._base + got[0][0]))
             if out is not None:
-                out.extend(got)
+                out.extend(done)
             self._stats["direct_offloads"] += len(items)
-        placement.settled(self, client, blocks)
-        return got
+        for client, blocks, _ in got:
+            placement.settled(self, client, blocks)
+        return done
