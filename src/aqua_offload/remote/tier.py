@@ -66,7 +66,7 @@ from ..errors import (InvalidArgumentError, InvalidHandleError, OffloadError, Ou
 from . import migration
 from .client import RemoteClient
 from .items import RemoteBlock
-from . import placement, replicas
+from . import placement, replicas, spilling
 from .packing import Packs
 from .protocol import TOKEN_ENV
 from .staging import Staging
@@ -169,7 +169,7 @@ class RemoteTier:
         # placements per (client, block id) not yet in _remote: a reclaim waits for them
         self._in_transit: collections.Counter[tuple[int, int]] = collections.Counter()  # LOCK
         self._packs = Packs()  # LOCK: _lock; handles per block (Note [Packed blocks])
-        self._slabs: dict[int, list] = {}  # LOCK: _lock; client -> [open slab, used] (placement.py)
+        self._slabs: dict[int, placement.Slab] = {}  # LOCK: _lock; open slab per lender
         self._ids = itertools.count(_FIRST_REMOTE_ID)
         self._stats = {"spills": 0, "spilled_handles": 0, "spilled_bytes": 0,
                        "direct_offloads": 0, "remote_fetches": 0, "reclaims": 0,
@@ -234,7 +234,7 @@ class RemoteTier:
             except OutOfMemoryError as oom:
                 need = sum(n for _, n, _, _ in items)
                 try:
-                    if not self._could_fit([n for _, n, _, _ in items]) or not self._spill(
+                    if not spilling.could_fit(self, [n for _, n, _, _ in items]) or not spilling.spill(self, 
                             need, stream, set(bases)):
                         raise oom
                     got = self._core.offload_many(core_items, stream, fence_user, out)
@@ -304,7 +304,7 @@ class RemoteTier:
         try:
             return int(self._core.reclaim(device, nbytes))
         except OutOfMemoryError as oom:
-            if not self._spill(oom.requested or nbytes or 1, current_stream(self.device),
+            if not spilling.spill(self, oom.requested or nbytes or 1, current_stream(self.device),
                                set()):
                 raise
         return int(self._core.reclaim(device, nbytes))
@@ -515,11 +515,6 @@ class RemoteTier:
             placement.free_blocks(self, i, blocks)
 
     # -- spilling and direct offloads (Note [Remote placement]) ------------------------------
-    def _could_fit(self, sizes: list[int]) -> bool:
-        """Whether the core's tiers, emptied, could hold the batch (else spilling is no use)."""
-        caps = [t["capacity"] for t in self._core.stats()["tiers"]]
-        return bool(caps) and sum(sizes) <= sum(caps) and max(sizes, default=0) <= max(caps)
-
     def _fits_peers(self, sizes: list[int]) -> bool:
         """Whether the core's peer tiers can take the batch as they are (Note [Tier order])."""
         peers = [t for t in self._core.stats()["tiers"] if t["tier"] == "peer"]
@@ -534,82 +529,6 @@ class RemoteTier:
         self._consume([b for b in bases if b not in remote_bases], core=True)
         self._consume(remote_bases, core=False)
         return got
-
-    def _spill(self, need: int, stream: int, exclude: set[int]) -> bool:
-        """Move at least ``need`` bytes of the core's bottom tier to a lender; False if none
-        could be moved."""
-        bottom = self._base - 1
-        victims: list[tuple[int, int, int]] = []  # (id, core id, bytes)
-        total = 0
-        with self._lock:
-            for hid in list(self._lru):
-                if hid in self._busy or hid in exclude:
-                    continue
-                cid = self._alias.get(hid, hid)
-                try:
-                    state, tier, n, prefetched = self._core.info(cid)
-                except InvalidHandleError:  # fetched or freed meanwhile
-                    del self._lru[hid]
-                    continue
-                if tier != bottom or prefetched or n == 0 or state not in ("offloaded",
-                                                                            "in_flight"):
-                    continue
-                victims.append((hid, cid, n))
-                self._busy.add(hid)
-                total += n
-                if total >= need:
-                    break
-        if not victims:
-            return False
-        try:
-            try:
-                got = self._spill_copy(victims, total, stream)
-            except (OffloadError, TimeoutError):  # nothing moved: they stay in the core
-                return False
-            client, blocks, where = got[0]
-            mirrors = got[1][2] if len(got) > 1 else [None] * len(victims)
-            with self._lock:  # remote first: info() of a victim never sees it nowhere
-                for (hid, _, n), (b, off), m in zip(victims, where, mirrors):
-                    self._remote[hid] = _Remote(client, b, n, offset=off,
-                                                mirror=m and (got[1][0], m[0], m[1]))
-                    self._lru.pop(hid, None)
-                self._stats["spills"] += 1
-                self._stats["spilled_handles"] += len(victims)
-                self._stats["spilled_bytes"] += total
-            for p in got:
-                placement.settled(self, p[0], p[1])
-            for hid, cid, _ in victims:
-                self._core.free(cid)
-                with self._lock:
-                    self._alias.pop(hid, None)
-            return True
-        finally:
-            with self._cv:
-                self._busy -= {hid for hid, _, _ in victims}
-                self._cv.notify_all()
-
-    def _spill_copy(self, victims: list[tuple[int, int, int]], total: int, stream: int
-                    ) -> list[placement.Placement]:
-        """Place the victims and copy them there: the core copies them out (keeping them)
-        straight into staging and one write sends them, when one copy fits staging; through a
-        temporary buffer otherwise (Note [Replicas]: each copy written from it)."""
-        cids, sizes = [c for _, c, _ in victims], [n for _, _, n in victims]
-        if self.copies == 1 and total <= self._stage.nbytes:
-            got = placement.place(self, sizes)
-            try:
-                self._stage.write_fetched(got[0], got[2], sizes, lambda ptrs: (
-                    self._core.fetch_many(cids, ptrs, stream, True)))
-            except BaseException:
-                placement.discard(self, got, sizes)
-                raise
-            return [got]
-        buf = torch.empty(total, dtype=torch.uint8, device=self.device)
-        ptrs = list(itertools.accumulate(sizes, initial=buf.data_ptr()))[:-1]
-        self._core.fetch_many(cids, ptrs, stream, True)
-        self._stage.sync()
-        return replicas.place_and_write(self, sizes, lambda client, where: (
-            self._stage.write_from(client, [(b, off, p, n) for (b, off), p, n
-                                            in zip(where, ptrs, sizes)], stream)))
 
     def _direct(self, items: list[tuple[int, int, float, int]], stream: int,
                 out: list | None) -> list[tuple[int, int]]:

@@ -1,0 +1,103 @@
+"""Spilling: when the core's tiers are full, their least recently offloaded handles of the
+bottom tier move to a lender (Note [Remote placement] in tier.py)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import InvalidHandleError, OffloadError
+from . import placement, replicas
+
+if TYPE_CHECKING:
+    from .tier import RemoteTier
+
+__all__ = ["could_fit", "spill"]
+
+
+def could_fit(t: "RemoteTier", sizes: list[int]) -> bool:
+    """Whether the core's tiers, emptied, could hold the batch (else spilling is no use)."""
+    caps = [x["capacity"] for x in t._core.stats()["tiers"]]
+    return bool(caps) and sum(sizes) <= sum(caps) and max(sizes, default=0) <= max(caps)
+
+
+def spill(t: "RemoteTier", need: int, stream: int, exclude: set[int]) -> bool:
+    """Move at least ``need`` bytes of the core's bottom tier to a lender; False if none
+    could be moved."""
+    bottom = t._base - 1
+    victims: list[tuple[int, int, int]] = []  # (id, core id, bytes)
+    total = 0
+    with t._lock:
+        for hid in list(t._lru):
+            if hid in t._busy or hid in exclude:
+                continue
+            cid = t._alias.get(hid, hid)
+            try:
+                state, tier, n, prefetched = t._core.info(cid)
+            except InvalidHandleError:  # fetched or freed meanwhile
+                del t._lru[hid]
+                continue
+            if tier != bottom or prefetched or n == 0 or state not in ("offloaded",
+                                                                        "in_flight"):
+                continue
+            victims.append((hid, cid, n))
+            t._busy.add(hid)
+            total += n
+            if total >= need:
+                break
+    if not victims:
+        return False
+    from .tier import _Remote  # (tier.py imports this module)
+
+    try:
+        try:
+            got = _copy(t, victims, total, stream)
+        except (OffloadError, TimeoutError):  # nothing moved: they stay in the core
+            return False
+        client, blocks, where = got[0]
+        mirrors = got[1][2] if len(got) > 1 else [None] * len(victims)
+        with t._lock:  # remote first: info() of a victim never sees it nowhere
+            for (hid, _, n), (b, off), m in zip(victims, where, mirrors):
+                t._remote[hid] = _Remote(client, b, n, offset=off,
+                                         mirror=m and (got[1][0], m[0], m[1]))
+                t._lru.pop(hid, None)
+            t._stats["spills"] += 1
+            t._stats["spilled_handles"] += len(victims)
+            t._stats["spilled_bytes"] += total
+        for p in got:
+            placement.settled(t, p[0], p[1])
+        for hid, cid, _ in victims:
+            t._core.free(cid)
+            with t._lock:
+                t._alias.pop(hid, None)
+        return True
+    finally:
+        with t._cv:
+            t._busy -= {hid for hid, _, _ in victims}
+            t._cv.notify_all()
+
+
+def _copy(t: "RemoteTier", victims: list[tuple[int, int, int]], total: int, stream: int
+          ) -> list[placement.Placement]:
+    """Place the victims and copy them there: the core copies them out (keeping them)
+    straight into staging and one write sends them, when one copy fits staging; through a
+    temporary buffer otherwise (Note [Replicas]: each copy written from it)."""
+    cids, sizes = [c for _, c, _ in victims], [n for _, _, n in victims]
+    if t.copies == 1 and total <= t._stage.nbytes:
+        got = placement.place(t, sizes)
+        try:
+            t._stage.write_fetched(got[0], got[2], sizes, lambda ptrs: (
+                t._core.fetch_many(cids, ptrs, stream, True)))
+        except BaseException:
+            placement.discard(t, got, sizes)
+            raise
+        return [got]
+    buf = torch.empty(total, dtype=torch.uint8, device=t.device)
+    ptrs = list(itertools.accumulate(sizes, initial=buf.data_ptr()))[:-1]
+    t._core.fetch_many(cids, ptrs, stream, True)
+    t._stage.sync()
+    return replicas.place_and_write(t, sizes, lambda client, where: (
+        t._stage.write_from(client, [(b, off, p, n) for (b, off), p, n
+                                     in zip(where, ptrs, sizes)], stream)))
