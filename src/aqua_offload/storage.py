@@ -117,10 +117,14 @@ def any_offloaded() -> bool:
     return bool(_registry)
 
 
+_UNSAFE = {"handle": "paged out", "discarded": "discarded"}
+
+
 def unsafe_to_touch(t: torch.Tensor) -> str | None:
     """``"paged out"`` or ``"discarded"`` when touching ``t`` would read freed memory."""
-    kind = _type_of(_entry(t))
-    return {"handle": "paged out", "discarded": "discarded"}.get(kind or "")
+    if t.untyped_storage()._cdata not in _registry:  # the usual answer, at once
+        return None
+    return _UNSAFE.get(_type_of(_entry(t)) or "")
 
 
 def owner(t: torch.Tensor) -> "Handle | None":
