@@ -56,7 +56,7 @@ class Handle:
     def __init__(self, manager: "OffloadManager", core_id: int, *, nbytes: int,
                  shape: torch.Size, dtype: torch.dtype, release: bool,
                  tensor: torch.Tensor | None, key: int | None, tier: str, location: str,
-                 priority: float = 0.0, storage: torch.UntypedStorage | None = None) -> None:
+                 priority: float = 0.0, storage_ref: Any = None) -> None:
         self._manager = manager
         self._id = core_id
         self.nbytes = nbytes
@@ -65,15 +65,19 @@ class Handle:
         self.release = release
         self.priority = priority
         self._state = "live"
-        # release=True: weak references to the tensor fetch returns and to its storage, and the
-        # tensor's layout, to rebuild a tensor on the storage if the object itself is gone.
+        # release=True: weak references to the tensor fetch returns and to its storage (the
+        # registry's own, ``storage_ref``, when the caller has it), and the tensor's offset and
+        # strides (its shape is ``shape``), to rebuild a tensor on the storage if the object
+        # itself is gone. (Each object a handle keeps is one more for the garbage collector's
+        # full collections, which a batch of thousands of handles brings on.)
         self._tensor: Any = None
         self._storage: Any = None
-        self._layout: tuple[int, torch.Size, tuple[int, ...]] | None = None
-        if tensor is not None:  # (``storage``: the tensor's, when the caller has it already)
+        self._layout: tuple[int, tuple[int, ...]] | None = None
+        if tensor is not None:
             self._tensor = weakref.ref(tensor)
-            self._storage = weakref.ref(tensor.untyped_storage() if storage is None else storage)
-            self._layout = (tensor.storage_offset(), shape, tensor.stride())
+            self._storage = (weakref.ref(tensor.untyped_storage()) if storage_ref is None
+                             else storage_ref)
+            self._layout = (tensor.storage_offset(), tensor.stride())
         self._key = key  # release=True: registry key of its storage
         self._tier = tier
         self._location = location
@@ -180,9 +184,9 @@ class Handle:
         tensor = self._tensor() if self._tensor is not None else None
         if tensor is not None:
             return tensor
-        offset, shape, stride = self._layout
+        offset, stride = self._layout
         return torch.empty(0, dtype=self.dtype, device=storage.device).set_(
-            storage, offset, shape, stride)
+            storage, offset, self.shape, stride)
 
     # -- copies and pickling: a handle owns tier bytes; two owners would free them twice ----
     def __copy__(self) -> "Handle":

@@ -27,24 +27,28 @@ class HolderWatch:
         self._held: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self._lock = threading.RLock()
 
+    # A held value is the memory itself, or a tuple nesting several when one id keeps more
+    # than one alive (no list per id: one object less per handle for the garbage collector)
     def hold(self, core_id: int, memory: Any) -> None:
         with self._lock:
-            self._held.setdefault(core_id, []).append(memory)
+            held = self._held
+            held[core_id] = (held[core_id], memory) if core_id in held else memory
 
     def hold_many(self, items: list[tuple[int, Any]]) -> None:
         """:meth:`hold` of each ``(core_id, memory)``, in order, under one lock."""
         with self._lock:
             held = self._held
             for core_id, memory in items:  # a loop: see storage.unregister_many
-                held.setdefault(core_id, []).append(memory)
+                held[core_id] = (held[core_id], memory) if core_id in held else memory
 
     def transfer(self, old_id: int, new_id: int) -> None:
         """``new_id``'s copy completes after ``old_id``'s (an incremental offload consumed the
         base ``old_id``): what ``old_id`` kept alive is now kept until ``new_id`` is ready."""
         with self._lock:
-            moved = self._held.pop(old_id, None)
-            if moved:
-                self._held.setdefault(new_id, []).extend(moved)
+            held = self._held
+            moved = held.pop(old_id, None)
+            if moved is not None:
+                held[new_id] = (held[new_id], moved) if new_id in held else moved
 
     def holding(self, core_id: int) -> bool:
         return core_id in self._held

@@ -255,11 +255,11 @@ class OffloadManager:
 
     def _new_handle(self, core_id: int, tier: int, tensor: torch.Tensor, *, nbytes: int,
                     release: bool, priority: float, key: int | None = None,
-                    storage: torch.UntypedStorage | None = None) -> Handle:
+                    storage_ref: Any = None) -> Handle:
         kind, location = self._tiers[tier]  # where the copy went (Handle.tier stays live)
         h = Handle(self, core_id, nbytes=nbytes, shape=tensor.shape, dtype=tensor.dtype,
                    release=release, tensor=tensor if release else None, key=key,
-                   tier=kind, location=location, priority=priority, storage=storage)
+                   tier=kind, location=location, priority=priority, storage_ref=storage_ref)
         self._handles[core_id] = weakref.ref(h)
         return h
 

@@ -37,6 +37,7 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
                else [torch.UntypedStorage() for _ in stores])
     sizes = [s.nbytes() for s in stores]
     reserved: list[tuple[int, Any]] = []
+    watches: list[Any] = []  # the registry's weak reference to each storage
     got: list[tuple[int, int]] = []  # filled by the core before it returns
     handles: list[Handle | None] = [None] * len(tensors)
 
@@ -46,11 +47,11 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
             if h is None:
                 h = handles[i] = m._new_handle(cid, tier, tensors[i], nbytes=sizes[i],
                                                release=True, priority=prio,
-                                               key=reserved[i][0], storage=stores[i])
+                                               key=reserved[i][0], storage_ref=watches[i])
             h._adopted = True  # (Note [Orphans] in manager.py)
             if sizes[i] and holders[i].nbytes() == 0:
                 stores[i]._swap_data_ptr_(holders[i])  # storage.swap_out: one C call
-        storage.commit(reserved, handles, stores)  # type: ignore[arg-type]
+        storage.commit(reserved, handles)  # type: ignore[arg-type]
         keep_alive_many(m, [(cid, tier, holders[i]) for i, (cid, tier) in enumerate(got)
                             if sizes[i]])
         if bases.count(None) != len(bases):
@@ -64,7 +65,7 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
     items = [(s.data_ptr(), n, prio, b) for s, n, b in zip(stores, sizes, base_ids)]
     stream = current_stream(m.device)
     try:
-        storage.reserve(stores, f"{what}(release=True)", reserved)
+        storage.reserve(stores, f"{what}(release=True)", reserved, watches)
         m._store.offload_many(items, stream, False, got)
         finish()
     except BaseException:

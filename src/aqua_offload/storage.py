@@ -140,12 +140,15 @@ def handles_of(manager: Any) -> list["Handle"]:
                 if _type_of(h) == "handle" and h._manager is manager]
 
 
-def reserve(stores: list[torch.UntypedStorage], what: str,
-            reserved: list[tuple[int, Any]]) -> None:
+def reserve(stores: list[torch.UntypedStorage], what: str, reserved: list[tuple[int, Any]],
+            watches: list["_Watch"]) -> None:
     """Check (:func:`check_sole_owner`) and reserve each storage for a release, in order,
     appending ``(key, token)`` to ``reserved`` *before* registering it: an interrupt or an error
     anywhere leaves nothing the caller cannot undo with :func:`unregister` (Note [Interrupted
-    batches] in manager.py). One lock and one token for the whole batch."""
+    batches] in manager.py). One lock and one token for the whole batch. The weak reference
+    watching each storage (made now if it has none: a storage that stays unregistered keeps
+    it until it dies, harmlessly) is appended to ``watches``, for its handle to use as its own.
+    """
     token = _Reservation()
     stale = []  # dead storages' entries at reused addresses: replaced, dropped outside the lock
     with _lock:
@@ -169,20 +172,21 @@ def reserve(stores: list[torch.UntypedStorage], what: str,
                 stale.append(entry)
             reserved.append((key, token))
             _registry[key] = token
+            w = _watched.get(key)
+            if w is None or w() is not s:  # (a dead one: its callback was interrupted)
+                # one line: no traced interrupt between making the watch and keeping it
+                w = _Watch(s, _storage_died); w.key = key; _watched[key] = w  # noqa: E702
+            watches.append(w)
     del stale
 
 
-def commit(reserved: list[tuple[int, Any]], handles: list["Handle"],
-           stores: list[torch.UntypedStorage]) -> None:
+def commit(reserved: list[tuple[int, Any]], handles: list["Handle"]) -> None:
     """The reserved storages are paged out now, each held by its handle (Note [Paging
-    registry]). Idempotent."""
+    registry]; :func:`reserve` watches them). Idempotent."""
     with _lock:
-        for (key, token), handle, s in zip(reserved, handles, stores):
+        for (key, token), handle in zip(reserved, handles):
             if _registry.get(key) is token:
                 _registry[key] = handle
-            if key not in _watched:
-                # one line: no traced interrupt between making the watch and keeping it
-                w = _Watch(s, _storage_died); w.key = key; _watched[key] = w  # noqa: E702
 
 
 def _storage_died(watch: _Watch) -> None:
