@@ -65,6 +65,9 @@ def test_packs_count_handles_and_give_a_block_back_once() -> None:
     assert p.drop(0, [a, a]) == [] and p.count(0, a) == 1
     assert p.drop(0, [a, b]) == [a, b]
     assert p.drop(0, [a]) == [], "never twice"
+    p.add(1, [a, a, a])
+    assert not p.drop_n(1, a, 2) and p.count(1, a) == 1
+    assert p.drop_n(1, a, 1) and not p.drop_n(1, a, 1), "emptied once, never twice"
 
 
 def test_a_batch_shares_one_block_and_round_trips_bitwise(remote_lender, managers) -> None:

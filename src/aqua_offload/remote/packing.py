@@ -74,6 +74,19 @@ class Packs:
                 empty.append(b)
         return empty
 
+    def drop_n(self, client: int, block: RemoteBlock, k: int) -> bool:
+        """``k`` handles let go of ``block``; True if none uses it any more (the caller gives
+        it back; never twice)."""
+        key = (client, block.id)
+        left = self._refs.get(key)
+        if left is None:
+            return False
+        if left > k:
+            self._refs[key] = left - k
+            return False
+        del self._refs[key]
+        return True
+
     def count(self, client: int, block: RemoteBlock) -> int:
         return self._refs.get((client, block.id), 0)
 

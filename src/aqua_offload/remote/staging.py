@@ -24,8 +24,10 @@ Note [Staging]
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import itertools
+import operator
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -139,15 +141,37 @@ class Staging:
         """Write (block, block offset, local pointer, bytes) to one lender: the large host
         pieces in place, the rest one ``write`` per round."""
         pieces = self._direct("write", [(client, b, o, n, p) for b, o, p, n in pieces])
+        if not pieces:
+            return
         c, region, base = self.clients[client], self.regions[client], self.buffer.data_ptr()
+        _, blocks, boffs, sizes, ptrs = zip(*pieces)
+        total = sum(sizes)
+        if total <= self.nbytes:  # the common case, one round: no piece is cut
+            offs = list(itertools.accumulate(sizes, initial=0))[:-1]
+            with self.lock:
+                self._copy_all([base + o for o in offs], ptrs, sizes, stream)
+                c.write(_items(region, offs, blocks, boffs, sizes))
+            self._count("write", 1, total)
+            return
         copy = self.copier(stream)
-        for rnd in self.rounds([(b, p, o, n) for _, b, o, n, p in pieces]):
+        for rnd in self.rounds(list(zip(blocks, ptrs, boffs, sizes))):
             with self.lock:
                 for _, ptr, _, n, off in rnd:
                     copy(base + off, ptr, n)
                 self.sync()
                 c.write(merge([((region, off), b, boff, n) for b, _, boff, n, off in rnd]))
             self._count("write", 1, sum(x[3] for x in rnd))
+
+    def _copy_all(self, dsts: Sequence[int], srcs: Sequence[int], sizes: Sequence[int],
+                  stream: int) -> None:
+        """Copy every piece, then wait for the copies (NIXL reads or writes their memory
+        next); on emulation one ``map`` over memmove, no Python loop."""
+        if self._cuda:
+            for d, s_, n in zip(dsts, srcs, sizes):
+                self._raw_copy(d, s_, n, stream)
+            self.sync()
+        else:
+            collections.deque(map(ctypes.memmove, dsts, srcs, sizes), maxlen=0)
 
     def _direct(self, op: str, pieces: list[tuple[int, RemoteBlock, int, int, int]]
                 ) -> list[tuple[int, RemoteBlock, int, int, int]]:
@@ -204,7 +228,20 @@ class Staging:
         """Read (client, block, block offset, bytes, local pointer) items: the large host
         pieces in place, the rest per round: one ``read`` per lender, then the copies out."""
         reads = self._direct("read", reads)
-        base, copy, regions = self.buffer.data_ptr(), self.copier(stream), self.regions
+        if not reads:
+            return
+        base, regions = self.buffer.data_ptr(), self.regions
+        clients, blocks, boffs, sizes, ptrs = zip(*reads)
+        total = sum(sizes)
+        if total <= self.nbytes and clients.count(clients[0]) == len(clients):
+            offs = list(itertools.accumulate(sizes, initial=0))[:-1]  # one round, one lender
+            with self.lock:
+                self.clients[clients[0]].read(_items(regions[clients[0]], offs, blocks, boffs,
+                                                     sizes))
+                self._copy_all(ptrs, [base + o for o in offs], sizes, stream)
+            self._count("read", 1, total)
+            return
+        copy = self.copier(stream)
         for rnd in self.rounds([((c, b), d, o, n) for c, b, o, n, d in reads]):
             with self.lock:
                 by_client: dict[int, list] = {}
@@ -219,3 +256,15 @@ class Staging:
                     copy(ptr, base + off, n)
                 self.sync()
             self._count("read", len(by_client), sum(x[3] for x in rnd))
+
+
+def _items(region: Any, offs: Sequence[int], blocks: Sequence[RemoteBlock],
+           boffs: Sequence[int], sizes: Sequence[int]) -> list:
+    """The transfer items of one round whose pieces lie one after another in the buffer at
+    ``offs``: one item when they also lie one after another in one block (a packed batch),
+    else merged where they can be."""
+    b0, o0 = blocks[0], boffs[0]
+    if all(map(operator.is_, blocks, itertools.repeat(b0))) and all(
+            map(operator.eq, offs, map(operator.sub, boffs, itertools.repeat(o0 - offs[0])))):
+        return [((region, offs[0]), b0, o0, offs[-1] + sizes[-1] - offs[0])]
+    return merge([((region, o), b, bo, n) for o, b, bo, n in zip(offs, blocks, boffs, sizes)])

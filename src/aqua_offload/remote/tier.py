@@ -234,8 +234,8 @@ class RemoteTier:
             except OutOfMemoryError as oom:
                 need = sum(n for _, n, _, _ in items)
                 try:
-                    if not spilling.could_fit(self, [n for _, n, _, _ in items]) or not spilling.spill(self, 
-                            need, stream, set(bases)):
+                    if not spilling.could_fit(self, [n for _, n, _, _ in items]) or \
+                            not spilling.spill(self, need, stream, set(bases)):
                         raise oom
                     got = self._core.offload_many(core_items, stream, fence_user, out)
                 except OutOfMemoryError:
@@ -501,20 +501,32 @@ class RemoteTier:
                     raise
 
     def _release(self, entries: list[_Remote]) -> None:
-        """The entries let go of their blocks (Note [Packed blocks]); the blocks no handle uses
-        any more go back, one request a lender. The caller forgets the entries."""
-        empty: dict[int, list[RemoteBlock]] = {}
+        """The entries let go of their blocks (Note [Packed blocks]; an open slab gets their
+        ranges back, Note [Slabs]); the blocks no handle uses any more go back, one request a
+        lender. The caller forgets the entries."""
+        held: dict[tuple[int, int], list] = {}  # (client, block id) -> [block, handles]
         with self._lock:
+            slabs = self._slabs
             for r in entries:
-                copies = [(r.client, r.block, r.offset)] + ([r.mirror] if r.mirror else [])
-                for client, block, offset in copies:
-                    if block is not None:
-                        empty.setdefault(client, []).extend(
-                            placement.let_go(self, client, block, offset, r.nbytes))
+                first = (r.client, r.block, r.offset)
+                for client, block, offset in (first,) if r.mirror is None else (first, r.mirror):
+                    if block is None:
+                        continue
+                    slab = slabs.get(client)
+                    if slab is not None and slab.block.id == block.id and r.nbytes:
+                        slab.give(offset, r.nbytes)
+                    e = held.get((client, block.id))
+                    if e is None:
+                        held[client, block.id] = [block, 1]
+                    else:
+                        e[1] += 1
+            empty: dict[int, list[RemoteBlock]] = {}
+            for (client, _), (block, k) in held.items():
+                if self._packs.drop_n(client, block, k):
+                    empty.setdefault(client, []).append(block)
         for i, blocks in empty.items():
             placement.free_blocks(self, i, blocks)
 
-    # -- spilling and direct offloads (Note [Remote placement]) ------------------------------
     def _fits_peers(self, sizes: list[int]) -> bool:
         """Whether the core's peer tiers can take the batch as they are (Note [Tier order])."""
         peers = [t for t in self._core.stats()["tiers"] if t["tier"] == "peer"]
@@ -541,15 +553,16 @@ class RemoteTier:
             self._stage.write_from(client, [(b, off, s, n) for (b, off), s, n
                                             in zip(where, srcs, sizes)], stream)))
         copies = [iter(where) for _, _, where in got]
-        done = []
+        client, tier = got[0][0], self._base + got[0][0]
+        hids = list(itertools.islice(self._ids, len(items)))
+        done = [(h, tier) for h in hids]
         with self._lock:
-            for _, n, p, _ in items:
-                hid = next(self._ids)
+            table = self._remote
+            for hid, (_, n, p, _) in zip(hids, items):
                 b, off = next(copies[0]) if n else (None, 0)
                 m = next(copies[1]) if n and len(got) > 1 else None
-                self._remote[hid] = _Remote(got[0][0], b, n, p, off,
-                                            mirror=m and (got[1][0], m[0], m[1]))
-                done.append((hid, self._base + got[0][0]))
+                table[hid] = _Remote(client, b, n, p, off, False,
+                                     m and (got[1][0], m[0], m[1]))
             if out is not None:
                 out.extend(done)
             self._stats["direct_offloads"] += len(items)
