@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -156,6 +157,15 @@ aqua::lane parse_lane(const std::string& l) {
 
 void* as_ptr(std::uintptr_t p) { return reinterpret_cast<void*>(p); }
 
+// Pieces of a batch of copies: one destination, source and size each.
+using pieces = std::vector<std::uintptr_t>;
+
+void check_pieces(const pieces& dsts, const pieces& srcs, const std::vector<std::size_t>& sizes,
+                  const char* what) {
+  AQUA_EXPECTS(dsts.size() == srcs.size() && srcs.size() == sizes.size(), invalid_argument_error,
+               std::string(what) + ": one destination, source and size per piece");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -189,6 +199,17 @@ PYBIND11_MODULE(_core, m) {
       py::arg("backend"), py::arg("device"),
       "(free, total) bytes of a device's memory now (cudaMemGetInfo; the host's on emulation).");
 
+  m.def(
+      "memcpy_many",
+      [](const pieces& dsts, const pieces& srcs, const std::vector<std::size_t>& sizes) {
+        check_pieces(dsts, srcs, sizes, "memcpy_many");
+        py::gil_scoped_release release;
+        for (std::size_t i = 0; i < sizes.size(); ++i)
+          std::memcpy(as_ptr(dsts[i]), as_ptr(srcs[i]), sizes[i]);
+      },
+      py::arg("dsts"), py::arg("srcs"), py::arg("sizes"),
+      "Host memory copies, one per piece, in one call with the GIL released (the remote "
+      "tier's staging on emulation: a batch of 1000 pieces pays one call, not 1000).");
   m.def("eviction_policies", &aqua::eviction_policy_names, "Names of the eviction policies.");
   m.def(
       "inject_copy_faults",
@@ -348,6 +369,16 @@ PYBIND11_MODULE(_core, m) {
             s.raw_copy(as_ptr(dst), as_ptr(src), n, stream);
           },
           py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("stream"), release_gil())
+      .def(
+          "raw_copy_many",
+          [](store& s, const pieces& dsts, const pieces& srcs, const std::vector<std::size_t>& sizes,
+             std::uintptr_t stream) {
+            check_pieces(dsts, srcs, sizes, "raw_copy_many");
+            py::gil_scoped_release release;
+            for (std::size_t i = 0; i < sizes.size(); ++i)
+              s.raw_copy(as_ptr(dsts[i]), as_ptr(srcs[i]), sizes[i], stream);
+          },
+          py::arg("dsts"), py::arg("srcs"), py::arg("sizes"), py::arg("stream"))
       .def_property_readonly("backend", [](const store& s) { return s.get_backend().name(); })
       .def_property_readonly("emulation", [](const store& s) { return s.get_backend().is_emulation(); })
       .def_property_readonly("device", &store::device)

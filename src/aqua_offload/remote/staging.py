@@ -8,8 +8,9 @@ Note [Staging]
     ``write`` of the whole round, or one ``read`` of the round per lender and copy out. A
     batch larger than the buffer takes several rounds; one tensor larger than it is cut into
     pieces. The lock is held for one round, a transfer under the client's deadline included.
-    Copies in and out release the GIL (ctypes' memmove on emulation, the core's copy on CUDA,
-    followed by a device synchronize: NIXL must not touch the buffer before the copy ended).
+    Copies in and out are one call into the core per round, with the GIL released (memcpy on
+    emulation, the core's copies on CUDA followed by a device synchronize: NIXL must not
+    touch the buffer before the copy ended).
     Within a round, items that are contiguous both in the buffer and in one block (the
     handles of a packed batch, Note [Packed blocks] in packing.py) are merged into one NIXL
     descriptor.
@@ -24,8 +25,6 @@ Note [Staging]
 
 from __future__ import annotations
 
-import collections
-import ctypes
 import itertools
 import operator
 import threading
@@ -33,6 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .. import _core
 from ..errors import BackendError
 from .client import RemoteClient
 from .items import RemoteBlock
@@ -67,18 +67,18 @@ class Staging:
         One region is registered with each; index ``i`` of the methods names ``clients[i]``.
     device : torch.device
         The manager's device: pinned memory and the core's copies when it is a GPU.
-    raw_copy : callable
-        The core's ``raw_copy(dst, src, nbytes, stream)`` (used on CUDA).
+    raw_copy_many : callable
+        The core's ``raw_copy_many(dsts, srcs, sizes, stream)`` (used on CUDA).
     nbytes : int
         Size of the buffer.
     """
 
     def __init__(self, clients: Sequence[RemoteClient], device: torch.device,
-                 raw_copy: Callable[[int, int, int, int], None], nbytes: int) -> None:
+                 raw_copy_many: Callable[[list, list, list, int], None], nbytes: int) -> None:
         self.clients = list(clients)
         self.device = device
         self._cuda = device.type == "cuda"
-        self._raw_copy = raw_copy
+        self._raw_copy_many = raw_copy_many
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._cuda)
         self.regions = [c.register(self.buffer) for c in self.clients]
         self.lock = threading.Lock()  # one round at a time
@@ -89,16 +89,6 @@ class Staging:
     @property
     def nbytes(self) -> int:
         return self.buffer.numel()
-
-    def copy(self, dst: int, src: int, n: int, stream: int) -> None:
-        self.copier(stream)(dst, src, n)
-
-    def copier(self, stream: int) -> Callable[[int, int, int], Any]:
-        """``copy(dst, src, nbytes)`` on ``stream``: ctypes' memmove itself on emulation (a
-        batch of 1000 pieces pays no wrapper per piece)."""
-        if self._cuda:
-            return lambda dst, src, n: self._raw_copy(dst, src, n, stream)
-        return ctypes.memmove
 
     def sync(self) -> None:
         """Wait for this device's copies (before NIXL reads or writes their memory)."""
@@ -153,25 +143,23 @@ class Staging:
                 c.write(_items(region, offs, blocks, boffs, sizes))
             self._count("write", 1, total)
             return
-        copy = self.copier(stream)
         for rnd in self.rounds(list(zip(blocks, ptrs, boffs, sizes))):
             with self.lock:
-                for _, ptr, _, n, off in rnd:
-                    copy(base + off, ptr, n)
-                self.sync()
+                self._copy_all([base + off for *_, off in rnd], [x[1] for x in rnd],
+                               [x[3] for x in rnd], stream)
                 c.write(merge([((region, off), b, boff, n) for b, _, boff, n, off in rnd]))
             self._count("write", 1, sum(x[3] for x in rnd))
 
     def _copy_all(self, dsts: Sequence[int], srcs: Sequence[int], sizes: Sequence[int],
                   stream: int) -> None:
-        """Copy every piece, then wait for the copies (NIXL reads or writes their memory
-        next); on emulation one ``map`` over memmove, no Python loop."""
+        """Copy every piece in one call with the GIL released (the core's copies on CUDA,
+        then a device synchronize: NIXL reads or writes their memory next; memcpy on
+        emulation)."""
         if self._cuda:
-            for d, s_, n in zip(dsts, srcs, sizes):
-                self._raw_copy(d, s_, n, stream)
+            self._raw_copy_many(list(dsts), list(srcs), list(sizes), stream)
             self.sync()
         else:
-            collections.deque(map(ctypes.memmove, dsts, srcs, sizes), maxlen=0)
+            _core.memcpy_many(list(dsts), list(srcs), list(sizes))
 
     def _direct(self, op: str, pieces: list[tuple[int, RemoteBlock, int, int, int]]
                 ) -> list[tuple[int, RemoteBlock, int, int, int]]:
@@ -211,17 +199,14 @@ class Staging:
         """``fetch(pointers)`` fills the buffer (the core copies handles into it), then one
         ``write`` sends it to (block, offset) ``blocks``; the sizes must fit the buffer
         together."""
-        offs, o = [], 0
-        for n in sizes:
-            offs.append(o)
-            o += n
+        offs = list(itertools.accumulate(sizes, initial=0))
         base, region = self.buffer.data_ptr(), self.regions[client]
         with self.lock:
-            fetch([base + x for x in offs])
+            fetch([base + x for x in offs[:-1]])
             self.sync()
-            self.clients[client].write(merge([((region, x), b, boff, n) for x, (b, boff), n
-                                              in zip(offs, blocks, sizes)]))
-        self._count("write", 1, o)
+            self.clients[client].write(_items(region, offs[:-1], [b for b, _ in blocks],
+                                              [o for _, o in blocks], sizes))
+        self._count("write", 1, offs[-1])
 
     def read_into(self, reads: list[tuple[int, RemoteBlock, int, int, int]],
                   stream: int) -> None:
@@ -241,7 +226,6 @@ class Staging:
                 self._copy_all(ptrs, [base + o for o in offs], sizes, stream)
             self._count("read", 1, total)
             return
-        copy = self.copier(stream)
         for rnd in self.rounds([((c, b), d, o, n) for c, b, o, n, d in reads]):
             with self.lock:
                 by_client: dict[int, list] = {}
@@ -252,9 +236,8 @@ class Staging:
                     items.append(((regions[c], off), b, boff, n))
                 for i, items in by_client.items():
                     self.clients[i].read(merge(items))
-                for _, ptr, _, n, off in rnd:
-                    copy(ptr, base + off, n)
-                self.sync()
+                self._copy_all([x[1] for x in rnd], [base + off for *_, off in rnd],
+                               [x[3] for x in rnd], stream)
             self._count("read", len(by_client), sum(x[3] for x in rnd))
 
 
