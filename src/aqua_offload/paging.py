@@ -50,7 +50,7 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
                                                key=reserved[i][0], storage_ref=watches[i])
             h._adopted = True  # (Note [Orphans] in manager.py)
             if sizes[i] and holders[i].nbytes() == 0:
-                stores[i]._swap_data_ptr_(holders[i])  # storage.swap_out: one C call
+                storage.swap_out(stores[i], holders[i])  # one C call: done or not
         storage.commit(reserved, handles)  # type: ignore[arg-type]
         keep_alive_many(m, [(cid, tier, holders[i]) for i, (cid, tier) in enumerate(got)
                             if sizes[i]])
@@ -182,7 +182,7 @@ def restore_all(m: "OffloadManager", handles: list[Handle], dests: list[Any],
                     results[i] = page_in(h, dests[i])
                     continue
                 if s.nbytes() == 0 and h.nbytes:
-                    s._swap_data_ptr_(dests[i])  # storage.swap_in: one C call
+                    storage.swap_in(s, dests[i])
                 results[i] = tensor
             else:
                 results[i] = restore(m, h, dests[i], outs[i])
