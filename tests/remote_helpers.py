@@ -128,3 +128,12 @@ def until(cond, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail("the condition did not hold in time")
         time.sleep(0.01)
+
+
+def blocks_left(m, lender) -> int:
+    """The blocks ``lender`` still holds for ``m`` besides ``m``'s open slab there (Note
+    [Slabs]: an open slab stays while the manager lives), once every block ``m`` gave back
+    reached the lender."""
+    m.synchronize()
+    i = [c.address for c in m._remote.clients].index(lender.address)
+    return lender.stats()["blocks"] - (i in m._remote._slabs)

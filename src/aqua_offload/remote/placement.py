@@ -24,6 +24,7 @@ Note [In transit]
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 from typing import TYPE_CHECKING
 
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["place", "settled", "discard", "free_blocks", "retire_slab", "SLAB_BYTES",
            "SMALL_BYTES"]
 
-SLAB_BYTES = 4 << 20
-SMALL_BYTES = SLAB_BYTES // 16  # batches up to this go to the open slab (Note [Slabs])
+SLAB_BYTES = 16 << 20
+SMALL_BYTES = SLAB_BYTES // 4  # batches up to this go to the open slab (Note [Slabs])
 
 Placement = tuple[int, list[RemoteBlock], list[tuple[RemoteBlock, int]]]
 
@@ -80,9 +81,10 @@ def place(t: "RemoteTier", sizes: list[int], avoid: tuple[int, ...] = ()) -> Pla
             continue
         where = [(blocks[k], off) for k, off in slots]
         with t._lock:
-            for b in blocks:
+            per_block = collections.Counter(j for j, _ in slots)
+            for k, b in enumerate(blocks):
                 t._in_transit[i, b.id] += 1
-            t._packs.add(i, [b for b, _ in where])
+                t._packs.add_n(i, b, per_block[k])
         return i, blocks, where
     raise OutOfMemoryError("no tier has room: the core's tiers are full and no lender "
                            f"can hold {total} bytes ({'; '.join(why) or 'none usable'})",
@@ -131,7 +133,7 @@ def _in_slab(t: "RemoteTier", i: int, sizes: list[int], total: int) -> Placement
             if off is not None:
                 block = slab.block  # type: ignore[union-attr]
                 t._in_transit[i, block.id] += 1
-                t._packs.add(i, [block] * len(sizes))
+                t._packs.add_n(i, block, len(sizes))
                 offs = itertools.accumulate(sizes, initial=off)
                 return i, [block], [(block, o) for o, _ in zip(offs, sizes)]
         if attempt:

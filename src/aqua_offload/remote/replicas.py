@@ -71,7 +71,7 @@ def alive(t: "RemoteTier", client: int) -> bool:
 
 def source(t: "RemoteTier", r: "_Remote") -> tuple[int, RemoteBlock | None, int]:
     """The copy a read uses: the primary, or the mirror when the primary's lender is lost."""
-    if r.mirror is not None and not alive(t, r.client) and alive(t, r.mirror[0]):
+    if r.mirror is not None and t.clients[r.client].lost is not None and alive(t, r.mirror[0]):
         return r.mirror
     return r.client, r.block, r.offset
 

@@ -556,13 +556,18 @@ class RemoteTier:
         client, tier = got[0][0], self._base + got[0][0]
         hids = list(itertools.islice(self._ids, len(items)))
         done = [(h, tier) for h in hids]
-        with self._lock:
-            table = self._remote
-            for hid, (_, n, p, _) in zip(hids, items):
+        if len(got) == 1 and len(sizes) == len(items):  # one copy, no empty tensor
+            entries = [_Remote(client, b, n, p, off) for (b, off), (_, n, p, _)
+                       in zip(got[0][2], items)]
+        else:
+            entries = []
+            for _, n, p, _ in items:
                 b, off = next(copies[0]) if n else (None, 0)
                 m = next(copies[1]) if n and len(got) > 1 else None
-                table[hid] = _Remote(client, b, n, p, off, False,
-                                     m and (got[1][0], m[0], m[1]))
+                entries.append(_Remote(client, b, n, p, off, False,
+                                       m and (got[1][0], m[0], m[1])))
+        with self._lock:
+            self._remote.update(zip(hids, entries))
             if out is not None:
                 out.extend(done)
             self._stats["direct_offloads"] += len(items)
