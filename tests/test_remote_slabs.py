@@ -167,6 +167,8 @@ def test_slab_ranges_are_first_fit_and_merge() -> None:
     s.give(30, 30)
     assert s.free == [(0, 60), (85, 15)]
     assert s.take(61) is None and s.take(60) == 0
+    s.give_all([(40, 20), (0, 10), (10, 30)])  # a batch's ranges in any order: merged
+    assert s.free == [(0, 60), (85, 15)]
 
 
 def test_the_range_a_handle_gives_back_is_used_again(remote_lender, managers,

@@ -111,6 +111,19 @@ class Slab:
                 return off
         return None
 
+    def give_all(self, ranges: list[tuple[int, int]]) -> None:
+        """Several (offset, bytes) ranges free again; those that touch are merged first (the
+        handles of one batch lie one after another)."""
+        ranges.sort()
+        off, n = ranges[0]
+        for o, k in ranges[1:]:
+            if off + n == o:
+                n += k
+            else:
+                self.give(off, n)
+                off, n = o, k
+        self.give(off, n)
+
     def give(self, off: int, n: int) -> None:
         """``n`` bytes at ``off`` are free again (merged with the ranges beside them)."""
         k = bisect.bisect(self.free, (off, n))

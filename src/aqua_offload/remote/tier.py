@@ -224,7 +224,10 @@ class RemoteTier:
                 remote_bases = [b for b in bases if b in self._remote]
                 core_items = [(s, n, p, 0 if b in self._remote else self._alias.get(b, b)
                                ) if b else (s, n, p, 0) for s, n, p, b in items]
-            if self.order == "above_host" and not self._fits_peers([n for _, n, _, _ in items]):
+            sizes = [n for _, n, _, _ in items]
+            if not spilling.could_fit(self, sizes):  # the core can never hold it
+                return self._to_lenders(items, bases, remote_bases, stream, out)
+            if self.order == "above_host" and not self._fits_peers(sizes):
                 try:  # Note [Tier order]: a lender before host memory
                     return self._to_lenders(items, bases, remote_bases, stream, out)
                 except OutOfMemoryError:
@@ -232,10 +235,8 @@ class RemoteTier:
             try:
                 got = self._core.offload_many(core_items, stream, fence_user, out)
             except OutOfMemoryError as oom:
-                need = sum(n for _, n, _, _ in items)
                 try:
-                    if not spilling.could_fit(self, [n for _, n, _, _ in items]) or \
-                            not spilling.spill(self, need, stream, set(bases)):
+                    if not spilling.spill(self, sum(sizes), stream, set(bases)):
                         raise oom
                     got = self._core.offload_many(core_items, stream, fence_user, out)
                 except OutOfMemoryError:
@@ -505,6 +506,7 @@ class RemoteTier:
         ranges back, Note [Slabs]); the blocks no handle uses any more go back, one request a
         lender. The caller forgets the entries."""
         held: dict[tuple[int, int], list] = {}  # (client, block id) -> [block, handles]
+        ranges: dict[int, list[tuple[int, int]]] = {}  # client -> ranges of its open slab
         with self._lock:
             slabs = self._slabs
             for r in entries:
@@ -514,12 +516,14 @@ class RemoteTier:
                         continue
                     slab = slabs.get(client)
                     if slab is not None and slab.block.id == block.id and r.nbytes:
-                        slab.give(offset, r.nbytes)
+                        ranges.setdefault(client, []).append((offset, r.nbytes))
                     e = held.get((client, block.id))
                     if e is None:
                         held[client, block.id] = [block, 1]
                     else:
                         e[1] += 1
+            for client, rs in ranges.items():  # a batch's ranges, merged first: one give
+                slabs[client].give_all(rs)
             empty: dict[int, list[RemoteBlock]] = {}
             for (client, _), (block, k) in held.items():
                 if self._packs.drop_n(client, block, k):
