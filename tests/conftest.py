@@ -234,6 +234,15 @@ def remote_clients():
 
 
 @pytest.fixture
+def no_block_cache(monkeypatch):
+    """The remote tier gives a block back when its last handle lets go instead of caching it
+    (Note [Block cache] in remote/placement.py): for tests of when blocks go back."""
+    from aqua_offload.remote import placement
+
+    monkeypatch.setattr(placement, "CACHE_BYTES", 0)
+
+
+@pytest.fixture
 def remote_managers():
     """Factory of emulation managers over in-process lenders (``make(*lenders, host="2MiB",
     peers=None, **kw)``, token ``remote_helpers.TOKEN``), closed at teardown."""

@@ -131,9 +131,10 @@ def until(cond, timeout: float = 30.0) -> None:
 
 
 def blocks_left(m, lender) -> int:
-    """The blocks ``lender`` still holds for ``m`` besides ``m``'s open slab there (Note
-    [Slabs]: an open slab stays while the manager lives), once every block ``m`` gave back
-    reached the lender."""
+    """The blocks ``lender`` still holds for ``m`` besides ``m``'s open slab and cached blocks
+    there (Note [Slabs], Note [Block cache]: kept while the manager lives), once every block
+    ``m`` gave back reached the lender."""
     m.synchronize()
     i = [c.address for c in m._remote.clients].index(lender.address)
-    return lender.stats()["blocks"] - (i in m._remote._slabs)
+    return (lender.stats()["blocks"] - (i in m._remote._slabs)
+            - len(m._remote._cache.get(i, [])))

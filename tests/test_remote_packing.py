@@ -24,8 +24,9 @@ COUNT = 400  # x 4 KiB: more than the 1 MiB host tier, so the batch goes to a le
 
 
 @pytest.fixture(autouse=True)
-def small_staging(monkeypatch):
-    """1 MiB of staging: the batch takes two rounds."""
+def small_staging(monkeypatch, no_block_cache):
+    """1 MiB of staging: the batch takes two rounds; emptied blocks go back, not to the
+    block cache."""
     monkeypatch.setattr(tier, "STAGING_BYTES", MiB)
 
 

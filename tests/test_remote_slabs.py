@@ -62,7 +62,8 @@ def test_small_offloads_share_one_slab_and_ask_the_lender_once(remote_lender, ma
 
 
 def test_a_full_slab_is_retired_and_goes_back_with_its_last_handle(remote_lender, managers,
-                                                                   small_slabs) -> None:
+                                                                   small_slabs,
+                                                                   no_block_cache) -> None:
     m = managers(remote_lender)
     ts = _tensors(9, 2)  # 10 KiB each: six fill a 64 KiB slab, the 7th opens a new one
     refs = [t.clone() for t in ts]
@@ -84,7 +85,7 @@ def test_a_full_slab_is_retired_and_goes_back_with_its_last_handle(remote_lender
 
 
 def test_a_batch_over_the_small_size_gets_blocks_of_its_own(remote_lender, managers,
-                                                            small_slabs) -> None:
+                                                            small_slabs, no_block_cache) -> None:
     m = managers(remote_lender)
     small = m.offload(_tensors(1, 3)[0])
     big = _tensors(3, 4)  # 30 KiB > 16 KiB together

@@ -39,9 +39,14 @@ def on_reclaim(t: "RemoteTier", client: int, blocks: list[RemoteBlock]) -> None:
     t0 = time.monotonic()
     wanted = {b.id for b in blocks}
     limit = t.clients[client].deadline_s
-    # no batch goes to a named open slab any more (Note [Slabs] in placement.py); if no
-    # handle uses it, it goes back now (the client answers for the other blocks)
-    placement.free_blocks(t, client, placement.retire_slab(t, client, wanted))
+    # the named blocks are never cached from now on: one a refused reclaim leaves behind
+    # goes back with its last handle (Note [Block cache] in placement.py)
+    with t._lock:
+        t._asked.setdefault(client, set()).update(wanted)
+    # no batch goes to a named open slab any more (Note [Slabs]); if no handle uses it, it
+    # goes back now, as do named cached blocks; the client answers for the other blocks
+    placement.free_blocks(t, client, placement.retire_slab(t, client, wanted)
+                          + placement.uncache(t, client, wanted))
     try:
         with t._cv:  # blocks being filled or placed: wait until they are entries
             if not t._cv.wait_for(lambda: not any((client, b) in t._in_transit
@@ -64,6 +69,7 @@ def on_reclaim(t: "RemoteTier", client: int, blocks: list[RemoteBlock]) -> None:
         raise
     seconds = time.monotonic() - t0
     with t._lock:
+        t._asked[client] -= wanted  # the client gives them all back with its answer
         t._stats["reclaims"] += 1
         t._stats["reclaim_last_s"] = seconds
         t._stats["reclaim_max_s"] = max(t._stats["reclaim_max_s"], seconds)

@@ -15,6 +15,16 @@ Note [Slabs]
     that long-lived small handles keep, and a lender that wants the memory reclaims a slab
     like any block (a reclaim retires the slab it names before anything else).
 
+Note [Block cache]
+    A block whose last handle let go (a fetch, a free) is not given back at once: up to
+    ``CACHE_BYTES`` (at most a quarter of the lender's arena) of such blocks are kept per
+    lender, and a later batch that packs into one block takes the smallest cached block that
+    holds it and is at most twice its size, with no round trip to the lender, as a caching
+    allocator reuses freed memory. Paging the same layers out and in again then costs only
+    the transfers. A reclaim that names a cached block gets it back at once, and a block a
+    reclaim named is never cached (a refused reclaim waits for it); blocks beyond the budget,
+    and every block of a lost lender, go back (or are dropped) as before.
+
 Note [In transit]
     Between placement and the moment its handles' entries exist (or the placement is given
     up), a block is *in transit*: a reclaim naming it waits. Several placements can be in
@@ -35,9 +45,11 @@ from .packing import layout
 if TYPE_CHECKING:
     from .tier import RemoteTier
 
-__all__ = ["place", "settled", "discard", "free_blocks", "retire_slab", "SLAB_BYTES",
+__all__ = ["place", "settled", "discard", "free_blocks", "recycle", "uncache", "retire_slab",
+           "CACHE_BYTES", "SLAB_BYTES",
            "SMALL_BYTES"]
 
+CACHE_BYTES = 256 << 20  # per lender (Note [Block cache])
 SLAB_BYTES = 16 << 20
 SMALL_BYTES = SLAB_BYTES // 4  # batches up to this go to the open slab (Note [Slabs])
 
@@ -70,6 +82,12 @@ def place(t: "RemoteTier", sizes: list[int], avoid: tuple[int, ...] = ()) -> Pla
         blocks = None
         for limit in (int(c.lender.get("segment_bytes") or 0), 1):
             chunks, slots = layout(sizes, limit)
+            if len(chunks) == 1:  # Note [Block cache]
+                with t._lock:
+                    cached = _from_cache(t, i, chunks[0])
+                if cached is not None:
+                    blocks = [cached]
+                    break
             try:
                 blocks = c.allocate(chunks)
                 break
@@ -187,6 +205,56 @@ def _retire(t: "RemoteTier", i: int) -> list[RemoteBlock]:
     return t._packs.drop(i, [slab.block]) if slab is not None else []
 
 
+def _from_cache(t: "RemoteTier", i: int, nbytes: int) -> RemoteBlock | None:
+    """The smallest cached block of lender ``i`` that holds ``nbytes`` and is at most twice
+    that, taken out of the cache (under the tier's lock); None if there is none."""
+    cache = t._cache.get(i)
+    if not cache:
+        return None
+    fits = [b for b in cache if nbytes <= b.nbytes <= 2 * nbytes]
+    if not fits:
+        return None
+    best = min(fits, key=lambda b: b.nbytes)
+    cache.remove(best)
+    return best
+
+
+def recycle(t: "RemoteTier", client: int, blocks: list[RemoteBlock]) -> None:
+    """Blocks no handle uses any more: kept for the next placements on their lender within
+    the budget (Note [Block cache]), the rest given back."""
+    if not blocks:
+        return
+    c = t.clients[client]
+    out = blocks
+    if c.lost is None:
+        budget = min(CACHE_BYTES, int(c.lender.get("arena_bytes") or 0) // 4)
+        out = []
+        with t._lock:
+            cache = t._cache.setdefault(client, [])
+            held = sum(b.nbytes for b in cache)
+            asked = t._asked.get(client, set())
+            for b in blocks:
+                if b.id in asked:  # a reclaim waits for it
+                    asked.discard(b.id)
+                    out.append(b)
+                elif held + b.nbytes <= budget:
+                    cache.append(b)
+                    held += b.nbytes
+                else:
+                    out.append(b)
+    free_blocks(t, client, out)
+
+
+def uncache(t: "RemoteTier", client: int, ids: set[int]) -> list[RemoteBlock]:
+    """A reclaim of lender ``client`` names blocks ``ids``: the cached ones among them leave
+    the cache (the caller gives them back)."""
+    with t._lock:
+        cache = t._cache.get(client, [])
+        named = [b for b in cache if b.id in ids]
+        t._cache[client] = [b for b in cache if b.id not in ids]
+    return named
+
+
 def retire_slab(t: "RemoteTier", i: int, ids: set[int]) -> list[RemoteBlock]:
     """A reclaim of lender ``i`` names blocks ``ids``: if the open slab is among them, no batch
     goes there any more. Returns it if no handle uses it (the caller gives it back)."""
@@ -197,7 +265,17 @@ def retire_slab(t: "RemoteTier", i: int, ids: set[int]) -> list[RemoteBlock]:
 
 def settled(t: "RemoteTier", client: int, blocks: list[RemoteBlock]) -> None:
     """A placement's handles are entries now (or it was given up): its blocks are no longer
-    in transit for it (Note [In transit])."""
+    in transit for it (Note [Block cache]
+    A block whose last handle let go (a fetch, a free) is not given back at once: up to
+    ``CACHE_BYTES`` (at most a quarter of the lender's arena) of such blocks are kept per
+    lender, and a later batch that packs into one block takes the smallest cached block that
+    holds it and is at most twice its size, with no round trip to the lender, as a caching
+    allocator reuses freed memory. Paging the same layers out and in again then costs only
+    the transfers. A reclaim that names a cached block gets it back at once, and a block a
+    reclaim named is never cached (a refused reclaim waits for it); blocks beyond the budget,
+    and every block of a lost lender, go back (or are dropped) as before.
+
+Note [In transit])."""
     with t._cv:
         for b in blocks:
             key = (client, b.id)

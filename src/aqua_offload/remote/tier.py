@@ -170,6 +170,8 @@ class RemoteTier:
         self._in_transit: collections.Counter[tuple[int, int]] = collections.Counter()  # LOCK
         self._packs = Packs()  # LOCK: _lock; handles per block (Note [Packed blocks])
         self._slabs: dict[int, placement.Slab] = {}  # LOCK: _lock; open slab per lender
+        self._cache: dict[int, list[RemoteBlock]] = {}  # LOCK: _lock; Note [Block cache]
+        self._asked: dict[int, set[int]] = {}  # LOCK: _lock; block ids reclaims named
         self._ids = itertools.count(_FIRST_REMOTE_ID)
         self._stats = {"spills": 0, "spilled_handles": 0, "spilled_bytes": 0,
                        "direct_offloads": 0, "remote_fetches": 0, "reclaims": 0,
@@ -405,7 +407,10 @@ class RemoteTier:
                 "lent_segments": 0, "fenced": 0, "handles": len(mine),
                 "lost": c.lost})
         s["tiers"] = list(s["tiers"]) + remote_tiers
-        out.update(order=self.order, copies=self.copies, lost_handles=len(gone),
+        with self._lock:
+            cached = sum(b.nbytes for bs in self._cache.values() for b in bs)
+        out.update(order=self.order, copies=self.copies, cached_bytes=cached,
+                   lost_handles=len(gone),
                    lost_bytes=sum(r.nbytes for r in gone), degraded_handles=degraded,
                    lenders=[c.stats() for c in self.clients])
         s["remote"] = out
@@ -424,6 +429,7 @@ class RemoteTier:
                 self._lru.clear()
                 self._packs.clear()
                 self._slabs.clear()
+                self._cache.clear()
 
     # -- what the manager asks besides the Store interface ----------------------------------
     def lost(self, handle: int) -> bool:
@@ -503,8 +509,8 @@ class RemoteTier:
 
     def _release(self, entries: list[_Remote]) -> None:
         """The entries let go of their blocks (Note [Packed blocks]; an open slab gets their
-        ranges back, Note [Slabs]); the blocks no handle uses any more go back, one request a
-        lender. The caller forgets the entries."""
+        ranges back, Note [Slabs]); the blocks no handle uses any more are cached or go back
+        (Note [Block cache]). The caller forgets the entries."""
         held: dict[tuple[int, int], list] = {}  # (client, block id) -> [block, handles]
         ranges: dict[int, list[tuple[int, int]]] = {}  # client -> ranges of its open slab
         with self._lock:
@@ -529,7 +535,7 @@ class RemoteTier:
                 if self._packs.drop_n(client, block, k):
                     empty.setdefault(client, []).append(block)
         for i, blocks in empty.items():
-            placement.free_blocks(self, i, blocks)
+            placement.recycle(self, i, blocks)
 
     def _fits_peers(self, sizes: list[int]) -> bool:
         """Whether the core's peer tiers can take the batch as they are (Note [Tier order])."""
