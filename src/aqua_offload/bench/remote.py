@@ -13,12 +13,13 @@ Host timers (``time.perf_counter``): every buffer is in host memory.
 Manager rows (``manager_rows``): an ``OffloadManager(remote=[lender])`` whose host tier is a
 single 256-byte block, so every tensor goes to the lender, offloads and fetches one tensor of
 each size, and ``offload_many``/``fetch_many`` the 1000 x 4 KiB batch (also into the host tier
-of a manager without a lender: what the manager itself costs); each against the raw NIXL
-write/read of the same bytes measured above (``vs_raw``: manager time over raw time; the batch
-against the raw scattered batch). Two modes: ``release`` pages the storage out, and its fetch
-includes what a release fetch does (fresh memory for the bytes, whose first touch page-faults
-on the host, the lender's block given back); ``snapshot`` offloads with ``release=False`` and
-fetches into ``out=`` tensors made once, like the raw rows' buffers: the library's own cost. Every call is
+of a manager without a lender: what the manager itself costs). Each round trip is followed by
+the raw NIXL write and read of the same bytes (one item, or the batch scattered) on a client
+of its own, so the ratio ``vs_raw`` (median manager call over median raw transfer) compares
+timings taken under the same load. Two modes: ``release`` pages the storage out, and its
+fetch includes what a release fetch does (fresh memory for the bytes, whose first touch
+page-faults on the host); ``snapshot`` offloads with ``release=False`` and fetches into
+``out=`` tensors made once, like the raw buffers: the library's own cost. Every call is
 timed alone: ``median_s`` is the median call (``min_s``/``max_s`` likewise), ``mean_s`` the
 mean, which includes the pauses of Python's cyclic garbage collector (a full collection lands
 on some batch calls: 1000 handles are thousands of objects).
@@ -131,7 +132,7 @@ def run_remote_benchmark(sizes: list[int] | None = None, *, quick: bool = False,
     old_tls = os.environ.get("UCX_TLS")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="aqua-bench-remote-") as tmp:
-        proc, address = _start_lender(2 * segment, segment, token, tls, Path(tmp))
+        proc, address = _start_lender(4 * segment, segment, token, tls, Path(tmp))
         try:
             if tls:
                 os.environ["UCX_TLS"] = tls  # this side's agent uses the same transports
@@ -148,7 +149,7 @@ def run_remote_benchmark(sizes: list[int] | None = None, *, quick: bool = False,
                 client.close()
             if progress:
                 progress("manager")
-            manager_rows = _manager_rows(address, token, sizes, samples, rows)
+            manager_rows = _manager_rows(address, token, sizes, samples)
         finally:
             if tls:
                 if old_tls is None:
@@ -236,47 +237,91 @@ def _batch_rows(client: Any, samples: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _manager_rows(address: str, token: str, sizes: list[int], samples: int,
-                  raw_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+class _RawPair:
+    """A raw NIXL write and read (:class:`_Raw`) of ``n`` bytes in ``items`` pieces (one
+    item, or the batch scattered as in :func:`_batch_rows`) on a client of its own: the
+    baseline the manager rows are timed against, one of each after every manager round
+    trip."""
+
+    def __init__(self, client: Any, n: int, items: int) -> None:
+        self.client = client
+        self.src, self.out = random_bytes(n, seed=n % 9901 + items), torch.empty(n, dtype=torch.uint8)
+        self.regions = [client.register(self.src), client.register(self.out)]
+        size = n // items
+        stride = size if items == 1 else 2 * size
+        (self.blk,) = client.allocate([items * stride])
+        perm = np.arange(items) if items == 1 else np.random.default_rng(5).permutation(items)
+        dev = client.lender["device"]
+        remote = np.array([(self.blk.addr + int(perm[i]) * stride, size, dev)
+                           for i in range(items)], dtype=np.uint64)
+        local = [np.array([(t.data_ptr() + i * size, size, 0) for i in range(items)],
+                          dtype=np.uint64) for t in (self.src, self.out)]
+        self.write = _Raw(client, "WRITE", local[0], remote)
+        self.read = _Raw(client, "READ", local[1], remote)
+
+    def check(self) -> None:
+        if not torch.equal(self.out, self.src):
+            raise VerificationError("raw NIXL round trip: wrong bytes")
+
+    def close(self) -> None:
+        self.write.close()
+        self.read.close()
+        self.client.free([self.blk])
+        for r in self.regions:
+            self.client.unregister(r)
+
+
+def _manager_rows(address: str, token: str, sizes: list[int], samples: int) -> list[dict[str, Any]]:
     """The manager's offload/fetch of single tensors and of the batch (module docstring)."""
     from ..manager import OffloadManager
+    from ..remote import RemoteClient
 
-    raw = {(r["op"], r["items"], r["bytes"]): r["raw_nixl"] for r in raw_rows}
+    client = RemoteClient(address, token, deadline_s=60.0)
     m = OffloadManager("cpu", peers=None, host_bytes=256, remote=[address],
                        remote_token=token, remote_deadline_s=60.0)
     rows = []
     try:
         for n in sizes:
             t = random_bytes(n, seed=n % 9967).clone()  # owned by torch alone: pageable
-            for mode in MODES:
-                times = _time_round_trips(m, [t], _repeats(n), samples, "remote", mode)
-                rows += _manager_pair(n, 1, times, raw, "remote", mode)
+            raw = _RawPair(client, n, 1)
+            try:
+                for mode in MODES:
+                    times = _time_round_trips(m, [t], _repeats(n), samples, "remote", mode, raw)
+                    rows += _manager_pair(n, 1, times, "remote", mode)
+            finally:
+                raw.close()
         n, size = BATCH_ITEMS, BATCH_ITEM
         ts = [x.clone() for x in random_bytes(n * size, seed=78).split(size)]
-        for tier in ("remote", "host"):
-            if tier == "host":
-                m.close()
-                m = OffloadManager("cpu", peers=None, host_bytes=2 * n * size)
-            for mode in MODES:
-                times = _time_round_trips(m, ts, 3, samples, tier, mode)
-                rows += _manager_pair(n * size, n, times, raw, tier, mode)
+        raw = _RawPair(client, n * size, n)
+        try:
+            for tier in ("remote", "host"):
+                if tier == "host":
+                    m.close()
+                    m = OffloadManager("cpu", peers=None, host_bytes=2 * n * size)
+                for mode in MODES:
+                    times = _time_round_trips(m, ts, 3, samples, tier, mode, raw)
+                    rows += _manager_pair(n * size, n, times, tier, mode)
+        finally:
+            raw.close()
     finally:
         m.close()
+        client.close()
     return rows
 
 
 def _time_round_trips(m: Any, ts: list[torch.Tensor], repeats: int, samples: int, tier: str,
-                      mode: str) -> tuple[list[float], list[float]]:
+                      mode: str, raw: _RawPair) -> tuple[list[float], ...]:
     """The offload and fetch time of each of ``samples * repeats`` round trips of ``ts``
     (``offload``/``fetch`` for one tensor, ``offload_many``/``fetch_many`` for more), in
     ``mode`` "release" (the storage paged out; fetch restores it into fresh memory) or
-    "snapshot" (``release=False``; fetched into ``out=`` tensors made once). The bytes are
+    "snapshot" (``release=False``; fetched into ``out=`` tensors made once), each followed by
+    the raw write and read of the same bytes (so both see the same machine). The bytes are
     verified after every round trip."""
     refs = [t.clone() for t in ts]
     release = mode == "release"
     outs = None if release else [torch.empty_like(t).fill_(1) for t in ts]  # touched once
 
-    def trip() -> tuple[float, float]:
+    def trip() -> tuple[float, float, float, float]:
         t0 = time.perf_counter()
         hs = ([m.offload(ts[0], release)] if len(ts) == 1
               else m.offload_many(ts, release))
@@ -293,27 +338,28 @@ def _time_round_trips(m: Any, ts: list[torch.Tensor], repeats: int, samples: int
         if outs:
             for o in outs:
                 o[0] ^= 1  # the next fetch must write every byte again (checked above)
-        return t1 - t0, t2 - t1
+        raw.out[0] ^= 1
+        t3 = time.perf_counter()
+        raw.write()
+        t4 = time.perf_counter()
+        raw.read()
+        t5 = time.perf_counter()
+        raw.check()
+        return t1 - t0, t2 - t1, t4 - t3, t5 - t4
 
     trip()  # warm-up
-    offs, fetches = [], []
-    for _ in range(samples * repeats):
-        a, b = trip()
-        offs.append(a)
-        fetches.append(b)
-    return offs, fetches
+    got = [trip() for _ in range(samples * repeats)]
+    return tuple(list(x) for x in zip(*got))
 
 
-def _manager_pair(nbytes: int, items: int, times: tuple[list[float], list[float]],
-                  raw: dict[tuple[str, int, int], dict[str, float]], tier: str, mode: str
-                  ) -> list[dict[str, Any]]:
+def _manager_pair(nbytes: int, items: int, times: tuple[list[float], ...], tier: str,
+                  mode: str) -> list[dict[str, Any]]:
     out = []
-    for op, raw_op, t in (("offload", "write", times[0]), ("fetch", "read", times[1])):
-        s, r = _stat(t, nbytes), raw.get((raw_op, items, nbytes))
+    for op, t, r in (("offload", times[0], times[2]), ("fetch", times[1], times[3])):
+        s, rs = _stat(t, nbytes), _stat(r, nbytes)
         s["mean_s"] = statistics.fmean(t)
         out.append({"op": op, "mode": mode, "tier": tier, "bytes": nbytes, "items": items,
-                    "manager": s, "raw_nixl": r,
-                    "vs_raw": s["median_s"] / r["median_s"] if r else None})
+                    "manager": s, "raw_nixl": rs, "vs_raw": s["median_s"] / rs["median_s"]})
     return out
 
 
@@ -338,7 +384,7 @@ def format_remote_table(result: dict[str, Any]) -> str:
     out.append("client/raw: raw time over client time (1.00 = the client adds nothing)")
     if result.get("manager_rows"):
         out += ["", "OffloadManager(remote=...): offload / fetch, vs the raw NIXL write / read "
-                "of the same bytes above",
+                "of the same bytes, timed after each round trip",
                 f"{'op':<8}{'mode':<9}{'tier':<7}{'size':>12}{'items':>7}{'manager GB/s':>14}"
                 f"{'raw GB/s':>10}{'manager us':>12}{'mean us':>10}{'raw us':>9}{'vs raw':>8}"]
         for r in result["manager_rows"]:
