@@ -6,8 +6,10 @@ Two lenders on loopback, both holding one shared token (from the environment):
 The manager has a 16 MiB host tier: offloading 48 MiB spills the oldest tensors to ``near``,
 then to ``far``. Every tensor comes back bitwise. Then ``near`` reclaims its memory: the
 manager moves those tensors into its host tier (or to ``far``) before answering, and nothing
-is lost. Finally ``far`` is killed with SIGKILL: its tensors raise ``RemoteLostError`` within
+is lost. Then ``far`` is killed with SIGKILL: its tensors raise ``RemoteLostError`` within
 the deadline (what only a lender held is lost with it), everything else keeps working.
+Finally a manager with ``remote_copies=2`` keeps each tensor on ``near`` and on a new ``far``
+lender: that lender is killed too, and every tensor still comes back bitwise.
 
 Runs on a GPU machine (pinned staging, CUDA tensors) and without one (emulation backend).
 Needs NIXL: ``pip install "aqua_offload[remote]"``.
@@ -37,11 +39,11 @@ MiB = 1 << 20
 CHUNK = 4 * MiB  # one tensor; also the lenders' segment (the largest block)
 
 
-def start_far_lender(tmp: str) -> tuple[subprocess.Popen, str]:
+def start_far_lender(tmp: str, name: str = "far") -> tuple[subprocess.Popen, str]:
     """``python -m aqua_offload.remote`` (``aqua-offload lend``) in a child; its address."""
     import aqua_offload
 
-    ready = os.path.join(tmp, "ready.json")
+    ready = os.path.join(tmp, f"{name}.json")
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(aqua_offload.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH",
                                                                                   "")]))
@@ -150,6 +152,24 @@ def main() -> int:
             print("  the other tiers keep working: a new offload/fetch round trip is bitwise")
             m.close()  # what the dead lender held stays discarded
             print("closed")
+
+            # 4. two copies on two lenders: a lender killed with SIGKILL loses nothing
+            near.grow(16 * MiB)  # the near lender lends again
+            far, far_address = start_far_lender(tmp, "far2")
+            m = aq.OffloadManager(device, peers=None, host_bytes="4MiB",
+                                  remote=[near.address, far_address], remote_deadline_s=3.0,
+                                  remote_copies=2)
+            hs = m.offload_many(ts[:3])  # 12 MiB: more than the host tier, a copy on each
+            print(f"remote_copies=2: offloaded {3 * CHUNK // MiB} MiB ({where(hs)}), a copy "
+                  f"also on {far_address}")
+            far.kill()
+            far.wait(30)
+            back = m.fetch_many(hs)
+            assert all(x is t and torch.equal(t, r) for x, t, r in zip(back, ts, refs))
+            s = m.stats()["remote"]
+            print(f"  {far_address} killed with SIGKILL: fetched back bitwise, "
+                  f"{s['lost_handles']} handles lost")
+            m.close()
         finally:
             if far.poll() is None:
                 far.kill()
