@@ -390,6 +390,7 @@ def test_the_example_runs(tmp_path) -> None:
     assert "on remote 127.0.0.1:" in out.stdout and "fetched back bitwise" in out.stdout
     assert "tensors moved (4 on host cpu)" in out.stdout
     assert "fetch: RemoteLostError" in out.stdout and "handles (16 MiB) lost" in out.stdout
+    assert "killed with SIGKILL: fetched back bitwise, 0 handles lost" in out.stdout
 
 
 def test_close_with_a_silent_lender_over_tcp(tmp_path, monkeypatch, managers) -> None:
