@@ -8,6 +8,8 @@ reason elsewhere.
 
 from __future__ import annotations
 
+import functools
+
 import threading
 
 import pytest
@@ -260,6 +262,13 @@ def remote_managers():
     yield make
     for m in made:
         m.close()
+
+
+@pytest.fixture
+def lender_managers(remote_managers):
+    """``remote_managers`` with a 4 KiB host tier: every tensor of more than 4 KiB goes to a
+    lender."""
+    return functools.partial(remote_managers, host="4KiB")
 
 
 # -- HuggingFace suites (test_hf_*.py) ---------------------------------------------------------

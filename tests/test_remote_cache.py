@@ -6,8 +6,6 @@ cached, when its last handle lets go. Every round trip is bitwise."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from remote_helpers import TOKEN, needs_nixl
@@ -25,12 +23,6 @@ def lender():
         yield lender
 
 
-@pytest.fixture
-def managers(remote_managers):
-    """A 4 KiB host tier: every tensor goes to a lender."""
-    return functools.partial(remote_managers, host="4KiB")
-
-
 def _rand(n: int, seed: int) -> torch.Tensor:
     return random_tensor((n,), torch.uint8, generator=torch.Generator().manual_seed(seed))
 
@@ -39,8 +31,8 @@ def _lender_stats(m) -> dict:
     return m.stats()["remote"]["lenders"][0]
 
 
-def test_paging_the_same_tensor_again_reuses_its_block(lender, managers) -> None:
-    m = managers(lender)
+def test_paging_the_same_tensor_again_reuses_its_block(lender, lender_managers) -> None:
+    m = lender_managers(lender)
     t = _rand(6 * MiB + 5, 1)  # above the slabs' 4 MiB: a block of its own
     ref = t.clone()
     for _ in range(4):
@@ -53,8 +45,9 @@ def test_paging_the_same_tensor_again_reuses_its_block(lender, managers) -> None
     assert lender.stats()["blocks"] == 1
 
 
-def test_a_cached_block_serves_only_batches_of_at_least_half_its_size(lender, managers) -> None:
-    m = managers(lender)
+def test_a_cached_block_serves_only_batches_of_at_least_half_its_size(lender,
+                                                                     lender_managers) -> None:
+    m = lender_managers(lender)
     big = _rand(12 * MiB, 2)
     m.fetch(m.offload(big))
     small = _rand(5 * MiB, 3)  # less than half: a block of its own
@@ -70,9 +63,9 @@ def test_a_cached_block_serves_only_batches_of_at_least_half_its_size(lender, ma
     assert m.fetch(h) is medium and torch.equal(medium, ref)
 
 
-def test_the_cache_keeps_to_its_budget(lender, managers, monkeypatch) -> None:
+def test_the_cache_keeps_to_its_budget(lender, lender_managers, monkeypatch) -> None:
     monkeypatch.setattr(placement, "CACHE_BYTES", 8 * MiB)
-    m = managers(lender)
+    m = lender_managers(lender)
     ts = [_rand(6 * MiB, 5 + i) for i in range(2)]
     refs = [t.clone() for t in ts]
     hs = m.offload_many(ts[:1]) + m.offload_many(ts[1:])  # two blocks
@@ -84,8 +77,8 @@ def test_the_cache_keeps_to_its_budget(lender, managers, monkeypatch) -> None:
     assert lender.stats()["blocks"] == 1
 
 
-def test_a_reclaim_gets_a_cached_block_back_at_once(lender, managers) -> None:
-    m = managers(lender)
+def test_a_reclaim_gets_a_cached_block_back_at_once(lender, lender_managers) -> None:
+    m = lender_managers(lender)
     t = _rand(20 * MiB, 7)
     ref = t.clone()
     assert m.fetch(m.offload(t)) is t and torch.equal(t, ref)
@@ -96,9 +89,9 @@ def test_a_reclaim_gets_a_cached_block_back_at_once(lender, managers) -> None:
     assert m.stats()["remote"]["reclaim_refusals"] == 0
 
 
-def test_a_block_a_refused_reclaim_waits_for_is_never_cached(managers) -> None:
+def test_a_block_a_refused_reclaim_waits_for_is_never_cached(lender_managers) -> None:
     with Lender(TOKEN, host_bytes="32MiB", segment_bytes="32MiB") as lender:
-        m = managers(lender, host="1MiB")  # too small to take the 6 MiB tensor back
+        m = lender_managers(lender, host="1MiB")  # too small to take the 6 MiB tensor back
         t = _rand(6 * MiB, 8)
         ref = t.clone()
         h = m.offload(t)

@@ -23,9 +23,9 @@ KiB, MiB = 1 << 10, 1 << 20
 
 
 @pytest.fixture
-def managers(remote_managers):
-    """A 4 KiB host tier (every tensor goes to the lenders), two copies."""
-    return functools.partial(remote_managers, host="4KiB", remote_copies=2)
+def managers(lender_managers):
+    """Every tensor goes to the lenders, two copies."""
+    return functools.partial(lender_managers, remote_copies=2)
 
 
 def _tensors(n: int, seed: int, size: int = 96 * KiB) -> tuple[list[torch.Tensor],

@@ -6,8 +6,6 @@ other handles in it intact. Every round trip is bitwise."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from remote_helpers import TOKEN, needs_nixl, until
@@ -20,12 +18,6 @@ from conftest import random_tensor
 
 pytestmark = needs_nixl
 KiB, MiB = 1 << 10, 1 << 20
-
-
-@pytest.fixture
-def managers(remote_managers):
-    """A 4 KiB host tier: every tensor of more than 4 KiB goes to a lender."""
-    return functools.partial(remote_managers, host="4KiB")
 
 
 @pytest.fixture
@@ -44,8 +36,9 @@ def _allocs(m: aq.OffloadManager, lender: int = 0) -> int:
     return m.stats()["remote"]["lenders"][lender]["allocs"]
 
 
-def test_small_offloads_share_one_slab_and_ask_the_lender_once(remote_lender, managers) -> None:
-    m = managers(remote_lender)
+def test_small_offloads_share_one_slab_and_ask_the_lender_once(remote_lender,
+                                                                lender_managers) -> None:
+    m = lender_managers(remote_lender)
     ts = _tensors(40, 1, size=5 * KiB)  # ~200 KiB: one 4 MiB slab
     refs = [t.clone() for t in ts]
     hs = [m.offload(t) for t in ts]
@@ -61,10 +54,10 @@ def test_small_offloads_share_one_slab_and_ask_the_lender_once(remote_lender, ma
     assert m.stats()["remote"]["lenders"][0]["frees"] == 0
 
 
-def test_a_full_slab_is_retired_and_goes_back_with_its_last_handle(remote_lender, managers,
+def test_a_full_slab_is_retired_and_goes_back_with_its_last_handle(remote_lender, lender_managers,
                                                                    small_slabs,
                                                                    no_block_cache) -> None:
-    m = managers(remote_lender)
+    m = lender_managers(remote_lender)
     ts = _tensors(9, 2)  # 10 KiB each: six fill a 64 KiB slab, the 7th opens a new one
     refs = [t.clone() for t in ts]
     hs = [m.offload(t) for t in ts]
@@ -84,9 +77,9 @@ def test_a_full_slab_is_retired_and_goes_back_with_its_last_handle(remote_lender
     until(lambda: remote_lender.stats()["blocks"] == 0)  # close gives the open slab back
 
 
-def test_a_batch_over_the_small_size_gets_blocks_of_its_own(remote_lender, managers,
+def test_a_batch_over_the_small_size_gets_blocks_of_its_own(remote_lender, lender_managers,
                                                             small_slabs, no_block_cache) -> None:
-    m = managers(remote_lender)
+    m = lender_managers(remote_lender)
     small = m.offload(_tensors(1, 3)[0])
     big = _tensors(3, 4)  # 30 KiB > 16 KiB together
     refs = [t.clone() for t in big]
@@ -98,10 +91,10 @@ def test_a_batch_over_the_small_size_gets_blocks_of_its_own(remote_lender, manag
     m.fetch(small)
 
 
-def test_a_reclaim_of_the_open_slab_moves_its_handles(managers) -> None:
+def test_a_reclaim_of_the_open_slab_moves_its_handles(lender_managers) -> None:
     with Lender(TOKEN, host_bytes="4MiB", segment_bytes="4MiB") as a, \
             Lender(TOKEN, host_bytes="8MiB", segment_bytes="4MiB") as b:
-        m = managers(a, b)
+        m = lender_managers(a, b)
         ts = _tensors(12, 5)
         refs = [t.clone() for t in ts]
         hs = [m.offload(t) for t in ts]
@@ -117,9 +110,9 @@ def test_a_reclaim_of_the_open_slab_moves_its_handles(managers) -> None:
             assert m.fetch(h) is t and torch.equal(t, r)
 
 
-def test_an_empty_open_slab_goes_back_at_once_on_reclaim(managers) -> None:
+def test_an_empty_open_slab_goes_back_at_once_on_reclaim(lender_managers) -> None:
     with Lender(TOKEN, host_bytes="4MiB", segment_bytes="4MiB") as a:
-        m = managers(a)
+        m = lender_managers(a)
         t = _tensors(1, 7)[0]
         ref = t.clone()
         m.fetch(m.offload(t))
@@ -130,9 +123,9 @@ def test_an_empty_open_slab_goes_back_at_once_on_reclaim(managers) -> None:
         assert m.stats()["remote"]["reclaim_refusals"] == 0
 
 
-def test_a_failed_transfer_into_the_slab_leaves_its_other_handles(remote_lender, managers,
+def test_a_failed_transfer_into_the_slab_leaves_its_other_handles(remote_lender, lender_managers,
                                                                   monkeypatch) -> None:
-    m = managers(remote_lender)
+    m = lender_managers(remote_lender)
     first, second, third = _tensors(3, 8)
     refs = [x.clone() for x in (first, second, third)]
     h1 = m.offload(first)
@@ -172,9 +165,9 @@ def test_slab_ranges_are_first_fit_and_merge() -> None:
     assert s.free == [(0, 60), (85, 15)]
 
 
-def test_the_range_a_handle_gives_back_is_used_again(remote_lender, managers,
+def test_the_range_a_handle_gives_back_is_used_again(remote_lender, lender_managers,
                                                      small_slabs) -> None:
-    m = managers(remote_lender)
+    m = lender_managers(remote_lender)
     ts = _tensors(6, 9)  # ~60 KiB: one 64 KiB slab, nearly full
     refs = [t.clone() for t in ts]
     hs = [m.offload(t) for t in ts]

@@ -5,8 +5,6 @@ round trip is bitwise; nothing stays registered after a call."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from remote_helpers import TOKEN, needs_nixl
@@ -26,12 +24,6 @@ def lender():
         yield lender
 
 
-@pytest.fixture
-def managers(remote_managers):
-    """A 4 KiB host tier: every tensor of more than 4 KiB goes to the lender."""
-    return functools.partial(remote_managers, host="4KiB")
-
-
 def _rand(n: int, seed: int) -> torch.Tensor:
     return random_tensor((n,), torch.uint8, generator=torch.Generator().manual_seed(seed))
 
@@ -41,8 +33,8 @@ def _regions(m: aq.OffloadManager) -> list[int]:
     return [len(c._regions) for c in m._remote.clients]
 
 
-def test_a_large_host_tensor_moves_in_place(lender, managers) -> None:
-    m = managers(lender)
+def test_a_large_host_tensor_moves_in_place(lender, lender_managers) -> None:
+    m = lender_managers(lender)
     t = _rand(5 * MiB + 3, 1)
     ref = t.clone()
     h = m.offload(t)
@@ -55,8 +47,8 @@ def test_a_large_host_tensor_moves_in_place(lender, managers) -> None:
     assert _regions(m) == [1]
 
 
-def test_large_and_small_pieces_of_one_batch(lender, managers) -> None:
-    m = managers(lender)
+def test_large_and_small_pieces_of_one_batch(lender, lender_managers) -> None:
+    m = lender_managers(lender)
     ts = [_rand(n, 10 + i) for i, n in enumerate((4 * MiB, 8 * KiB, 333, 6 * MiB - 1, 64 * KiB))]
     refs = [t.clone() for t in ts]
     hs = m.offload_many(ts)
@@ -69,9 +61,9 @@ def test_large_and_small_pieces_of_one_batch(lender, managers) -> None:
     assert s["bytes_read"] == sum(r.numel() for r in refs)
 
 
-def test_a_refused_registration_goes_through_the_buffer(lender, managers,
+def test_a_refused_registration_goes_through_the_buffer(lender, lender_managers,
                                                         monkeypatch) -> None:
-    m = managers(lender)
+    m = lender_managers(lender)
 
     def refuse(self, *args, **kw):
         raise BackendError("injected: this memory cannot be registered", error_name="injected")
@@ -85,9 +77,9 @@ def test_a_refused_registration_goes_through_the_buffer(lender, managers,
     assert s["direct_bytes"] == 0 and s["bytes_written"] == s["bytes_read"] == 9 * MiB
 
 
-def test_below_the_threshold_everything_is_staged(lender, managers, monkeypatch) -> None:
+def test_below_the_threshold_everything_is_staged(lender, lender_managers, monkeypatch) -> None:
     monkeypatch.setattr(staging, "DIRECT_BYTES", 64 * MiB)
-    m = managers(lender)
+    m = lender_managers(lender)
     t = _rand(5 * MiB, 3)
     ref = t.clone()
     assert torch.equal(m.fetch(m.offload(t)), ref)

@@ -245,7 +245,8 @@ class _RawPair:
 
     def __init__(self, client: Any, n: int, items: int) -> None:
         self.client = client
-        self.src, self.out = random_bytes(n, seed=n % 9901 + items), torch.empty(n, dtype=torch.uint8)
+        self.src = random_bytes(n, seed=n % 9901 + items)
+        self.out = torch.empty(n, dtype=torch.uint8)
         self.regions = [client.register(self.src), client.register(self.out)]
         size = n // items
         stride = size if items == 1 else 2 * size

@@ -16,11 +16,12 @@ Note [Packed blocks]
     transit, or in ``_remote``), plus one while it is a lender's open slab (Note [Slabs] in
     placement.py: small batches share a slab instead of a block of their own). A handle lets
     go exactly once: when it is fetched, freed, consumed as an incremental base, given up by
-    a prefetched handle under reclaim, or moved elsewhere by a reclaim. The block goes back to its lender when its count reaches 0,
-    never earlier (other handles' bytes live in it) and never twice. Consequences: a reclaim
-    names blocks, so it moves every live handle of a packed block; a refused reclaim gives
-    back only the blocks all of whose handles moved; a lost lender loses every handle of
-    every block it held (loss is per lender, not per block).
+    a prefetched handle under reclaim, or moved elsewhere by a reclaim. The block goes back
+    to its lender (or to the block cache) when its count reaches 0, never earlier (other
+    handles' bytes live in it) and never twice. Consequences: a reclaim names blocks, so it
+    moves every live handle of a packed block; a refused reclaim gives back only the blocks
+    all of whose handles moved; a lost lender loses every handle of every block it held
+    (loss is per lender, not per block).
 """
 
 from __future__ import annotations

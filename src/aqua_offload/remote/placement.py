@@ -265,17 +265,7 @@ def retire_slab(t: "RemoteTier", i: int, ids: set[int]) -> list[RemoteBlock]:
 
 def settled(t: "RemoteTier", client: int, blocks: list[RemoteBlock]) -> None:
     """A placement's handles are entries now (or it was given up): its blocks are no longer
-    in transit for it (Note [Block cache]
-    A block whose last handle let go (a fetch, a free) is not given back at once: up to
-    ``CACHE_BYTES`` (at most a quarter of the lender's arena) of such blocks are kept per
-    lender, and a later batch that packs into one block takes the smallest cached block that
-    holds it and is at most twice its size, with no round trip to the lender, as a caching
-    allocator reuses freed memory. Paging the same layers out and in again then costs only
-    the transfers. A reclaim that names a cached block gets it back at once, and a block a
-    reclaim named is never cached (a refused reclaim waits for it); blocks beyond the budget,
-    and every block of a lost lender, go back (or are dropped) as before.
-
-Note [In transit])."""
+    in transit for it (Note [In transit])."""
     with t._cv:
         for b in blocks:
             key = (client, b.id)
