@@ -64,6 +64,22 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(ua.cpu(), ub.cpu())
 
 
+def offload_mixed(m, n: int, seed: int):
+    """Offload ``n`` random 512 KiB tensors, every other one released: (handles, tensors,
+    copies of their bytes)."""
+    gen = torch.Generator().manual_seed(seed)
+    ts = [random_tensor((1 << 19,), torch.uint8, generator=gen) for _ in range(n)]
+    refs = [t.clone() for t in ts]
+    return [m.offload(t, release=i % 2 == 0) for i, t in enumerate(ts)], ts, refs
+
+
+def fetch_and_check(m, hs, ts, refs) -> None:
+    """Fetch every handle of :func:`offload_mixed`: bitwise, a release into its own tensor."""
+    for h, t, ref in zip(hs, ts, refs):
+        out = m.fetch(h)
+        assert same_bytes(out, ref) and (out is t or not h.release)
+
+
 class Backend:
     """One backend under test: where tensors live and how managers are made on it.
 

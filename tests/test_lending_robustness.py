@@ -27,7 +27,7 @@ from aqua_offload.lending import ledger as ledger_mod
 from aqua_offload.lending import notify
 from aqua_offload.lending import state as state_mod
 from aqua_offload.manager import live_managers
-from conftest import random_tensor, same_bytes
+from conftest import fetch_and_check, offload_mixed
 
 MiB = 1 << 20
 
@@ -42,19 +42,6 @@ def _until(cond, timeout=10.0, what="condition"):
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.005)
-
-
-def _fill(m, n, seed):
-    gen = torch.Generator().manual_seed(seed)
-    ts = [random_tensor((MiB // 2,), torch.uint8, generator=gen) for _ in range(n)]
-    refs = [t.clone() for t in ts]
-    return [m.offload(t, release=i % 2 == 0) for i, t in enumerate(ts)], ts, refs
-
-
-def _check(m, hs, ts, refs):
-    for h, t, ref in zip(hs, ts, refs):
-        out = m.fetch(h)
-        assert same_bytes(out, ref) and (out is t or not h.release)
 
 
 def _lent(m):
@@ -194,7 +181,7 @@ def test_close_that_raises_keeps_serving_reclaims(ledger_path, no_polling):
     o = lending.offer("emu:1", "2MiB")
     m = aq.OffloadManager("cpu", peers="lent", host_bytes="8MiB")
     try:
-        hs, ts, refs = _fill(m, 4, seed=1)
+        hs, ts, refs = offload_mixed(m, 4, seed=1)
         assert {h.tier for h in hs} == {"peer"}
 
         def broken_fetch(*args, **kwargs):
@@ -207,7 +194,7 @@ def test_close_that_raises_keeps_serving_reclaims(ledger_path, no_polling):
         assert o.reclaim(timeout=10) == 2 * MiB  # the consumer still serves: data moves down
         assert _lent(m) == 0 and all(h.tier == "host" for h in hs)
         del m._fetch
-        _check(m, hs, ts, refs)
+        fetch_and_check(m, hs, ts, refs)
     finally:
         m.close()
     assert lending.view()["consumers"] == []
@@ -219,7 +206,7 @@ def test_stop_waits_for_the_round_in_progress_and_no_round_follows(ledger_path, 
     m = aq.OffloadManager("cpu", peers="lent", host_bytes="16MiB")
     c = m._lending
     try:
-        hs, ts, refs = _fill(m, 8, seed=2)
+        hs, ts, refs = offload_mixed(m, 8, seed=2)
         real, calls = m._reclaim, []  # what the consumer calls
         entered, release = threading.Event(), threading.Event()
 
@@ -248,7 +235,7 @@ def test_stop_waits_for_the_round_in_progress_and_no_round_follows(ledger_path, 
         c.sync()
         assert calls == [MiB] and _lent(m) == 3 * MiB
         del m._reclaim
-        _check(m, hs, ts, refs)
+        fetch_and_check(m, hs, ts, refs)
     finally:
         release.set()
         m.close()
@@ -260,7 +247,7 @@ def test_stop_waits_for_the_round_in_progress_and_no_round_follows(ledger_path, 
 def test_consumer_retries_after_a_lock_timeout(ledger_path, no_polling):
     o = lending.offer("emu:1", "2MiB")
     with aq.OffloadManager("cpu", peers="lent", host_bytes="8MiB") as m:
-        hs, ts, refs = _fill(m, 4, seed=3)
+        hs, ts, refs = offload_mixed(m, 4, seed=3)
         fd = os.open(str(ledger_path) + ".lock", os.O_RDWR)
         try:
             with pytest.MonkeyPatch.context() as mp:  # short timeouts only while it is held
@@ -274,7 +261,7 @@ def test_consumer_retries_after_a_lock_timeout(ledger_path, no_polling):
             os.close(fd)
         assert o.reclaim(timeout=10) == 2 * MiB  # served once the lock is free
         assert m.stats()["lending"]["state"] == "active"
-        _check(m, hs, ts, refs)
+        fetch_and_check(m, hs, ts, refs)
     o.withdraw()
 
 
@@ -282,7 +269,7 @@ def test_return_that_cannot_be_recorded_is_charged_on_the_next_round(ledger_path
                                                                      no_polling):
     o = lending.offer("emu:1", "2MiB")
     with aq.OffloadManager("cpu", peers="lent", host_bytes="8MiB") as m:
-        hs, ts, refs = _fill(m, 4, seed=4)
+        hs, ts, refs = offload_mixed(m, 4, seed=4)
         real, calls = state_mod.State.charge, [0]
 
         def charge(st, consumer, key, freed):
@@ -297,7 +284,7 @@ def test_return_that_cannot_be_recorded_is_charged_on_the_next_round(ledger_path
         # Exactly one segment migrated, and the ledger agrees with the peer tier.
         assert _lent(m) == MiB == o.status()["leased"] == m.stats()["tiers"][0]["capacity"]
         assert m.stats()["bytes_migrated"] <= MiB  # not freed a second time on the retry
-        _check(m, hs, ts, refs)
+        fetch_and_check(m, hs, ts, refs)
     o.withdraw()
 
 
@@ -305,7 +292,7 @@ def test_failed_consumer_drops_its_leases_once_the_ledger_reads_again(ledger_pat
     o = lending.offer("emu:1", "2MiB")
     m = aq.OffloadManager("cpu", peers="lent", host_bytes="8MiB")
     try:
-        hs, ts, refs = _fill(m, 4, seed=6)
+        hs, ts, refs = offload_mixed(m, 4, seed=6)
         raw = ledger_path.read_bytes()
         ledger_path.write_bytes(b"garbage" * 10)
         notify.send(m._lending._endpoint.address, notify.WAKE_RECLAIM)
@@ -314,7 +301,7 @@ def test_failed_consumer_drops_its_leases_once_the_ledger_reads_again(ledger_pat
         ledger_path.write_bytes(raw)  # readable again: the listed leases go (within SLICE_S)
         _until(lambda: o.status()["leased"] == 0, what="the leases' drop")
         assert o.status()["available"] == 2 * MiB and m.stats()["lending"]["state"] == "failed"
-        _check(m, hs, ts, refs)
+        fetch_and_check(m, hs, ts, refs)
     finally:
         m.close()
     assert lending.view()["consumers"] == []

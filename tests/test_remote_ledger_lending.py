@@ -24,7 +24,7 @@ from aqua_offload import lending
 from aqua_offload.errors import InvalidArgumentError, LedgerError
 from aqua_offload.remote.elastic import ReserveWatcher, host_free_memory
 from aqua_offload.remote.ledger_lending import LedgerLender
-from conftest import random_tensor, run_with_timeout, same_bytes
+from conftest import fetch_and_check, offload_mixed, run_with_timeout
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,19 +72,6 @@ def elastic(ledger_path):
     yield make
     for lender in made:
         assert lender.close(timeout=20)["left"] == 0
-
-
-def _fill(m, n, seed):
-    gen = torch.Generator().manual_seed(seed)
-    ts = [random_tensor((MiB // 2,), torch.uint8, generator=gen) for _ in range(n)]
-    refs = [t.clone() for t in ts]
-    return [m.offload(t, release=i % 2 == 0) for i, t in enumerate(ts)], ts, refs
-
-
-def _check(m, hs, ts, refs):
-    for h, t, ref in zip(hs, ts, refs):
-        out = m.fetch(h)
-        assert same_bytes(out, ref) and (out is t or not h.release)
 
 
 # -- the adapter -----------------------------------------------------------------------------
@@ -136,7 +123,7 @@ def test_a_reclaim_migrates_the_consumers_data_bitwise(elastic, ledger_path):
     assert watcher.step() == "grow"
     with aq.OffloadManager("cpu", peers="lent", host_bytes="32MiB") as m:
         _until(lambda: lender.stats()["leased_bytes"] == 16 * MiB, what="the lease")
-        hs, ts, refs = _fill(m, 24, seed=1)  # 12 MiB
+        hs, ts, refs = offload_mixed(m, 24, seed=1)  # 12 MiB
         assert sum(h.tier == "peer" for h in hs) == 24
         assert watcher.step() == "steady"  # leased memory is no longer free, nor offered
         dev.own = 26 * MiB  # 10 MiB short: the consumer must give 12 MiB back
@@ -150,7 +137,7 @@ def test_a_reclaim_migrates_the_consumers_data_bitwise(elastic, ledger_path):
         assert lent["reclaims"] >= 1 and lent["bytes_returned"] >= 12 * MiB
         assert sum(h.tier == "host" for h in hs) >= 16  # migrated down, not lost
         assert watcher.step() == "steady"  # the shortage is covered: not asked twice
-        _check(m, hs, ts, refs)
+        fetch_and_check(m, hs, ts, refs)
 
 
 def test_a_reclaim_never_waits_for_a_busy_consumer(elastic, ledger_path):
@@ -158,7 +145,7 @@ def test_a_reclaim_never_waits_for_a_busy_consumer(elastic, ledger_path):
     assert watcher.step() == "grow"
     with aq.OffloadManager("cpu", peers="lent", host_bytes="32MiB") as m:
         _until(lambda: lender.stats()["leased_bytes"] == 16 * MiB, what="the lease")
-        hs, ts, refs = _fill(m, 16, seed=2)
+        hs, ts, refs = offload_mixed(m, 16, seed=2)
         with m._lending._sync_lock:  # the consumer cannot serve a return meanwhile
             dev.own = 22 * MiB  # 6 MiB short: 8 MiB asked
             # Asked, not waited for: the consumer cannot return while this test holds it.
@@ -172,14 +159,14 @@ def test_a_reclaim_never_waits_for_a_busy_consumer(elastic, ledger_path):
             assert lender.stats()["reclaims_done"] == 0
         _until(lambda: lender.stats()["reclaims_done"] == 1, what="the return after the lock")
         assert lender.stats()["reclaim_last_s"] >= 0.3
-        _check(m, hs, ts, refs)
+        fetch_and_check(m, hs, ts, refs)
 
 
 def test_close_withdraws_bounded_and_a_second_close_finishes(ledger_path):
     lender = LedgerLender("emu:1", nbytes="8MiB", segment_bytes="4MiB", ledger=str(ledger_path))
     with aq.OffloadManager("cpu", peers="lent", host_bytes="32MiB") as m:
         _until(lambda: lender.stats()["leased_bytes"] == 8 * MiB, what="the lease")
-        hs, ts, refs = _fill(m, 12, seed=3)
+        hs, ts, refs = offload_mixed(m, 12, seed=3)
         with m._lending._sync_lock:
             done = run_with_timeout(lambda: lender.close(timeout=0.3), timeout=60)
             assert done["withdrawn"] == 8 * MiB and done["left"] == 8 * MiB
@@ -189,7 +176,7 @@ def test_close_withdraws_bounded_and_a_second_close_finishes(ledger_path):
         done = lender.close(timeout=20)
         assert done["left"] == 0 and _offers(ledger_path) == []
         assert all(h.tier == "host" for h in hs)
-        _check(m, hs, ts, refs)
+        fetch_and_check(m, hs, ts, refs)
 
 
 def test_bad_input_offers_nothing(ledger_path, tmp_path):
@@ -253,12 +240,12 @@ def test_cli_offers_through_the_ledger_and_sigterm_withdraws_it(ledger_path, no_
         assert _offers(ledger_path) == [(proc.pid, 8 * MiB)] and info["pid"] == proc.pid
         with aq.OffloadManager("cpu", peers="lent", host_bytes="32MiB") as m:
             _until(lambda: m.stats()["lending"]["leased_bytes"] == 8 * MiB, what="the lease")
-            hs, ts, refs = _fill(m, 12, seed=4)
+            hs, ts, refs = offload_mixed(m, 12, seed=4)
             assert all(h.tier == "peer" for h in hs)
             status, out, err = _stop(proc)
             assert status == 0, err
             assert all(h.tier == "host" for h in hs)  # the withdraw migrated them
-            _check(m, hs, ts, refs)
+            fetch_and_check(m, hs, ts, refs)
     finally:
         if proc.poll() is None:
             proc.kill()
