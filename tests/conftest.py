@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import threading
+import time
 
 import pytest
 import torch
@@ -62,6 +63,15 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     ua = a.detach().contiguous().reshape(-1).view(torch.uint8) if a.numel() else a.new_empty(0, dtype=torch.uint8)
     ub = b.detach().contiguous().reshape(-1).view(torch.uint8) if b.numel() else b.new_empty(0, dtype=torch.uint8)
     return torch.equal(ua.cpu(), ub.cpu())
+
+
+def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``cond()`` (state another thread or process settles) until it holds, failing the
+    test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
 
 
 def offload_mixed(m, n: int, seed: int):

@@ -120,16 +120,6 @@ def recv_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
     return bytes(out)
 
 
-def until(cond, timeout: float = 30.0) -> None:
-    """Wait for ``cond()`` (state another process or thread settles), failing after
-    ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail("the condition did not hold in time")
-        time.sleep(0.01)
-
-
 def blocks_left(m, lender) -> int:
     """The blocks ``lender`` still holds for ``m`` besides ``m``'s open slab and cached blocks
     there (Note [Slabs], Note [Block cache]: kept while the manager lives), once every block

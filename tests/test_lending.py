@@ -16,7 +16,7 @@ from aqua_offload import lending
 from aqua_offload.errors import InvalidArgumentError, ReclaimError, ReclaimTimeoutError
 from aqua_offload.lending import consumer as consumer_mod
 from aqua_offload.lending import notify
-from conftest import random_tensor, same_bytes
+from conftest import random_tensor, same_bytes, wait_until
 
 MiB = 1 << 20
 
@@ -25,13 +25,6 @@ MiB = 1 << 20
 def no_polling(monkeypatch):
     """The consumer thread wakes only on datagrams: whatever it does was notified."""
     monkeypatch.setattr(consumer_mod, "SLICE_S", 3600.0)
-
-
-def _until(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def _fill(m, n, size=MiB // 2, seed=0):
@@ -100,9 +93,9 @@ def test_consumer_leases_at_start_and_grows_when_notified(ledger_path, no_pollin
         hs, ts, refs = _fill(m, 4)
         assert {h.tier for h in hs} == {"peer"}
         b = lending.offer("emu:1", "3MiB")  # no polling: only b's datagram can wake the thread
-        _until(lambda: _lent(m) == 5 * MiB)
+        wait_until(lambda: _lent(m) == 5 * MiB)
         c = lending.offer("emu:0", "1MiB")  # own device: leased too, ranked last
-        _until(lambda: _lent(m) == 6 * MiB)
+        wait_until(lambda: _lent(m) == 6 * MiB)
         s = m.stats()
         assert s["lending"]["leased"] == {"emu:1": 5 * MiB, "emu:0": MiB}
         assert s["tiers"][0]["capacity"] == 5 * MiB and s["tiers"][1]["capacity"] == MiB
@@ -142,7 +135,7 @@ def test_reclaim_migrates_live_data_promptly_and_reports_latency(ledger_path, no
         assert took < 5.0  # notification-driven: no polling interval to wait out
         # Whole 1 MiB segments: 2 MiB freed for 1.5 MiB asked; the surplus stays offered and
         # the consumer leases it again.
-        _until(lambda: _lent(m) == 2.5 * MiB)
+        wait_until(lambda: _lent(m) == 2.5 * MiB)
         s = m.stats()
         lend = s["lending"]
         assert lend["reclaims"] == 1 and lend["reclaim_last_asked"] == 1536 * 1024
@@ -185,11 +178,11 @@ def test_reclaim_while_the_consumer_is_mid_offload(ledger_path):
         workers = [threading.Thread(target=churn, args=(i,)) for i in range(2)]
         for w in workers:
             w.start()
-        _until(lambda: count[0] > 50)
+        wait_until(lambda: count[0] > 50)
         assert o.reclaim("2MiB", timeout=30) == 2 * MiB
-        _until(lambda: count[0] > 100)
+        wait_until(lambda: count[0] > 100)
         assert o.reclaim("3MiB", timeout=30) == 3 * MiB
-        _until(lambda: count[0] > 150)
+        wait_until(lambda: count[0] > 150)
         stop.set()
         for w in workers:
             w.join(30)
@@ -270,7 +263,7 @@ def test_consumer_gives_everything_back_when_the_ledger_breaks(ledger_path):
         assert o2 is None
         # Wake the consumer as a producer would: it finds the ledger unreadable.
         notify.send(m._lending._endpoint.address, notify.WAKE_RECLAIM)
-        _until(lambda: m.stats()["lending"]["state"] == "failed")
+        wait_until(lambda: m.stats()["lending"]["state"] == "failed")
         s = m.stats()
         assert "not an aqua_offload lending ledger" in s["lending"]["error"] and s["tiers"][0]["capacity"] == 0
         assert all(h.tier == "host" for h in hs)

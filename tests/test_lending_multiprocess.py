@@ -18,18 +18,11 @@ import torch
 
 import aqua_offload as aq
 from aqua_offload import lending
-from conftest import random_tensor, same_bytes
+from conftest import random_tensor, same_bytes, wait_until
 
 MiB = 1 << 20
 CTX = mp.get_context("spawn")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _until(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def _start(target, *args):
@@ -101,14 +94,14 @@ def test_reclaim_while_the_consumer_process_is_mid_offload(ledger_path):
     try:
         assert filled.wait(60), "the consumer never used its lease"
         assert _lease_of(child.pid) == 4 * MiB
-        _until(lambda: progress.value > 50, what="the consumer's paging")  # fetching too now
+        wait_until(lambda: progress.value > 50, what="the consumer's paging")  # fetching too now
         assert o.reclaim("1536KiB", timeout=30) == 1536 * 1024  # the child is still paging
         first = o.stats()
         assert first["reclaim_last_consumers"] == 1 and first["reclaim_last_asked"] > 0
         assert 0 < first["reclaim_last_s"] < 10
-        _until(lambda: _lease_of(child.pid) == 2.5 * MiB, what="the re-lease of the surplus")
+        wait_until(lambda: _lease_of(child.pid) == 2.5 * MiB, what="the re-lease of the surplus")
         mark = progress.value
-        _until(lambda: progress.value > mark + 20, what="more paging")
+        wait_until(lambda: progress.value > mark + 20, what="more paging")
         assert o.withdraw(timeout=30) == 2.5 * MiB
         assert _lease_of(child.pid) == 0
         stop.set()
@@ -133,7 +126,7 @@ def test_consumer_killed_holding_a_lease_is_recovered(ledger_path):
         assert filled.wait(60)
         assert _lease_of(child.pid) == 4 * MiB
         os.kill(child.pid, signal.SIGKILL)
-        _until(lambda: not child.is_alive(), what="the kill")  # a zombie until joined: dead
+        wait_until(lambda: not child.is_alive(), what="the kill")  # a zombie until joined: dead
         # Its memory died with it: a new consumer gets the whole offer, nothing leaked...
         with aq.OffloadManager("cpu", peers="lent", host_bytes="16MiB") as m:
             assert m.stats()["lending"]["leased"] == {"emu:1": 4 * MiB}
@@ -169,13 +162,13 @@ def test_producer_killed_while_its_reclaim_is_pending(ledger_path):
             assert [h.tier for h in hs].count("peer") == 8
             with m._lending._sync_lock:  # this consumer is slow to serve the reclaim
                 go.set()
-                _until(lambda: lending.view()["devices"][0]["pending"] == 4 * MiB,
+                wait_until(lambda: lending.view()["devices"][0]["pending"] == 4 * MiB,
                        what="the pending reclaim")
                 os.kill(child.pid, signal.SIGKILL)
-                _until(lambda: not child.is_alive(), what="the kill")
+                wait_until(lambda: not child.is_alive(), what="the kill")
             # The consumer serves the orphaned offer: its data moves off, the memory is given
             # back, and the dead producer's entry goes away with its last lease.
-            _until(lambda: lending.view()["devices"] == [], what="the orphan's return")
+            wait_until(lambda: lending.view()["devices"] == [], what="the orphan's return")
             view = lending.view()
             assert any(f"producer pid {child.pid} died" in r["what"] for r in view["recovered"])
             s = m.stats()

@@ -27,7 +27,7 @@ from aqua_offload.lending import ledger as ledger_mod
 from aqua_offload.lending import notify
 from aqua_offload.lending import state as state_mod
 from aqua_offload.manager import live_managers
-from conftest import fetch_and_check, offload_mixed
+from conftest import fetch_and_check, offload_mixed, wait_until
 
 MiB = 1 << 20
 
@@ -35,13 +35,6 @@ MiB = 1 << 20
 @pytest.fixture
 def no_polling(monkeypatch):
     monkeypatch.setattr(consumer_mod, "SLICE_S", 3600.0)
-
-
-def _until(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def _lent(m):
@@ -254,7 +247,7 @@ def test_consumer_retries_after_a_lock_timeout(ledger_path, no_polling):
                 mp.setattr(ledger_mod, "LOCK_TIMEOUT_S", 0.2)
                 fcntl.flock(fd, fcntl.LOCK_EX)  # held by someone else (a stopped process)
                 notify.send(m._lending._endpoint.address, notify.WAKE_RECLAIM)
-                _until(lambda: "held for over" in (m.stats()["lending"]["error"] or ""),
+                wait_until(lambda: "held for over" in (m.stats()["lending"]["error"] or ""),
                        what="the lock timeout")
                 assert m.stats()["lending"]["state"] == "active" and _lent(m) == 2 * MiB
         finally:
@@ -296,10 +289,10 @@ def test_failed_consumer_drops_its_leases_once_the_ledger_reads_again(ledger_pat
         raw = ledger_path.read_bytes()
         ledger_path.write_bytes(b"garbage" * 10)
         notify.send(m._lending._endpoint.address, notify.WAKE_RECLAIM)
-        _until(lambda: m.stats()["lending"]["state"] == "failed", what="the failure")
+        wait_until(lambda: m.stats()["lending"]["state"] == "failed", what="the failure")
         assert _lent(m) == 0 and all(h.tier == "host" for h in hs)
         ledger_path.write_bytes(raw)  # readable again: the listed leases go (within SLICE_S)
-        _until(lambda: o.status()["leased"] == 0, what="the leases' drop")
+        wait_until(lambda: o.status()["leased"] == 0, what="the leases' drop")
         assert o.status()["available"] == 2 * MiB and m.stats()["lending"]["state"] == "failed"
         fetch_and_check(m, hs, ts, refs)
     finally:

@@ -24,18 +24,11 @@ from aqua_offload import lending
 from aqua_offload.errors import InvalidArgumentError, LedgerError
 from aqua_offload.remote.elastic import ReserveWatcher, host_free_memory
 from aqua_offload.remote.ledger_lending import LedgerLender
-from conftest import fetch_and_check, offload_mixed, run_with_timeout
+from conftest import fetch_and_check, offload_mixed, run_with_timeout, wait_until
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
 NIXL_IMPORTED = 97  # exit status of the stand-in nixl_cu13
-
-
-def _until(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def _offers(path):
@@ -93,8 +86,8 @@ def test_offers_follow_free_memory_above_the_reserve(elastic, ledger_path):
     st = lender.stats()
     assert st["lendable_bytes"] == 0 and st["reclaim_pending_bytes"] == 0
     assert watcher.stats["asked_bytes"] == 24 * MiB  # all there was
-    _until(lambda: lender.stats()["reclaims_done"] == 1, what="the reclaim to complete")
-    _until(lambda: _offers(ledger_path) == [], what="empty offers to be withdrawn")
+    wait_until(lambda: lender.stats()["reclaims_done"] == 1, what="the reclaim to complete")
+    wait_until(lambda: _offers(ledger_path) == [], what="empty offers to be withdrawn")
     assert lender.stats()["reclaimed_bytes"] == 24 * MiB
 
 
@@ -111,8 +104,8 @@ def test_a_reclaim_rounds_up_to_segments_and_lowers_the_newest_offers_first(elas
     assert _offers(ledger_path) == [(me, 4 * MiB), (me, 16 * MiB)]
     dev.own = 19 * MiB  # 7 MiB short: two segments, the newest offer's last one first
     assert watcher.step() == "reclaim"
-    _until(lambda: _offers(ledger_path) == [(me, 12 * MiB)], what="the emptied offer to go")
-    _until(lambda: lender.stats()["reclaims_done"] == 2)
+    wait_until(lambda: _offers(ledger_path) == [(me, 12 * MiB)], what="the emptied offer to go")
+    wait_until(lambda: lender.stats()["reclaims_done"] == 2)
     st = lender.stats()
     assert (st["offers"], st["lendable_bytes"], st["reclaimed_bytes"]) == (1, 12 * MiB, 12 * MiB)
     assert watcher.step() == "steady"
@@ -122,13 +115,13 @@ def test_a_reclaim_migrates_the_consumers_data_bitwise(elastic, ledger_path):
     lender, watcher, dev = elastic(own=16 * MiB)  # offers 16 MiB
     assert watcher.step() == "grow"
     with aq.OffloadManager("cpu", peers="lent", host_bytes="32MiB") as m:
-        _until(lambda: lender.stats()["leased_bytes"] == 16 * MiB, what="the lease")
+        wait_until(lambda: lender.stats()["leased_bytes"] == 16 * MiB, what="the lease")
         hs, ts, refs = offload_mixed(m, 24, seed=1)  # 12 MiB
         assert sum(h.tier == "peer" for h in hs) == 24
         assert watcher.step() == "steady"  # leased memory is no longer free, nor offered
         dev.own = 26 * MiB  # 10 MiB short: the consumer must give 12 MiB back
         assert watcher.step() == "reclaim"
-        _until(lambda: lender.stats()["reclaims_done"] == 1, what="the consumer's return")
+        wait_until(lambda: lender.stats()["reclaims_done"] == 1, what="the consumer's return")
         st = lender.stats()
         assert st["reclaimed_bytes"] == 12 * MiB and st["reclaim_last_s"] > 0
         assert st["reclaim_max_s"] >= st["reclaim_last_s"] and st["reclaim_pending_bytes"] == 0
@@ -144,7 +137,7 @@ def test_a_reclaim_never_waits_for_a_busy_consumer(elastic, ledger_path):
     lender, watcher, dev = elastic(own=16 * MiB)
     assert watcher.step() == "grow"
     with aq.OffloadManager("cpu", peers="lent", host_bytes="32MiB") as m:
-        _until(lambda: lender.stats()["leased_bytes"] == 16 * MiB, what="the lease")
+        wait_until(lambda: lender.stats()["leased_bytes"] == 16 * MiB, what="the lease")
         hs, ts, refs = offload_mixed(m, 16, seed=2)
         with m._lending._sync_lock:  # the consumer cannot serve a return meanwhile
             dev.own = 22 * MiB  # 6 MiB short: 8 MiB asked
@@ -157,7 +150,7 @@ def test_a_reclaim_never_waits_for_a_busy_consumer(elastic, ledger_path):
             assert watcher.step() == "steady" and watcher.stats["reclaim_asks"] == 1
             time.sleep(0.3)
             assert lender.stats()["reclaims_done"] == 0
-        _until(lambda: lender.stats()["reclaims_done"] == 1, what="the return after the lock")
+        wait_until(lambda: lender.stats()["reclaims_done"] == 1, what="the return after the lock")
         assert lender.stats()["reclaim_last_s"] >= 0.3
         fetch_and_check(m, hs, ts, refs)
 
@@ -165,7 +158,7 @@ def test_a_reclaim_never_waits_for_a_busy_consumer(elastic, ledger_path):
 def test_close_withdraws_bounded_and_a_second_close_finishes(ledger_path):
     lender = LedgerLender("emu:1", nbytes="8MiB", segment_bytes="4MiB", ledger=str(ledger_path))
     with aq.OffloadManager("cpu", peers="lent", host_bytes="32MiB") as m:
-        _until(lambda: lender.stats()["leased_bytes"] == 8 * MiB, what="the lease")
+        wait_until(lambda: lender.stats()["leased_bytes"] == 8 * MiB, what="the lease")
         hs, ts, refs = offload_mixed(m, 12, seed=3)
         with m._lending._sync_lock:
             done = run_with_timeout(lambda: lender.close(timeout=0.3), timeout=60)
@@ -239,7 +232,7 @@ def test_cli_offers_through_the_ledger_and_sigterm_withdraws_it(ledger_path, no_
         assert info["device"] == "emu:1" and info["ledger"] == str(ledger_path)
         assert _offers(ledger_path) == [(proc.pid, 8 * MiB)] and info["pid"] == proc.pid
         with aq.OffloadManager("cpu", peers="lent", host_bytes="32MiB") as m:
-            _until(lambda: m.stats()["lending"]["leased_bytes"] == 8 * MiB, what="the lease")
+            wait_until(lambda: m.stats()["lending"]["leased_bytes"] == 8 * MiB, what="the lease")
             hs, ts, refs = offload_mixed(m, 12, seed=4)
             assert all(h.tier == "peer" for h in hs)
             status, out, err = _stop(proc)
@@ -265,7 +258,7 @@ def test_cli_elastic_offers_what_is_free_above_keep(ledger_path, no_nixl_env, tm
                  "--ready-file", str(ready))
     try:
         _ready(proc, ready)
-        _until(lambda: _offers(ledger_path) == [(proc.pid, 8 * MiB)], what="the offer")
+        wait_until(lambda: _offers(ledger_path) == [(proc.pid, 8 * MiB)], what="the offer")
         status, out, err = _stop(proc)
     finally:
         if proc.poll() is None:

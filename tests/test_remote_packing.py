@@ -10,13 +10,13 @@ import functools
 
 import pytest
 import torch
-from remote_helpers import TOKEN, LenderProcess, child_env, needs_nixl, until
+from remote_helpers import TOKEN, LenderProcess, child_env, needs_nixl
 
 import aqua_offload as aq
 from aqua_offload.errors import RemoteLostError
 from aqua_offload.remote import Lender, tier
 from aqua_offload.remote.packing import Packs, layout
-from conftest import random_tensor, run_with_timeout
+from conftest import random_tensor, run_with_timeout, wait_until
 
 pytestmark = needs_nixl
 KiB, MiB = 1 << 10, 1 << 20
@@ -143,7 +143,7 @@ def test_a_reclaim_moves_every_live_handle_of_the_block(managers) -> None:
             assert m.fetch(hs[k]) is ts[k] and torch.equal(ts[k], refs[k])
         assert m.stats()["tiers"][-1]["handles"] == 0  # b may keep its open slab (Note [Slabs])
         m.close()
-        until(lambda: b.stats()["blocks"] == 0)
+        wait_until(lambda: b.stats()["blocks"] == 0)
 
 
 def test_a_refused_reclaim_keeps_the_block_until_its_last_handle(managers) -> None:

@@ -11,12 +11,12 @@ import functools
 
 import pytest
 import torch
-from remote_helpers import TOKEN, LenderProcess, child_env, needs_nixl, until
+from remote_helpers import TOKEN, LenderProcess, child_env, needs_nixl
 
 import aqua_offload as aq
 from aqua_offload.errors import InvalidArgumentError, OutOfMemoryError, RemoteLostError
 from aqua_offload.remote import Lender
-from conftest import random_tensor, run_with_timeout
+from conftest import random_tensor, run_with_timeout, wait_until
 
 pytestmark = needs_nixl
 KiB, MiB = 1 << 10, 1 << 20
@@ -119,7 +119,7 @@ def test_a_reclaimed_copy_is_written_again_on_a_third_lender(managers) -> None:
         assert _handles(m) == [8, 8, 0]
         assert b.reclaim(8 * MiB).wait(30)  # at once: the copies on b are dropped
         assert b.stats()["blocks"] == 0
-        until(lambda: _handles(m) == [8, 0, 8])  # then written again, on c
+        wait_until(lambda: _handles(m) == [8, 0, 8])  # then written again, on c
         s = m.stats()["remote"]
         assert s["degraded_handles"] == 0
         assert s["reclaimed_handles"] == 8

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from remote_helpers import TOKEN, needs_nixl, until
+from remote_helpers import TOKEN, needs_nixl
 
 import aqua_offload as aq
 from aqua_offload.errors import BackendError
 from aqua_offload.remote import Lender, placement
 from aqua_offload.remote.staging import Staging
-from conftest import random_tensor
+from conftest import random_tensor, wait_until
 
 pytestmark = needs_nixl
 KiB, MiB = 1 << 10, 1 << 20
@@ -74,7 +74,7 @@ def test_a_full_slab_is_retired_and_goes_back_with_its_last_handle(remote_lender
     m.synchronize()  # the blocks given back have reached the lender
     assert remote_lender.stats()["blocks"] == 1
     m.close()
-    until(lambda: remote_lender.stats()["blocks"] == 0)  # close gives the open slab back
+    wait_until(lambda: remote_lender.stats()["blocks"] == 0)  # close gives the open slab back
 
 
 def test_a_batch_over_the_small_size_gets_blocks_of_its_own(remote_lender, lender_managers,

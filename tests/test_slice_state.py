@@ -22,7 +22,7 @@ import aqua_offload as aq
 from aqua_offload.policies import FairPolicy, FCFSPolicy, RoundRobinPolicy
 from aqua_offload.state import collect_tensor_paths, collect_tensors, format_path, walk_tensors
 from aqua_offload import SharedStateError, UnpageableStateError
-from conftest import run_with_timeout
+from conftest import run_with_timeout, wait_until
 
 ENTRY_TIMEOUT_S = 10.0  # a refused entry returns at once; an admitted one waits for the turn
 TEST_TIMEOUT_S = 60.0
@@ -76,15 +76,6 @@ def types_ns(**kw):
 
 def names(ts: aq.TimeSlicer) -> list[str]:
     return [x["name"] for x in ts.stats()["slices"]]
-
-
-def wait_until(cond, timeout: float = 10.0) -> None:
-    done = threading.Event()
-    for _ in range(int(timeout / 0.001)):
-        if cond():
-            return
-        done.wait(0.001)
-    raise AssertionError("condition not reached (deadlock?)")
 
 
 def assert_another_slice_runs(ts: aq.TimeSlicer, state=None) -> None:

@@ -21,7 +21,7 @@ import torch
 
 import aqua_offload as aq
 from aqua_offload.state import collect_tensors
-from conftest import random_tensor, same_bytes
+from conftest import random_tensor, same_bytes, wait_until
 
 JOIN_TIMEOUT_S = 30.0
 CPU = torch.device("cpu")
@@ -68,13 +68,6 @@ def no_errors(errors: list) -> None:
     real = [e for e in errors if e is not None]
     if real:
         raise real[0]
-
-
-def wait_until(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached (deadlock?)"
-        time.sleep(0.0005)
 
 
 def everyone_queued(ts: aq.TimeSlicer, n: int) -> None:
