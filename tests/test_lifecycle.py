@@ -470,6 +470,7 @@ def test_a_paged_out_tensor_prints_safely_and_is_never_exported_or_saved(manager
     assert same_bytes(pickle.loads(pickle.dumps(t)), ref)
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # deprecated in 2.13
 def test_a_quantized_tensor_is_refused_as_quantized(manager):
     q = torch.quantize_per_tensor(torch.randn(10), 0.1, 0, torch.qint8)
     with pytest.raises(aq.InvalidArgumentError, match="quantized"):
