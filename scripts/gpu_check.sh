@@ -16,6 +16,10 @@
 #   BUDGET_S   seconds from the start after which the optional stages no longer start (420)
 #   HARD_S     no stage runs past this many seconds from the start (450)
 #   BUILD_DIR  scikit-build-core build directory (default: the pyproject's, build/{wheel_tag})
+# The device image has no NIXL and reaches no registry: a nixl_cu13 wheel for its Python in
+# $ROOT/.wheels (git-ignored; `pip download --python-version 3.12 --only-binary=:all: --no-deps
+# nixl-cu13==1.5.1 -d .wheels`, 56 MiB, carried with the run) is installed so that the remote
+# tier's GPU test (tests/test_remote_cuda.py: a lender of GPU memory) runs; without one it skips.
 # For testing this script on a machine without a GPU:
 #   GPU_CHECK_SKIP_INSTALL=1  use the aqua_offload already installed for $PYTHON
 #   GPU_CHECK_KEEP_GOING=1    carry on when the CUDA backend is missing (later stages fail)
@@ -145,6 +149,17 @@ assert c.cuda_compiled(), \"CUDA backend MISSING: the installed aqua_offload was
 assert backend == \"cuda\", f\"backend is {backend!r}, not cuda: the CUDA backend sees no usable GPU\"
 print(\"OK: CUDA backend in\", aq.__file__)"' \
   || abort "the installed aqua_offload has no usable CUDA backend (cuda_backend.log)"
+
+# NIXL for the remote GPU test, from a carried wheel (see the header); optional.
+WHEEL="$(ls "$ROOT"/.wheels/nixl_cu13-*-cp"$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"-*.whl 2>/dev/null | head -n 1)"
+if [[ -z "$WHEEL" ]]; then
+  record nixl SKIP 0 "no nixl_cu13 wheel for this Python in .wheels: the remote GPU test skips"
+else
+  export WHEEL
+  stage nixl 60 'PIP_NO_INDEX=1 "$PYTHON" -m pip install --no-deps -q "$WHEEL" && "$PYTHON" -c "
+import aqua_offload.remote as r; why = r.nixl_unavailable(); print(why or \"NIXL loads\")
+raise SystemExit(why is not None)"'
+fi
 
 # 3. GPU tests. Only skips (e.g. a conftest that sees no GPU) would be a silent pass: fail them.
 # faulthandler_timeout: a test stuck for a minute prints every thread's stack into the log.
