@@ -93,8 +93,10 @@ def drop_reclaimed(t: "RemoteTier", client: int, ids: list[int], wanted: set[int
             mc, mb, mo = r.mirror
             named = (r.client == client and r.block is not None and r.block.id in wanted)
             other = (mc, mb, mo) if named else (r.client, r.block, r.offset)
-            stays = (other[1] is not None and alive(t, other[0])) or (
-                not named and r.prefetched)  # a prefetch buffer holds the bytes as well
+            # only a lender's copy counts: a prefetch buffer is handed out by the next fetch
+            # (keep=True too), so the named copy must stay for the migration, which gives a
+            # prefetched handle's block up and then refuses keep=True
+            stays = other[1] is not None and alive(t, other[0])
             drop = (r.client, r.block) if (named == stays) else (mc, mb)
             if drop[1] is not None:
                 empty += [(drop[0], b) for b in t._packs.drop(drop[0], [drop[1]])]
