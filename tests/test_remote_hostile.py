@@ -63,3 +63,77 @@ def test_a_reclaimed_mirror_is_not_dropped_when_only_a_prefetch_holds_the_rest(
         run_with_timeout(lambda: m.fetch(h, keep=True), 60)
     out = run_with_timeout(lambda: m.fetch(h), 60)
     assert torch.equal(out, ref)
+
+
+def test_a_lender_lost_while_a_reclaim_moves_handles_leaks_no_block(
+        lenders, remote_managers, monkeypatch) -> None:
+    """A reclaim of lender a moves one handle into the host tier (its block is then empty),
+    and the other one to lender b, which dies during that write. The RemoteLostError used to
+    escape the migration: the reclaim was refused with the emptied block still held and no
+    handle left to give it back, so the lender's reclaim never completed. Now a lender lost
+    during the move is skipped like a full one (the handle goes to lender c), and whatever
+    fails after the moves gives the emptied blocks back."""
+    from aqua_offload.remote import placement
+
+    monkeypatch.setattr(placement, "SMALL_BYTES", 0)  # a block per batch, no open slab
+    a, b, c = lenders(3)
+    # no peers, lenders before host memory: both go to a; the host tier holds only the first
+    m = remote_managers(a, b, c, host="128KiB", remote_order="above_host",
+                        remote_deadline_s=2.0)
+    (small, big), refs = _tensors(2, 2, size=96 * KiB)
+    big = torch.cat([big, big.flip(0)])
+    refs[1] = big.clone()
+    hs = [m.offload(small), m.offload(big)]
+    assert [h.location for h in hs] == [a.address] * 2 and a.stats()["blocks"] == 2
+    stage = m._remote._stage
+    write_from = stage.write_from
+
+    def dying(client: int, pieces, stream):  # lender b goes away under the write
+        if client == 1:
+            b.close()
+            wait_until(lambda: m._remote.clients[1].lost is not None, 30, "lender b lost")
+        return write_from(client, pieces, stream)
+
+    monkeypatch.setattr(stage, "write_from", dying)
+    ticket = a.reclaim(8 * MiB)
+    assert ticket.wait(30), "the reclaim completes"
+    assert a.stats()["blocks"] == 0
+    assert hs[0].tier == "host" and hs[1].location == c.address
+    for h, t, r in zip(hs, (small, big), refs):
+        assert run_with_timeout(lambda h=h: m.fetch(h), 60) is t and torch.equal(t, r)
+
+
+def test_a_reclaim_refused_by_a_failing_write_gives_back_what_it_emptied(
+        lenders, remote_managers, monkeypatch) -> None:
+    """As above, but the write to the other lender fails with another error (here a
+    ``BackendError`` from the transfer): the reclaim is refused, the block emptied by the move
+    into the host tier goes back at once, and the reclaim completes when the handle left on
+    the lender is fetched."""
+    from aqua_offload.errors import BackendError
+    from aqua_offload.remote import placement
+
+    monkeypatch.setattr(placement, "SMALL_BYTES", 0)
+    a, b = lenders(2)
+    m = remote_managers(a, b, host="128KiB", remote_order="above_host", remote_deadline_s=2.0)
+    (small, big), refs = _tensors(2, 3, size=96 * KiB)
+    big = torch.cat([big, big.flip(0)])
+    refs[1] = big.clone()
+    hs = [m.offload(small), m.offload(big)]
+    assert [h.location for h in hs] == [a.address] * 2
+    stage = m._remote._stage
+    write_from = stage.write_from
+
+    def failing(client: int, pieces, stream):
+        if client == 1:
+            raise BackendError("injected: the transfer failed")
+        return write_from(client, pieces, stream)
+
+    monkeypatch.setattr(stage, "write_from", failing)
+    ticket = a.reclaim(8 * MiB)
+    wait_until(lambda: m.stats()["remote"]["reclaim_refusals"] == 1, 30, "the refusal")
+    wait_until(lambda: a.stats()["blocks"] == 1, 30, "the emptied block back")
+    assert hs[0].tier == "host" and hs[1].location == a.address
+    assert not ticket.done.is_set()
+    for h, t, r in zip(hs, (small, big), refs):
+        assert run_with_timeout(lambda h=h: m.fetch(h), 60) is t and torch.equal(t, r)
+    assert ticket.wait(30) and a.stats()["blocks"] == 0

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..devices import current_stream
-from ..errors import OutOfMemoryError
+from ..errors import OutOfMemoryError, RemoteLostError
 from . import placement, replicas
 from .items import RemoteBlock
 
@@ -100,9 +100,13 @@ def _migrate(t: "RemoteTier", client: int, ids: list[int], wanted: set[int]) -> 
         stream = current_stream(t.device)
         t._stage.read_into([(r.client, r.block, r.offset, r.nbytes, p) for _, r, p in group],
                            stream)
-        left = _to_core(t, group, stream, done)
-        if left:
-            left = _to_lenders(t, client, left, stream, done)
+        try:
+            left = _to_core(t, group, stream, done)
+            if left:
+                left = _to_lenders(t, client, left, stream, done)
+        except BaseException:  # a refusal: the blocks emptied so far have no handle to free them
+            placement.free_blocks(t, client, done)
+            raise
     if left:
         placement.free_blocks(t, client, done)
         n = sum(r.nbytes for _, r, _ in left)
@@ -152,7 +156,7 @@ def _to_lenders(t: "RemoteTier", client: int, group: list[tuple[int, _Remote, in
                 t, [r.nbytes for _, r, _ in batch], lambda other, where: t._stage.write_from(
                     other, [(b, off, p, r.nbytes) for (b, off), (_, r, p) in zip(where, batch)],
                     stream), avoid=(client,))
-        except OutOfMemoryError:
+        except (OutOfMemoryError, RemoteLostError):  # a lender lost meanwhile is skipped next
             continue
         from .tier import _Remote  # (tier.py imports this module)
 
