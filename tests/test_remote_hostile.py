@@ -137,3 +137,32 @@ def test_a_reclaim_refused_by_a_failing_write_gives_back_what_it_emptied(
     for h, t, r in zip(hs, (small, big), refs):
         assert run_with_timeout(lambda h=h: m.fetch(h), 60) is t and torch.equal(t, r)
     assert ticket.wait(30) and a.stats()["blocks"] == 0
+
+
+def test_a_lender_lost_during_a_direct_offload_with_two_copies(lenders, lender_managers,
+                                                               monkeypatch) -> None:
+    """``remote_copies=2`` over three lenders; the second copy's lender dies while the batch is
+    written to it. The offload used to raise ``RemoteLostError`` although two lenders lived;
+    now the placement is given up and made again without the lost lender, so the batch gets
+    its two copies on the live ones and survives the loss of either."""
+    a, b, c = lenders(3)
+    m = lender_managers(a, b, c, remote_copies=2, remote_deadline_s=2.0)
+    ts, refs = _tensors(4, 4)
+    stage = m._remote._stage
+    write_from = stage.write_from
+
+    def dying(client: int, pieces, stream):
+        if client == 1 and m._remote.clients[1].lost is None:
+            b.close()
+            wait_until(lambda: m._remote.clients[1].lost is not None, 30, "lender b lost")
+        return write_from(client, pieces, stream)
+
+    monkeypatch.setattr(stage, "write_from", dying)
+    hs = run_with_timeout(lambda: m.offload_many(ts), 60)
+    assert all(h.tier == "remote" and h.location == a.address for h in hs)
+    s = m.stats()
+    assert [t["handles"] for t in s["tiers"] if t["tier"] == "remote"] == [4, 0, 4]
+    assert s["remote"]["degraded_handles"] == 0
+    a.close()  # the primary goes too: the copies on c serve every read
+    for h, t, r in zip(hs, ts, refs):
+        assert run_with_timeout(lambda h=h: m.fetch(h), 60) is t and torch.equal(t, r)

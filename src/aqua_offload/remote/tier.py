@@ -559,9 +559,15 @@ class RemoteTier:
         ``out`` with the entries, as the core does (Note [Interrupted batches] in manager.py)."""
         sizes = [n for _, n, _, _ in items if n]
         srcs = [s for s, n, _, _ in items if n]
-        got = replicas.place_and_write(self, sizes, lambda client, where: (
-            self._stage.write_from(client, [(b, off, s, n) for (b, off), s, n
-                                            in zip(where, srcs, sizes)], stream)))
+        for attempt in range(2):  # a lender lost under the write: placed again without it
+            try:
+                got = replicas.place_and_write(self, sizes, lambda client, where: (
+                    self._stage.write_from(client, [(b, off, s, n) for (b, off), s, n
+                                                    in zip(where, srcs, sizes)], stream)))
+                break
+            except RemoteLostError:
+                if attempt:
+                    raise
         copies = [iter(where) for _, _, where in got]
         client, tier = got[0][0], self._base + got[0][0]
         hids = list(itertools.islice(self._ids, len(items)))
