@@ -164,5 +164,57 @@ def test_a_lender_lost_during_a_direct_offload_with_two_copies(lenders, lender_m
     assert [t["handles"] for t in s["tiers"] if t["tier"] == "remote"] == [4, 0, 4]
     assert s["remote"]["degraded_handles"] == 0
     a.close()  # the primary goes too: the copies on c serve every read
+    # (once a's client knows: an in-process lender's freed arena may still be readable)
+    wait_until(lambda: m._remote.clients[0].lost is not None, 30, "lender a lost")
     for h, t, r in zip(hs, ts, refs):
         assert run_with_timeout(lambda h=h: m.fetch(h), 60) is t and torch.equal(t, r)
+
+
+def test_close_gives_back_open_slabs_cached_blocks_and_live_handles(lenders,
+                                                                    lender_managers) -> None:
+    """A manager closed while it holds, on each of two lenders (two copies), an open slab, a
+    cached block and live handles (a release, restored bitwise by close, and a snapshot):
+    every block goes back to both lenders, and a second manager gets the whole arena."""
+    a, b = lenders(2, size="16MiB")
+    m = lender_managers(a, b, remote_copies=2)
+    (small, snap, rel), refs = _tensors(3, 5)
+    big, _ = _tensors(1, 6, size=3 * MiB)
+    hb = m.offload(big[0], release=False)  # a packed block of its own on each lender
+    m.fetch(hb)  # ... now cached
+    hs = m.offload(small, release=False)  # the open slabs
+    h_snap = m.offload(snap, release=False)
+    m.offload(rel)  # a release: restored by close
+    s = m.stats()["remote"]
+    assert s["cached_bytes"] > 0 and hs.tier == h_snap.tier == "remote"
+    assert all(i in m._remote._slabs for i in (0, 1))
+    assert a.stats()["blocks"] >= 2 and b.stats()["blocks"] >= 2
+    run_with_timeout(m.close, 60)
+    assert torch.equal(rel, refs[2])
+    for x in (a, b):
+        wait_until(lambda x=x: x.stats()["blocks"] == 0, 30, "every block back")
+    m2 = lender_managers(a, b)
+    g = torch.Generator().manual_seed(7)
+    full = [random_tensor((4 * MiB,), torch.uint8, generator=g) for _ in range(4)]
+    full_refs = [t.clone() for t in full]
+    h2 = m2.offload_many(full)  # a's whole arena, a segment each
+    assert all(h.location == a.address for h in h2)
+    assert all(m2.fetch(h) is t and torch.equal(t, r) for h, t, r in zip(h2, full, full_refs))
+
+
+def test_an_incremental_offload_on_a_two_copy_base_lets_both_copies_go(lenders,
+                                                                       lender_managers) -> None:
+    """``base=`` a remote handle with two copies: the new offload is written in full (two
+    copies), the base lets go of both of its copies (each lender counts one handle), and the
+    result reads back bitwise from either lender."""
+    a, b = lenders(2)
+    m = lender_managers(a, b, remote_copies=2)
+    (full,), (ref,) = _tensors(1, 8, size=256 * KiB)
+    base = m.offload(full[: 100 * KiB].clone(), release=False)
+    kept = m.fetch(base, keep=True)
+    assert torch.equal(kept, ref[: 100 * KiB])
+    h = m.offload(full, release=False, base=base)
+    assert base.state == "freed" and h.tier == "remote"
+    assert [t["handles"] for t in m.stats()["tiers"] if t["tier"] == "remote"] == [1, 1]
+    a.close()  # the primary's lender goes: the other copy holds the whole tensor
+    wait_until(lambda: m._remote.clients[0].lost is not None, 30, "lender a lost")
+    assert torch.equal(run_with_timeout(lambda: m.fetch(h), 60), ref)
