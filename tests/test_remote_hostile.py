@@ -218,3 +218,54 @@ def test_an_incremental_offload_on_a_two_copy_base_lets_both_copies_go(lenders,
     a.close()  # the primary's lender goes: the other copy holds the whole tensor
     wait_until(lambda: m._remote.clients[0].lost is not None, 30, "lender a lost")
     assert torch.equal(run_with_timeout(lambda: m.fetch(h), 60), ref)
+
+
+def test_two_copies_under_reclaims_while_threads_offload_prefetch_and_fetch(
+        lenders, lender_managers) -> None:
+    """``remote_copies=2`` over three lenders; three threads offload small batches (the open
+    slabs), larger ones (packed, cached blocks), prefetch and fetch them, while two lenders in
+    turn take everything back and offer it again. Every fetch is bitwise, every reclaim
+    completes, and once every handle is fetched no lender holds a block beyond the open slab
+    and the cache."""
+    import threading
+    import time
+
+    from remote_helpers import blocks_left
+
+    a, b, c = lenders(3, size="16MiB")
+    m = lender_managers(a, b, c, remote_copies=2)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            r = 0
+            while not stop.is_set() or r < 3:
+                size = 8 * KiB if (r + seed) % 2 else 160 * KiB
+                ts, refs = _tensors(6, 1000 * seed + r, size=size)
+                hs = m.offload_many(ts[:4]) + [m.offload(t, release=False) for t in ts[4:]]
+                m.prefetch(hs[r % 6])
+                back = m.fetch_many(hs[::-1])
+                assert all(torch.equal(x, ref) for x, ref in zip(back, refs[::-1]))
+                r += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for k in range(6):
+            time.sleep(0.05)
+            lender = (b, c)[k % 2]
+            assert lender.reclaim(16 * MiB).wait(30), "reclaim completed"
+            lender.grow(16 * MiB)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert not any(t.is_alive() for t in threads), "hung"
+    assert not errors, errors
+    s = m.stats()["remote"]
+    assert s["reclaims"] >= 1
+    assert [blocks_left(m, x) for x in (a, b, c)] == [0, 0, 0]
