@@ -64,6 +64,17 @@ def _fill(m: aq.OffloadManager, count: int, nbytes: int = 512 * KiB, seed: int =
     return ts, refs, [m.offload(t) for t in ts]
 
 
+def test_the_lowest_priority_spills_first(remote_lender, managers) -> None:
+    m = managers(remote_lender)  # a 2 MiB host tier: four 512 KiB tensors
+    ts = [_rand(512 * KiB, 30 + i) for i in range(6)]
+    refs = [t.clone() for t in ts]
+    hs = [m.offload(t, priority=p) for t, p in zip(ts, (5.0, 1.0, 0.0, 3.0, 2.0, 2.0))]
+    # two spills: the 0.0 first, then the 1.0, though older ones have higher priorities
+    assert [h.tier for h in hs] == ["host", "remote", "remote", "host", "host", "host"]
+    for h, t, r in zip(hs, ts, refs):
+        assert m.fetch(h) is t and torch.equal(t, r)
+
+
 def test_releases_spill_to_the_lender_and_come_back_bitwise(remote_lender, managers) -> None:
     m = managers(remote_lender)
     ts, refs, hs = _fill(m, 8)  # 4 MiB into a 2 MiB host tier

@@ -62,7 +62,7 @@ def on_reclaim(t: "RemoteTier", client: int, blocks: list[RemoteBlock]) -> None:
             for i in {c for c, _ in empty}:
                 placement.free_blocks(t, i, [b for c, b in empty if c == i])
             _migrate(t, client, ids, wanted)
-            replicas.remirror(t, single)
+            replicas.remirror(t, single, avoid=(client,))  # never onto the reclaiming lender
     except BaseException:
         with t._lock:
             t._stats["reclaim_refusals"] += 1
@@ -133,7 +133,7 @@ def _to_core(t: "RemoteTier", group: list[tuple[int, _Remote, int]], stream: int
                 for (h, r, _), (cid, _) in zip(batch, got):
                     del t._remote[h]
                     t._alias[h] = cid
-                    t._lru[h] = None
+                    t._lru[h] = r.priority
                     done.extend(t._packs.drop(r.client, [r.block]))  # type: ignore[list-item]
                 t._stats["reclaimed_handles"] += len(batch)
         t._stage.sync()

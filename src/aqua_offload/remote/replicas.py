@@ -109,9 +109,10 @@ def drop_reclaimed(t: "RemoteTier", client: int, ids: list[int], wanted: set[int
     return empty, single
 
 
-def remirror(t: "RemoteTier", ids: list[int]) -> None:
+def remirror(t: "RemoteTier", ids: list[int], avoid: tuple[int, ...] = ()) -> None:
     """Best effort: a new mirror for each of ``ids`` that has one copy, on a lender other
-    than its primary's, read from the primary. Handles that find no room stay on one copy."""
+    than its primary's and those in ``avoid`` (the one reclaiming), read from the primary.
+    Handles that find no room stay on one copy."""
     with t._lock:
         group = [(h, t._remote[h]) for h in ids if h in t._remote and t._remote[h].mirror is None
                  and t._remote[h].block is not None and alive(t, t._remote[h].client)]
@@ -128,7 +129,7 @@ def remirror(t: "RemoteTier", ids: list[int]) -> None:
                                 for (_, r), p in zip(hs, ptrs)], stream)
             (got,) = place_and_write(t, sizes, lambda c, where: t._stage.write_from(
                 c, [(b, off, p, n) for (b, off), p, n in zip(where, ptrs, sizes)], stream),
-                avoid=(client,), copies=1)  # one more copy, away from the primary
+                avoid=(client, *avoid), copies=1)  # one more copy, away from the primary
         except (OffloadError, TimeoutError):
             continue  # no room or a failing lender: they run on one copy
         other, blocks, where = got

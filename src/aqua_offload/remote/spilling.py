@@ -1,5 +1,6 @@
-"""Spilling: when the core's tiers are full, their least recently offloaded handles of the
-bottom tier move to a lender (Note [Remote placement] in tier.py)."""
+"""Spilling: when the core's tiers are full, handles of their bottom tier move to a lender, the
+lowest priority first, then the least recently offloaded (Note [Remote placement] in
+tier.py)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ def spill(t: "RemoteTier", need: int, stream: int, exclude: set[int]) -> bool:
     """Move at least ``need`` bytes of the core's bottom tier to a lender; False if none
     could be moved."""
     bottom = t._base - 1
-    victims: list[tuple[int, int, int]] = []  # (id, core id, bytes)
+    victims: list[tuple[int, int, int, float]] = []  # (id, core id, bytes, priority)
     total = 0
     with t._lock:
-        for hid in list(t._lru):
+        # lower priority leaves first, then the least recently offloaded (a stable sort)
+        for hid, prio in sorted(t._lru.items(), key=lambda kv: kv[1]):
             if hid in t._busy or hid in exclude:
                 continue
             cid = t._alias.get(hid, hid)
@@ -42,7 +44,7 @@ def spill(t: "RemoteTier", need: int, stream: int, exclude: set[int]) -> bool:
             if tier != bottom or prefetched or n == 0 or state not in ("offloaded",
                                                                         "in_flight"):
                 continue
-            victims.append((hid, cid, n))
+            victims.append((hid, cid, n, prio))
             t._busy.add(hid)
             total += n
             if total >= need:
@@ -59,8 +61,8 @@ def spill(t: "RemoteTier", need: int, stream: int, exclude: set[int]) -> bool:
         client, blocks, where = got[0]
         mirrors = got[1][2] if len(got) > 1 else [None] * len(victims)
         with t._lock:  # remote first: info() of a victim never sees it nowhere
-            for (hid, _, n), (b, off), m in zip(victims, where, mirrors):
-                t._remote[hid] = _Remote(client, b, n, offset=off,
+            for (hid, _, n, prio), (b, off), m in zip(victims, where, mirrors):
+                t._remote[hid] = _Remote(client, b, n, prio, off,
                                          mirror=m and (got[1][0], m[0], m[1]))
                 t._lru.pop(hid, None)
             t._stats["spills"] += 1
@@ -68,23 +70,23 @@ def spill(t: "RemoteTier", need: int, stream: int, exclude: set[int]) -> bool:
             t._stats["spilled_bytes"] += total
         for p in got:
             placement.settled(t, p[0], p[1])
-        for hid, cid, _ in victims:
+        for hid, cid, _, _ in victims:
             t._core.free(cid)
             with t._lock:
                 t._alias.pop(hid, None)
         return True
     finally:
         with t._cv:
-            t._busy -= {hid for hid, _, _ in victims}
+            t._busy -= {v[0] for v in victims}
             t._cv.notify_all()
 
 
-def _copy(t: "RemoteTier", victims: list[tuple[int, int, int]], total: int, stream: int
+def _copy(t: "RemoteTier", victims: list[tuple[int, int, int, float]], total: int, stream: int
           ) -> list[placement.Placement]:
     """Place the victims and copy them there: the core copies them out (keeping them)
     straight into staging and one write sends them, when one copy fits staging; through a
     temporary buffer otherwise (Note [Replicas]: each copy written from it)."""
-    cids, sizes = [c for _, c, _ in victims], [n for _, _, n in victims]
+    cids, sizes = [v[1] for v in victims], [v[2] for v in victims]
     if t.copies == 1 and total <= t._stage.nbytes:
         got = placement.place(t, sizes)
         try:

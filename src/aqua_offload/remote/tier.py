@@ -6,7 +6,8 @@ holds their bytes, so the manager's paging, snapshot, prefetch and fetch paths r
 
 Note [Remote placement]
     An offload goes to the core first. When the core's tiers are full (``OutOfMemoryError``),
-    the least recently offloaded handles of the core's bottom tier are *spilled*: the core
+    handles of the core's bottom tier are *spilled*, the lowest priority first, then the least
+    recently offloaded: the core
     copies them out (``fetch(keep=True)``) into a local buffer, one ``write`` per staging
     round sends them to one lender (placement: the first lender, in the order given, with
     room for the whole round), and only then does the core free them; a spill that fails
@@ -164,7 +165,8 @@ class RemoteTier:
         self._ids_lock = threading.Lock()
         self._remote: dict[int, _Remote] = {}  # LOCK: _lock; id -> where on a lender
         self._alias: dict[int, int] = {}  # LOCK: _lock; id -> core id, when they differ
-        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # LOCK: _lock
+        # LOCK: _lock; core-held ids, oldest first -> priority
+        self._lru: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._busy: set[int] = set()  # LOCK: _lock
         # placements per (client, block id) not yet in _remote: a reclaim waits for them
         self._in_transit: collections.Counter[tuple[int, int]] = collections.Counter()  # LOCK
@@ -244,8 +246,8 @@ class RemoteTier:
                 except OutOfMemoryError:
                     return self._to_lenders(items, bases, remote_bases, stream, out)
             with self._lock:
-                for cid, _ in got:
-                    self._lru[cid] = None
+                for (cid, _), (_, _, p, _) in zip(got, items):
+                    self._lru[cid] = p  # the priority, for a spill (the core's info lacks it)
                 for b in bases:  # the core consumed the core bases
                     if b not in remote_bases:
                         self._alias.pop(b, None)
@@ -391,7 +393,8 @@ class RemoteTier:
         copies = [(r.client, r.block) for r in entries] + [r.mirror[:2] for r in entries
                                                            if r.mirror is not None]
         gone = [r for r in entries if self._gone(r)]
-        degraded = sum(1 for r in entries if self.copies > 1 and r not in gone and (
+        gone_ids = {id(r) for r in gone}
+        degraded = sum(1 for r in entries if self.copies > 1 and id(r) not in gone_ids and (
             r.mirror is None or not (replicas.alive(self, r.client)
                                      and replicas.alive(self, r.mirror[0]))))
         remote_tiers = []
