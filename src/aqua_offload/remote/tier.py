@@ -227,7 +227,7 @@ class RemoteTier:
             with self._lock:
                 remote_bases = [b for b in bases if b in self._remote]
                 core_items = [(s, n, p, 0 if b in self._remote else self._alias.get(b, b)
-                               ) if b else (s, n, p, 0) for s, n, p, b in items]
+                               ) if b else (s, n, p, 0) for s, n, p, b in items] if bases else items
             sizes = [n for _, n, _, _ in items]
             if not spilling.could_fit(self, sizes):  # the core can never hold it
                 return self._to_lenders(items, bases, remote_bases, stream, out)
