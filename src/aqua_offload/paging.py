@@ -174,8 +174,11 @@ def restore_all(m: "OffloadManager", handles: list[Handle], dests: list[Any],
     m._holders.drop_many([h._id for h in handles])  # the fetch ordered the caller after the copy
     for i, h in enumerate(handles):
         if results[i] is None:
-            if h.release and h._prefetch is None and h._deferred is None:
-                # page_in, inline for the common case: the tensor lives (so does its storage)
+            # page_in, inline for the common case: fresh bytes (not a prefetch buffer, which a
+            # re-run after an interrupt inside restore() finds here with _prefetch dropped)
+            # for a tensor that lives (so does its storage)
+            if h.release and h._prefetch is None and h._deferred is None \
+                    and type(dests[i]) is torch.UntypedStorage:
                 tensor = h._tensor() if h._tensor is not None else None
                 s = h._storage() if h._storage is not None else None
                 if tensor is None or s is None:
