@@ -221,14 +221,13 @@ def unregister_many(pairs: list[tuple[int, Any]]) -> None:
 
 def discard(key: int, expected: Any) -> None:
     """The storage's data is gone for good (its handle was freed): keep it marked until it dies."""
-    entry = None
-    with _lock:
+    with _lock:  # (the caller holds ``expected``: it cannot die in here)
         if _registry.get(key) is expected:
             storage = expected._storage() if expected._storage is not None else None
-            entry = _registry.pop(key)
-            if storage is not None:
-                _registry[key] = _Discarded(storage)
-    del entry
+            if storage is not None:  # replaced in one step: an interrupt between a pop and a
+                _registry[key] = _Discarded(storage)  # new entry left it unmarked, touchable
+            else:
+                del _registry[key]
 
 
 def not_sole_owner(t: torch.Tensor) -> str | None:
