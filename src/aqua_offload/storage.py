@@ -32,6 +32,7 @@ so does a new offload.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,17 @@ __all__ = ["is_offloaded", "is_discarded"]
 _lock = threading.RLock()  # dropping an entry can run a Handle's __del__, which frees
 _registry: dict[int, Any] = {}  # StorageImpl address -> Handle, reservation or _Discarded
 _watched: dict[int, "_Watch"] = {}  # address -> the weak reference watching its storage object
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may hold the lock at fork (a batch holds it while it reserves its
+    # storages): no thread of the child ever lets it go, and the child's first release, or its
+    # first paged-out tensor to die, would hang. The child starts with a free one.
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Discarded:
