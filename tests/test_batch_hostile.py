@@ -8,10 +8,16 @@ completes untouched (as test_lifecycle.py's sweeps do, here over mixed batches).
 
 from __future__ import annotations
 
+import random
 import textwrap
+import threading
+import time
 
 import pytest
+import torch
 
+import aqua_offload as aq
+from conftest import random_tensor, run_with_timeout
 from helpers import run_emulated
 
 _SWEEP = """
@@ -215,3 +221,98 @@ def test_a_fork_while_another_thread_holds_the_registry_lock_leaves_the_child_us
         th.join()
     """))
     assert result["child"] == 0
+
+
+@pytest.mark.parametrize("then", ["fetch", "free", "keep"])
+def test_a_new_storage_at_a_dead_ones_address_is_accepted_and_stays_found(managers, then):
+    """A paged-out storage dies while its handle lives; a new storage takes its address (so
+    they do here, every time, on glibc) and is paged out. Neither the old entry nor the old
+    handle's fetch, free or kept copy may refuse the new one or drop its entry."""
+    m = managers(peer="4MiB", host="16MiB")
+    gen = torch.Generator().manual_seed(11)
+    reused = 0
+    for _ in range(12):
+        old = random_tensor((4096,), torch.uint8, generator=gen)
+        old_ref, key = old.clone(), old.untyped_storage()._cdata
+        h = m.offload(old)
+        del old  # its storage dies: the registry lets it go, the handle still has its bytes
+        new = random_tensor((4096,), torch.uint8, generator=gen)
+        new_ref = new.clone()
+        reused += new.untyped_storage()._cdata == key
+        assert not aq.is_offloaded(new) and not aq.is_discarded(new)
+        h_new = m.offload(new)
+        if then == "fetch":
+            assert torch.equal(m.fetch(h), old_ref)
+        elif then == "free":
+            m.free(h)
+        else:
+            assert torch.equal(m.fetch(h, keep=True), old_ref)
+            m.free(h)
+        assert aq.is_offloaded(new) and not aq.is_discarded(new)
+        assert m.fetch(new) is new and torch.equal(new, new_ref)
+        assert h_new.state == "fetched"
+    assert reused > 0  # the case under test happened
+    m.synchronize()
+    assert m.stats()["live_handles"] == 0
+
+
+def test_threads_racing_batches_over_views_of_shared_storages_lose_nothing(managers):
+    """Four threads offload (release), fetch, prefetch and drop batches holding views of four
+    shared storages, and snapshot batches of their own: a second release of a storage is
+    refused with a typed error, never anything else, and every storage ends with its bytes."""
+    m = managers(peer="8MiB", host="32MiB")
+    gen = torch.Generator().manual_seed(3)
+    shared = [random_tensor((8192,), torch.uint8, generator=gen) for _ in range(4)]
+    refs = [t.clone() for t in shared]
+    views = [[t[i:][:1000] for i in range(0, 100, 7)] for t in shared]  # made before any is
+    errors: list[str] = []  # paged out: a paged-out tensor must not be sliced
+    stop = time.monotonic() + 3.0
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        while time.monotonic() < stop:
+            view = rng.choice(views[rng.randrange(4)])
+            op = rng.randrange(4)
+            try:
+                if op == 0:
+                    hs = m.offload_many([view, torch.randint(1, 256, (100 + seed,),
+                                                             dtype=torch.uint8)])
+                    if rng.random() < 0.5:
+                        m.fetch_many(hs)
+                    del hs  # else the registry keeps them: fetched through the tensor
+                elif op == 1:
+                    # the tensor offloaded with the storage, maybe another view of it (no
+                    # assert on tensors here: pytest's repr would read another thread's paged
+                    # out storage)
+                    if aq.is_offloaded(view):
+                        got = m.fetch_many([view])[0]
+                        if got.untyped_storage()._cdata != view.untyped_storage()._cdata:
+                            errors.append("another storage's tensor")
+                elif op == 2:
+                    m.prefetch(view)
+                else:
+                    src = torch.randint(1, 256, (300,), dtype=torch.uint8)
+                    if not torch.equal(m.fetch_many(m.offload_many([src], release=False))[0],
+                                       src):
+                        errors.append("snapshot")
+            except (aq.InvalidArgumentError, aq.InvalidHandleError):
+                pass  # another thread paged it out, or fetched it first
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(4)]
+
+    def run() -> None:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    run_with_timeout(run, timeout=120)
+    assert errors == []
+    for t, ref in zip(shared, refs):
+        if aq.is_offloaded(t):
+            m.fetch(t)
+        assert torch.equal(t, ref)
+    m.synchronize()
+    assert m.stats()["live_handles"] == 0
