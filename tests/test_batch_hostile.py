@@ -316,3 +316,25 @@ def test_threads_racing_batches_over_views_of_shared_storages_lose_nothing(manag
         assert torch.equal(t, ref)
     m.synchronize()
     assert m.stats()["live_handles"] == 0
+
+
+@pytest.mark.parametrize("prefetched", [False, True], ids=["plain", "prefetched"])
+def test_a_resized_paged_out_storage_is_refused_even_when_prefetched(managers, prefetched):
+    """Bug: the resize check was skipped for a prefetched release, whose fetch then returned
+    the storage's new bytes as if restored and ended the handle: the offloaded bytes were
+    dropped without a word (without a prefetch, the same fetch is refused)."""
+    m = managers()
+    gen = torch.Generator().manual_seed(8)
+    t, other, new = (random_tensor((1000,), torch.uint8, generator=gen) for _ in range(3))
+    other_ref = other.clone()
+    h = m.offload_many([t, other])[0]
+    if prefetched:
+        h.prefetch()
+    t.untyped_storage().resize_(1000)  # the caller gave the paged-out storage new memory
+    t.copy_(new)
+    with pytest.raises(aq.InvalidArgumentError, match="resized"):
+        m.fetch_many([h, other])
+    assert h._live() and aq.is_offloaded(other)  # nothing changed
+    assert torch.equal(t, new)  # the caller's new bytes are left alone
+    m.free(h)  # the way out: drop the offloaded bytes
+    assert torch.equal(m.fetch(other), other_ref)

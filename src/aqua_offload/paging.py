@@ -153,12 +153,13 @@ def destination(h: Handle, out: torch.Tensor | None, device: torch.device) -> An
     """Where the core fetches ``h``: its prefetch buffer, fresh bytes for a release's storage
     (allocated on the current stream before the core records its event), ``out``, or a new
     tensor of the snapshot's shape."""
-    if h._prefetch is not None:
-        return h._prefetch
-    if h.release:
+    if h.release:  # checked before a prefetch buffer too: its fetch would drop the bytes
         s = h._storage() if h._storage is not None else None
         if s is not None and s.nbytes() != 0:
             raise InvalidArgumentError(_RESIZED)
+    if h._prefetch is not None:
+        return h._prefetch
+    if h.release:
         return _fresh(h.nbytes, device, device.type == "cuda")
     if out is not None:
         return out
