@@ -338,3 +338,42 @@ def test_a_resized_paged_out_storage_is_refused_even_when_prefetched(managers, p
     assert torch.equal(t, new)  # the caller's new bytes are left alone
     m.free(h)  # the way out: drop the offloaded bytes
     assert torch.equal(m.fetch(other), other_ref)
+
+
+_CLAIMED = _SWEEP + """
+    calls = {
+        "fetch_many": lambda hs: m.fetch_many(hs),
+        "prefetch_many": lambda hs: m.prefetch_many(hs),
+        "free": lambda hs: m.free(hs[0]),
+    }
+    result["held"] = []
+    for n in range(5000):
+        ts = [rand(1000 + 8 * i) for i in range(3)]
+        hs = m.offload_many(ts) + [m.offload(rand(200), release=False)]
+        fired = interrupted(lambda: calls[CALL](hs), n)
+        # what another thread would wait on forever (an RLock lets its owner in again)
+        if any(h._lock._is_owned() for h in hs):
+            result["held"].append(n)
+            for h in hs:
+                while h._lock._is_owned():
+                    h._lock.release()
+        for h in hs:
+            if h._live():
+                m.free(h)
+        del ts, hs
+        gc.collect(0)
+        result["sweeps"] = n
+        if not fired:
+            break
+    m.close()
+"""
+
+
+@pytest.mark.parametrize("call", ["fetch_many", "prefetch_many", "free"])
+def test_an_interrupt_anywhere_in_a_call_leaves_no_handle_claimed(call):
+    """Bug: claim() let its handles' locks go in one line of its `finally`; an interrupt at
+    that line (the last one a call runs) left every handle of the call locked by the thread
+    for good, so any other thread's fetch, free or close of them hung."""
+    result = run_emulated(2, textwrap.dedent(_CLAIMED).replace("CALL", repr(call)))
+    assert result["sweeps"] > 20
+    assert result["errors"] == [] and result["held"] == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import operator
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -23,6 +24,7 @@ __all__ = ["own", "claim"]
 _by_id = operator.attrgetter("_id")
 _acquire = operator.methodcaller("acquire")
 _release = operator.methodcaller("release")
+_drain = functools.partial(collections.deque, maxlen=0)  # runs an iterator in C
 
 
 def own(m: "OffloadManager", handle: Any, what: str) -> Handle:
@@ -53,15 +55,25 @@ def claim(m: "OffloadManager", handles: list[Any], what: str) -> Iterator[list[H
     locks = [h._lock for h in sorted({id(h): h for h in hs}.values(), key=_by_id)]
     # The locks are taken and let go by C loops (no Python line runs between two of them, so
     # a traced interrupt cannot split one off); `taken` counts them even if an acquire is
-    # interrupted partway, so exactly those are released.
+    # interrupted partway, so exactly those are released. Let go twice over: an interrupt at
+    # the line of the inner `finally` (the last line a call runs) would leave them all held.
     taken: list[bool] = []
     try:
-        taken.extend(map(_acquire, locks))
-        if any(h._state not in LIVE for h in hs):  # ended by another thread meanwhile
-            hs = [own(m, h, what) for h in hs]  # raises the typed error
-        for h in hs:
-            if h._pending is not None:
-                prefetching.settle(m, h)
-        yield hs
+        try:
+            taken.extend(map(_acquire, locks))
+            if any(h._state not in LIVE for h in hs):  # ended by another thread meanwhile
+                hs = [own(m, h, what) for h in hs]  # raises the typed error
+            for h in hs:
+                if h._pending is not None:
+                    prefetching.settle(m, h)
+            yield hs
+        finally:
+            _let_go(locks, taken)
     finally:
-        collections.deque(map(_release, locks[:len(taken)]), maxlen=0)
+        _let_go(locks, taken)  # nothing left, unless the line above was interrupted
+
+
+def _let_go(locks: list[Any], taken: list[bool]) -> None:
+    """Release the first ``len(taken)`` locks and empty ``taken``, in one line: done once,
+    whatever interrupts before or after it."""
+    todo, taken[:] = locks[:len(taken)], (); _drain(map(_release, todo))  # noqa: E702
