@@ -133,6 +133,44 @@ def emulation_only(reason: str):
     return decorate
 
 
+# Code for run_emulated bodies that sweep asynchronous exceptions (Note [Interrupted batches]):
+# interrupted(fn, n) runs fn under a tracer that raises KeyboardInterrupt at the n-th line
+# executed inside aqua_offload and returns whether it fired; traced(fn, tracer) runs fn under
+# any tracer. Another exception is recorded in ``errors`` ([n, repr]) when a list is given
+# (an interrupt must never turn into another error), else it propagates.
+INTERRUPTS = """
+    import gc, sys
+    def traced(fn, tracer, errors=None, n=None):
+        sys.settrace(tracer)
+        try:
+            fn()
+        except KeyboardInterrupt:
+            pass
+        except Exception as exc:
+            if errors is None:
+                raise
+            errors.append([n, repr(exc)])
+        finally:
+            sys.settrace(None)
+    class Interrupt:
+        def __init__(self, n):
+            self.n, self.fired = n, False
+        def __call__(self, frame, event, arg):
+            return self.local if "aqua_offload" in frame.f_code.co_filename else None
+        def local(self, frame, event, arg):
+            if event == "line" and not self.fired:
+                self.n -= 1
+                if self.n < 0:
+                    self.fired = True
+                    raise KeyboardInterrupt
+            return self.local
+    def interrupted(fn, n, errors=None):
+        tracer = Interrupt(n)
+        traced(fn, tracer, errors, n)
+        return tracer.fired
+"""
+
+
 def run_emulated(devices: int, body: str) -> dict:
     """Run ``body`` in a child process with ``devices`` emulated devices (emu:0 computes, the
     others are peers); ``body`` fills the dict ``result``, which comes back decoded."""

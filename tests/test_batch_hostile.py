@@ -18,35 +18,13 @@ import torch
 
 import aqua_offload as aq
 from conftest import random_tensor, run_with_timeout
-from helpers import run_emulated
+from helpers import INTERRUPTS, run_emulated
 
-_SWEEP = """
-    import gc, sys
+_SWEEP = INTERRUPTS + """
     import numpy as np
-    class Interrupt:
-        def __init__(self, n):
-            self.n, self.fired = n, False
-        def __call__(self, frame, event, arg):
-            return self.local if "aqua_offload" in frame.f_code.co_filename else None
-        def local(self, frame, event, arg):
-            if event == "line" and not self.fired:
-                self.n -= 1
-                if self.n < 0:
-                    self.fired = True
-                    raise KeyboardInterrupt
-            return self.local
-    def interrupted(fn, n):
-        tracer = Interrupt(n)
-        sys.settrace(tracer)
-        try:
-            fn()
-        except KeyboardInterrupt:
-            pass
-        except Exception as exc:  # an interrupt must never turn into another error
-            result["errors"].append([n, repr(exc)])
-        finally:
-            sys.settrace(None)
-        return tracer.fired
+    _interrupted = interrupted
+    def interrupted(fn, n):  # an interrupt must never turn into another error
+        return _interrupted(fn, n, result["errors"])
     m = aq.OffloadManager("cpu", peers=[1], peer_bytes="4MiB", host_bytes="16MiB")
     result.update(errors=[], wrong=[], leaked=[], sweeps=0)
 """

@@ -15,6 +15,7 @@ import torch
 
 import aqua_offload as aq
 from conftest import run_with_timeout, same_bytes
+from helpers import INTERRUPTS, run_emulated
 
 
 # -- close() under concurrency (Note [Calls and close]) --------------------------------------
@@ -98,35 +99,7 @@ def test_leftover_handles_say_they_are_closed(backend):
 # A tracer raises KeyboardInterrupt at the n-th line executed inside aqua_offload, for every n
 # until a call completes untouched. Each sweep runs in its own process with a hard timeout, so a
 # hang (close() waiting on a call that never ends) is a failure, not a stuck suite.
-_TRACED = """
-    import sys
-    def traced(fn, tracer):
-        sys.settrace(tracer)
-        try:
-            fn()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
-"""
-_INTERRUPT = _TRACED + """
-    import gc, sys
-    class Interrupt:
-        def __init__(self, n):
-            self.n, self.fired = n, False
-        def __call__(self, frame, event, arg):
-            return self.local if "aqua_offload" in frame.f_code.co_filename else None
-        def local(self, frame, event, arg):
-            if event == "line" and not self.fired:
-                self.n -= 1
-                if self.n < 0:
-                    self.fired = True
-                    raise KeyboardInterrupt
-            return self.local
-    def interrupted(fn, n):
-        tracer = Interrupt(n)
-        traced(fn, tracer)
-        return tracer.fired
+_INTERRUPT = INTERRUPTS + """
     m = aq.OffloadManager("cpu", peers=[1], peer_bytes="4MiB", host_bytes="16MiB")
     result.update(mixed=[], wrong=[], leaked=[], reused=[], sweeps=0)
     for n in range(5000):
@@ -168,7 +141,6 @@ _INTERRUPT = _TRACED + """
     " if not ts.__delitem__(slice(1, None)) else 0",
 ], ids=["offload_many", "fetch_many", "prefetch_many", "offload", "fetch"])
 def test_an_interrupt_anywhere_in_a_batch_is_all_or_nothing(step):
-    from helpers import run_emulated
     result = run_emulated(2, _INTERRUPT.replace("STEP", step))
     assert result["sweeps"] > 50  # the tracer reached deep into the call
     assert result["closed"]
@@ -196,15 +168,14 @@ _INTERRUPT_CLOSE = _INTERRUPT.split("    m = aq.OffloadManager")[0] + """
 
 
 def test_an_interrupt_anywhere_in_close_leaves_it_completable():
-    from helpers import run_emulated
     result = run_emulated(2, _INTERRUPT_CLOSE)
     assert result["sweeps"] > 20 and result["wrong"] == []
 
 
 # Interrupts at chosen points (each in its own process): where a handle is made, where a call's
 # token dies, inside free() and inside a dropped handle's finalizer.
-_AT = _TRACED + """
-    import gc, sys, threading
+_AT = INTERRUPTS + """
+    import threading
     def at(code_name, fn, event="return", file=None):
         fired = []
         def tracer(frame, ev, arg):
@@ -226,7 +197,6 @@ _AT = _TRACED + """
 
 
 def _run_at(body: str) -> dict:
-    from helpers import run_emulated
     return run_emulated(2, textwrap.dedent(_AT) + textwrap.dedent(body))
 
 
@@ -337,7 +307,6 @@ def test_the_guard_covers_threads_started_under_all_threads(manager, backend):
 def test_the_all_threads_guard_reaches_a_pool_started_before_it():
     """A pool worker started before the guard: without the hook its touch was a segfault (so the
     case runs in a child process)."""
-    from helpers import run_emulated
     result = run_emulated(2, """
         from concurrent.futures import ThreadPoolExecutor
         m = aq.OffloadManager("cpu", peers=None, host_bytes="1MiB")
