@@ -64,6 +64,20 @@ def _fill(m: aq.OffloadManager, count: int, nbytes: int = 512 * KiB, seed: int =
     return ts, refs, [m.offload(t) for t in ts]
 
 
+def test_spill_order_is_by_priority_then_age() -> None:
+    from aqua_offload.remote.spilling import SpillOrder
+
+    o = SpillOrder()
+    for hid, prio in ((1, 2.0), (2, 0.0), (3, 2.0), (4, -1.0), (5, 0.0)):
+        o[hid] = prio
+    o[2] = 3.0  # offloaded again: the newest of its new priority
+    assert o.pop(9) is None and o.pop(5) == 0.0
+    assert list(o.in_order()) == [(4, -1.0), (1, 2.0), (3, 2.0), (2, 3.0)]
+    for hid, _ in list(o.in_order()):
+        o.pop(hid)
+    assert list(o.in_order()) == []
+
+
 def test_the_lowest_priority_spills_first(remote_lender, managers) -> None:
     m = managers(remote_lender)  # a 2 MiB host tier: four 512 KiB tensors
     ts = [_rand(512 * KiB, 30 + i) for i in range(6)]

@@ -5,7 +5,7 @@ tier.py)."""
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -15,7 +15,44 @@ from . import placement, replicas
 if TYPE_CHECKING:
     from .tier import RemoteTier
 
-__all__ = ["could_fit", "spill"]
+__all__ = ["could_fit", "spill", "SpillOrder"]
+
+
+class SpillOrder:
+    """The core-held handles in spill order: by priority (lowest first), then oldest first.
+    One insertion-ordered dict per distinct priority, so a spill walks only as far as it needs
+    (a few priorities, not a sort of every handle). Not thread-safe: the tier's lock guards it.
+    """
+
+    def __init__(self) -> None:
+        self._prio: dict[int, float] = {}  # id -> its priority
+        self._by_prio: dict[float, dict[int, None]] = {}  # priority -> ids, oldest first
+
+    def __setitem__(self, hid: int, prio: float) -> None:
+        self.pop(hid)
+        self._prio[hid] = prio
+        self._by_prio.setdefault(prio, {})[hid] = None
+
+    def pop(self, hid: int, default: object = None) -> object:
+        prio = self._prio.pop(hid, None)
+        if prio is None:
+            return default
+        bucket = self._by_prio[prio]
+        del bucket[hid]
+        if not bucket:
+            del self._by_prio[prio]
+        return prio
+
+    def in_order(self) -> Iterator[tuple[int, float]]:
+        """(id, priority), lowest priority first, then oldest, without a copy: nothing may be
+        added or popped until the walk ends."""
+        for prio in sorted(self._by_prio):
+            for hid in self._by_prio[prio]:
+                yield hid, prio
+
+    def clear(self) -> None:
+        self._prio.clear()
+        self._by_prio.clear()
 
 
 def could_fit(t: "RemoteTier", sizes: list[int]) -> bool:
@@ -30,16 +67,16 @@ def spill(t: "RemoteTier", need: int, stream: int, exclude: set[int]) -> bool:
     bottom = t._base - 1
     victims: list[tuple[int, int, int, float]] = []  # (id, core id, bytes, priority)
     total = 0
+    gone: list[int] = []
     with t._lock:
-        # lower priority leaves first, then the least recently offloaded (a stable sort)
-        for hid, prio in sorted(t._lru.items(), key=lambda kv: kv[1]):
+        for hid, prio in t._lru.in_order():
             if hid in t._busy or hid in exclude:
                 continue
             cid = t._alias.get(hid, hid)
             try:
                 state, tier, n, prefetched = t._core.info(cid)
             except InvalidHandleError:  # fetched or freed meanwhile
-                del t._lru[hid]
+                gone.append(hid)
                 continue
             if tier != bottom or prefetched or n == 0 or state not in ("offloaded",
                                                                         "in_flight"):
@@ -49,6 +86,8 @@ def spill(t: "RemoteTier", need: int, stream: int, exclude: set[int]) -> bool:
             total += n
             if total >= need:
                 break
+        for hid in gone:
+            t._lru.pop(hid)
     if not victims:
         return False
     from .tier import _Remote  # (tier.py imports this module)

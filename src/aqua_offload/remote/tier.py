@@ -165,8 +165,7 @@ class RemoteTier:
         self._ids_lock = threading.Lock()
         self._remote: dict[int, _Remote] = {}  # LOCK: _lock; id -> where on a lender
         self._alias: dict[int, int] = {}  # LOCK: _lock; id -> core id, when they differ
-        # LOCK: _lock; core-held ids, oldest first -> priority
-        self._lru: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._lru = spilling.SpillOrder()  # LOCK: _lock; core-held ids in spill order
         self._busy: set[int] = set()  # LOCK: _lock
         # placements per (client, block id) not yet in _remote: a reclaim waits for them
         self._in_transit: collections.Counter[tuple[int, int]] = collections.Counter()  # LOCK
