@@ -64,6 +64,24 @@ def _fill(m: aq.OffloadManager, count: int, nbytes: int = 512 * KiB, seed: int =
     return ts, refs, [m.offload(t) for t in ts]
 
 
+def test_a_batch_goes_where_the_core_capacity_is_now(remote_lender, managers) -> None:
+    """A batch larger than the core's tiers goes straight to a lender; lending the manager
+    more peer memory makes room in the core for the next one, and reclaiming it takes that
+    room away again (the tier reads the capacities anew after each)."""
+    m = managers(remote_lender, host="1MiB", peers=[1], peer_bytes="1MiB")
+    ts = [_rand(768 * KiB, 90 + i) for i in range(4)]  # 3 MiB: more than 2 MiB of core
+    refs = [t.clone() for t in ts]
+    assert {h.tier for h in m.offload_many(ts[:2] + ts[2:])} == {"remote"}
+    m.fetch_many(ts)
+    m.lend(1, "4MiB")
+    assert {h.tier for h in m.offload_many(ts)} <= {"peer", "host"}
+    m.fetch_many(ts)
+    m.reclaim(1, "4MiB")
+    assert {h.tier for h in m.offload_many(ts)} == {"remote"}
+    back = m.fetch_many(ts)
+    assert all(x is t and torch.equal(t, r) for x, t, r in zip(back, ts, refs))
+
+
 def test_spill_order_is_by_priority_then_age() -> None:
     from aqua_offload.remote.spilling import SpillOrder
 

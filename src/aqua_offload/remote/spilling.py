@@ -56,8 +56,12 @@ class SpillOrder:
 
 
 def could_fit(t: "RemoteTier", sizes: list[int]) -> bool:
-    """Whether the core's tiers, emptied, could hold the batch (else spilling is no use)."""
-    caps = [x["capacity"] for x in t._core.stats()["tiers"]]
+    """Whether the core's tiers, emptied, could hold the batch (else spilling is no use). The
+    capacities are read once and again only after a lend or reclaim changed them (every
+    offload asks)."""
+    caps = t._capacities
+    if caps is None:
+        caps = t._capacities = [x["capacity"] for x in t._core.stats()["tiers"]]
     return bool(caps) and sum(sizes) <= sum(caps) and max(sizes, default=0) <= max(caps)
 
 

@@ -166,6 +166,7 @@ class RemoteTier:
         self._remote: dict[int, _Remote] = {}  # LOCK: _lock; id -> where on a lender
         self._alias: dict[int, int] = {}  # LOCK: _lock; id -> core id, when they differ
         self._lru = spilling.SpillOrder()  # LOCK: _lock; core-held ids in spill order
+        self._capacities: list[int] | None = None  # the core's tiers' (spilling.could_fit)
         self._busy: set[int] = set()  # LOCK: _lock
         # placements per (client, block id) not yet in _remote: a reclaim waits for them
         self._in_transit: collections.Counter[tuple[int, int]] = collections.Counter()  # LOCK
@@ -208,7 +209,7 @@ class RemoteTier:
 
     # The core's attributes that take no handle id pass through; one that does must be
     # translated here (ids of migrated or remote handles are not the core's).
-    _PASS = frozenset({"lend", "raw_copy", "closed", "backend", "emulation",
+    _PASS = frozenset({"raw_copy", "closed", "backend", "emulation",
                        "device", "policy", "chunk_bytes"})
 
     def __getattr__(self, name: str) -> Any:
@@ -302,9 +303,24 @@ class RemoteTier:
             return [self._base + replicas.source(self, r)[0] if r is not None else next(tiers)
                     for r in where]
 
+    def lend(self, device: int, nbytes: int) -> int:
+        """The core's lend of peer memory (its tiers' capacities change)."""
+        self._capacities = None
+        try:
+            return int(self._core.lend(device, nbytes))
+        finally:
+            self._capacities = None
+
     def reclaim(self, device: int, nbytes: int | None = None) -> int:
         """The core's reclaim of a peer; when the tiers below cannot take its handles, the
         bottom tier spills to a lender first."""
+        self._capacities = None  # (again in the finally below: they change with it)
+        try:
+            return self._reclaim(device, nbytes)
+        finally:
+            self._capacities = None
+
+    def _reclaim(self, device: int, nbytes: int | None) -> int:
         try:
             return int(self._core.reclaim(device, nbytes))
         except OutOfMemoryError as oom:
