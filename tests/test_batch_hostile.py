@@ -25,6 +25,13 @@ _SWEEP = INTERRUPTS + """
     _interrupted = interrupted
     def interrupted(fn, n):  # an interrupt must never turn into another error
         return _interrupted(fn, n, result["errors"])
+    def swept(n):  # after sweep n: nothing held, prefetched or left in the handle table
+        gc.collect(0)  # the young cycles an interrupt's traceback made
+        m.synchronize()
+        s = m.stats()
+        if s["live_handles"] or s["prefetched_bytes"]:
+            result["leaked"].append([n, s["live_handles"], s["prefetched_bytes"]])
+        result["sweeps"] = n
     m = aq.OffloadManager("cpu", peers=[1], peer_bytes="4MiB", host_bytes="16MiB")
     result.update(errors=[], wrong=[], leaked=[], sweeps=0)
 """
@@ -67,12 +74,7 @@ _MIXED_FETCH = _SWEEP + """
         except Exception as exc:
             result["wrong"].append([n, repr(exc)])
         del hs, s1, s2, got, rel, refs
-        gc.collect(0)  # the young cycles an interrupt's traceback made
-        m.synchronize()
-        s = m.stats()
-        if s["live_handles"] or s["prefetched_bytes"]:
-            result["leaked"].append([n, s["live_handles"], s["prefetched_bytes"]])
-        result["sweeps"] = n
+        swept(n)
         if not fired:
             break
     m.close()
@@ -102,12 +104,7 @@ _FREE = _SWEEP + """
         if h._live():
             m.free(h)
         del h, t
-        gc.collect(0)
-        m.synchronize()
-        s = m.stats()
-        if s["live_handles"] or s["prefetched_bytes"]:
-            result["leaked"].append([n, s["live_handles"], s["prefetched_bytes"]])
-        result["sweeps"] = n
+        swept(n)
         if not fired:
             break
     m.close()
@@ -143,11 +140,7 @@ _ODD_RELEASES = _SWEEP + """
         except Exception as exc:
             result["wrong"].append([n, repr(exc)])
         del ts, refs
-        gc.collect(0)
-        m.synchronize()
-        if m.stats()["live_handles"]:
-            result["leaked"].append(n)
-        result["sweeps"] = n
+        swept(n)
         if not fired:
             break
     m.close()
