@@ -49,8 +49,11 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
                                                release=True, priority=prio,
                                                key=reserved[i][0], storage_ref=watches[i])
             h._adopted = True  # (Note [Orphans] in manager.py)
-            if sizes[i] and holders[i].nbytes() == 0:
-                storage.swap_out(stores[i], holders[i])  # one C call: done or not
+            if sizes[i] and stores[i].nbytes() != 0:
+                if storage.CAN_SWAP:
+                    storage.swap_out(stores[i], holders[i])  # one C call: done or not
+                else:
+                    _free_after_copy(m, stores[i], cid, tier)
         storage.commit(reserved, handles)  # type: ignore[arg-type]
         keep_alive_many(m, [(cid, tier, holders[i]) for i, (cid, tier) in enumerate(got)
                             if sizes[i]])
@@ -75,6 +78,17 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
             storage.unregister_many(reserved)
         raise
     return handles  # type: ignore[return-value]
+
+def _free_after_copy(m: "OffloadManager", s: torch.UntypedStorage, core_id: int,
+                     tier: int) -> None:
+    """Release without ``_swap_data_ptr_`` (Note [Without _swap_data_ptr_] in storage.py):
+    free ``s``'s memory once the offload copy of ``core_id`` no longer reads it."""
+    if m._cuda:
+        m._record_stream(s, m._stream(tier, "to_tier"))
+    else:
+        m._store.wait(core_id)
+    s.resize_(0)
+
 
 def keep_alive(m: "OffloadManager", core_id: int, tier: int, memory: Any,
                dropped_now: bool) -> None:

@@ -38,6 +38,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .errors import InvalidArgumentError, PagedOutError
 
@@ -166,7 +167,7 @@ def reserve(stores: list[torch.UntypedStorage], what: str, reserved: list[tuple[
     with _lock:
         for s in stores:
             key = s._cdata
-            if not s.resizable() or s.is_shared() or key in _exported:  # _not_sole_owner
+            if not s.resizable() or _shared(s) or key in _exported:  # _not_sole_owner
                 raise InvalidArgumentError(f"{what}: {_not_sole_owner(s)}; use release=False")
             entry = _registry.get(key)
             if entry is not None:
@@ -247,12 +248,18 @@ def not_sole_owner(t: torch.Tensor) -> str | None:
     return _not_sole_owner(t.untyped_storage())
 
 
+def _shared(s: torch.UntypedStorage) -> bool:
+    # torch answers is_shared() True for every CUDA storage (CUDA IPC needs no marking), so
+    # only host storages carry the mark of share_memory_() or a file mapping.
+    return s.device.type == "cpu" and s.is_shared()
+
+
 def _not_sole_owner(s: torch.UntypedStorage) -> str | None:
     if not s.resizable():
         return ("this storage is not owned by torch's allocator alone (made by "
                 "torch.from_numpy, from_dlpack or from a buffer, or exposed by tensor.numpy()), "
                 "so it cannot be paged out in place")
-    if s.is_shared():
+    if _shared(s):
         return ("this storage is shared with other processes (share_memory_() or a file "
                 "mapping): paging it out would hide their writes")
     if s._cdata in _exported:
@@ -374,15 +381,33 @@ def _wrap_exports() -> None:
 _wrap_exports()
 
 
+# Note [Without _swap_data_ptr_]
+# torch 2.11 and older have no UntypedStorage._swap_data_ptr_. There a release frees the
+# storage's memory in place (resize_(0)) instead of handing it to a holder: on CUDA after
+# record_stream(copy stream), so the caching allocator reuses it only once the copy read it;
+# on emulation after waiting for the copy (paging.py). A fetch gives the storage fresh memory
+# (resize_, on the current stream) and copies the fetched bytes into it on that stream: one
+# device-local copy more, and an interrupt between those two calls leaves the storage full of
+# garbage (with _swap_data_ptr_ each step is one C call).
+CAN_SWAP = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
+
+
 def swap_out(storage: torch.UntypedStorage, holder: torch.UntypedStorage) -> None:
     """Move ``storage``'s memory into the empty ``holder``; ``storage`` is left with 0 bytes.
-    One C call: it either happened or not (the caller made ``holder`` beforehand)."""
+    One C call: it either happened or not (the caller made ``holder`` beforehand). Only where
+    :data:`CAN_SWAP` (else see paging.py)."""
     storage._swap_data_ptr_(holder)
 
 
 def swap_in(storage: torch.UntypedStorage, filled: torch.UntypedStorage) -> None:
-    """Give the empty ``storage`` the memory of ``filled`` (which is left with 0 bytes)."""
-    storage._swap_data_ptr_(filled)
+    """Give the empty ``storage`` the bytes of ``filled``: its memory where :data:`CAN_SWAP`
+    (``filled`` is left with 0 bytes), else a copy on the current stream."""
+    if CAN_SWAP:
+        storage._swap_data_ptr_(filled)
+    else:
+        storage.resize_(filled.nbytes())
+        with _disable_current_modes():  # (a debug_guard would see a paged-out storage)
+            storage.copy_(filled)
 
 
 # Note [Deferred snapshots]
