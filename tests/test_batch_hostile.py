@@ -203,11 +203,11 @@ def test_a_new_storage_at_a_dead_ones_address_is_accepted_and_stays_found(manage
     gen = torch.Generator().manual_seed(11)
     reused = 0
     for _ in range(12):
-        old = random_tensor((4096,), torch.uint8, generator=gen)
+        old = random_tensor((4096,), torch.uint8, m.device, generator=gen)
         old_ref, key = old.clone(), old.untyped_storage()._cdata
         h = m.offload(old)
         del old  # its storage dies: the registry lets it go, the handle still has its bytes
-        new = random_tensor((4096,), torch.uint8, generator=gen)
+        new = random_tensor((4096,), torch.uint8, m.device, generator=gen)
         new_ref = new.clone()
         reused += new.untyped_storage()._cdata == key
         assert not aq.is_offloaded(new) and not aq.is_discarded(new)
@@ -233,7 +233,7 @@ def test_threads_racing_batches_over_views_of_shared_storages_lose_nothing(manag
     refused with a typed error, never anything else, and every storage ends with its bytes."""
     m = managers(peer="8MiB", host="32MiB")
     gen = torch.Generator().manual_seed(3)
-    shared = [random_tensor((8192,), torch.uint8, generator=gen) for _ in range(4)]
+    shared = [random_tensor((8192,), torch.uint8, m.device, generator=gen) for _ in range(4)]
     refs = [t.clone() for t in shared]
     views = [[t[i:][:1000] for i in range(0, 100, 7)] for t in shared]  # made before any is
     errors: list[str] = []  # paged out: a paged-out tensor must not be sliced
@@ -296,7 +296,7 @@ def test_a_resized_paged_out_storage_is_refused_even_when_prefetched(managers, p
     dropped without a word (without a prefetch, the same fetch is refused)."""
     m = managers()
     gen = torch.Generator().manual_seed(8)
-    t, other, new = (random_tensor((1000,), torch.uint8, generator=gen) for _ in range(3))
+    t, other, new = (random_tensor((1000,), torch.uint8, m.device, generator=gen) for _ in range(3))
     other_ref = other.clone()
     h = m.offload_many([t, other])[0]
     if prefetched:
