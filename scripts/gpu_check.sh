@@ -6,9 +6,11 @@
 #
 #   OUT=/path/to/out bash scripts/gpu_check.sh     # from anywhere; $OUT is what comes back
 #
-# In $OUT: <stage>.log per stage, junit_cuda.xml, info.json, smoke.json, bench_*.json, and
-# summary.txt (PASS/FAIL/SKIP/TIMEOUT and seconds per stage), rewritten as each stage starts
-# and ends so that a run killed midway still says how far it got.
+# In $OUT: <stage>.log per stage, junit_cuda.xml, pytest_failures.txt (each failure as it
+# happens), info.json, smoke.json, profile.{json,txt}, bench_*.json, and summary.txt
+# (PASS/FAIL/SKIP/TIMEOUT and seconds per stage), rewritten as each stage starts and ends so
+# that a run killed midway still says how far it got. The device tool brings back only a few
+# files: run it as `OUT=/tmp/o bash scripts/gpu_check.sh; tar czf $OUT/gpu.tgz -C /tmp/o .`.
 # Exit status: 0 if no stage failed or timed out, else 1.
 #
 # Environment:
@@ -24,6 +26,7 @@
 #   GPU_CHECK_SKIP_INSTALL=1  use the aqua_offload already installed for $PYTHON
 #   GPU_CHECK_KEEP_GOING=1    carry on when the CUDA backend is missing (later stages fail)
 #   GPU_CHECK_DRY_RUN=1       print each stage's command instead of running it
+#   GPU_CHECK_SKIP="a b"      skip these stages (e.g. benchmarks an earlier run already gave)
 set -uo pipefail  # no -e: a failed stage is recorded and the next one still runs
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -71,6 +74,8 @@ stage() {
   local name="$1" limit="$2" cmd="$3" log="$OUT/$1.log" left=$((HARD_S - SECONDS - 12))
   STAGE="$name"
   if ((left < 15)); then record "$name" SKIP 0 "no time left (HARD_S=$HARD_S)"; return 0; fi
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+    record "$name" SKIP 0 "GPU_CHECK_SKIP"; return 0; fi
   ((limit > left)) && limit=$left
   if [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]]; then
     printf '[dry run] %s (timeout %ss):\n%s\n' "$name" "$limit" "$cmd"
@@ -163,8 +168,8 @@ fi
 
 # 3. GPU tests. Only skips (e.g. a conftest that sees no GPU) would be a silent pass: fail them.
 # faulthandler_timeout: a test stuck for a minute prints every thread's stack into the log.
-stage pytest_cuda 150 '
-  cd "$ROOT" && "$PYTHON" -m pytest -m cuda -x -q -p no:cacheprovider --durations=10 \
+stage pytest_cuda 240 '
+  cd "$ROOT" && AQUA_TEST_FAILLOG="$OUT/pytest_failures.txt" "$PYTHON" -m pytest -m cuda --maxfail=10 -q -p no:cacheprovider --durations=10 \
     -o faulthandler_timeout=60 --junitxml="$OUT/junit_cuda.xml" && "$PYTHON" -c "import sys, xml.etree.ElementTree as E
 s = E.parse(sys.argv[1]).getroot(); s = s if s.tag == \"testsuite\" else s[0]
 ran = int(s.get(\"tests\")) - int(s.get(\"skipped\"))
@@ -172,6 +177,9 @@ print(ran, \"cuda tests ran,\", s.get(\"skipped\"), \"skipped\"); sys.exit(ran =
 
 # 4. Races and leaks the tests do not reach (exit 2: no usable GPU).
 stage smoke 75 'cd "$ROOT" && "$PYTHON" scripts/gpu_smoke.py --out "$OUT/smoke.json"'
+
+# Where the host time of small calls goes, CUDA against emulation (scripts/gpu_profile.py).
+stage profile 60 'cd "$ROOT" && "$PYTHON" scripts/gpu_profile.py --out "$OUT"'
 
 # 5. Quick benchmarks, from / (the installed package). JSON only: plots can be made later.
 stage bench_copy 90 'cd / && "$PYTHON" -m aqua_offload bench copy --backend cuda --quick \

@@ -9,7 +9,7 @@ reason elsewhere.
 from __future__ import annotations
 
 import functools
-
+import os
 import threading
 import time
 
@@ -160,6 +160,16 @@ def backend(request: pytest.FixtureRequest):
     b = Backend(request.param)
     yield b
     b.close_all()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With ``AQUA_TEST_FAILLOG=path``, each failure's report is appended there as it happens
+    (scripts/gpu_check.sh: a suite killed at its time limit still says what failed)."""
+    path = os.environ.get("AQUA_TEST_FAILLOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n"
+                    f"{report.longreprtext}\n\n")
 
 
 @pytest.fixture

@@ -1,0 +1,157 @@
+"""Where the host time of small offloads goes, on CUDA and on emulation on the same machine.
+
+The H200 run of 2026-11-28 measured a 4 KiB offload at ~40 us (torch's non-blocking copy:
+~13 us) and ~13 us of host time per handle of a batch: far from DESIGN.md section 9's per-call
+and batch targets, and about twice the emulation backend's per-handle cost. This script says
+why: per case it times a loop (wall clock, the device synchronized at the end) and profiles it
+with cProfile (top functions by own time), for the CUDA backend and for emulation ("cpu") in
+one process, and times the torch primitives the CUDA path calls per call or per handle.
+
+    python scripts/gpu_profile.py --out DIR     # DIR/profile.json, DIR/profile.txt
+
+Not a benchmark (no baseline, no targets): a diagnosis for the next change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import aqua_offload as aq
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _loop(fn: Callable[[], Any], n: int, dev: torch.device) -> float:
+    """Seconds per call of ``fn``, over ``n`` calls after 20 warm-up calls."""
+    for _ in range(20):
+        fn()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    _sync(dev)
+    return (time.perf_counter() - t0) / n
+
+
+def _profile(fn: Callable[[], Any], n: int, top: int) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime")
+    stats.print_stats(top)
+    return buf.getvalue()
+
+
+def _cases(dev: torch.device) -> dict[str, Callable[[], Any]]:
+    g = torch.Generator().manual_seed(5)
+
+    def rand(n: int) -> torch.Tensor:
+        return torch.randint(1, 255, (n,), dtype=torch.uint8, generator=g).to(dev)
+
+    m = aq.OffloadManager(dev, peers=None, host_bytes="256MiB")
+    one, one_out = rand(4096), torch.empty(4096, dtype=torch.uint8, device=dev)
+    rel = rand(4096)
+    many = [rand(65536) for _ in range(64)]
+    many_out = [torch.empty_like(t) for t in many]
+    rel_many = [rand(65536) for _ in range(64)]
+
+    def snapshot_4k() -> None:
+        m.fetch(m.offload(one, release=False), out=one_out)
+
+    def release_4k() -> None:
+        m.fetch(m.offload(rel))
+
+    def snapshot_64x64k() -> None:
+        m.fetch_many(m.offload_many(many, release=False), outs=many_out)
+
+    def release_64x64k() -> None:
+        m.fetch_many(m.offload_many(rel_many))
+
+    return {"snapshot_4k": snapshot_4k, "release_4k": release_4k,
+            "snapshot_64x64k": snapshot_64x64k, "release_64x64k": release_64x64k,
+            "_manager": m}  # type: ignore[dict-item]
+
+
+def _primitives(dev: torch.device) -> dict[str, float]:
+    """Microseconds per call of the torch calls the CUDA path makes."""
+    from aqua_offload.devices import record_stream
+    t = torch.empty(4096, dtype=torch.uint8, device=dev)
+    s = t.untyped_storage()
+    side = torch.cuda.Stream(dev)
+    idx = dev.index or 0
+    calls: dict[str, Callable[[], Any]] = {
+        "torch.cuda.current_stream(dev)": lambda: torch.cuda.current_stream(dev),
+        "current_stream(dev).cuda_stream": lambda: torch.cuda.current_stream(dev).cuda_stream,
+        "torch._C._cuda_getCurrentRawStream(i)": lambda: torch._C._cuda_getCurrentRawStream(idx),
+        "torch.empty(0, device=dev)": lambda: torch.empty(0, dtype=torch.uint8, device=dev),
+        "torch.UntypedStorage(0, device=dev)": lambda: torch.UntypedStorage(0, device=dev),
+        "record_stream(storage, side)": lambda: record_stream(s, side),
+        "tensor.record_stream(side)": lambda: t.record_stream(side),
+        "torch.empty(4096, device=dev)": lambda: torch.empty(4096, dtype=torch.uint8, device=dev),
+        "t.untyped_storage()": lambda: t.untyped_storage(),
+        "t.data_ptr()": lambda: t.data_ptr(),
+        "t.device": lambda: t.device,
+    }
+    out = {}
+    for name, fn in calls.items():
+        try:
+            out[name] = _loop(fn, 2000, dev) * 1e6
+        except Exception as e:  # a private call missing on this torch
+            out[name] = f"{type(e).__name__}: {e}"  # type: ignore[assignment]
+    torch.cuda.synchronize(dev)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--calls", type=int, default=300, help="calls per timed loop")
+    ap.add_argument("--top", type=int, default=30, help="functions per profile")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    devices = [torch.device("cpu")]
+    if aq.info()["backend"] == "cuda":
+        devices.insert(0, torch.device("cuda", 0))
+    result: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0],
+                              "us_per_call": {}}
+    text = []
+    for dev in devices:
+        name = "cuda" if dev.type == "cuda" else "emulation"
+        cases = _cases(dev)
+        m = cases.pop("_manager")
+        try:
+            for case, fn in cases.items():
+                us = _loop(fn, args.calls, dev) * 1e6
+                result["us_per_call"][f"{name}/{case}"] = round(us, 2)
+                print(f"{name:9} {case:16} {us:9.1f} us per call", flush=True)
+                text.append(f"##### {name} {case}: {us:.1f} us per call\n"
+                            + _profile(fn, args.calls, args.top))
+        finally:
+            m.close()
+        if dev.type == "cuda":
+            result["cuda_primitives_us"] = _primitives(dev)
+            for k, v in result["cuda_primitives_us"].items():
+                print(f"  {k:42} {v if isinstance(v, str) else f'{v:8.2f} us'}")
+    (args.out / "profile.json").write_text(json.dumps(result, indent=1))
+    (args.out / "profile.txt").write_text("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
