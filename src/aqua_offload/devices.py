@@ -149,9 +149,17 @@ def device_count(backend: str) -> int:
     return int(_core.backend_info(backend)["device_count"])
 
 
+# The raw cudaStream_t of the current stream without building a torch.cuda.Stream object (what
+# torch's inductor calls on its launch path); private, hence the public fallback.
+_raw_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def current_stream(device: torch.device) -> int:
-    """The user's current stream as a backend stream handle (0 = the host on emulation)."""
+    """The user's current stream as a backend stream handle (0 = the host on emulation).
+    ``device`` has an index (resolve_device gives one)."""
     if device.type == "cuda":
+        if _raw_current_stream is not None:
+            return int(_raw_current_stream(device.index))
         return int(torch.cuda.current_stream(device).cuda_stream)
     return 0
 
