@@ -7,6 +7,7 @@ import pytest
 import torch
 from remote_helpers import TOKEN, needs_nixl
 
+import aqua_offload as aq
 from aqua_offload.remote import Lender
 from conftest import random_tensor
 
@@ -35,3 +36,68 @@ def test_gpu_arena_round_trip_from_host_and_gpu(remote_clients) -> None:
         assert torch.equal(back_h, gpu.cpu()) and torch.equal(back_g.cpu(), host)
         ticket = lender.reclaim(4 * MiB)  # an empty segment: released at once
         assert ticket.wait(20) and lender.stats()["arena_bytes"] == 12 * MiB
+
+
+@pytest.fixture
+def remote_managers_cuda():
+    """Factory of managers of cuda:0 over lenders (``make(*lenders, host="4KiB")``: every
+    tensor above 4 KiB goes to a lender), closed at teardown."""
+    made: list[aq.OffloadManager] = []
+
+    def make(*lenders, host: str = "4KiB") -> aq.OffloadManager:
+        m = aq.OffloadManager("cuda:0", peers=None, host_bytes=host,
+                              remote=[lender.address for lender in lenders], remote_token=TOKEN)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()
+
+
+def _gpu_rand(n: int, seed: int) -> torch.Tensor:
+    return random_tensor((n,), torch.uint8, device="cuda:0",
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_cuda_manager_pages_through_host_and_gpu_lenders(remote_managers_cuda) -> None:
+    """The remote tier on the CUDA backend (pinned staging, raw_copy_many): releases and
+    snapshots of GPU tensors spill to a host-memory and a GPU-memory lender and come back
+    bitwise, through batches, a prefetch fetched on another stream, and a reclaim that moves
+    one lender's handles to the other."""
+    with Lender(TOKEN, host_bytes="32MiB", segment_bytes="8MiB") as host_lender, \
+            Lender(TOKEN, device="cuda:0", nbytes="32MiB", segment_bytes="8MiB") as gpu_lender:
+        m = remote_managers_cuda(host_lender, gpu_lender)
+        sizes = [4096, 1, 300 * 1024, 5 * MiB, 64 * 1024, 2 * MiB + 3]
+        ts = [_gpu_rand(n, 10 + i) for i, n in enumerate(sizes)]
+        refs = [t.clone() for t in ts]
+        hs = m.offload_many(ts)  # release: 4 KiB of host tier, so nearly all go remote
+        assert {h.tier for h in hs} >= {"remote"}
+        assert all(aq.is_offloaded(t) for t in ts)
+        back = m.fetch_many(hs)
+        assert all(b is t and torch.equal(t, r) for b, t, r in zip(back, ts, refs))
+        # snapshots, one prefetched on a side stream and fetched on another
+        snaps = [_gpu_rand(n, 40 + i) for i, n in enumerate(sizes)]
+        hs = m.offload_many(snaps, release=False)
+        for s in snaps:
+            s.zero_()  # the copies were taken before: the sources are free to change
+        side, other = torch.cuda.Stream(), torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            hs[3].prefetch()
+        with torch.cuda.stream(other):
+            got = m.fetch_many(hs)
+        other.synchronize()
+        for i, g in enumerate(got):
+            assert torch.equal(g, _gpu_rand(sizes[i], 40 + i)), i
+        # a reclaim of one lender's blocks moves them to the other lender
+        ts = [_gpu_rand(MiB, 70 + i) for i in range(8)]
+        refs = [t.clone() for t in ts]
+        hs = m.offload_many(ts)
+        lenders = {h.location for h in hs if h.tier == "remote"}
+        victim = host_lender if host_lender.address in lenders else gpu_lender
+        moved = [h for h in hs if h.location == victim.address]
+        assert moved and victim.reclaim(32 * MiB).wait(30)
+        assert all(h.tier == "remote" and h.location != victim.address for h in moved)
+        assert all(m.fetch(h) is t and torch.equal(t, r) for h, t, r in zip(hs, ts, refs))
+        assert m.stats()["remote"]["lost_handles"] == 0
+        m.close()  # before the lenders go
