@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import operator
+from itertools import repeat
+from operator import is_
 from typing import Any
 
 import numpy as np
@@ -12,11 +14,17 @@ from . import arrays, storage
 from .errors import InvalidArgumentError
 from .handle import Handle
 
-__all__ = ["as_list", "check_offload", "check_tensor", "check_out", "check_base"]
+__all__ = ["as_list", "check_offload", "check_tensor", "check_out", "check_outs", "check_base"]
 
 # What check_tensor looks at, read in one C loop over a batch (the first bad tensor, if any, is
 # then found by check_tensor itself, with its message)
 _FACTS = operator.attrgetter("device", "layout", "is_quantized", "is_nested")
+_TENSOR = {torch.Tensor}
+_release_of = operator.attrgetter("release")
+_array_of = operator.attrgetter("_array")
+_device_of = operator.attrgetter("device")
+_dtype_of = operator.attrgetter("dtype")
+_shape_of = operator.attrgetter("shape")
 
 
 def as_list(items: Any, what: str) -> list[Any]:
@@ -43,7 +51,8 @@ def check_offload(tensors: list[Any], release: bool, fence: str, device: torch.d
         raise InvalidArgumentError(f"{what}: fence='deferred' is for snapshots (release=False); "
                                    "a released tensor is never written")
     specs: list[Any] = [None] * len(tensors)
-    if all(issubclass(tp, torch.Tensor) for tp in set(map(type, tensors))):  # no array
+    types = set(map(type, tensors))
+    if types <= _TENSOR or all(issubclass(tp, torch.Tensor) for tp in types):  # no array
         if set(map(_FACTS, tensors)) <= {(device, torch.strided, False, False)}:
             return specs  # every tensor passes check_tensor
     elif any(arrays.is_array(t) for t in tensors):
@@ -84,6 +93,23 @@ def check_out(out: Any, handle: Handle, device: torch.device) -> None:
             f"{tuple(handle.shape)} {handle.dtype} on {device}")
     if not out.is_contiguous() or storage.unsafe_to_touch(out):
         raise InvalidArgumentError("fetch: out must be contiguous and not paged out")
+
+
+def check_outs(handles: list[Handle], outs: list[Any], device: torch.device) -> bool:
+    """Whether ``outs`` (one entry per handle) pass at once: all None, or all tensors that
+    :func:`check_out` accepts for snapshots of tensors. False means "look one by one" (the
+    caller's loop finds the first problem, with its message), not that one is wrong. One C
+    loop per fact over the batch: a Python line per handle costs more than the fetch."""
+    n = sum(map(is_, outs, repeat(None)))  # (not count(None): it would compare tensors)
+    if n == len(outs):
+        return True
+    if n or set(map(type, outs)) != {torch.Tensor} or any(map(_release_of, handles)) \
+            or not all(map(is_, map(_array_of, handles), repeat(None))):
+        return False
+    return (set(map(_device_of, outs)) == {device}
+            and list(map(_dtype_of, outs)) == list(map(_dtype_of, handles))
+            and list(map(_shape_of, outs)) == list(map(_shape_of, handles))
+            and all(map(torch.Tensor.is_contiguous, outs)) and storage.all_touchable(outs))
 
 
 def check_base(base: Handle, tensor: torch.Tensor) -> Handle:

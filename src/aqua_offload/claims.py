@@ -4,10 +4,13 @@ prefetching.py)."""
 
 from __future__ import annotations
 
+import _thread
 import collections
 import contextlib
 import functools
 import operator
+from itertools import repeat
+from operator import is_
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -19,11 +22,17 @@ from .handle import LIVE, Handle
 if TYPE_CHECKING:
     from .manager import OffloadManager
 
-__all__ = ["own", "claim"]
+__all__ = ["own", "claim", "take", "let_go"]
 
 _by_id = operator.attrgetter("_id")
-_acquire = operator.methodcaller("acquire")
-_release = operator.methodcaller("release")
+_lock_of = operator.attrgetter("_lock")
+_manager_of = operator.attrgetter("_manager")
+_state_of = operator.attrgetter("_state")
+_pending_of = operator.attrgetter("_pending")
+_LIVE = frozenset(LIVE)
+# Every Handle._lock is a _thread.RLock: its methods unbound cost half a methodcaller's
+_acquire = _thread.RLock.acquire
+_release = _thread.RLock.release
 _drain = functools.partial(collections.deque, maxlen=0)  # runs an iterator in C
 
 
@@ -49,31 +58,58 @@ def own(m: "OffloadManager", handle: Any, what: str) -> Handle:
 def claim(m: "OffloadManager", handles: list[Any], what: str) -> Iterator[list[Handle]]:
     """Hold the handles' locks (in a fixed order) and check them under the locks: the Python
     side of a handle (prefetch buffer, state) changes with its C++ entry at once."""
-    # A live Handle of m passes at once; anything else gets own()'s checks and errors, in order.
-    hs = [h if type(h) is Handle and h._manager is m and h._state in LIVE else own(m, h, what)
-          for h in handles]
-    locks = [h._lock for h in sorted({id(h): h for h in hs}.values(), key=_by_id)]
-    # The locks are taken and let go by C loops (no Python line runs between two of them, so
-    # a traced interrupt cannot split one off); `taken` counts them even if an acquire is
-    # interrupted partway, so exactly those are released. Let go twice over: an interrupt at
-    # the line of the inner `finally` (the last line a call runs) would leave them all held.
+    locks: list[Any] = []
     taken: list[bool] = []
     try:
         try:
-            taken.extend(map(_acquire, locks))
-            if any(h._state not in LIVE for h in hs):  # ended by another thread meanwhile
-                hs = [own(m, h, what) for h in hs]  # raises the typed error
-            for h in hs:
-                if h._pending is not None:
-                    prefetching.settle(m, h)
-            yield hs
+            yield take(m, handles, what, locks, taken)
         finally:
-            _let_go(locks, taken)
+            let_go(locks, taken)
     finally:
-        _let_go(locks, taken)  # nothing left, unless the line above was interrupted
+        let_go(locks, taken)  # nothing left, unless the line above was interrupted
 
 
-def _let_go(locks: list[Any], taken: list[bool]) -> None:
+def take(m: "OffloadManager", handles: list[Any], what: str, locks: list[Any],
+         taken: list[bool]) -> list[Handle]:
+    """:func:`claim`'s work, for a caller that lets go itself (the hot fetch path, where a
+    generator context manager costs more than the rest of a small call): fills ``locks``
+    with the handles' locks and ``taken`` with one entry per lock acquired, returns the
+    checked handles. The caller runs ``let_go(locks, taken)`` in a ``finally``, and again in
+    an outer ``finally`` (an interrupt at the inner one's line would leave them all held)."""
+    # A live Handle of m passes at once (checked by C loops over a batch: they pay from a few
+    # handles on); anything else gets own()'s checks and errors, in order.
+    if len(handles) > 4 and _plain(m, handles):
+        hs = list(handles)
+    else:
+        hs = [h if type(h) is Handle and h._manager is m and h._state in LIVE
+              else own(m, h, what) for h in handles]
+    # (one line each: the locks listed, then taken)
+    locks[:] = (map(_lock_of, sorted(set(hs), key=_by_id)) if len(hs) > 1  # (a Handle hashes
+                else [h._lock for h in hs])                               # by identity)
+    # The locks are taken and let go by C loops (no Python line runs between two of them, so
+    # a traced interrupt cannot split one off); `taken` counts them even if an acquire is
+    # interrupted partway, so exactly those are released.
+    taken.extend(map(_acquire, locks))
+    if not _all_live(hs):  # ended by another thread meanwhile
+        hs = [own(m, h, what) for h in hs]  # raises the typed error
+    if not all(map(is_, map(_pending_of, hs), repeat(None))):
+        for h in hs:
+            if h._pending is not None:
+                prefetching.settle(m, h)
+    return hs
+
+
+def _plain(m: "OffloadManager", handles: list[Any]) -> bool:
+    """Every entry is a Handle (not a subclass) of ``m`` in a live state."""
+    return (set(map(type, handles)) <= {Handle} and set(map(_manager_of, handles)) <= {m}
+            and _all_live(handles))
+
+
+def _all_live(hs: list[Handle]) -> bool:
+    return set(map(_state_of, hs)) <= _LIVE
+
+
+def let_go(locks: list[Any], taken: list[bool]) -> None:
     """Release the first ``len(taken)`` locks and empty ``taken``, in one line: done once,
     whatever interrupts before or after it."""
     todo, taken[:] = locks[:len(taken)], (); _drain(map(_release, todo))  # noqa: E702

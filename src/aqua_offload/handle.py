@@ -53,10 +53,12 @@ class Handle:
                  "_prefetch_tier", "_prefetch_stream", "_pending", "_deferred", "_array", "_lock",
                  "_adopted", "__weakref__")
 
-    def __init__(self, manager: "OffloadManager", core_id: int, *, nbytes: int,
+    def __init__(self, manager: "OffloadManager", core_id: int, nbytes: int,
                  shape: torch.Size, dtype: torch.dtype, release: bool,
                  tensor: torch.Tensor | None, key: int | None, tier: str, location: str,
-                 priority: float = 0.0, storage_ref: Any = None) -> None:
+                 priority: float = 0.0, storage_ref: Any = None, array: Any = None) -> None:
+        # (Positional arguments and chained stores: a batch makes one handle per tensor, and
+        # a call by keywords cost as much as the rest of making one.)
         self._manager = manager
         self._id = core_id
         self.nbytes = nbytes
@@ -70,10 +72,12 @@ class Handle:
         # strides (its shape is ``shape``), to rebuild a tensor on the storage if the object
         # itself is gone. (Each object a handle keeps is one more for the garbage collector's
         # full collections, which a batch of thousands of handles brings on.)
-        self._tensor: Any = None
-        self._storage: Any = None
-        self._layout: tuple[int, tuple[int, ...]] | None = None
-        if tensor is not None:
+        self._tensor: Any
+        self._storage: Any
+        self._layout: tuple[int, tuple[int, ...]] | None
+        if tensor is None:
+            self._tensor = self._storage = self._layout = None
+        else:
             self._tensor = weakref.ref(tensor)
             self._storage = (weakref.ref(tensor.untyped_storage()) if storage_ref is None
                              else storage_ref)
@@ -81,14 +85,18 @@ class Handle:
         self._key = key  # release=True: registry key of its storage
         self._tier = tier
         self._location = location
-        self._prefetch: torch.Tensor | None = None  # destination of a prefetch in flight
+        # _prefetch: destination of a prefetch in flight; _prefetch_stream: the torch stream
+        # its buffer belongs to (CUDA); _pending: (buffer, stream) of a prefetch whose core
+        # call may have happened, kept alive until the manager settles it (Note [Interrupted
+        # batches] in manager.py); _deferred: storage key of a fence="deferred" snapshot's
+        # source
+        self._prefetch: torch.Tensor | None
+        self._prefetch_stream: Any
+        self._pending: tuple[torch.Tensor, Any] | None
+        self._deferred: int | None
+        self._prefetch = self._prefetch_stream = self._pending = self._deferred = None
         self._prefetch_tier = 0
-        self._prefetch_stream: Any = None  # torch stream the prefetch buffer belongs to (CUDA)
-        # (buffer, stream) of a prefetch whose core call may have happened: kept alive until
-        # the manager settles it (Note [Interrupted batches] in manager.py)
-        self._pending: tuple[torch.Tensor, Any] | None = None
-        self._deferred: int | None = None  # storage key of a fence="deferred" snapshot's source
-        self._array: Any = None  # a snapshot of a numpy/CuPy/DLPack array: how to rebuild it
+        self._array: Any = array  # a snapshot of a numpy/CuPy/DLPack array: how to rebuild it
         self._lock = _thread.RLock()  # serialises fetch/prefetch/free of this handle
         # Set once the call that made it returns it (Note [Orphans] in manager.py): a handle an
         # interrupt dropped before that never frees the block its call's finish() re-adopts.

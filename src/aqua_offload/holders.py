@@ -61,6 +61,8 @@ class HolderWatch:
 
     def drop_many(self, core_ids: list[int]) -> None:
         """:meth:`drop` of each, under one lock."""
+        if not self._held:  # (ids the caller holds cannot be added meanwhile)
+            return
         dropped = []
         with self._lock:
             held = self._held

@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import operator
 import weakref
+from itertools import repeat
+from operator import is_
 from typing import Any, ContextManager, Iterable, Mapping, Sequence
 
 import torch
@@ -45,7 +48,7 @@ from .devices import (DeviceLike, current_stream, external_stream, parse_peer, r
 from .errors import InvalidArgumentError, InvalidHandleError, RemoteLostError
 from .handle import Handle, check_priority as _check_priority
 from .calls import CallGate
-from .checks import as_list, check_base, check_offload, check_out
+from .checks import as_list, check_base, check_offload, check_out, check_outs
 from .holders import HolderWatch
 from .peer_budget import peer_pools
 from .sizes import parse_size
@@ -61,6 +64,14 @@ _DEFAULT_BYTES = {"cuda": ("8GiB", "16GiB"), "emulation": ("64MiB", "256MiB")}
 # non-temporal path only for copies of hundreds of MiB, so whole copies are the fast choice.
 _DEFAULT_CHUNK = {"cuda": _core.default_chunk_bytes, "emulation": 1 << 40}
 _live: "weakref.WeakSet[OffloadManager]" = weakref.WeakSet()
+_NO_CALL = contextlib.nullcontext()  # close()'s own fetch: close() shut the gate already
+# Read by C loops over a batch (map), cheaper than a Python line per handle
+_state_of = operator.attrgetter("_state")
+_prefetch_of = operator.attrgetter("_prefetch")
+_nbytes_of = operator.attrgetter("nbytes")
+_id_of = operator.attrgetter("_id")
+_data_ptr = operator.methodcaller("data_ptr")  # a tensor's or a storage's
+_TENSOR = {torch.Tensor}
 
 
 def live_managers() -> list["OffloadManager"]:
@@ -234,8 +245,9 @@ class OffloadManager:
         with self._gate.call(what):
             prio = _check_priority(priority)
             specs = check_offload(tensors, release, fence, self.device, what)
-            base_ids = [0 if b is None else self._check_base(b, t)._id
-                        for b, t in zip(bases, tensors)]
+            base_ids = ([0] * len(bases) if bases.count(None) == len(bases) else
+                        [0 if b is None else self._check_base(b, t)._id
+                         for b, t in zip(bases, tensors)])
             self._holders.reap()
             if release:
                 return paging.page_out(self, tensors, prio, bases, base_ids, what)
@@ -257,11 +269,23 @@ class OffloadManager:
                     release: bool, priority: float, key: int | None = None,
                     storage_ref: Any = None) -> Handle:
         kind, location = self._tiers[tier]  # where the copy went (Handle.tier stays live)
-        h = Handle(self, core_id, nbytes=nbytes, shape=tensor.shape, dtype=tensor.dtype,
-                   release=release, tensor=tensor if release else None, key=key,
-                   tier=kind, location=location, priority=priority, storage_ref=storage_ref)
+        h = Handle(self, core_id, nbytes, tensor.shape, tensor.dtype, release,  # (positional:
+                   tensor if release else None, key, kind, location, priority,  # see Handle)
+                   storage_ref)
         self._handles[core_id] = weakref.ref(h)
         return h
+
+    def _new_snapshots(self, got: list[tuple[int, int]], tensors: list[Any], sizes: list[int],
+                       priority: float, specs: list[Any]) -> list[Handle]:
+        """:meth:`_new_handle` of each snapshot the core made (``(core id, tier)`` in ``got``),
+        ``specs`` the arrays' (None for a tensor). Not yet adopted."""
+        tiers, handles = self._tiers, self._handles
+        # (positional: see Handle.__init__)
+        made = [Handle(self, cid, n, t.shape, t.dtype, False, None, None, tiers[tier][0],
+                       tiers[tier][1], priority, None, spec)
+                for (cid, tier), t, n, spec in zip(got, tensors, sizes, specs)]
+        handles.update(zip(map(_id_of, made), map(weakref.ref, made)))
+        return made
 
     # -- fetch ---------------------------------------------------------------------------
     def fetch(self, handle: Handle | torch.Tensor, out: torch.Tensor | None = None, *,
@@ -304,36 +328,62 @@ class OffloadManager:
     def _fetch(self, handles: list[Any], outs: list[Any], keep: bool, what: str,
                closing: bool = False) -> list[Any]:
         """The one fetch path (a single fetch is a batch of one)."""
-        with (contextlib.nullcontext() if closing else self._gate.call(what)), \
-                self._claim(handles, what) as handles:
-            if len({id(h) for h in handles}) != len(handles):
-                raise InvalidArgumentError(f"{what}: a handle is listed twice")
-            if len(outs) != len(handles):
-                raise InvalidArgumentError(f"{what}: outs must have one entry per handle")
-            for h, o in zip(handles, outs):
+        with (_NO_CALL if closing else self._gate.call(what)):
+            # claims.claim() spelled out: its generator context manager costs as much as the
+            # rest of a small fetch (the same double `finally`, see claims.take)
+            locks: list[Any] = []
+            taken: list[bool] = []
+            try:
+                try:
+                    return self._fetch_claimed(claims.take(self, handles, what, locks, taken),
+                                               outs, keep, what)
+                finally:
+                    claims.let_go(locks, taken)
+            finally:
+                if taken:  # nothing left, unless the line above was interrupted
+                    claims.let_go(locks, taken)
+
+    def _fetch_claimed(self, handles: list[Handle], outs: list[Any], keep: bool,
+                       what: str) -> list[Any]:
+        """:meth:`_fetch` once the handles are claimed."""
+        n = len(handles)
+        if n > 1 and len(set(map(id, handles))) != n:
+            raise InvalidArgumentError(f"{what}: a handle is listed twice")
+        if len(outs) != n:
+            raise InvalidArgumentError(f"{what}: outs must have one entry per handle")
+        # A batch is checked by C loops first (check_outs); one handle at once by the loop
+        if n < 4 or "kept" in map(_state_of, handles) or not check_outs(handles, outs,
+                                                                        self.device):
+            for h, o in zip(handles, outs):  # the first problem, in order, with its message
                 if h._state == "kept":
                     raise InvalidHandleError(
-                        f"{what}: this handle is the kept copy of a tensor already restored; use "
-                        "it as offload(..., base=h) or free it")
+                        f"{what}: this handle is the kept copy of a tensor already restored; "
+                        "use it as offload(..., base=h) or free it")
                 if o is not None:
                     if h.release or h._array is not None:
                         raise InvalidArgumentError(f"{what}: out= is for tensor snapshots; a "
                                                    "released tensor is restored in place")
                     check_out(o, h, self.device)
-            dests = paging.destinations(self, handles, outs)
-            done: list[bool] = []
+        dests = paging.destinations(self, handles, outs)
+        done: list[bool] = []
+        if all(map(is_, map(_prefetch_of, handles), repeat(None))) \
+                and all(map(_nbytes_of, handles)):
+            # the usual case, in one C loop (torch's method unbound where it can: half the cost)
+            ptrs = list(map(torch.Tensor.data_ptr if set(map(type, dests)) <= _TENSOR
+                            else _data_ptr, dests))
+        else:
             ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
                     for h, d in zip(handles, dests)]
-            results: list[Any] = [None] * len(handles)
-            try:
-                self._store.fetch_many([h._id for h in handles], ptrs,
-                                       current_stream(self.device), keep, done)
+        results: list[Any] = [None] * len(handles)
+        try:
+            self._store.fetch_many(list(map(_id_of, handles)), ptrs, current_stream(self.device),
+                                   keep, done)
+            paging.restore_all(self, handles, dests, outs, keep, results)
+        except BaseException:
+            if done:  # the core fetched them: finish the Python side regardless
                 paging.restore_all(self, handles, dests, outs, keep, results)
-            except BaseException:
-                if done:  # the core fetched them: finish the Python side regardless
-                    paging.restore_all(self, handles, dests, outs, keep, results)
-                raise
-            return results
+            raise
+        return results
 
     def prefetch(self, handle: Handle | torch.Tensor) -> Handle:
         """Start copying the handle back now, into memory allocated on the current stream, and

@@ -10,6 +10,9 @@ idempotent per handle, so an interrupted batch is finished from its exception ha
 
 from __future__ import annotations
 
+import operator
+from itertools import repeat
+from operator import is_, is_not
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -138,14 +141,21 @@ def page_in(h: Handle, dest: Any) -> torch.Tensor:
 def destinations(m: "OffloadManager", handles: list[Handle],
                  outs: list[torch.Tensor | None]) -> list[Any]:
     """:func:`destination` of each handle, in order (the first refusal raises)."""
+    if all(map(is_not, outs, repeat(None))):  # (only snapshots take an out: checked before)
+        if all(map(is_, map(_prefetch_of, handles), repeat(None))):
+            return list(outs)  # snapshots fetched into their outs, in one C loop
     dests: list[Any] = []
     cuda, device = m._cuda, m.device
     for h, out in zip(handles, outs):
-        if h._prefetch is None and h.release:  # the common case, inline
-            s = h._storage() if h._storage is not None else None
-            if s is not None and s.nbytes() != 0:
-                raise InvalidArgumentError(_RESIZED)
-            dests.append(_fresh(h.nbytes, device, cuda))
+        if h._prefetch is None:  # the common cases, inline
+            if h.release:
+                s = h._storage() if h._storage is not None else None
+                if s is not None and s.nbytes() != 0:
+                    raise InvalidArgumentError(_RESIZED)
+                dests.append(_fresh(h.nbytes, device, cuda))
+            else:
+                dests.append(torch.empty(h.shape, dtype=h.dtype, device=device)
+                             if out is None else out)
         else:
             dests.append(destination(h, out, device))
     return dests
@@ -186,9 +196,22 @@ def restore_all(m: "OffloadManager", handles: list[Handle], dests: list[Any],
     once (``results[i]`` None until then), then the handles end (only once every result is
     kept: a handle ended before its result would be re-run without its weak references), then
     the registry lets their storages go. Idempotent (Note [Interrupted batches] in manager.py)."""
-    m._holders.drop_many([h._id for h in handles])  # the fetch ordered the caller after the copy
+    m._holders.drop_many(list(map(_id_of, handles)))  # the fetch ordered the caller after the copy
+    if len(handles) > 4 and _plain_snapshots(handles) and all(map(is_, outs, dests)) \
+            and all(map(is_, results, repeat(None))):  # (C loops: they pay for a batch)
+        # Tensor snapshots fetched into their outs: restore() in short, and _end() of a handle
+        # that holds nothing else; an interrupt in the loop leaves the rest to the loops below
+        results[:] = dests
+        if not keep:
+            for h in handles:
+                h._state = "fetched"
+        return
     for i, h in enumerate(handles):
         if results[i] is None:
+            if not h.release and h._prefetch is None and h._deferred is None \
+                    and h._array is None and (outs[i] is None or outs[i] is dests[i]):
+                results[i] = dests[i]  # a tensor snapshot in its out or a new tensor: restore()
+                continue               # in short
             # page_in, inline for the common case: fresh bytes (not a prefetch buffer, which a
             # re-run after an interrupt inside restore() finds here with _prefetch dropped)
             # for a tensor that lives (so does its storage)
@@ -210,7 +233,23 @@ def restore_all(m: "OffloadManager", handles: list[Handle], dests: list[Any],
                 h._end("fetched")
             elif h.release:
                 h._state = "kept"
-    storage.unregister_many([(h._key, h) for h in handles if h.release and h._key is not None])
+    if any(map(_release_of, handles)):
+        storage.unregister_many([(h._key, h) for h in handles if h.release and h._key is not None])
+
+
+def _plain_snapshots(handles: list[Handle]) -> bool:
+    """Every handle is a snapshot of a tensor, neither prefetched nor deferred (C loops)."""
+    return (not any(map(_release_of, handles))
+            and all(map(is_, map(_prefetch_of, handles), repeat(None)))
+            and all(map(is_, map(_deferred_of, handles), repeat(None)))
+            and all(map(is_, map(_array_of, handles), repeat(None))))
+
+
+_id_of = operator.attrgetter("_id")
+_prefetch_of = operator.attrgetter("_prefetch")
+_deferred_of = operator.attrgetter("_deferred")
+_array_of = operator.attrgetter("_array")
+_release_of = operator.attrgetter("release")
 
 
 def restore(m: "OffloadManager", h: Handle, dest: Any, out: torch.Tensor | None) -> Any:

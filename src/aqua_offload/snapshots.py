@@ -8,6 +8,8 @@ orders after the base's. Interrupted batches: Note [Interrupted batches] in mana
 
 from __future__ import annotations
 
+import operator
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,35 +29,48 @@ def take(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
          specs: list[Any]) -> list[Handle]:
     """Snapshot every tensor in one core call (fenced now or deferred); arrays carry ``specs``
     to be rebuilt at fetch."""
-    srcs = [storage.snapshot_source(t) for t in tensors]
-    sizes = [s.numel() * s.element_size() for s in srcs]
+    srcs = storage.snapshot_sources(tensors)
+    sizes = list(map(_nbytes_of, srcs))
     got: list[tuple[int, int]] = []  # filled by the core before it returns
-    handles: list[Handle | None] = [None] * len(tensors)
+    made: list[Handle] = []  # every handle at once (one line), or none yet
+    deferred = fence == "deferred"
 
     def finish() -> None:  # idempotent (Note [Interrupted batches] in manager.py)
-        for i, ((cid, tier), t, src, n, spec) in enumerate(zip(got, tensors, srcs, sizes, specs)):
-            if handles[i] is None:
-                handles[i] = m._new_handle(cid, tier, t, nbytes=n, release=False, priority=prio)
-                handles[i]._array = spec
-            handles[i]._adopted = True  # (Note [Orphans] in manager.py)
-            if fence == "deferred" and n and handles[i]._deferred is None:
-                _defer_fence(m, handles[i], t, src, tier)
-            if bases[i] is not None:  # consumed: the new copy completes after the base's (the
-                m._holders.transfer(bases[i]._id, cid)  # core orders it), so what the base
-                bases[i]._end("freed")                    # kept alive waits for the new one
+        if not made:  # an interrupt inside leaves it empty: the re-run makes them all again
+            made[:] = m._new_snapshots(got, tensors, sizes, prio, specs)
+        for h in made:  # once stored: adopted by a re-run, whatever interrupts
+            h._adopted = True  # (Note [Orphans] in manager.py)
+        if deferred:
+            for h, (_cid, tier), t, src, n in zip(made, got, tensors, srcs, sizes):
+                if n and h._deferred is None:
+                    _defer_fence(m, h, t, src, tier)
+        if bases.count(None) != len(bases):
+            for h, b in zip(made, bases):
+                if b is not None:  # consumed: the new copy completes after the base's (the
+                    m._holders.transfer(b._id, h._id)  # core orders it), so what the base
+                    b._end("freed")                    # kept alive waits for the new one
 
+    if all(sizes):  # the usual case, in C loops
+        ptrs = map(torch.Tensor.data_ptr if set(map(type, srcs)) <= _TENSOR else _data_ptr, srcs)
+        items = list(zip(ptrs, sizes, repeat(prio), base_ids))
+    else:
+        items = [(s.data_ptr() if n else 0, n, prio, b) for s, n, b in zip(srcs, sizes, base_ids)]
     try:
         # A temporary source may be dropped after the call: with fence "now" the current
         # stream (its allocation stream) waits for the copy; "deferred" keeps it alive.
-        m._store.offload_many(
-            [(s.data_ptr() if n else 0, n, prio, b) for s, n, b in zip(srcs, sizes, base_ids)],
-            current_stream(m.device), fence == "now", got)
+        m._store.offload_many(items, current_stream(m.device), not deferred, got)
         finish()
     except BaseException:
         if got:  # accepted: finish, then the caller never sees these handles and they free
             finish()  # their blocks as they die
         raise
-    return handles
+    return list(made)
+
+
+_nbytes_of = operator.attrgetter("nbytes")
+_TENSOR = {torch.Tensor}
+_data_ptr = operator.methodcaller("data_ptr")
+
 
 def _defer_fence(m: "OffloadManager", handle: Handle, tensor: torch.Tensor, src: torch.Tensor,
                  tier: int) -> None:

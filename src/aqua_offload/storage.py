@@ -32,6 +32,7 @@ so does a new offload.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import weakref
@@ -454,6 +455,34 @@ def deferred_unfenced(t: torch.Tensor) -> bool:
     """Whether ``t``'s storage is the source of a deferred snapshot not yet fenced."""
     waiting = _deferred.get(storage_key(t))
     return waiting is not None and any(r() is not None for r in waiting)
+
+
+def snapshot_sources(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`snapshot_source` of each tensor (the first refusal raises), by C loops over the
+    batch when none is paged out, discarded, conjugated or negated (the usual case)."""
+    if not all_touchable(tensors):
+        return [snapshot_source(t) for t in tensors]
+    if set(map(type, tensors)) <= _TENSOR:  # torch's methods unbound: half the cost
+        if any(map(torch.Tensor.is_conj, tensors)) or any(map(torch.Tensor.is_neg, tensors)):
+            return [snapshot_source(t) for t in tensors]
+        return list(map(torch.Tensor.contiguous, tensors))
+    if any(map(_is_conj, tensors)) or any(map(_is_neg, tensors)):  # (a subclass's own)
+        return [snapshot_source(t) for t in tensors]
+    return list(map(_contiguous, tensors))
+
+
+def all_touchable(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor's storage is in the registry (so :func:`unsafe_to_touch` says None
+    for each): the usual answer, from C loops. False means: ask each."""
+    return not _registry or _registry.keys().isdisjoint(map(_cdata_of, map(_untyped, tensors)))
+
+
+_TENSOR = {torch.Tensor}
+_cdata_of = operator.attrgetter("_cdata")
+_untyped = operator.methodcaller("untyped_storage")
+_is_conj = operator.methodcaller("is_conj")
+_is_neg = operator.methodcaller("is_neg")
+_contiguous = operator.methodcaller("contiguous")
 
 
 def snapshot_source(tensor: torch.Tensor) -> torch.Tensor:
