@@ -53,8 +53,9 @@ def check_offload(tensors: list[Any], release: bool, fence: str, device: torch.d
     specs: list[Any] = [None] * len(tensors)
     types = set(map(type, tensors))
     if types <= _TENSOR or all(issubclass(tp, torch.Tensor) for tp in types):  # no array
-        if set(map(_FACTS, tensors)) <= {(device, torch.strided, False, False)}:
-            return specs  # every tensor passes check_tensor
+        if len(tensors) > 1 and set(map(_FACTS, tensors)) <= {(device, torch.strided, False,
+                                                                 False)}:
+            return specs  # every tensor passes check_tensor (for one, it costs more)
     elif any(arrays.is_array(t) for t in tensors):
         if release:
             raise InvalidArgumentError(f"{what}: arrays (numpy, CuPy, DLPack) are offloaded as "
@@ -95,16 +96,20 @@ def check_out(out: Any, handle: Handle, device: torch.device) -> None:
         raise InvalidArgumentError("fetch: out must be contiguous and not paged out")
 
 
-def check_outs(handles: list[Handle], outs: list[Any], device: torch.device) -> bool:
+def check_outs(handles: list[Handle], outs: list[Any], device: torch.device,
+               snapshots: bool = False) -> bool:
     """Whether ``outs`` (one entry per handle) pass at once: all None, or all tensors that
-    :func:`check_out` accepts for snapshots of tensors. False means "look one by one" (the
-    caller's loop finds the first problem, with its message), not that one is wrong. One C
-    loop per fact over the batch: a Python line per handle costs more than the fetch."""
+    :func:`check_out` accepts for snapshots of tensors (``snapshots``: the caller knows every
+    handle is one). False means "look one by one" (the caller's loop finds the first problem,
+    with its message), not that one is wrong. One C loop per fact over the batch: a Python
+    line per handle costs more than the fetch."""
     n = sum(map(is_, outs, repeat(None)))  # (not count(None): it would compare tensors)
     if n == len(outs):
         return True
-    if n or set(map(type, outs)) != {torch.Tensor} or any(map(_release_of, handles)) \
-            or not all(map(is_, map(_array_of, handles), repeat(None))):
+    if n or set(map(type, outs)) != _TENSOR:
+        return False
+    if not snapshots and (any(map(_release_of, handles))
+                          or not all(map(is_, map(_array_of, handles), repeat(None)))):
         return False
     return (set(map(_device_of, outs)) == {device}
             and list(map(_dtype_of, outs)) == list(map(_dtype_of, handles))

@@ -280,11 +280,13 @@ class OffloadManager:
         """:meth:`_new_handle` of each snapshot the core made (``(core id, tier)`` in ``got``),
         ``specs`` the arrays' (None for a tensor). Not yet adopted."""
         tiers, handles = self._tiers, self._handles
-        # (positional: see Handle.__init__)
-        made = [Handle(self, cid, n, t.shape, t.dtype, False, None, None, tiers[tier][0],
-                       tiers[tier][1], priority, None, spec)
-                for (cid, tier), t, n, spec in zip(got, tensors, sizes, specs)]
-        handles.update(zip(map(_id_of, made), map(weakref.ref, made)))
+        made = []  # (a loop: as fast as a comprehension for a batch, faster for one)
+        for (cid, tier), t, n, spec in zip(got, tensors, sizes, specs):
+            kind, location = tiers[tier]
+            h = Handle(self, cid, n, t.shape, t.dtype, False, None, None, kind, location,
+                       priority, None, spec)  # (positional: see Handle.__init__)
+            handles[cid] = weakref.ref(h)
+            made.append(h)
         return made
 
     # -- fetch ---------------------------------------------------------------------------
@@ -351,9 +353,12 @@ class OffloadManager:
             raise InvalidArgumentError(f"{what}: a handle is listed twice")
         if len(outs) != n:
             raise InvalidArgumentError(f"{what}: outs must have one entry per handle")
-        # A batch is checked by C loops first (check_outs); one handle at once by the loop
+        # A batch is checked by C loops first (check_outs); one handle at once by the loop.
+        # A batch of tensor snapshots neither prefetched nor deferred (``plain``, the usual
+        # one) is also fetched and finished by C loops.
+        plain = n > 4 and paging.plain_snapshots(handles)
         if n < 4 or "kept" in map(_state_of, handles) or not check_outs(handles, outs,
-                                                                        self.device):
+                                                                        self.device, plain):
             for h, o in zip(handles, outs):  # the first problem, in order, with its message
                 if h._state == "kept":
                     raise InvalidHandleError(
@@ -364,11 +369,11 @@ class OffloadManager:
                         raise InvalidArgumentError(f"{what}: out= is for tensor snapshots; a "
                                                    "released tensor is restored in place")
                     check_out(o, h, self.device)
-        dests = paging.destinations(self, handles, outs)
+        dests = paging.destinations(self, handles, outs, plain)
         done: list[bool] = []
-        if all(map(is_, map(_prefetch_of, handles), repeat(None))) \
+        if n > 4 and (plain or all(map(is_, map(_prefetch_of, handles), repeat(None)))) \
                 and all(map(_nbytes_of, handles)):
-            # the usual case, in one C loop (torch's method unbound where it can: half the cost)
+            # a batch, by C loops (torch's method unbound where it can: half the cost)
             ptrs = list(map(torch.Tensor.data_ptr if set(map(type, dests)) <= _TENSOR
                             else _data_ptr, dests))
         else:
@@ -378,10 +383,10 @@ class OffloadManager:
         try:
             self._store.fetch_many(list(map(_id_of, handles)), ptrs, current_stream(self.device),
                                    keep, done)
-            paging.restore_all(self, handles, dests, outs, keep, results)
+            paging.restore_all(self, handles, dests, outs, keep, results, plain)
         except BaseException:
             if done:  # the core fetched them: finish the Python side regardless
-                paging.restore_all(self, handles, dests, outs, keep, results)
+                paging.restore_all(self, handles, dests, outs, keep, results, plain)
             raise
         return results
 

@@ -25,8 +25,8 @@ from .handle import Handle
 if TYPE_CHECKING:
     from .manager import OffloadManager
 
-__all__ = ["page_out", "page_in", "destination", "destinations", "restore", "restore_all",
-           "keep_alive", "keep_alive_many", "forget"]
+__all__ = ["page_out", "page_in", "destination", "destinations", "plain_snapshots", "restore",
+           "restore_all", "keep_alive", "keep_alive_many", "forget"]
 
 
 def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
@@ -138,11 +138,12 @@ def page_in(h: Handle, dest: Any) -> torch.Tensor:
     return h._restored_tensor(s)
 
 
-def destinations(m: "OffloadManager", handles: list[Handle],
-                 outs: list[torch.Tensor | None]) -> list[Any]:
-    """:func:`destination` of each handle, in order (the first refusal raises)."""
+def destinations(m: "OffloadManager", handles: list[Handle], outs: list[torch.Tensor | None],
+                 plain: bool = False) -> list[Any]:
+    """:func:`destination` of each handle, in order (the first refusal raises). ``plain``:
+    :func:`plain_snapshots` holds."""
     if all(map(is_not, outs, repeat(None))):  # (only snapshots take an out: checked before)
-        if all(map(is_, map(_prefetch_of, handles), repeat(None))):
+        if plain or all(map(is_, map(_prefetch_of, handles), repeat(None))):
             return list(outs)  # snapshots fetched into their outs, in one C loop
     dests: list[Any] = []
     cuda, device = m._cuda, m.device
@@ -191,14 +192,15 @@ def destination(h: Handle, out: torch.Tensor | None, device: torch.device) -> An
 
 
 def restore_all(m: "OffloadManager", handles: list[Handle], dests: list[Any],
-                outs: list[torch.Tensor | None], keep: bool, results: list[Any]) -> None:
+                outs: list[torch.Tensor | None], keep: bool, results: list[Any],
+                plain: bool = False) -> None:
     """After the core fetched every handle into its destination: the Python side, each handle
     once (``results[i]`` None until then), then the handles end (only once every result is
     kept: a handle ended before its result would be re-run without its weak references), then
-    the registry lets their storages go. Idempotent (Note [Interrupted batches] in manager.py)."""
+    the registry lets their storages go. Idempotent (Note [Interrupted batches] in manager.py).
+    ``plain``: :func:`plain_snapshots` held when the fetch began."""
     m._holders.drop_many(list(map(_id_of, handles)))  # the fetch ordered the caller after the copy
-    if len(handles) > 4 and _plain_snapshots(handles) and all(map(is_, outs, dests)) \
-            and all(map(is_, results, repeat(None))):  # (C loops: they pay for a batch)
+    if plain and all(map(is_, outs, dests)) and all(map(is_, results, repeat(None))):
         # Tensor snapshots fetched into their outs: restore() in short, and _end() of a handle
         # that holds nothing else; an interrupt in the loop leaves the rest to the loops below
         results[:] = dests
@@ -237,8 +239,9 @@ def restore_all(m: "OffloadManager", handles: list[Handle], dests: list[Any],
         storage.unregister_many([(h._key, h) for h in handles if h.release and h._key is not None])
 
 
-def _plain_snapshots(handles: list[Handle]) -> bool:
-    """Every handle is a snapshot of a tensor, neither prefetched nor deferred (C loops)."""
+def plain_snapshots(handles: list[Handle]) -> bool:
+    """Every handle is a snapshot of a tensor, neither prefetched nor deferred (C loops). Under
+    the handles' locks it stays so until they end."""
     return (not any(map(_release_of, handles))
             and all(map(is_, map(_prefetch_of, handles), repeat(None)))
             and all(map(is_, map(_deferred_of, handles), repeat(None)))

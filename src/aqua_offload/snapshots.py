@@ -31,40 +31,44 @@ def take(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
     to be rebuilt at fetch."""
     srcs = storage.snapshot_sources(tensors)
     sizes = list(map(_nbytes_of, srcs))
-    got: list[tuple[int, int]] = []  # filled by the core before it returns
-    made: list[Handle] = []  # every handle at once (one line), or none yet
-    deferred = fence == "deferred"
-
-    def finish() -> None:  # idempotent (Note [Interrupted batches] in manager.py)
-        if not made:  # an interrupt inside leaves it empty: the re-run makes them all again
-            made[:] = m._new_snapshots(got, tensors, sizes, prio, specs)
-        for h in made:  # once stored: adopted by a re-run, whatever interrupts
-            h._adopted = True  # (Note [Orphans] in manager.py)
-        if deferred:
-            for h, (_cid, tier), t, src, n in zip(made, got, tensors, srcs, sizes):
-                if n and h._deferred is None:
-                    _defer_fence(m, h, t, src, tier)
-        if bases.count(None) != len(bases):
-            for h, b in zip(made, bases):
-                if b is not None:  # consumed: the new copy completes after the base's (the
-                    m._holders.transfer(b._id, h._id)  # core orders it), so what the base
-                    b._end("freed")                    # kept alive waits for the new one
-
-    if all(sizes):  # the usual case, in C loops
+    if len(srcs) > 4 and all(sizes):  # a batch, by C loops (torch's method unbound if it can)
         ptrs = map(torch.Tensor.data_ptr if set(map(type, srcs)) <= _TENSOR else _data_ptr, srcs)
         items = list(zip(ptrs, sizes, repeat(prio), base_ids))
     else:
         items = [(s.data_ptr() if n else 0, n, prio, b) for s, n, b in zip(srcs, sizes, base_ids)]
+    deferred = fence == "deferred"
+    got: list[tuple[int, int]] = []  # filled by the core before it returns
+    made: list[Handle] = []  # every handle at once (one line), or none yet
     try:
         # A temporary source may be dropped after the call: with fence "now" the current
         # stream (its allocation stream) waits for the copy; "deferred" keeps it alive.
         m._store.offload_many(items, current_stream(m.device), not deferred, got)
-        finish()
+        _finish(m, got, made, tensors, srcs, sizes, prio, specs, bases, deferred)
     except BaseException:
         if got:  # accepted: finish, then the caller never sees these handles and they free
-            finish()  # their blocks as they die
-        raise
-    return list(made)
+            _finish(m, got, made, tensors, srcs, sizes, prio, specs, bases, deferred)  # their
+        raise                                                                # blocks as they die
+    return made
+
+
+def _finish(m: "OffloadManager", got: list[tuple[int, int]], made: list[Handle],
+            tensors: list[torch.Tensor], srcs: list[torch.Tensor], sizes: list[int],
+            prio: float, specs: list[Any], bases: list[Handle | None], deferred: bool) -> None:
+    """The Python side of a batch the core accepted (``got``): its handles in ``made``.
+    Idempotent (Note [Interrupted batches] in manager.py)."""
+    if not made:  # an interrupt inside leaves it empty: the re-run makes them all again
+        made[:] = m._new_snapshots(got, tensors, sizes, prio, specs)
+    for h in made:  # once stored: adopted by a re-run, whatever interrupts
+        h._adopted = True  # (Note [Orphans] in manager.py)
+    if deferred:
+        for h, (_cid, tier), t, src, n in zip(made, got, tensors, srcs, sizes):
+            if n and h._deferred is None:
+                _defer_fence(m, h, t, src, tier)
+    if bases.count(None) != len(bases):
+        for h, b in zip(made, bases):
+            if b is not None:  # consumed: the new copy completes after the base's (the core
+                m._holders.transfer(b._id, h._id)  # orders it), so what the base kept
+                b._end("freed")                    # alive waits for the new one
 
 
 _nbytes_of = operator.attrgetter("nbytes")

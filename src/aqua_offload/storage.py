@@ -460,8 +460,10 @@ def deferred_unfenced(t: torch.Tensor) -> bool:
 def snapshot_sources(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """:func:`snapshot_source` of each tensor (the first refusal raises), by C loops over the
     batch when none is paged out, discarded, conjugated or negated (the usual case)."""
-    if not all_touchable(tensors):
-        return [snapshot_source(t) for t in tensors]
+    if len(tensors) == 1:  # (the loops cost more than they save for one)
+        return [snapshot_source(tensors[0])]
+    if _registry and not _registry.keys().isdisjoint(map(_cdata_of, map(_untyped, tensors))):
+        return [snapshot_source(t) for t in tensors]  # (all_touchable, inline)
     if set(map(type, tensors)) <= _TENSOR:  # torch's methods unbound: half the cost
         if any(map(torch.Tensor.is_conj, tensors)) or any(map(torch.Tensor.is_neg, tensors)):
             return [snapshot_source(t) for t in tensors]
