@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import operator
 import weakref
-from itertools import repeat
-from operator import is_
 from typing import Any, ContextManager, Iterable, Mapping, Sequence
 
 import torch
@@ -45,10 +42,10 @@ import torch
 from . import _core, claims, orphans, paging, prefetching, snapshots, storage
 from .devices import (DeviceLike, current_stream, external_stream, parse_peer, record_stream,
                       resolve_device)
-from .errors import InvalidArgumentError, InvalidHandleError, RemoteLostError
+from .errors import InvalidArgumentError, RemoteLostError
 from .handle import Handle, check_priority as _check_priority
 from .calls import CallGate
-from .checks import as_list, check_base, check_offload, check_out, check_outs
+from .checks import as_list, check_base, check_offload
 from .holders import HolderWatch
 from .peer_budget import peer_pools
 from .sizes import parse_size
@@ -65,13 +62,6 @@ _DEFAULT_BYTES = {"cuda": ("8GiB", "16GiB"), "emulation": ("64MiB", "256MiB")}
 _DEFAULT_CHUNK = {"cuda": _core.default_chunk_bytes, "emulation": 1 << 40}
 _live: "weakref.WeakSet[OffloadManager]" = weakref.WeakSet()
 _NO_CALL = contextlib.nullcontext()  # close()'s own fetch: close() shut the gate already
-# Read by C loops over a batch (map), cheaper than a Python line per handle
-_state_of = operator.attrgetter("_state")
-_prefetch_of = operator.attrgetter("_prefetch")
-_nbytes_of = operator.attrgetter("nbytes")
-_id_of = operator.attrgetter("_id")
-_data_ptr = operator.methodcaller("data_ptr")  # a tensor's or a storage's
-_TENSOR = {torch.Tensor}
 
 
 def live_managers() -> list["OffloadManager"]:
@@ -275,20 +265,6 @@ class OffloadManager:
         self._handles[core_id] = weakref.ref(h)
         return h
 
-    def _new_snapshots(self, got: list[tuple[int, int]], tensors: list[Any], sizes: list[int],
-                       priority: float, specs: list[Any]) -> list[Handle]:
-        """:meth:`_new_handle` of each snapshot the core made (``(core id, tier)`` in ``got``),
-        ``specs`` the arrays' (None for a tensor). Not yet adopted."""
-        tiers, handles = self._tiers, self._handles
-        made = []  # (a loop: as fast as a comprehension for a batch, faster for one)
-        for (cid, tier), t, n, spec in zip(got, tensors, sizes, specs):
-            kind, location = tiers[tier]
-            h = Handle(self, cid, n, t.shape, t.dtype, False, None, None, kind, location,
-                       priority, None, spec)  # (positional: see Handle.__init__)
-            handles[cid] = weakref.ref(h)
-            made.append(h)
-        return made
-
     # -- fetch ---------------------------------------------------------------------------
     def fetch(self, handle: Handle | torch.Tensor, out: torch.Tensor | None = None, *,
               keep: bool = False) -> Any:
@@ -337,58 +313,13 @@ class OffloadManager:
             taken: list[bool] = []
             try:
                 try:
-                    return self._fetch_claimed(claims.take(self, handles, what, locks, taken),
-                                               outs, keep, what)
+                    return paging.fetch_claimed(self, claims.take(self, handles, what, locks,
+                                                                  taken), outs, keep, what)
                 finally:
                     claims.let_go(locks, taken)
             finally:
                 if taken:  # nothing left, unless the line above was interrupted
                     claims.let_go(locks, taken)
-
-    def _fetch_claimed(self, handles: list[Handle], outs: list[Any], keep: bool,
-                       what: str) -> list[Any]:
-        """:meth:`_fetch` once the handles are claimed."""
-        n = len(handles)
-        if n > 1 and len(set(map(id, handles))) != n:
-            raise InvalidArgumentError(f"{what}: a handle is listed twice")
-        if len(outs) != n:
-            raise InvalidArgumentError(f"{what}: outs must have one entry per handle")
-        # A batch is checked by C loops first (check_outs); one handle at once by the loop.
-        # A batch of tensor snapshots neither prefetched nor deferred (``plain``, the usual
-        # one) is also fetched and finished by C loops.
-        plain = n > 4 and paging.plain_snapshots(handles)
-        if n < 4 or "kept" in map(_state_of, handles) or not check_outs(handles, outs,
-                                                                        self.device, plain):
-            for h, o in zip(handles, outs):  # the first problem, in order, with its message
-                if h._state == "kept":
-                    raise InvalidHandleError(
-                        f"{what}: this handle is the kept copy of a tensor already restored; "
-                        "use it as offload(..., base=h) or free it")
-                if o is not None:
-                    if h.release or h._array is not None:
-                        raise InvalidArgumentError(f"{what}: out= is for tensor snapshots; a "
-                                                   "released tensor is restored in place")
-                    check_out(o, h, self.device)
-        dests = paging.destinations(self, handles, outs, plain)
-        done: list[bool] = []
-        if n > 4 and (plain or all(map(is_, map(_prefetch_of, handles), repeat(None)))) \
-                and all(map(_nbytes_of, handles)):
-            # a batch, by C loops (torch's method unbound where it can: half the cost)
-            ptrs = list(map(torch.Tensor.data_ptr if set(map(type, dests)) <= _TENSOR
-                            else _data_ptr, dests))
-        else:
-            ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
-                    for h, d in zip(handles, dests)]
-        results: list[Any] = [None] * len(handles)
-        try:
-            self._store.fetch_many(list(map(_id_of, handles)), ptrs, current_stream(self.device),
-                                   keep, done)
-            paging.restore_all(self, handles, dests, outs, keep, results, plain)
-        except BaseException:
-            if done:  # the core fetched them: finish the Python side regardless
-                paging.restore_all(self, handles, dests, outs, keep, results, plain)
-            raise
-        return results
 
     def prefetch(self, handle: Handle | torch.Tensor) -> Handle:
         """Start copying the handle back now, into memory allocated on the current stream, and

@@ -18,15 +18,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import arrays, prefetching, storage
+from .checks import check_out, check_outs
 from .devices import current_stream
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, InvalidHandleError
 from .handle import Handle
 
 if TYPE_CHECKING:
     from .manager import OffloadManager
 
-__all__ = ["page_out", "page_in", "destination", "destinations", "plain_snapshots", "restore",
-           "restore_all", "keep_alive", "keep_alive_many", "forget"]
+__all__ = ["page_out", "page_in", "fetch_claimed", "destination", "destinations",
+           "plain_snapshots", "restore", "restore_all", "keep_alive", "keep_alive_many", "forget"]
 
 
 def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
@@ -136,6 +137,53 @@ def page_in(h: Handle, dest: Any) -> torch.Tensor:
     elif s.nbytes() == 0 and h.nbytes:
         storage.swap_in(s, filled)
     return h._restored_tensor(s)
+
+
+def fetch_claimed(m: "OffloadManager", handles: list[Handle], outs: list[Any], keep: bool,
+                  what: str) -> list[Any]:
+    """The fetch of the claimed ``handles`` (``OffloadManager._fetch`` holds their locks):
+    checked, fetched by the core in one call, each finished by :func:`restore_all`."""
+    n = len(handles)
+    if n > 1 and len(set(map(id, handles))) != n:
+        raise InvalidArgumentError(f"{what}: a handle is listed twice")
+    if len(outs) != n:
+        raise InvalidArgumentError(f"{what}: outs must have one entry per handle")
+    # A batch is checked by C loops first (check_outs); one handle at once by the loop. A
+    # batch of tensor snapshots neither prefetched nor deferred (``plain``, the usual one) is
+    # also fetched and finished by C loops.
+    plain = n > 4 and plain_snapshots(handles)
+    if n < 4 or "kept" in map(_state_of, handles) or not check_outs(handles, outs, m.device,
+                                                                    plain):
+        for h, o in zip(handles, outs):  # the first problem, in order, with its message
+            if h._state == "kept":
+                raise InvalidHandleError(
+                    f"{what}: this handle is the kept copy of a tensor already restored; use "
+                    "it as offload(..., base=h) or free it")
+            if o is not None:
+                if h.release or h._array is not None:
+                    raise InvalidArgumentError(f"{what}: out= is for tensor snapshots; a "
+                                               "released tensor is restored in place")
+                check_out(o, h, m.device)
+    dests = destinations(m, handles, outs, plain)
+    done: list[bool] = []
+    if n > 4 and (plain or all(map(is_, map(_prefetch_of, handles), repeat(None)))) \
+            and all(map(_nbytes_of, handles)):
+        # a batch, by C loops (torch's method unbound where it can: half the cost)
+        ptrs = list(map(torch.Tensor.data_ptr if set(map(type, dests)) <= _TENSOR
+                        else _data_ptr, dests))
+    else:
+        ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
+                for h, d in zip(handles, dests)]
+    results: list[Any] = [None] * n
+    try:
+        m._store.fetch_many(list(map(_id_of, handles)), ptrs, current_stream(m.device), keep,
+                            done)
+        restore_all(m, handles, dests, outs, keep, results, plain)
+    except BaseException:
+        if done:  # the core fetched them: finish the Python side regardless
+            restore_all(m, handles, dests, outs, keep, results, plain)
+        raise
+    return results
 
 
 def destinations(m: "OffloadManager", handles: list[Handle], outs: list[torch.Tensor | None],
@@ -249,6 +297,10 @@ def plain_snapshots(handles: list[Handle]) -> bool:
 
 
 _id_of = operator.attrgetter("_id")
+_state_of = operator.attrgetter("_state")
+_nbytes_of = operator.attrgetter("nbytes")
+_data_ptr = operator.methodcaller("data_ptr")  # a tensor's or a storage's
+_TENSOR = {torch.Tensor}
 _prefetch_of = operator.attrgetter("_prefetch")
 _deferred_of = operator.attrgetter("_deferred")
 _array_of = operator.attrgetter("_array")

@@ -9,6 +9,7 @@ orders after the base's. Interrupted batches: Note [Interrupted batches] in mana
 from __future__ import annotations
 
 import operator
+import weakref
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +58,7 @@ def _finish(m: "OffloadManager", got: list[tuple[int, int]], made: list[Handle],
     """The Python side of a batch the core accepted (``got``): its handles in ``made``.
     Idempotent (Note [Interrupted batches] in manager.py)."""
     if not made:  # an interrupt inside leaves it empty: the re-run makes them all again
-        made[:] = m._new_snapshots(got, tensors, sizes, prio, specs)
+        made[:] = _new_handles(m, got, tensors, sizes, prio, specs)
     for h in made:  # once stored: adopted by a re-run, whatever interrupts
         h._adopted = True  # (Note [Orphans] in manager.py)
     if deferred:
@@ -74,6 +75,21 @@ def _finish(m: "OffloadManager", got: list[tuple[int, int]], made: list[Handle],
 _nbytes_of = operator.attrgetter("nbytes")
 _TENSOR = {torch.Tensor}
 _data_ptr = operator.methodcaller("data_ptr")
+
+
+def _new_handles(m: "OffloadManager", got: list[tuple[int, int]], tensors: list[Any],
+                 sizes: list[int], priority: float, specs: list[Any]) -> list[Handle]:
+    """``m._new_handle`` of each snapshot the core made (``(core id, tier)`` in ``got``),
+    ``specs`` the arrays' (None for a tensor). Not yet adopted."""
+    tiers, table = m._tiers, m._handles
+    made = []  # (a loop: as fast as a comprehension for a batch, faster for one)
+    for (cid, tier), t, n, spec in zip(got, tensors, sizes, specs):
+        kind, location = tiers[tier]
+        h = Handle(m, cid, n, t.shape, t.dtype, False, None, None, kind, location, priority,
+                   None, spec)  # (positional: see Handle.__init__)
+        table[cid] = weakref.ref(h)
+        made.append(h)
+    return made
 
 
 def _defer_fence(m: "OffloadManager", handle: Handle, tensor: torch.Tensor, src: torch.Tensor,
