@@ -92,6 +92,61 @@ def test_an_interrupt_anywhere_in_a_mixed_fetch_batch_is_all_or_nothing(keep):
     assert result["errors"] == [] and result["wrong"] == [] and result["leaked"] == []
 
 
+# Snapshot batches of more than four plain tensors (the batch checks run as one C loop,
+# paging.plain_snapshots): an interrupt anywhere in offload_many, or in fetch_many into outs,
+# into new tensors or kept, is all or nothing and leaves no handle claimed.
+_SNAPSHOT_BATCH = _SWEEP + """
+    for n in range(5000):
+        ts = [rand(1000 + 8 * i) for i in range(6)]
+        refs = [t.clone() for t in ts]
+        outs = [torch.empty_like(t) for t in ts] if MODE != "fetch_new" else None
+        got = {}
+        try:
+            if MODE == "offload":
+                fired = interrupted(lambda: got.setdefault(
+                    "hs", m.offload_many(ts, release=False)), n)
+                hs = got.get("hs", [])
+                for t in ts:
+                    t.add_(1)  # the snapshots were taken before: they keep the old bytes
+                if hs and not all(torch.equal(b, r) for b, r in
+                                  zip(m.fetch_many(hs, outs=outs), refs)):
+                    result["wrong"].append([n, "data"])
+            else:
+                hs = m.offload_many(ts, release=False)
+                fired = interrupted(lambda: got.setdefault(
+                    "r", m.fetch_many(hs, outs=outs, keep=KEEP)), n)
+                if any(h._lock._is_owned() for h in hs):
+                    result["wrong"].append([n, "a lock held"])
+                if "r" in got:
+                    if not all(torch.equal(b, r) for b, r in zip(got["r"], refs)) or (
+                            outs and any(b is not o for b, o in zip(got["r"], outs))):
+                        result["wrong"].append([n, "results"])
+                live = [h._live() for h in hs]
+                if any(live) and not all(live) and not KEEP:
+                    result["wrong"].append([n, "half a batch", live])
+                if all(live):  # not fetched, or kept: the copies are still there
+                    if not all(torch.equal(b, r) for b, r in zip(m.fetch_many(hs), refs)):
+                        result["wrong"].append([n, "kept data"])
+        except Exception as exc:
+            result["wrong"].append([n, repr(exc)])
+        del ts, refs, outs, got
+        hs = None
+        swept(n)
+        if not fired:
+            break
+    m.close()
+"""
+
+
+@pytest.mark.parametrize("mode,keep", [("offload", False), ("fetch_out", False),
+                                       ("fetch_new", False), ("fetch_out", True)])
+def test_an_interrupt_anywhere_in_a_plain_snapshot_batch_is_all_or_nothing(mode, keep):
+    result = run_emulated(2, textwrap.dedent(_SNAPSHOT_BATCH).replace("MODE", repr(mode))
+                          .replace("KEEP", str(keep)))
+    assert result["sweeps"] > 80  # the tracer reached deep into the call
+    assert result["errors"] == [] and result["wrong"] == [] and result["leaked"] == []
+
+
 _FREE = _SWEEP + """
     for n in range(5000):
         t = rand(1000)
