@@ -73,17 +73,6 @@ def take(m: "OffloadManager", handles: list[Any], what: str, locks: list[Any],
     with the handles' locks and ``taken`` with one entry per lock acquired, returns the
     checked handles. The caller runs ``let_go(locks, taken)`` in a ``finally``, and again in
     an outer ``finally`` (an interrupt at the inner one's line would leave them all held)."""
-    if len(handles) == 1:  # a single call: the same steps, without loops over a batch
-        h = handles[0]
-        if type(h) is not Handle or h._manager is not m or h._state not in LIVE:
-            h = own(m, h, what)
-        locks[:] = (h._lock,)
-        taken.extend(map(_acquire, locks))  # (as below)
-        if h._state not in LIVE:  # ended by another thread meanwhile
-            own(m, h, what)  # raises the typed error
-        if h._pending is not None:
-            prefetching.settle(m, h)
-        return [h]
     # A live Handle of m passes at once (checked by C loops over a batch: they pay from a few
     # handles on); anything else gets own()'s checks and errors, in order.
     if len(handles) > 4 and _plain(m, handles):
@@ -92,7 +81,8 @@ def take(m: "OffloadManager", handles: list[Any], what: str, locks: list[Any],
         hs = [h if type(h) is Handle and h._manager is m and h._state in LIVE
               else own(m, h, what) for h in handles]
     # (one line each: the locks listed, then taken)
-    locks[:] = map(_lock_of, sorted(set(hs), key=_by_id))  # (a Handle hashes by identity)
+    locks[:] = map(_lock_of, sorted(set(hs), key=_by_id) if len(hs) > 1 else hs)  # (a Handle
+    # hashes by identity)
     # The locks are taken and let go by C loops (no Python line runs between two of them, so
     # a traced interrupt cannot split one off); `taken` counts them even if an acquire is
     # interrupted partway, so exactly those are released.
