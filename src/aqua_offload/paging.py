@@ -36,9 +36,14 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
     stores = [t.untyped_storage() for t in tensors]
     # Empty holders made beforehand, so that swapping a storage out is one C call (on the CPU
     # without arguments: parsing them costs more than the storage; not s.new(), which crashes
-    # on a storage without an allocator, such as numpy's, refused only below).
-    holders = ([torch.UntypedStorage(0, device=m.device) for _ in stores] if m._cuda
-               else [torch.UntypedStorage() for _ in stores])
+    # on a storage without an allocator, such as numpy's, refused only below). On CUDA a
+    # holder is an empty tensor, swapped through its storage: record_stream takes the tensor
+    # as it is (a bare storage would need a tensor made around it, per storage).
+    if m._cuda:
+        holders = [torch.empty(0, dtype=torch.uint8, device=m.device) for _ in stores]
+        holder_stores = [h.untyped_storage() for h in holders]
+    else:
+        holders = holder_stores = [torch.UntypedStorage() for _ in stores]
     sizes = [s.nbytes() for s in stores]
     reserved: list[tuple[int, Any]] = []
     watches: list[Any] = []  # the registry's weak reference to each storage
@@ -55,7 +60,7 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
             h._adopted = True  # (Note [Orphans] in manager.py)
             if sizes[i] and stores[i].nbytes() != 0:
                 if storage.CAN_SWAP:
-                    storage.swap_out(stores[i], holders[i])  # one C call: done or not
+                    storage.swap_out(stores[i], holder_stores[i])  # one C call: done or not
                 else:
                     _free_after_copy(m, stores[i], cid, tier)
         storage.commit(reserved, handles)  # type: ignore[arg-type]
