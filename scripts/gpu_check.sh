@@ -189,13 +189,13 @@ stage bench_tiers 90 'cd / && "$PYTHON" -m aqua_offload bench tiers --backend cu
 
 # 6. While the budget lasts. memcheck sees torch's allocations only without the caching
 # allocator; cases b-d in --quick mode, as everything under memcheck runs far slower.
-optional bench_hf 90 'cd / && "$PYTHON" -m aqua_offload bench hf --backend cuda --quick \
-  --no-progress --json "$OUT/bench_hf.json"'
 # Where offloading is bound by the link (8 x 2048 tokens of KV cache, ~256 MiB, moved every
 # step), not by per-call host time as in --quick: the regime of the HF target.
 optional bench_hf_long 120 'cd / && "$PYTHON" -m aqua_offload bench hf --backend cuda \
   --batch 8 --prompt-tokens 2048 --new-tokens 32 --samples 3 --no-progress \
   --json "$OUT/bench_hf_long.json"'
+optional bench_hf 90 'cd / && "$PYTHON" -m aqua_offload bench hf --backend cuda --quick \
+  --no-progress --json "$OUT/bench_hf.json"'
 optional bench_burst 90 'cd / && "$PYTHON" -m aqua_offload bench burst --backend cuda --quick \
   --no-progress --json "$OUT/bench_burst.json"'
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer \
