@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any, Callable
+from itertools import repeat
+from typing import Any, Callable, Iterable
 
 __all__ = ["HolderWatch"]
 
@@ -34,11 +35,11 @@ class HolderWatch:
             held = self._held
             held[core_id] = (held[core_id], memory) if core_id in held else memory
 
-    def hold_many(self, items: list[tuple[int, Any]]) -> None:
-        """:meth:`hold` of each ``(core_id, memory)``, in order, under one lock."""
+    def hold_many(self, core_ids: Iterable[int], memories: Iterable[Any]) -> None:
+        """:meth:`hold` of each core id with its memory, in order, under one lock."""
         with self._lock:
             held = self._held
-            for core_id, memory in items:  # a loop: see storage.unregister_many
+            for core_id, memory in zip(core_ids, memories):  # a loop: see storage.unregister_many
                 held[core_id] = (held[core_id], memory) if core_id in held else memory
 
     def transfer(self, old_id: int, new_id: int) -> None:
@@ -63,12 +64,8 @@ class HolderWatch:
         """:meth:`drop` of each, under one lock."""
         if not self._held:  # (ids the caller holds cannot be added meanwhile)
             return
-        dropped = []
-        with self._lock:
-            held = self._held
-            for core_id in core_ids:  # a loop: see storage.unregister_many
-                if core_id in held:
-                    dropped.append(held.pop(core_id))
+        with self._lock:  # (one C call; not a comprehension: see storage.unregister_many)
+            dropped = list(map(self._held.pop, core_ids, repeat(None)))
         del dropped  # outside the lock, as in drop()
 
     def reap(self) -> None:

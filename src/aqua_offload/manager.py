@@ -255,15 +255,22 @@ class OffloadManager:
 
     _undefer = staticmethod(storage.undefer_handle)
 
-    def _new_handle(self, core_id: int, tier: int, tensor: torch.Tensor, *, nbytes: int,
-                    release: bool, priority: float, key: int | None = None,
-                    storage_ref: Any = None) -> Handle:
-        kind, location = self._tiers[tier]  # where the copy went (Handle.tier stays live)
-        h = Handle(self, core_id, nbytes, tensor.shape, tensor.dtype, release,  # (positional:
-                   tensor if release else None, key, kind, location, priority,  # see Handle)
-                   storage_ref)
-        self._handles[core_id] = weakref.ref(h)
-        return h
+    def _new_handle(self, got: list[tuple[int, int]], tensors: list[torch.Tensor],
+                    sizes: list[int], priority: float, reserved: list[tuple[int, Any]],
+                    watches: list[Any]) -> list[Handle]:
+        """The Handles of a batch of releases the core accepted (one call per batch), one per
+        ``(core id, tier)`` in ``got``, not yet adopted: ``reserved`` has their storages'
+        registry keys, ``watches`` the registry's weak references to them (paging.page_out).
+        Snapshots: snapshots.py."""
+        tiers, table, ref = self._tiers, self._handles, weakref.ref
+        made = []  # (a loop: as fast as a comprehension for a batch, faster for one)
+        for (cid, tier), t, n, (key, _token), w in zip(got, tensors, sizes, reserved, watches):
+            kind, location = tiers[tier]  # where the copy went (Handle.tier stays live)
+            h = Handle(self, cid, n, t.shape, t.dtype, True, t, key, kind, location, priority,
+                       w)  # (positional: see Handle)
+            table[cid] = ref(h)
+            made.append(h)
+        return made
 
     # -- fetch ---------------------------------------------------------------------------
     def fetch(self, handle: Handle | torch.Tensor, out: torch.Tensor | None = None, *,

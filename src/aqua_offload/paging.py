@@ -33,39 +33,38 @@ __all__ = ["page_out", "page_in", "fetch_claimed", "destination", "destinations"
 def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
              bases: list[Handle | None], base_ids: list[int], what: str) -> list[Handle]:
     """Release: reserve every storage, let the core copy them, then swap each out."""
-    stores = [t.untyped_storage() for t in tensors]
-    # Empty holders made beforehand, so that swapping a storage out is one C call (on the CPU
-    # without arguments: parsing them costs more than the storage; not s.new(), which crashes
-    # on a storage without an allocator, such as numpy's, refused only below). On CUDA a
+    # (C loops over the batch; torch's methods unbound when every tensor is torch's own type)
+    stores = list(map(torch.Tensor.untyped_storage if set(map(type, tensors)) <= _TENSOR
+                      else _untyped, tensors))
+    # Empty holders made beforehand, so that swapping a storage out is one C call. On CUDA a
     # holder is an empty tensor, swapped through its storage: record_stream takes the tensor
-    # as it is (a bare storage would need a tensor made around it, per storage).
+    # as it is (a bare storage would need a tensor made around it, per storage). On the CPU
+    # a bare storage, made below (once reserve() has refused storages without an allocator,
+    # such as numpy's, on which s.new() crashes).
+    holders: list[Any] = []
+    holder_stores: list[torch.UntypedStorage] = []
     if m._cuda:
         holders = [torch.empty(0, dtype=torch.uint8, device=m.device) for _ in stores]
-        holder_stores = [h.untyped_storage() for h in holders]
-    else:
-        holders = holder_stores = [torch.UntypedStorage() for _ in stores]
-    sizes = [s.nbytes() for s in stores]
+        holder_stores = list(map(torch.Tensor.untyped_storage, holders))
+    sizes = list(map(_storage_nbytes, stores))
     reserved: list[tuple[int, Any]] = []
     watches: list[Any] = []  # the registry's weak reference to each storage
     got: list[tuple[int, int]] = []  # filled by the core before it returns
     handles: list[Handle | None] = [None] * len(tensors)
 
     def finish() -> None:  # idempotent (Note [Interrupted batches])
-        for i, (cid, tier) in enumerate(got):
-            h = handles[i]
-            if h is None:
-                h = handles[i] = m._new_handle(cid, tier, tensors[i], nbytes=sizes[i],
-                                               release=True, priority=prio,
-                                               key=reserved[i][0], storage_ref=watches[i])
+        if None in handles:  # all made at once (one line), or none yet
+            handles[:] = m._new_handle(got, tensors, sizes, prio, reserved, watches)
+        for h in handles:  # once stored: adopted by a re-run, whatever interrupts
             h._adopted = True  # (Note [Orphans] in manager.py)
-            if sizes[i] and stores[i].nbytes() != 0:
-                if storage.CAN_SWAP:
-                    storage.swap_out(stores[i], holder_stores[i])  # one C call: done or not
-                else:
+        if storage.CAN_SWAP:
+            storage.swap_out_many(stores, holder_stores, sizes)
+        else:
+            for i, (cid, tier) in enumerate(got):
+                if sizes[i] and stores[i].nbytes() != 0:
                     _free_after_copy(m, stores[i], cid, tier)
         storage.commit(reserved, handles)  # type: ignore[arg-type]
-        keep_alive_many(m, [(cid, tier, holders[i]) for i, (cid, tier) in enumerate(got)
-                            if sizes[i]])
+        keep_alive_many(m, got, holders, sizes)
         if bases.count(None) != len(bases):
             for i, (cid, _tier) in enumerate(got):
                 if bases[i] is not None:  # consumed (see snapshots.take)
@@ -74,10 +73,12 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
 
     # Built before anything is reserved: on Python 3.12 an exception raised inside an inlined
     # comprehension by a trace function can skip the handler below (seen with 3.12.1).
-    items = [(s.data_ptr(), n, prio, b) for s, n, b in zip(stores, sizes, base_ids)]
+    items = list(zip(map(_storage_data_ptr, stores), sizes, repeat(prio), base_ids))
     stream = current_stream(m.device)
     try:
         storage.reserve(stores, f"{what}(release=True)", reserved, watches)
+        if not m._cuda:  # (s.new(): half the cost of torch.UntypedStorage(), which parses)
+            holders = holder_stores = list(map(torch.UntypedStorage.new, stores))
         m._store.offload_many(items, stream, False, got)
         finish()
     except BaseException:
@@ -87,6 +88,12 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
             storage.unregister_many(reserved)
         raise
     return handles  # type: ignore[return-value]
+
+
+_untyped = operator.methodcaller("untyped_storage")
+_storage_nbytes = torch.UntypedStorage.nbytes  # (unbound: storages are torch's own type)
+_storage_data_ptr = torch.UntypedStorage.data_ptr
+
 
 def _free_after_copy(m: "OffloadManager", s: torch.UntypedStorage, core_id: int,
                      tier: int) -> None:
@@ -111,14 +118,20 @@ def keep_alive(m: "OffloadManager", core_id: int, tier: int, memory: Any,
     else:
         m._holders.hold(core_id, memory)
 
-def keep_alive_many(m: "OffloadManager", items: list[tuple[int, int, Any]]) -> None:
-    """:func:`keep_alive` of each ``(core_id, tier, holder)`` of paged-out storages (dropped
-    now), holders under one lock."""
+def keep_alive_many(m: "OffloadManager", got: list[tuple[int, int]], holders: list[Any],
+                    sizes: list[int]) -> None:
+    """:func:`keep_alive` of the holder of each paged-out storage (dropped now), by the
+    ``(core_id, tier)`` of its copy in ``got``; a storage of 0 ``sizes`` has nothing to keep.
+    Holders under one lock."""
     if m._cuda:
-        for core_id, tier, memory in items:
-            m._record_stream(memory, m._stream(tier, "to_tier"))
+        for (core_id, tier), memory, n in zip(got, holders, sizes):
+            if n:
+                m._record_stream(memory, m._stream(tier, "to_tier"))
+    elif all(sizes):
+        m._holders.hold_many(map(_first, got), holders)
     else:
-        m._holders.hold_many([(core_id, memory) for core_id, _tier, memory in items])
+        m._holders.hold_many([cid for (cid, _tier), n in zip(got, sizes) if n],
+                             [memory for memory, n in zip(holders, sizes) if n])
 
 
 def forget(m: "OffloadManager", got: list[tuple[int, int]]) -> None:
@@ -171,11 +184,14 @@ def fetch_claimed(m: "OffloadManager", handles: list[Handle], outs: list[Any], k
                 check_out(o, h, m.device)
     dests = destinations(m, handles, outs, plain)
     done: list[bool] = []
-    if n > 4 and (plain or all(map(is_, map(_prefetch_of, handles), repeat(None)))) \
+    kinds = set(map(type, dests)) if n > 4 else None
+    # (fresh storages are releases' own: no prefetch buffer, a tensor, among them)
+    if n > 4 and (plain or kinds <= _STORAGE
+                  or all(map(is_, map(_prefetch_of, handles), repeat(None)))) \
             and all(map(_nbytes_of, handles)):
         # a batch, by C loops (torch's method unbound where it can: half the cost)
-        ptrs = list(map(torch.Tensor.data_ptr if set(map(type, dests)) <= _TENSOR
-                        else _data_ptr, dests))
+        ptrs = list(map(torch.Tensor.data_ptr if kinds <= _TENSOR else
+                        _storage_data_ptr if kinds <= _STORAGE else _data_ptr, dests))
     else:
         ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
                 for h, d in zip(handles, dests)]
@@ -198,15 +214,16 @@ def destinations(m: "OffloadManager", handles: list[Handle], outs: list[torch.Te
     if all(map(is_not, outs, repeat(None))):  # (only snapshots take an out: checked before)
         if plain or all(map(is_, map(_prefetch_of, handles), repeat(None))):
             return list(outs)  # snapshots fetched into their outs, in one C loop
-    dests: list[Any] = []
     cuda, device = m._cuda, m.device
+    dests: list[Any] = []
     for h, out in zip(handles, outs):
         if h._prefetch is None:  # the common cases, inline
             if h.release:
                 s = h._storage() if h._storage is not None else None
                 if s is not None and s.nbytes() != 0:
                     raise InvalidArgumentError(_RESIZED)
-                dests.append(_fresh(h.nbytes, device, cuda))
+                dests.append(torch.UntypedStorage(h.nbytes) if not cuda  # (_fresh, inline)
+                             else _fresh(h.nbytes, device, cuda))
             else:
                 dests.append(torch.empty(h.shape, dtype=h.dtype, device=device)
                              if out is None else out)
@@ -302,6 +319,7 @@ def plain_snapshots(handles: list[Handle]) -> bool:
 
 
 _id_of = operator.attrgetter("_id")
+_first = operator.itemgetter(0)
 _state_of = operator.attrgetter("_state")
 _nbytes_of = operator.attrgetter("nbytes")
 _data_ptr = operator.methodcaller("data_ptr")  # a tensor's or a storage's
@@ -310,6 +328,7 @@ _prefetch_of = operator.attrgetter("_prefetch")
 _deferred_of = operator.attrgetter("_deferred")
 _array_of = operator.attrgetter("_array")
 _release_of = operator.attrgetter("release")
+_STORAGE = {torch.UntypedStorage}
 
 
 def restore(m: "OffloadManager", h: Handle, dest: Any, out: torch.Tensor | None) -> Any:

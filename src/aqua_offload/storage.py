@@ -36,6 +36,8 @@ import operator
 import os
 import threading
 import weakref
+from itertools import repeat
+from operator import is_, is_not
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -164,8 +166,27 @@ def reserve(stores: list[torch.UntypedStorage], what: str, reserved: list[tuple[
     it until it dies, harmlessly) is appended to ``watches``, for its handle to use as its own.
     """
     token = _Reservation()
+    # The usual batch (sole owners, none registered, none twice) passes C loops over it, and
+    # is reserved by two C calls (each done or not: no Python line between two storages);
+    # anything else, or a few storages, takes the loop below, which finds the first problem,
+    # with its message.
+    keys = list(map(_cdata_of, stores)) if len(stores) > 4 else None
     stale = []  # dead storages' entries at reused addresses: replaced, dropped outside the lock
     with _lock:
+        if (keys is not None and all(map(_resizable, stores)) and _exported.isdisjoint(keys)
+                and (not any(map(_is_shared, stores)) or not any(map(_shared, stores)))
+                and _registry.keys().isdisjoint(keys) and len(set(keys)) == len(keys)):
+            reserved.extend(zip(keys, repeat(token)))
+            _registry.update(zip(keys, repeat(token)))
+            ws = list(map(_watched.get, keys))
+            if all(map(is_not, ws, repeat(None))) and all(map(is_, map(_referent, ws), stores)):
+                watches.extend(ws)  # watched since an earlier release: the same weak references
+                return
+            for s, key, w in zip(stores, keys, ws):
+                if w is None or w() is not s:
+                    w = _Watch(s, _storage_died); w.key = key; _watched[key] = w  # noqa: E702
+                watches.append(w)
+            return
         for s in stores:
             key = s._cdata
             if not s.resizable() or _shared(s) or key in _exported:  # _not_sole_owner
@@ -391,6 +412,8 @@ _wrap_exports()
 # device-local copy more, and an interrupt between those two calls leaves the storage full of
 # garbage (with _swap_data_ptr_ each step is one C call).
 CAN_SWAP = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
+_swap_data_ptr = getattr(torch.UntypedStorage, "_swap_data_ptr_", None)  # (returns None)
+_nbytes = torch.UntypedStorage.nbytes
 
 
 def swap_out(storage: torch.UntypedStorage, holder: torch.UntypedStorage) -> None:
@@ -398,6 +421,18 @@ def swap_out(storage: torch.UntypedStorage, holder: torch.UntypedStorage) -> Non
     One C call: it either happened or not (the caller made ``holder`` beforehand). Only where
     :data:`CAN_SWAP` (else see paging.py)."""
     storage._swap_data_ptr_(holder)
+
+
+def swap_out_many(stores: list[torch.UntypedStorage], holders: list[torch.UntypedStorage],
+                  sizes: list[int]) -> None:
+    """:func:`swap_out` of each storage of ``sizes[i]`` bytes into ``holders[i]``, unless it
+    has none or is swapped out already (idempotent). Only where :data:`CAN_SWAP`."""
+    if len(stores) > 4 and all(sizes) and all(map(_nbytes, stores)):  # none swapped yet: one
+        any(map(_swap_data_ptr, stores, holders))  # C loop (all or none, but for an error: the
+        return                                     # loop below)
+    for s, holder, n in zip(stores, holders, sizes):
+        if n and s.nbytes() != 0:
+            swap_out(s, holder)
 
 
 def swap_in(storage: torch.UntypedStorage, filled: torch.UntypedStorage) -> None:
@@ -481,6 +516,9 @@ def all_touchable(tensors: list[torch.Tensor]) -> bool:
 
 _TENSOR = {torch.Tensor}
 _cdata_of = operator.attrgetter("_cdata")
+_resizable = torch.UntypedStorage.resizable  # (unbound: the storages are torch's own type)
+_is_shared = torch.UntypedStorage.is_shared
+_referent = weakref.ref.__call__
 _untyped = operator.methodcaller("untyped_storage")
 _is_conj = operator.methodcaller("is_conj")
 _is_neg = operator.methodcaller("is_neg")
