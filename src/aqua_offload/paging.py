@@ -76,7 +76,7 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
     items = list(zip(map(_storage_data_ptr, stores), sizes, repeat(prio), base_ids))
     stream = current_stream(m.device)
     try:
-        storage.reserve(stores, f"{what}(release=True)", reserved, watches)
+        storage.reserve(stores, what, reserved, watches)
         if not m._cuda:  # (s.new(): half the cost of torch.UntypedStorage(), which parses)
             holders = holder_stores = list(map(torch.UntypedStorage.new, stores))
         m._store.offload_many(items, stream, False, got)
@@ -222,7 +222,7 @@ def destinations(m: "OffloadManager", handles: list[Handle], outs: list[torch.Te
                 s = h._storage() if h._storage is not None else None
                 if s is not None and s.nbytes() != 0:
                     raise InvalidArgumentError(_RESIZED)
-                dests.append(torch.UntypedStorage(h.nbytes) if not cuda  # (_fresh, inline)
+                dests.append(_EMPTY.new().resize_(h.nbytes) if not cuda  # (_fresh, inline)
                              else _fresh(h.nbytes, device, cuda))
             else:
                 dests.append(torch.empty(h.shape, dtype=h.dtype, device=device)
@@ -237,11 +237,16 @@ _RESIZED = "fetch: the paged-out storage was resized meanwhile; refusing to over
 
 def _fresh(nbytes: int, device: torch.device, cuda: bool) -> torch.UntypedStorage:
     """New memory for a release's storage, allocated on the current stream. On the CPU a bare
-    storage (half the cost of a tensor); on CUDA through a tensor, whose device guard puts it
-    on ``device`` even when another device is current."""
+    storage (a fraction of the cost of a tensor); on CUDA through a tensor, whose device guard
+    puts it on ``device`` even when another device is current."""
     if cuda:
         return torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
-    return torch.UntypedStorage(nbytes)
+    return _EMPTY.new().resize_(nbytes)
+
+
+# What fresh CPU storages are made from: torch.UntypedStorage(n) is the same storage (the
+# default CPU allocator) at twice the cost of new() and resize_(), as it parses its arguments.
+_EMPTY = torch.UntypedStorage()
 
 
 def destination(h: Handle, out: torch.Tensor | None, device: torch.device) -> Any:
@@ -278,35 +283,35 @@ def restore_all(m: "OffloadManager", handles: list[Handle], dests: list[Any],
             for h in handles:
                 h._state = "fetched"
         return
-    for i, h in enumerate(handles):
+    swap_in, untyped = storage.swap_in, torch.UntypedStorage  # (looked up once)
+    for i, (h, dest) in enumerate(zip(handles, dests)):
         if results[i] is None:
             if not h.release and h._prefetch is None and h._deferred is None \
-                    and h._array is None and (outs[i] is None or outs[i] is dests[i]):
-                results[i] = dests[i]  # a tensor snapshot in its out or a new tensor: restore()
-                continue               # in short
+                    and h._array is None and (outs[i] is None or outs[i] is dest):
+                results[i] = dest  # a tensor snapshot in its out or a new tensor: restore()
+                continue           # in short
             # page_in, inline for the common case: fresh bytes (not a prefetch buffer, which a
             # re-run after an interrupt inside restore() finds here with _prefetch dropped)
             # for a tensor that lives (so does its storage)
-            if h.release and h._prefetch is None and h._deferred is None \
-                    and type(dests[i]) is torch.UntypedStorage:
+            if h.release and h._prefetch is None and h._deferred is None and type(dest) is untyped:
                 tensor = h._tensor() if h._tensor is not None else None
                 s = h._storage() if h._storage is not None else None
                 if tensor is None or s is None:
-                    results[i] = page_in(h, dests[i])
+                    results[i] = page_in(h, dest)
                     continue
                 if s.nbytes() == 0 and h.nbytes:
-                    storage.swap_in(s, dests[i])
+                    swap_in(s, dest)
                 results[i] = tensor
             else:
-                results[i] = restore(m, h, dests[i], outs[i])
+                results[i] = restore(m, h, dest, outs[i])
     for h in handles:
         if h._state == "live":
             if not keep:
                 h._end("fetched")
             elif h.release:
                 h._state = "kept"
-    if any(map(_release_of, handles)):
-        storage.unregister_many([(h._key, h) for h in handles if h.release and h._key is not None])
+    if any(map(_release_of, handles)):  # (a snapshot's key, None, is never registered)
+        storage.unregister_many(zip(map(_key_of, handles), handles))
 
 
 def plain_snapshots(handles: list[Handle]) -> bool:
@@ -328,6 +333,7 @@ _prefetch_of = operator.attrgetter("_prefetch")
 _deferred_of = operator.attrgetter("_deferred")
 _array_of = operator.attrgetter("_array")
 _release_of = operator.attrgetter("release")
+_key_of = operator.attrgetter("_key")
 _STORAGE = {torch.UntypedStorage}
 
 

@@ -38,7 +38,7 @@ import threading
 import weakref
 from itertools import repeat
 from operator import is_, is_not
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -164,6 +164,7 @@ def reserve(stores: list[torch.UntypedStorage], what: str, reserved: list[tuple[
     batches] in manager.py). One lock and one token for the whole batch. The weak reference
     watching each storage (made now if it has none: a storage that stays unregistered keeps
     it until it dies, harmlessly) is appended to ``watches``, for its handle to use as its own.
+    Errors name the call as ``what(release=True)``.
     """
     token = _Reservation()
     # The usual batch (sole owners, none registered, none twice) passes C loops over it, and
@@ -190,20 +191,21 @@ def reserve(stores: list[torch.UntypedStorage], what: str, reserved: list[tuple[
         for s in stores:
             key = s._cdata
             if not s.resizable() or _shared(s) or key in _exported:  # _not_sole_owner
-                raise InvalidArgumentError(f"{what}: {_not_sole_owner(s)}; use release=False")
+                raise InvalidArgumentError(
+                    f"{what}(release=True): {_not_sole_owner(s)}; use release=False")
             entry = _registry.get(key)
             if entry is not None:
                 if isinstance(entry, _Discarded):
                     if entry.storage() is s:
                         raise InvalidArgumentError(
-                            f"{what}: the tensor's storage was paged out and its handle freed (or "
-                            "its manager closed without restoring): its data is gone; make a new "
-                            "tensor")
+                            f"{what}(release=True): the tensor's storage was paged out and its "
+                            "handle freed (or its manager closed without restoring): its data is "
+                            "gone; make a new tensor")
                 elif isinstance(entry, _Reservation) or entry._storage is None \
                         or entry._storage() is s:
                     raise InvalidArgumentError(
-                        f"{what}: the tensor's storage is already paged out (or being paged "
-                        "out); fetch its handle first")
+                        f"{what}(release=True): the tensor's storage is already paged out (or "
+                        "being paged out); fetch its handle first")
                 stale.append(entry)
             reserved.append((key, token))
             _registry[key] = token
@@ -244,7 +246,7 @@ def unregister(key: int, expected: Any) -> None:
     del entry
 
 
-def unregister_many(pairs: list[tuple[int, Any]]) -> None:
+def unregister_many(pairs: Iterable[tuple[int, Any]]) -> None:
     """:func:`unregister` of each ``(key, expected)``, under one lock."""
     entries = []  # dropped outside the lock
     with _lock:
