@@ -148,6 +148,23 @@ def test_an_interrupt_anywhere_in_a_batch_is_all_or_nothing(step):
     assert result["reused"] == []
 
 
+@pytest.mark.parametrize("step", [
+    "interrupted(lambda: m.offload_many(ts), n)",
+    "(lambda hs: interrupted(lambda: m.fetch_many(hs), n))(m.offload_many(ts))",
+    "(lambda hs: interrupted(lambda: m.fetch_many(hs, keep=True), n) or "
+    "[m.free(h) for h in hs if h._live()])(m.offload_many(ts))",
+    "(lambda hs: interrupted(lambda: m.prefetch_many(hs), n))(m.offload_many(ts))",
+], ids=["offload_many", "fetch_many", "fetch_many_keep", "prefetch_many"])
+def test_an_interrupt_anywhere_in_a_batch_of_eight_is_all_or_nothing(step):
+    """Batches of more than four take the C-loop paths of reserve, swap-out and the handles'
+    making (storage.reserve, storage.swap_out_many, manager._new_handle); the same sweep."""
+    result = run_emulated(2, _INTERRUPT.replace("range(4)", "range(8)").replace("STEP", step))
+    assert result["sweeps"] > 50
+    assert result["closed"]
+    assert result["mixed"] == [] and result["wrong"] == [] and result["leaked"] == []
+    assert result["reused"] == []
+
+
 _INTERRUPT_CLOSE = _INTERRUPT.split("    m = aq.OffloadManager")[0] + """
     result.update(wrong=[], sweeps=0)
     for n in range(5000):
