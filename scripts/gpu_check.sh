@@ -10,7 +10,11 @@
 # happens), info.json, smoke.json, profile.{json,txt}, bench_*.json, and summary.txt
 # (PASS/FAIL/SKIP/TIMEOUT and seconds per stage), rewritten as each stage starts and ends so
 # that a run killed midway still says how far it got. The device tool brings back only a few
-# files: run it as `OUT=/tmp/o bash scripts/gpu_check.sh; tar czf $OUT/gpu.tgz -C /tmp/o .`.
+# files and a session has 15 minutes of device time, machine starts included (~40 s each): the
+# first run of 2026-11-28 used, with timeout_s=570 and carry [".wheels"],
+#   PYTHON=python3 BUDGET_S=480 HARD_S=540 OUT=/tmp/o bash scripts/gpu_check.sh; rc=$?; \
+#     tar czf $OUT/gpu.tgz -C /tmp/o .; exit $rc
+# which leaves time for a second, shorter run (GPU_CHECK_SKIP for the stages already done).
 # Exit status: 0 if no stage failed or timed out, else 1.
 #
 # Environment:
