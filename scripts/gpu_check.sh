@@ -11,7 +11,7 @@
 # (PASS/FAIL/SKIP/TIMEOUT and seconds per stage), rewritten as each stage starts and ends so
 # that a run killed midway still says how far it got. The device tool brings back only a few
 # files and a session has 15 minutes of device time, machine starts included (~40 s each): the
-# first run of 2026-11-28 used, with timeout_s=570 and carry [".wheels"],
+# call to make (timeout_s=570, carry [".wheels"]) is
 #   PYTHON=python3 BUDGET_S=480 HARD_S=540 OUT=/tmp/o bash scripts/gpu_check.sh; rc=$?; \
 #     tar czf $OUT/gpu.tgz -C /tmp/o .; exit $rc
 # which leaves time for a second, shorter run (GPU_CHECK_SKIP for the stages already done).
