@@ -186,8 +186,9 @@ stage smoke 75 'cd "$ROOT" && "$PYTHON" scripts/gpu_smoke.py --out "$OUT/smoke.j
 stage profile 60 'cd "$ROOT" && "$PYTHON" scripts/gpu_profile.py --out "$OUT"'
 
 # 5. Quick benchmarks, from / (the installed package). JSON only: plots can be made later.
+# (--quick's sizes, and 256 MiB: the size of the same-device peer target, DESIGN.md section 9)
 stage bench_copy 90 'cd / && "$PYTHON" -m aqua_offload bench copy --backend cuda --quick \
-  --no-progress --json "$OUT/bench_copy.json"'
+  --sizes 4KiB 256KiB 4MiB 64MiB 256MiB --no-progress --json "$OUT/bench_copy.json"'
 stage bench_tiers 90 'cd / && "$PYTHON" -m aqua_offload bench tiers --backend cuda --quick \
   --json "$OUT/bench_tiers.json"'
 
