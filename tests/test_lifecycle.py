@@ -165,6 +165,26 @@ def test_an_interrupt_anywhere_in_a_batch_of_eight_is_all_or_nothing(step):
     assert result["reused"] == []
 
 
+@pytest.mark.parametrize("step", [
+    "interrupted(lambda: m.offload_many(ts), n)",
+    "(lambda hs: interrupted(lambda: m.fetch_many(hs), n))(m.offload_many(ts))",
+    "(lambda h: interrupted(lambda: m.fetch(h), n))(m.offload(ts[0]))"
+    " if not ts.__delitem__(slice(1, None)) else 0",
+], ids=["offload_many", "fetch_many", "fetch"])
+def test_an_interrupt_anywhere_without_swap_data_ptr_is_all_or_nothing(step):
+    """The fallback of torch without _swap_data_ptr_ (Note [Without _swap_data_ptr_]) frees in
+    place and fetches with a resize and a copy: two calls, so an interrupt between them must
+    not leave a restored storage without its bytes."""
+    code = _INTERRUPT.replace("STEP", step).replace(
+        '    m = aq.OffloadManager(', '    from aqua_offload import storage\n'
+        '    storage.CAN_SWAP = False\n    m = aq.OffloadManager(', 1)
+    result = run_emulated(2, code)
+    assert result["sweeps"] > 50
+    assert result["closed"]
+    assert result["mixed"] == [] and result["wrong"] == [] and result["leaked"] == []
+    assert result["reused"] == []
+
+
 _INTERRUPT_CLOSE = _INTERRUPT.split("    m = aq.OffloadManager")[0] + """
     result.update(wrong=[], sweeps=0)
     for n in range(5000):

@@ -152,7 +152,7 @@ def page_in(h: Handle, dest: Any) -> torch.Tensor:
     s = h._storage() if h._storage is not None else None
     if s is None:  # every tensor of it is gone: a new one on the fetched bytes
         s = filled
-    elif s.nbytes() == 0 and h.nbytes:
+    elif storage.to_swap_in(s, h.nbytes):
         storage.swap_in(s, filled)
     return h._restored_tensor(s)
 
@@ -283,7 +283,8 @@ def restore_all(m: "OffloadManager", handles: list[Handle], dests: list[Any],
             for h in handles:
                 h._state = "fetched"
         return
-    swap_in, untyped = storage.swap_in, torch.UntypedStorage  # (looked up once)
+    swap_in, to_swap_in = storage.swap_in, storage.to_swap_in  # (looked up once)
+    untyped = torch.UntypedStorage
     for i, (h, dest) in enumerate(zip(handles, dests)):
         if results[i] is None:
             if not h.release and h._prefetch is None and h._deferred is None \
@@ -299,7 +300,7 @@ def restore_all(m: "OffloadManager", handles: list[Handle], dests: list[Any],
                 if tensor is None or s is None:
                     results[i] = page_in(h, dest)
                     continue
-                if s.nbytes() == 0 and h.nbytes:
+                if to_swap_in(s, h.nbytes):
                     swap_in(s, dest)
                 results[i] = tensor
             else:

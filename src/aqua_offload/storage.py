@@ -411,9 +411,16 @@ _wrap_exports()
 # record_stream(copy stream), so the caching allocator reuses it only once the copy read it;
 # on emulation after waiting for the copy (paging.py). A fetch gives the storage fresh memory
 # (resize_, on the current stream) and copies the fetched bytes into it on that stream: one
-# device-local copy more, and an interrupt between those two calls leaves the storage full of
-# garbage (with _swap_data_ptr_ each step is one C call).
+# device-local copy more. Those are two calls, so the fallback's swap_in is idempotent and a
+# re-run after an interrupt (Note [Interrupted batches] in manager.py) does it again whatever
+# the storage's size (:func:`to_swap_in`); with _swap_data_ptr_ each step is one C call.
 CAN_SWAP = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
+
+
+def to_swap_in(storage: torch.UntypedStorage, nbytes: int) -> bool:
+    """Whether a fetch of a release of ``nbytes`` still has to give ``storage`` its bytes:
+    it is still empty, or (Note [Without _swap_data_ptr_]) the copy may not have run."""
+    return nbytes != 0 and (storage.nbytes() == 0 or not CAN_SWAP)
 _swap_data_ptr = getattr(torch.UntypedStorage, "_swap_data_ptr_", None)  # (returns None)
 _nbytes = torch.UntypedStorage.nbytes
 
@@ -443,7 +450,8 @@ def swap_in(storage: torch.UntypedStorage, filled: torch.UntypedStorage) -> None
     if CAN_SWAP:
         storage._swap_data_ptr_(filled)
     else:
-        storage.resize_(filled.nbytes())
+        if storage.nbytes() != filled.nbytes():
+            storage.resize_(filled.nbytes())
         with _disable_current_modes():  # (a debug_guard would see a paged-out storage)
             storage.copy_(filled)
 
