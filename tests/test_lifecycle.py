@@ -132,57 +132,51 @@ _INTERRUPT = INTERRUPTS + """
 """
 
 
-@pytest.mark.parametrize("step", [
-    "interrupted(lambda: m.offload_many(ts), n)",
-    "(lambda hs: interrupted(lambda: m.fetch_many(hs), n))(m.offload_many(ts))",
-    "(lambda hs: interrupted(lambda: m.prefetch_many(hs), n))(m.offload_many(ts))",
-    "interrupted(lambda: m.offload(ts[0]), n) if not ts.__delitem__(slice(1, None)) else 0",
-    "(lambda h: interrupted(lambda: m.fetch(h), n))(m.offload(ts[0]))"
-    " if not ts.__delitem__(slice(1, None)) else 0",
-], ids=["offload_many", "fetch_many", "prefetch_many", "offload", "fetch"])
-def test_an_interrupt_anywhere_in_a_batch_is_all_or_nothing(step):
-    result = run_emulated(2, _INTERRUPT.replace("STEP", step))
+_STEPS = {  # the call each sweep interrupts, on the batch ``ts``
+    "offload_many": "interrupted(lambda: m.offload_many(ts), n)",
+    "fetch_many": "(lambda hs: interrupted(lambda: m.fetch_many(hs), n))(m.offload_many(ts))",
+    "fetch_many_keep": "(lambda hs: interrupted(lambda: m.fetch_many(hs, keep=True), n) or "
+                       "[m.free(h) for h in hs if h._live()])(m.offload_many(ts))",
+    "prefetch_many": "(lambda hs: interrupted(lambda: m.prefetch_many(hs), n))"
+                     "(m.offload_many(ts))",
+    "offload": "interrupted(lambda: m.offload(ts[0]), n) if not ts.__delitem__(slice(1, None))"
+               " else 0",
+    "fetch": "(lambda h: interrupted(lambda: m.fetch(h), n))(m.offload(ts[0]))"
+             " if not ts.__delitem__(slice(1, None)) else 0",
+}
+
+
+def _sweep(code: str) -> None:
+    """Run one interrupt sweep (``_INTERRUPT`` with its step) and check that it lost nothing."""
+    result = run_emulated(2, code)
     assert result["sweeps"] > 50  # the tracer reached deep into the call
     assert result["closed"]
     assert result["mixed"] == [] and result["wrong"] == [] and result["leaked"] == []
     assert result["reused"] == []
 
 
-@pytest.mark.parametrize("step", [
-    "interrupted(lambda: m.offload_many(ts), n)",
-    "(lambda hs: interrupted(lambda: m.fetch_many(hs), n))(m.offload_many(ts))",
-    "(lambda hs: interrupted(lambda: m.fetch_many(hs, keep=True), n) or "
-    "[m.free(h) for h in hs if h._live()])(m.offload_many(ts))",
-    "(lambda hs: interrupted(lambda: m.prefetch_many(hs), n))(m.offload_many(ts))",
-], ids=["offload_many", "fetch_many", "fetch_many_keep", "prefetch_many"])
+@pytest.mark.parametrize("step", ["offload_many", "fetch_many", "prefetch_many", "offload",
+                                  "fetch"])
+def test_an_interrupt_anywhere_in_a_batch_is_all_or_nothing(step):
+    _sweep(_INTERRUPT.replace("STEP", _STEPS[step]))
+
+
+@pytest.mark.parametrize("step", ["offload_many", "fetch_many", "fetch_many_keep",
+                                  "prefetch_many"])
 def test_an_interrupt_anywhere_in_a_batch_of_eight_is_all_or_nothing(step):
     """Batches of more than four take the C-loop paths of reserve, swap-out and the handles'
     making (storage.reserve, storage.swap_out_many, manager._new_handle); the same sweep."""
-    result = run_emulated(2, _INTERRUPT.replace("range(4)", "range(8)").replace("STEP", step))
-    assert result["sweeps"] > 50
-    assert result["closed"]
-    assert result["mixed"] == [] and result["wrong"] == [] and result["leaked"] == []
-    assert result["reused"] == []
+    _sweep(_INTERRUPT.replace("range(4)", "range(8)").replace("STEP", _STEPS[step]))
 
 
-@pytest.mark.parametrize("step", [
-    "interrupted(lambda: m.offload_many(ts), n)",
-    "(lambda hs: interrupted(lambda: m.fetch_many(hs), n))(m.offload_many(ts))",
-    "(lambda h: interrupted(lambda: m.fetch(h), n))(m.offload(ts[0]))"
-    " if not ts.__delitem__(slice(1, None)) else 0",
-], ids=["offload_many", "fetch_many", "fetch"])
+@pytest.mark.parametrize("step", ["offload_many", "fetch_many", "fetch"])
 def test_an_interrupt_anywhere_without_swap_data_ptr_is_all_or_nothing(step):
     """The fallback of torch without _swap_data_ptr_ (Note [Without _swap_data_ptr_]) frees in
     place and fetches with a resize and a copy: two calls, so an interrupt between them must
     not leave a restored storage without its bytes."""
-    code = _INTERRUPT.replace("STEP", step).replace(
-        '    m = aq.OffloadManager(', '    from aqua_offload import storage\n'
-        '    storage.CAN_SWAP = False\n    m = aq.OffloadManager(', 1)
-    result = run_emulated(2, code)
-    assert result["sweeps"] > 50
-    assert result["closed"]
-    assert result["mixed"] == [] and result["wrong"] == [] and result["leaked"] == []
-    assert result["reused"] == []
+    _sweep(_INTERRUPT.replace("STEP", _STEPS[step]).replace(
+        "    m = aq.OffloadManager(", "    from aqua_offload import storage\n"
+        "    storage.CAN_SWAP = False\n    m = aq.OffloadManager(", 1))
 
 
 _INTERRUPT_CLOSE = _INTERRUPT.split("    m = aq.OffloadManager")[0] + """
