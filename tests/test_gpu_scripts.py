@@ -16,10 +16,8 @@ STAGES = ["environment", "build", "cuda_backend", "nixl", "pytest_cuda", "smoke"
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
+    """This process's environment (the aqua_offload it imports, installed or on PYTHONPATH)."""
+    return {**os.environ, **extra}
 
 
 def test_gpu_check_parses_and_a_dry_run_lists_every_stage(tmp_path):
