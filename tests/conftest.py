@@ -209,6 +209,31 @@ def faults(backend: Backend):
         _core.inject_copy_faults(0)
 
 
+def workers_while(work, n: int, during, join_s: float = 120.0) -> None:
+    """Run ``work(seed, stop)`` in ``n`` threads (seeds 0..n-1) while ``during()`` runs in this
+    one; then set ``stop`` and fail on a worker that hangs or raised."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def body(seed: int) -> None:
+        try:
+            work(seed, stop)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(s,)) for s in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        during()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(join_s)
+    assert not any(t.is_alive() for t in threads), "hung"
+    assert not errors, errors
+
+
 def run_with_timeout(fn, timeout=120.0):
     """Run fn in a thread: a hang fails the test instead of blocking the suite."""
     box: dict[str, object] = {}

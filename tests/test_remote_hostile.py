@@ -12,7 +12,7 @@ from remote_helpers import TOKEN, needs_nixl
 
 from aqua_offload.errors import InvalidArgumentError, RemoteLostError
 from aqua_offload.remote import Lender
-from conftest import random_tensor, run_with_timeout, wait_until
+from conftest import random_tensor, run_with_timeout, wait_until, workers_while
 
 pytestmark = needs_nixl
 KiB, MiB = 1 << 10, 1 << 20
@@ -234,38 +234,26 @@ def test_two_copies_under_reclaims_while_threads_offload_prefetch_and_fetch(
 
     a, b, c = lenders(3, size="16MiB")
     m = lender_managers(a, b, c, remote_copies=2)
-    stop = threading.Event()
-    errors: list[BaseException] = []
 
-    def work(seed: int) -> None:
-        try:
-            r = 0
-            while not stop.is_set() or r < 3:
-                size = 8 * KiB if (r + seed) % 2 else 160 * KiB
-                ts, refs = _tensors(6, 1000 * seed + r, size=size)
-                hs = m.offload_many(ts[:4]) + [m.offload(t, release=False) for t in ts[4:]]
-                m.prefetch(hs[r % 6])
-                back = m.fetch_many(hs[::-1])
-                assert all(torch.equal(x, ref) for x, ref in zip(back, refs[::-1]))
-                r += 1
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+    def work(seed: int, stop: threading.Event) -> None:
+        r = 0
+        while not stop.is_set() or r < 3:
+            size = 8 * KiB if (r + seed) % 2 else 160 * KiB
+            ts, refs = _tensors(6, 1000 * seed + r, size=size)
+            hs = m.offload_many(ts[:4]) + [m.offload(t, release=False) for t in ts[4:]]
+            m.prefetch(hs[r % 6])
+            back = m.fetch_many(hs[::-1])
+            assert all(torch.equal(x, ref) for x, ref in zip(back, refs[::-1]))
+            r += 1
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
-    for t in threads:
-        t.start()
-    try:
+    def reclaims() -> None:
         for k in range(6):
             time.sleep(0.05)
             lender = (b, c)[k % 2]
             assert lender.reclaim(16 * MiB).wait(30), "reclaim completed"
             lender.grow(16 * MiB)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(120)
-    assert not any(t.is_alive() for t in threads), "hung"
-    assert not errors, errors
+
+    workers_while(work, 3, reclaims)
     s = m.stats()["remote"]
     assert s["reclaims"] >= 1
     assert [blocks_left(m, x) for x in (a, b, c)] == [0, 0, 0]

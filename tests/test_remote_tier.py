@@ -27,7 +27,7 @@ from aqua_offload.errors import (InvalidArgumentError, OutOfMemoryError, RemoteA
                                  RemoteConnectError, RemoteLostError)
 from aqua_offload.manager import live_managers
 from aqua_offload.remote import Lender, tier
-from conftest import random_tensor, run_with_timeout
+from conftest import random_tensor, run_with_timeout, workers_while
 
 pytestmark = needs_nixl
 KiB, MiB = 1 << 10, 1 << 20
@@ -464,33 +464,23 @@ def test_close_with_a_silent_lender_over_tcp(tmp_path, monkeypatch, managers) ->
 def test_reclaims_while_threads_offload_and_fetch(remote_lender, managers) -> None:
     with Lender(TOKEN, host_bytes="16MiB", segment_bytes="4MiB") as spare:
         m = managers(remote_lender, spare, host="1MiB")
-        stop = threading.Event()
-        errors: list[BaseException] = []
 
-        def work(seed: int) -> None:
-            try:
-                r = 0
-                while not stop.is_set() or r < 3:
-                    ts, refs, hs = _fill(m, 4, 256 * KiB, seed=1000 * seed + 10 * r)
-                    back = m.fetch_many(hs[::-1])
-                    assert all(x is t and torch.equal(t, ref)
-                               for x, t, ref in zip(back, ts[::-1], refs[::-1]))
-                    r += 1
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+        def work(seed: int, stop: threading.Event) -> None:
+            r = 0
+            while not stop.is_set() or r < 3:
+                ts, refs, hs = _fill(m, 4, 256 * KiB, seed=1000 * seed + 10 * r)
+                back = m.fetch_many(hs[::-1])
+                assert all(x is t and torch.equal(t, ref)
+                           for x, t, ref in zip(back, ts[::-1], refs[::-1]))
+                r += 1
 
-        threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
-        for t in threads:
-            t.start()
-        for _ in range(5):  # the first lender takes everything back, then offers it again
-            time.sleep(0.05)
-            assert remote_lender.reclaim(16 * MiB).wait(30), "reclaim completed"
-            remote_lender.grow(16 * MiB)
-        stop.set()
-        for t in threads:
-            t.join(120)
-        assert not any(t.is_alive() for t in threads), "hung"
-        assert not errors, errors
+        def reclaims() -> None:  # the first lender takes everything back, then offers it again
+            for _ in range(5):
+                time.sleep(0.05)
+                assert remote_lender.reclaim(16 * MiB).wait(30), "reclaim completed"
+                remote_lender.grow(16 * MiB)
+
+        workers_while(work, 3, reclaims)
         assert m.stats()["remote"]["spills"] >= 1
 
 
