@@ -421,6 +421,8 @@ def to_swap_in(storage: torch.UntypedStorage, nbytes: int) -> bool:
     """Whether a fetch of a release of ``nbytes`` still has to give ``storage`` its bytes:
     it is still empty, or (Note [Without _swap_data_ptr_]) the copy may not have run."""
     return nbytes != 0 and (storage.nbytes() == 0 or not CAN_SWAP)
+
+
 _swap_data_ptr = getattr(torch.UntypedStorage, "_swap_data_ptr_", None)  # (returns None)
 _nbytes = torch.UntypedStorage.nbytes
 
