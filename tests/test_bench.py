@@ -173,19 +173,24 @@ def test_tier_benchmark_rows(tmp_path: Path) -> None:
                                       reclaim_bytes=2 << 20, bookkeeping_counts=(64, 512))
     assert result["backend"] == "emulation" and result["label"] == bench_copy.EMULATION_LABEL
     rows = result["rows"]
+    batch = [f"{tier} {what}" for tier in ("host", "peer") for what in (
+        "offload+fetch x1", "offload_many+fetch_many x8", "torch copy_ x1", "torch copy_ x8")]
     assert [(r["direction"], r["method"]) for r in rows] == [
-        ("roundtrip", "offload+fetch x1"), ("roundtrip", "offload_many+fetch_many x8"),
+        *(("roundtrip", name) for name in batch),
         ("reclaim", "numpy_copy"), ("reclaim", "reclaim"),
         ("bookkeeping", "offload_many+fetch_many per handle, 64 live"),
         ("bookkeeping", "offload_many+fetch_many per handle, 512 live")]
-    assert rows[1]["copy_path"] == "batched"  # emulation submits a batch as one task
+    assert [r["tier"] for r in rows[:8]] == ["host"] * 4 + ["peer"] * 4
+    # each batch row against its own tier's single copy; torch's rows against torch's
+    assert [r["baseline"] for r in rows[:8]] == [batch[i] for i in (0, 0, 2, 2, 4, 4, 6, 6)]
+    assert rows[1]["copy_path"] == rows[5]["copy_path"] == "batched"  # one task on emulation
     for r in rows:
         base = next(b for b in rows if b["method"] == r["baseline"]
                     and b["direction"] == r["direction"])
         assert math.isclose(r["ratio"], base["median_s"] / r["median_s"], rel_tol=1e-9)
         assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
-    assert rows[0]["bytes"] == rows[1]["bytes"] == 8 * 4096
-    assert rows[3]["bytes"] == 2 << 20
+    assert {r["bytes"] for r in rows[:8]} == {8 * 4096}
+    assert rows[9]["bytes"] == 2 << 20
     text = tiers.format_tier_table(result)
     assert "EMULATION" in text and "reclaim" in text
 
