@@ -83,8 +83,24 @@ def _cases(dev: torch.device) -> dict[str, Callable[[], Any]]:
     def release_64x64k() -> None:
         m.fetch_many(m.offload_many(rel_many))
 
+    # The core alone (no Python above the binding): what is left when the manager's Python
+    # is gone, per call and per handle of a batch.
+    from aqua_offload.devices import current_stream
+    core = m._store
+
+    def core_case(srcs: list[torch.Tensor], outs: list[torch.Tensor]) -> Callable[[], None]:
+        items = [(t.data_ptr(), t.nbytes, 0.0, 0) for t in srcs]
+        dsts = [o.data_ptr() for o in outs]
+
+        def run() -> None:
+            stream = current_stream(dev)
+            got = core.offload_many(items, stream, True)
+            core.fetch_many([cid for cid, _ in got], dsts, stream, False)
+        return run
+
     return {"snapshot_4k": snapshot_4k, "release_4k": release_4k,
             "snapshot_64x64k": snapshot_64x64k, "release_64x64k": release_64x64k,
+            "core_4k": core_case([one], [one_out]), "core_64x64k": core_case(many, many_out),
             "_manager": m}  # type: ignore[dict-item]
 
 

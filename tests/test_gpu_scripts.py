@@ -43,7 +43,8 @@ def test_gpu_profile_runs_its_emulation_half(tmp_path):
                           capture_output=True, text=True, timeout=180, env=_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "profile.json").read_text())
-    cases = {"snapshot_4k", "release_4k", "snapshot_64x64k", "release_64x64k"}
+    cases = {"snapshot_4k", "release_4k", "snapshot_64x64k", "release_64x64k", "core_4k",
+             "core_64x64k"}
     assert {k.split("/")[1] for k in result["us_per_call"] if k.startswith("emulation/")} == cases
     assert all(v > 0 for v in result["us_per_call"].values())
     text = (tmp_path / "profile.txt").read_text()
