@@ -37,5 +37,12 @@ def test_bench_remote_rows_and_json(tmp_path, capsys) -> None:
         assert 0 < m["min_s"] <= m["median_s"] <= m["max_s"]
         assert 0 < raw["min_s"] <= raw["median_s"] <= raw["max_s"], "timed in the same run"
         assert r["vs_raw"] == m["median_s"] / raw["median_s"]
+        # a single tensor's release fetch is also timed against the raw read into fresh memory
+        fresh = r["items"] == 1 and r["mode"] == "release" and r["op"] == "fetch"
+        assert ("raw_fresh" in r) == ("vs_raw_fresh" in r) == fresh
+        if fresh:
+            assert 0 < r["raw_fresh"]["min_s"] <= r["raw_fresh"]["median_s"]
+            assert r["vs_raw_fresh"] == m["median_s"] / r["raw_fresh"]["median_s"]
     out = capsys.readouterr().out
     assert "client/raw" in out and "OffloadManager(remote=...)" in out and "snapshot" in out
+    assert "vs fresh" in out
