@@ -55,3 +55,60 @@ def test_mismatched_pieces_copy_nothing(which) -> None:
         with pytest.raises(InvalidArgumentError, match="one destination, source and size"):
             call(dsts, srcs[:-1], sizes)
     assert bool((dst == 7).all())
+
+
+def _busy_pair(backend, n: int):
+    """A large source on the device and a host destination (pinned on CUDA): the copy between
+    them keeps a stream busy for milliseconds, and the host reads the destination directly."""
+    src = backend.tensor((n,), torch.uint8)
+    dst = torch.full((n,), 7, dtype=torch.uint8, pin_memory=backend.cuda)
+    return src, dst
+
+
+@pytest.mark.parametrize("how", ["wait", "synchronize_stream"])
+def test_copies_on_a_stream_have_run_once_waited_for(backend, how) -> None:
+    """raw_copy_many(wait=True), or synchronize_stream after it, returns only once the copies
+    enqueued on that stream ran: a large copy queued first, then small pieces, are all there
+    when the host reads them (no other synchronisation)."""
+    m = backend.manager(peers=None, host_bytes="1MiB")
+    stream = m._store.copy_stream(0, "to_tier")  # a stream of the core (a worker on emulation)
+    big, big_dst = _busy_pair(backend, 256 << 20 if backend.cuda else 64 << 20)
+    src, dst, sizes, offs, dsts, srcs = _pieces(4)
+    if backend.cuda:
+        src_dev = src.to(backend.device)
+        srcs = [src_dev.data_ptr() + o for o in offs]
+        dst = dst.pin_memory()
+        dsts = [dst.data_ptr() + 40000 - o - n for o, n in zip(offs, sizes)]
+        backend.synchronize()
+    core = m._store
+    core.raw_copy_many([big_dst.data_ptr()], [big.data_ptr()], [big.nbytes], stream)
+    core.raw_copy_many(dsts, srcs, sizes, stream, wait=how == "wait")
+    if how == "synchronize_stream":
+        core.synchronize_stream(stream)
+    assert torch.equal(big_dst, big.cpu())
+    _check(src, dst, sizes, offs)
+
+
+@pytest.mark.cuda
+def test_waiting_for_a_stream_does_not_wait_for_the_device() -> None:
+    """The remote tier's staging waits for its own copies before NIXL touches the buffer: only
+    that stream, never the whole device, whose other streams may run unrelated work for long
+    (another workload's kernels). A kernel sleeping ~2 s on another stream is still running
+    when the waited-for copy returns."""
+    dev = torch.device("cuda", 0)
+    with aq.OffloadManager(dev, peers=None, host_bytes="1MiB") as m:
+        src = torch.arange(4096, device=dev, dtype=torch.int32).view(torch.uint8)
+        dst = torch.zeros(src.nbytes, dtype=torch.uint8, pin_memory=True)
+        other = torch.cuda.Stream(dev)
+        with torch.cuda.stream(other):
+            torch.cuda._sleep(4_000_000_000)  # cycles: ~2 s at an H100/H200's ~2 GHz
+            asleep = torch.cuda.Event()
+            asleep.record(other)
+        core = m._store
+        core.raw_copy_many([dst.data_ptr()], [src.data_ptr()], [src.nbytes],
+                           core.copy_stream(0, "to_tier"), wait=True)
+        assert not asleep.query(), "the wait waited for another stream's kernel"
+        assert torch.equal(dst, src.cpu())
+        core.synchronize_stream(core.copy_stream(0, "to_tier"))
+        assert not asleep.query(), "synchronize_stream waited for another stream's kernel"
+        other.synchronize()

@@ -366,19 +366,28 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "raw_copy",
           [](store& s, std::uintptr_t dst, std::uintptr_t src, std::size_t n, std::uintptr_t stream) {
-            s.raw_copy(as_ptr(dst), as_ptr(src), n, stream);
+            s.raw_copy_many({{as_ptr(dst), as_ptr(src), n}}, stream, false);
           },
-          py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("stream"), release_gil())
+          py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("stream"), release_gil(),
+          "One unchunked copy on `stream`: the raw baseline benchmarks compare against.")
       .def(
           "raw_copy_many",
           [](store& s, const pieces& dsts, const pieces& srcs, const std::vector<std::size_t>& sizes,
-             std::uintptr_t stream) {
+             std::uintptr_t stream, bool wait) {
             check_pieces(dsts, srcs, sizes, "raw_copy_many");
-            py::gil_scoped_release release;
+            std::vector<aqua::copy_op> ops;
+            ops.reserve(sizes.size());
             for (std::size_t i = 0; i < sizes.size(); ++i)
-              s.raw_copy(as_ptr(dsts[i]), as_ptr(srcs[i]), sizes[i], stream);
+              ops.push_back({as_ptr(dsts[i]), as_ptr(srcs[i]), sizes[i]});
+            py::gil_scoped_release release;
+            s.raw_copy_many(ops, stream, wait);
           },
-          py::arg("dsts"), py::arg("srcs"), py::arg("sizes"), py::arg("stream"))
+          py::arg("dsts"), py::arg("srcs"), py::arg("sizes"), py::arg("stream"),
+          py::arg("wait") = false,
+          "Copies on `stream` in one batched submission; `wait`: return once they ran on "
+          "`stream` (that stream only, never the whole device).")
+      .def("synchronize_stream", &store::synchronize_stream, py::arg("stream"), release_gil(),
+           "Block until the work enqueued on `stream` so far has run.")
       .def_property_readonly("backend", [](const store& s) { return s.get_backend().name(); })
       .def_property_readonly("emulation", [](const store& s) { return s.get_backend().is_emulation(); })
       .def_property_readonly("device", &store::device)

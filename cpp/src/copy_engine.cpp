@@ -2,6 +2,7 @@
 #include "aqua/copy_engine.hpp"
 
 #include <algorithm>
+#include <limits>
 #include <unordered_set>
 
 #include "aqua/error.hpp"
@@ -35,13 +36,13 @@ copy_engine::~copy_engine() {
   }
 }
 
-void copy_engine::enqueue(const copy_group& g, stream_t s) {
+void copy_engine::enqueue(const std::vector<copy_op>& ops, stream_t s, std::size_t chunk) {
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<std::size_t> sizes;
-  for (const copy_op& op : g.ops) {
+  for (const copy_op& op : ops) {
     if (op.bytes == 0) continue;
-    if (op.bytes <= chunk_bytes_) {
+    if (op.bytes <= chunk) {
       dsts.push_back(op.dst);
       srcs.push_back(op.src);
       sizes.push_back(op.bytes);
@@ -49,8 +50,8 @@ void copy_engine::enqueue(const copy_group& g, stream_t s) {
     }
     auto* d = static_cast<std::byte*>(op.dst);
     const auto* p = static_cast<const std::byte*>(op.src);
-    for (std::size_t done = 0; done < op.bytes; done += chunk_bytes_)
-      backend_->copy_async(d + done, p + done, std::min(chunk_bytes_, op.bytes - done), s);
+    for (std::size_t done = 0; done < op.bytes; done += chunk)
+      backend_->copy_async(d + done, p + done, std::min(chunk, op.bytes - done), s);
   }
   if (dsts.size() == 1) {
     backend_->copy_async(dsts[0], srcs[0], sizes[0], s);
@@ -85,7 +86,7 @@ std::vector<event_ref> copy_engine::submit(const submission& sub) {
         if (!e || !waited.insert(e.get()).second) continue;
         backend_->stream_wait(s, e.get());
       }
-      enqueue(g, s);
+      enqueue(g.ops, s, chunk_bytes_);
       out.push_back(events_.acquire());
       backend_->record(out.back().get(), s);
     }
@@ -104,6 +105,20 @@ std::vector<event_ref> copy_engine::submit(const submission& sub) {
     throw;
   }
   return out;
+}
+
+void copy_engine::copy_on(stream_t s, const std::vector<copy_op>& ops, bool wait) {
+  device_guard guard(*backend_, device_);
+  try {
+    enqueue(ops, s, std::numeric_limits<std::size_t>::max());  // one stream: nothing to chunk for
+    if (wait) backend_->synchronize_stream(s);
+  } catch (...) {
+    try {  // Note [Abort rule]
+      backend_->synchronize_stream(s);
+    } catch (...) {
+    }
+    throw;
+  }
 }
 
 void copy_engine::synchronize() {

@@ -650,10 +650,15 @@ stream_t store::copy_stream(std::size_t t, aqua::lane l) {
   return engine_->stream(t, l);
 }
 
-void store::raw_copy(void* dst, const void* src, std::size_t bytes, stream_t stream) {
+void store::raw_copy_many(const std::vector<copy_op>& ops, stream_t stream, bool wait) {
+  call_scope call(*this);
+  engine_->copy_on(stream, ops, wait);
+}
+
+void store::synchronize_stream(stream_t stream) {
   call_scope call(*this);
   device_guard guard(*backend_, config_.device);
-  backend_->copy_async(dst, src, bytes, stream);
+  backend_->synchronize_stream(stream);
 }
 
 }  // namespace aqua

@@ -82,6 +82,12 @@ class copy_engine {
   /// Runs `s` (Note [Submission]); returns one event per group, in order. Throws after
   /// draining (Note [Abort rule]).
   std::vector<event_ref> submit(const submission& s);
+  /// Copies on a caller's stream, not a tier's (staging buffers, raw baselines): batched like
+  /// a group, not chunked (chunks keep a demand fetch from queueing behind a huge copy on the
+  /// tiers' streams; a caller's stream has no such neighbour), no event. With `wait`, returns once they ran (that stream only:
+  /// never the whole device, whose other streams may run unrelated work for long). Throws
+  /// after synchronising `s` (Note [Abort rule]).
+  void copy_on(stream_t s, const std::vector<copy_op>& ops, bool wait);
   stream_t stream(std::size_t tier, aqua::lane l) const { return streams_.at(tier * lane_count + static_cast<std::size_t>(l)); }
   /// Blocks until everything enqueued on every lane so far has run.
   void synchronize();
@@ -91,7 +97,8 @@ class copy_engine {
   copy_engine_stats stats() const noexcept;
 
  private:
-  void enqueue(const copy_group& g, stream_t s);
+  /// Copies above `chunk` bytes in pieces of `chunk`, the others in one batched submission.
+  void enqueue(const std::vector<copy_op>& ops, stream_t s, std::size_t chunk);
 
   std::shared_ptr<backend> backend_;
   int device_;

@@ -153,8 +153,12 @@ class store {
   /// first. Blocks until the memory is handed back; returns the bytes handed back.
   std::size_t reclaim(int device, std::optional<std::size_t> nbytes);
 
-  /// One unchunked backend copy on `stream`: the raw baseline benchmarks compare against.
-  void raw_copy(void* dst, const void* src, std::size_t bytes, stream_t stream);
+  /// Copies on the caller's `stream` outside any handle (copy_engine::copy_on): the remote
+  /// tier's staging copies, and the raw baseline benchmarks compare against. With `wait`,
+  /// returns once they ran on `stream` (only that stream).
+  void raw_copy_many(const std::vector<copy_op>& ops, stream_t stream, bool wait);
+  /// Blocks until the work enqueued on `stream` so far has run.
+  void synchronize_stream(stream_t stream);
 
  private:
   struct entry {
