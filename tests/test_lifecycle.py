@@ -377,6 +377,32 @@ def test_a_paged_out_tensor_dropped_with_its_handle_gives_its_bytes_back(manager
     assert used() == before and manager.stats()["live_handles"] == 0
 
 
+def test_a_handle_leaves_the_managers_table_as_it_ends_not_as_it_dies(manager, backend):
+    """Note [Orphans]: the table holds live handles only; an ended one (fetched by a single
+    call, by the C loops of a snapshot batch, by a release batch; freed; kept copies stay)
+    leaves it at once, while the caller still holds it."""
+    singles = [backend.tensor((64,)) for _ in range(3)]
+    snaps = [backend.tensor((32,)) for _ in range(6)]
+    rels = [backend.tensor((48,)) for _ in range(6)]
+    refs = [t.clone() for t in singles + snaps + rels]
+    one = manager.offload(singles[0], release=False)
+    freed = manager.offload(singles[1], release=False)
+    kept = manager.offload(singles[2])
+    hs = manager.offload_many(snaps, release=False)
+    rs = manager.offload_many(rels)
+    table = manager._handles
+    every = [one, freed, kept, *hs, *rs]
+    assert all(table[h._id]() is h for h in every)
+    outs = [torch.empty_like(t) for t in snaps]
+    got = [manager.fetch(one), None, manager.fetch(kept, keep=True),
+           *manager.fetch_many(hs, outs=outs), *manager.fetch_many(rs)]
+    freed.free()
+    assert [h._id in table for h in every] == [False, False, True] + [False] * 12
+    assert all(same_bytes(a, b) for a, b in zip(got, refs) if a is not None)
+    kept.free()
+    assert kept._id not in table and manager.stats()["live_handles"] == 0
+
+
 def test_a_handle_whose_tensors_died_still_fetches_its_data(manager, backend):
     t = backend.tensor((64, 8))
     ref = t.clone()

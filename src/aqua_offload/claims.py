@@ -80,9 +80,12 @@ def take(m: "OffloadManager", handles: list[Any], what: str, locks: list[Any],
     else:
         hs = [h if type(h) is Handle and h._manager is m and h._state in LIVE
               else own(m, h, what) for h in handles]
-    # (one line each: the locks listed, then taken)
-    locks[:] = map(_lock_of, sorted(set(hs), key=_by_id) if len(hs) > 1 else hs)  # (a Handle
-    # hashes by identity)
+    # Locks in the order of the handles' ids, so that no two calls can each hold a lock the
+    # other waits for. A batch usually comes in that order (offload_many's): checked by C
+    # loops, then locked as it is; a handle listed twice is then locked twice, which an RLock
+    # allows (and let_go releases each acquire). (One line each: the locks listed, then taken.)
+    locks[:] = map(_lock_of, hs if len(hs) < 2 or _ascending(hs) else
+                   sorted(set(hs), key=_by_id))  # (a Handle hashes by identity)
     # The locks are taken and let go by C loops (no Python line runs between two of them, so
     # a traced interrupt cannot split one off); `taken` counts them even if an acquire is
     # interrupted partway, so exactly those are released.
@@ -94,6 +97,12 @@ def take(m: "OffloadManager", handles: list[Any], what: str, locks: list[Any],
             if h._pending is not None:
                 prefetching.settle(m, h)
     return hs
+
+
+def _ascending(hs: list[Handle]) -> bool:
+    """The handles' ids never decrease along the list (C loops)."""
+    ids = list(map(_by_id, hs))
+    return ids == sorted(ids)
 
 
 def _plain(m: "OffloadManager", handles: list[Any]) -> bool:

@@ -179,12 +179,14 @@ class Handle:
         self._manager._fence(self)
 
     def _end(self, state: str) -> None:
-        """Enter a terminal state (the manager calls this once the core agreed)."""
+        """Enter a terminal state (the manager calls this once the core agreed) and leave the
+        manager's table (Note [Orphans] in orphans.py: the core has dropped this id)."""
         self._state = state
         if self._deferred is not None:
             self._manager._undefer(self)
         self._tensor = self._storage = None
         self._prefetch = self._pending = None
+        self._manager._handles.pop(self._id, None)
 
     def _restored_tensor(self, storage: torch.UntypedStorage) -> torch.Tensor:
         """The tensor fetch returns for a release: the original object if it is alive, else a
@@ -209,10 +211,17 @@ class Handle:
                                    "memory tiers")
 
     def __del__(self) -> None:
-        # Nobody can reach this handle any more, so nobody can fetch it: give its block back.
-        # (A release handle is held by the storage registry while its tensor lives.)
+        # An ended handle left the manager's table as it ended (_end; a fetched batch of
+        # snapshots, paging.restore_all), so there is nothing to do: one check, for the common
+        # case (every handle of a fetched batch dies here).
+        if self._state in LIVE:
+            self._die()
+
+    def _die(self) -> None:
+        # Nobody can reach this live handle any more, so nobody can fetch it: give its block
+        # back. (A release handle is held by the storage registry while its tensor lives.)
         try:
-            if self._state in LIVE and self._adopted:
+            if self._adopted:
                 self._manager._discard(self)
         except Exception:  # interpreter shutdown, closed manager: nothing to give back to
             pass

@@ -163,7 +163,7 @@ class OffloadManager:
         self._ext_streams: dict[tuple[int, str], Any] = {}
         self._holders = HolderWatch(self._store.ready)  # emulation (holders.py)
         self._gate = CallGate()  # calls in progress, closing, closed (calls.py)
-        # core id -> weak reference to its Handle, dropped by Handle.__del__ (Note [Orphans] in
+        # core id -> weak reference to its live Handle, dropped as it ends (Note [Orphans] in
         # orphans.py; a dead reference counts as none). Not a WeakValueDictionary: its
         # pure-Python references cost more than the rest of making a handle.
         self._handles: dict[int, weakref.ref[Handle]] = {}

@@ -6,9 +6,9 @@ it (``_adopted``, set by the batch's idempotent ``finish()``): a Handle that an 
 dropped before then must not free the block that the re-run ``finish()`` hands out under a new
 Handle. What no Handle object stands for any more (an interrupt inside a finalizer, or inside a
 handler) is found by comparing the core's live ids with the manager's ``_handles`` (weak
-references filled as handles are made, each dropped as its Handle dies; a dead one counts as
-none) while no call is in progress (``CallGate.quiet``: every handle made is then adopted, and
-no call can start meanwhile), on ``stats()`` and ``synchronize()``, and freed.
+references filled as handles are made, each dropped as its Handle ends, or dies live; a dead
+one counts as none) while no call is in progress (``CallGate.quiet``: every handle made is then
+adopted, and no call can start meanwhile), on ``stats()`` and ``synchronize()``, and freed.
 """
 
 from __future__ import annotations

@@ -196,13 +196,13 @@ def fetch_claimed(m: "OffloadManager", handles: list[Handle], outs: list[Any], k
         ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
                 for h, d in zip(handles, dests)]
     results: list[Any] = [None] * n
+    ids = list(map(_id_of, handles))
     try:
-        m._store.fetch_many(list(map(_id_of, handles)), ptrs, current_stream(m.device), keep,
-                            done)
-        restore_all(m, handles, dests, outs, keep, results, plain)
+        m._store.fetch_many(ids, ptrs, current_stream(m.device), keep, done)
+        restore_all(m, handles, dests, outs, keep, results, plain, ids)
     except BaseException:
         if done:  # the core fetched them: finish the Python side regardless
-            restore_all(m, handles, dests, outs, keep, results, plain)
+            restore_all(m, handles, dests, outs, keep, results, plain, ids)
         raise
     return results
 
@@ -268,18 +268,21 @@ def destination(h: Handle, out: torch.Tensor | None, device: torch.device) -> An
 
 def restore_all(m: "OffloadManager", handles: list[Handle], dests: list[Any],
                 outs: list[torch.Tensor | None], keep: bool, results: list[Any],
-                plain: bool = False) -> None:
+                plain: bool, ids: list[int]) -> None:
     """After the core fetched every handle into its destination: the Python side, each handle
     once (``results[i]`` None until then), then the handles end (only once every result is
     kept: a handle ended before its result would be re-run without its weak references), then
     the registry lets their storages go. Idempotent (Note [Interrupted batches] in manager.py).
-    ``plain``: :func:`plain_snapshots` held when the fetch began."""
-    m._holders.drop_many(list(map(_id_of, handles)))  # the fetch ordered the caller after the copy
+    ``plain``: :func:`plain_snapshots` held when the fetch began; ``ids``: the handles'."""
+    m._holders.drop_many(ids)  # the fetch ordered the caller after the copy
     if plain and all(map(is_, outs, dests)) and all(map(is_, results, repeat(None))):
         # Tensor snapshots fetched into their outs: restore() in short, and _end() of a handle
-        # that holds nothing else; an interrupt in the loop leaves the rest to the loops below
+        # that holds nothing else (the manager's table left in one C loop, then the state); an
+        # interrupt after the first line leaves the rest to the loops below (whose _end()
+        # leaves the table again: harmless, as the core has dropped these ids already)
         results[:] = dests
         if not keep:
+            list(map(m._handles.pop, ids, repeat(None)))
             for h in handles:
                 h._state = "fetched"
         return
