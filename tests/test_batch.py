@@ -4,6 +4,8 @@ spilling over tiers, fetch_many into given outputs. Runs on every backend.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -122,4 +124,29 @@ def test_fetch_many_into_outs(backend, managers):
     assert got[0] is outs[0] and got[2] is outs[2] and got[1] is not outs[1]
     for g, t in zip(got, ts):
         assert same(g, t)
+    check_drained(m)
+
+
+def test_a_snapshot_batch_materialises_lazy_views_and_refuses_a_quantized_tensor(backend,
+                                                                                  managers):
+    """A batch's C-loop checks see what each tensor's own checks see: lazy conjugate and
+    negative views are copied as their values (only a complex tensor can be a conjugate, but
+    any dtype can be negative), and a quantized tensor anywhere refuses the whole batch."""
+    m = managers()
+    dev = backend.device
+    c = rand_tensor(8 * 64, torch.float32, device=dev).view(torch.complex64)
+    f = torch.arange(1, 65, dtype=torch.float32, device=dev)  # (non-zero, exact under -x)
+    views = [rand_tensor(256, device=dev), c.conj(), f._neg_view(), c.conj().imag,
+             rand_tensor(128, torch.uint8, device=dev), c[::2].conj()]
+    assert [v.is_conj() or v.is_neg() for v in views] == [False, True, True, True, False, True]
+    refs = [v.resolve_conj().resolve_neg().clone() for v in views]
+    got = m.fetch_many(m.offload_many(views, release=False))
+    assert all(same(g, r) for g, r in zip(got, refs))
+    with warnings.catch_warnings():  # quantized tensor creation is deprecated (torch 2.13)
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_tensor(torch.rand(16), 0.1, 0, torch.qint8)
+    if dev.type == "cpu":
+        plain = [rand_tensor(64, device=dev) for _ in range(3)]
+        with pytest.raises(aq.InvalidArgumentError, match="quantized"):
+            m.offload_many([*plain, q], release=False)
     check_drained(m)

@@ -234,14 +234,14 @@ class OffloadManager:
         """The one offload path (a single offload is a batch of one)."""
         with self._gate.call(what):
             prio = _check_priority(priority)
-            specs = check_offload(tensors, release, fence, self.device, what)
+            specs, dtypes = check_offload(tensors, release, fence, self.device, what)
             base_ids = ([0] * len(bases) if bases.count(None) == len(bases) else
                         [0 if b is None else self._check_base(b, t)._id
                          for b, t in zip(bases, tensors)])
             self._holders.reap()
             if release:
-                return paging.page_out(self, tensors, prio, bases, base_ids, what)
-            return snapshots.take(self, tensors, prio, bases, base_ids, fence, specs)
+                return paging.page_out(self, tensors, dtypes, prio, bases, base_ids, what)
+            return snapshots.take(self, tensors, dtypes, prio, bases, base_ids, fence, specs)
 
     def _fence(self, handle: Handle) -> None:
         """Order the current stream after the copy that read a deferred snapshot's source."""
@@ -256,17 +256,18 @@ class OffloadManager:
     _undefer = staticmethod(storage.undefer_handle)
 
     def _new_handle(self, got: list[tuple[int, int]], tensors: list[torch.Tensor],
-                    sizes: list[int], priority: float, reserved: list[tuple[int, Any]],
-                    watches: list[Any]) -> list[Handle]:
+                    dtypes: list[torch.dtype], sizes: list[int], priority: float,
+                    reserved: list[tuple[int, Any]], watches: list[Any]) -> list[Handle]:
         """The Handles of a batch of releases the core accepted (one call per batch), one per
         ``(core id, tier)`` in ``got``, not yet adopted: ``reserved`` has their storages'
         registry keys, ``watches`` the registry's weak references to them (paging.page_out).
         Snapshots: snapshots.py."""
         tiers, table, ref = self._tiers, self._handles, weakref.ref
         made = []  # (a loop: as fast as a comprehension for a batch, faster for one)
-        for (cid, tier), t, n, (key, _token), w in zip(got, tensors, sizes, reserved, watches):
+        for (cid, tier), t, dtype, n, (key, _token), w in zip(got, tensors, dtypes, sizes,
+                                                             reserved, watches):
             kind, location = tiers[tier]  # where the copy went (Handle.tier stays live)
-            h = Handle(self, cid, n, t.shape, t.dtype, True, t, key, kind, location, priority,
+            h = Handle(self, cid, n, t.shape, dtype, True, t, key, kind, location, priority,
                        w)  # (positional: see Handle)
             table[cid] = ref(h)
             made.append(h)

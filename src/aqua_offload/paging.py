@@ -30,9 +30,11 @@ __all__ = ["page_out", "page_in", "fetch_claimed", "destination", "destinations"
            "plain_snapshots", "restore", "restore_all", "keep_alive", "keep_alive_many", "forget"]
 
 
-def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
-             bases: list[Handle | None], base_ids: list[int], what: str) -> list[Handle]:
-    """Release: reserve every storage, let the core copy them, then swap each out."""
+def page_out(m: "OffloadManager", tensors: list[torch.Tensor], dtypes: list[torch.dtype],
+             prio: float, bases: list[Handle | None], base_ids: list[int],
+             what: str) -> list[Handle]:
+    """Release: reserve every storage, let the core copy them, then swap each out (``dtypes``:
+    the tensors', checks.check_offload)."""
     # (C loops over the batch; torch's methods unbound when every tensor is torch's own type)
     stores = list(map(torch.Tensor.untyped_storage if set(map(type, tensors)) <= _TENSOR
                       else _untyped, tensors))
@@ -54,7 +56,7 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
 
     def finish() -> None:  # idempotent (Note [Interrupted batches])
         if None in handles:  # all made at once (one line), or none yet
-            handles[:] = m._new_handle(got, tensors, sizes, prio, reserved, watches)
+            handles[:] = m._new_handle(got, tensors, dtypes, sizes, prio, reserved, watches)
         for h in handles:  # once stored: adopted by a re-run, whatever interrupts
             h._adopted = True  # (Note [Orphans] in manager.py)
         if storage.CAN_SWAP:

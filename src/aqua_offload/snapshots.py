@@ -25,12 +25,12 @@ if TYPE_CHECKING:
 __all__ = ["take"]
 
 
-def take(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
-         bases: list[Handle | None], base_ids: list[int], fence: str,
+def take(m: "OffloadManager", tensors: list[torch.Tensor], dtypes: list[torch.dtype],
+         prio: float, bases: list[Handle | None], base_ids: list[int], fence: str,
          specs: list[Any]) -> list[Handle]:
     """Snapshot every tensor in one core call (fenced now or deferred); arrays carry ``specs``
-    to be rebuilt at fetch."""
-    srcs = storage.snapshot_sources(tensors)
+    to be rebuilt at fetch. ``dtypes``: the tensors' (checks.check_offload)."""
+    srcs = storage.snapshot_sources(tensors, dtypes)
     sizes = list(map(_nbytes_of, srcs))
     if len(srcs) > 4 and all(sizes):  # a batch, by C loops (torch's method unbound if it can)
         ptrs = map(torch.Tensor.data_ptr if set(map(type, srcs)) <= _TENSOR else _data_ptr, srcs)
@@ -44,21 +44,23 @@ def take(m: "OffloadManager", tensors: list[torch.Tensor], prio: float,
         # A temporary source may be dropped after the call: with fence "now" the current
         # stream (its allocation stream) waits for the copy; "deferred" keeps it alive.
         m._store.offload_many(items, current_stream(m.device), not deferred, got)
-        _finish(m, got, made, tensors, srcs, sizes, prio, specs, bases, deferred)
+        _finish(m, got, made, tensors, dtypes, srcs, sizes, prio, specs, bases, deferred)
     except BaseException:
-        if got:  # accepted: finish, then the caller never sees these handles and they free
-            _finish(m, got, made, tensors, srcs, sizes, prio, specs, bases, deferred)  # their
-        raise                                                                # blocks as they die
+        if got:  # accepted: finish; the caller never sees these handles, which free their
+            # blocks as they die
+            _finish(m, got, made, tensors, dtypes, srcs, sizes, prio, specs, bases, deferred)
+        raise
     return made
 
 
 def _finish(m: "OffloadManager", got: list[tuple[int, int]], made: list[Handle],
-            tensors: list[torch.Tensor], srcs: list[torch.Tensor], sizes: list[int],
-            prio: float, specs: list[Any], bases: list[Handle | None], deferred: bool) -> None:
+            tensors: list[torch.Tensor], dtypes: list[torch.dtype], srcs: list[torch.Tensor],
+            sizes: list[int], prio: float, specs: list[Any], bases: list[Handle | None],
+            deferred: bool) -> None:
     """The Python side of a batch the core accepted (``got``): its handles in ``made``.
     Idempotent (Note [Interrupted batches] in manager.py)."""
     if not made:  # an interrupt inside leaves it empty: the re-run makes them all again
-        made[:] = _new_handles(m, got, tensors, sizes, prio, specs)
+        made[:] = _new_handles(m, got, tensors, dtypes, sizes, prio, specs)
     for h in made:  # once stored: adopted by a re-run, whatever interrupts
         h._adopted = True  # (Note [Orphans] in manager.py)
     if deferred:
@@ -78,14 +80,15 @@ _data_ptr = operator.methodcaller("data_ptr")
 
 
 def _new_handles(m: "OffloadManager", got: list[tuple[int, int]], tensors: list[Any],
-                 sizes: list[int], priority: float, specs: list[Any]) -> list[Handle]:
+                 dtypes: list[torch.dtype], sizes: list[int], priority: float,
+                 specs: list[Any]) -> list[Handle]:
     """``m._new_handle`` of each snapshot the core made (``(core id, tier)`` in ``got``),
     ``specs`` the arrays' (None for a tensor). Not yet adopted."""
     tiers, table = m._tiers, m._handles
     made = []  # (a loop: as fast as a comprehension for a batch, faster for one)
-    for (cid, tier), t, n, spec in zip(got, tensors, sizes, specs):
+    for (cid, tier), t, dtype, n, spec in zip(got, tensors, dtypes, sizes, specs):
         kind, location = tiers[tier]
-        h = Handle(m, cid, n, t.shape, t.dtype, False, None, None, kind, location, priority,
+        h = Handle(m, cid, n, t.shape, dtype, False, None, None, kind, location, priority,
                    None, spec)  # (positional: see Handle.__init__)
         table[cid] = weakref.ref(h)
         made.append(h)

@@ -504,19 +504,23 @@ def deferred_unfenced(t: torch.Tensor) -> bool:
     return waiting is not None and any(r() is not None for r in waiting)
 
 
-def snapshot_sources(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def snapshot_sources(tensors: list[torch.Tensor],
+                     dtypes: list[torch.dtype]) -> list[torch.Tensor]:
     """:func:`snapshot_source` of each tensor (the first refusal raises), by C loops over the
-    batch when none is paged out, discarded, conjugated or negated (the usual case)."""
+    batch when none is paged out, discarded, conjugated or negated (the usual case).
+    ``dtypes``: the tensors' (only a complex tensor can be a lazy conjugate)."""
     if len(tensors) == 1:  # (the loops cost more than they save for one)
         return [snapshot_source(tensors[0])]
     if _registry and not _registry.keys().isdisjoint(map(_cdata_of, map(_untyped, tensors))):
         return [snapshot_source(t) for t in tensors]  # (all_touchable, inline)
+    complex_ = not _REAL.issuperset(dtypes)
     if set(map(type, tensors)) <= _TENSOR:  # torch's methods unbound: half the cost
-        if any(map(torch.Tensor.is_conj, tensors)) or any(map(torch.Tensor.is_neg, tensors)):
+        if (complex_ and any(map(torch.Tensor.is_conj, tensors))) \
+                or any(map(torch.Tensor.is_neg, tensors)):
             return [snapshot_source(t) for t in tensors]
         return list(map(torch.Tensor.contiguous, tensors))
-    if any(map(_is_conj, tensors)) or any(map(_is_neg, tensors)):  # (a subclass's own)
-        return [snapshot_source(t) for t in tensors]
+    if (complex_ and any(map(_is_conj, tensors))) or any(map(_is_neg, tensors)):  # (a
+        return [snapshot_source(t) for t in tensors]                            # subclass's own)
     return list(map(_contiguous, tensors))
 
 
@@ -533,6 +537,9 @@ _is_shared = torch.UntypedStorage.is_shared
 _referent = weakref.ref.__call__
 _untyped = operator.methodcaller("untyped_storage")
 _is_conj = operator.methodcaller("is_conj")
+# dtypes whose tensors are never lazy conjugates (one not listed is checked)
+_REAL = frozenset(t for t in vars(torch).values()
+                  if isinstance(t, torch.dtype) and not t.is_complex)
 _is_neg = operator.methodcaller("is_neg")
 _contiguous = operator.methodcaller("contiguous")
 
