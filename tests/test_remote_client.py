@@ -56,6 +56,50 @@ def test_scattered_batch_of_small_items_is_one_call(remote_lender, remote_client
     assert c.stats()["writes"] == 1 and c.stats()["items_read"] == n
 
 
+def test_unregistered_host_memory_moves_registered_for_the_call(remote_lender,
+                                                                remote_clients) -> None:
+    c = remote_clients(remote_lender.address)
+    a, b = _rand(MiB + 5, 21), _rand(2 * MiB - 3, 22)
+    back = torch.zeros(3 * MiB + 2, dtype=torch.uint8)
+    (blk,) = c.allocate([3 * MiB + 2])
+    regs = len(c._agent._regs)
+    assert c.write_memory([(a.data_ptr(), a.numel(), blk, 2 * MiB - 3),
+                           (b.data_ptr(), b.numel(), blk, 0)])
+    assert c.read_memory([(back.data_ptr(), back.numel(), blk, 0)])
+    assert torch.equal(back[:2 * MiB - 3], b) and torch.equal(back[2 * MiB - 3:], a)
+    assert len(c._agent._regs) == regs, "the memory's registration ended with each call"
+    st = c.stats()
+    assert (st["writes"], st["items_written"], st["reads"], st["bytes_read"]) == (
+        1, 2, 1, 3 * MiB + 2)
+    bad = [(a.data_ptr(), a.numel(), blk, 2 * MiB),       # overruns the block
+           (0, 16, blk, 0), (a.data_ptr(), 0, blk, 0),    # no address, no bytes
+           (a.data_ptr(), True, blk, 0), (a.data_ptr(), 16, "block", 0),
+           (a.data_ptr(), 16, blk, -1), (a.data_ptr(), 16, blk)]
+    for piece in bad:
+        with pytest.raises(InvalidArgumentError):
+            c.read_memory([(back.data_ptr(), 1024, blk, 0), piece])  # nothing moves at all
+    assert c.stats()["reads"] == 1 and len(c._agent._regs) == regs
+
+
+def test_memory_nixl_refuses_moves_nothing(remote_lender, remote_clients, monkeypatch) -> None:
+    from aqua_offload.errors import BackendError
+    from aqua_offload.remote import transport
+
+    c = remote_clients(remote_lender.address)
+    (blk,) = c.allocate([MiB])
+    src = _rand(MiB, 23)
+    c.write([(c.register(src), blk, 0, MiB)])
+
+    def refuse(self, *args, **kw):
+        raise BackendError("injected: this memory cannot be registered", error_name="injected")
+
+    monkeypatch.setattr(transport.Agent, "register_many", refuse)
+    out = _rand(MiB, 24)
+    keep = out.clone()
+    assert c.read_memory([(out.data_ptr(), MiB, blk, 0)]) is False
+    assert torch.equal(out, keep) and c.stats()["reads"] == 0 and c.lost is None
+
+
 def test_two_clients_hold_separate_blocks(remote_lender, remote_clients) -> None:
     c1, c2 = remote_clients(remote_lender.address), remote_clients(remote_lender.address)
     t1, t2 = _rand(MiB, 4), _rand(MiB, 5)

@@ -11,7 +11,7 @@ from remote_helpers import TOKEN, needs_nixl
 
 import aqua_offload as aq
 from aqua_offload.errors import BackendError
-from aqua_offload.remote import Lender, RemoteClient, staging
+from aqua_offload.remote import Lender, staging, transport
 from conftest import random_tensor
 
 pytestmark = needs_nixl
@@ -68,7 +68,7 @@ def test_a_refused_registration_goes_through_the_buffer(lender, lender_managers,
     def refuse(self, *args, **kw):
         raise BackendError("injected: this memory cannot be registered", error_name="injected")
 
-    monkeypatch.setattr(RemoteClient, "register_memory", refuse)
+    monkeypatch.setattr(transport.Agent, "register_many", refuse)
     t = _rand(9 * MiB, 2)
     ref = t.clone()
     h = m.offload(t)
@@ -84,3 +84,23 @@ def test_below_the_threshold_everything_is_staged(lender, lender_managers, monke
     ref = t.clone()
     assert torch.equal(m.fetch(m.offload(t)), ref)
     assert m.stats()["remote"]["direct_bytes"] == 0
+
+
+def test_the_large_pieces_of_a_call_are_registered_at_once(lender, lender_managers,
+                                                           monkeypatch) -> None:
+    m = lender_managers(lender)
+    calls = []
+    real = transport.Agent.register_many
+
+    def counting(self, ranges, *args, **kw):
+        calls.append(len(ranges))
+        return real(self, ranges, *args, **kw)
+
+    monkeypatch.setattr(transport.Agent, "register_many", counting)
+    ts = [_rand(n, 30 + i) for i, n in enumerate((4 * MiB, 8 * KiB, 5 * MiB + 1))]
+    refs = [t.clone() for t in ts]
+    hs = m.offload_many(ts)
+    assert calls == [2], "one NIXL registration for both large pieces"
+    for h, t, r in zip(hs, ts, refs):
+        assert m.fetch(h) is t and torch.equal(t, r)
+    assert calls == [2, 1, 1] and _regions(m) == [1]

@@ -31,15 +31,17 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import (InvalidArgumentError, OffloadError, OutOfMemoryError, RemoteAuthError,
+from ..errors import (BackendError, InvalidArgumentError, OffloadError, OutOfMemoryError, RemoteAuthError,
                       RemoteConnectError, RemoteLostError, RemoteProtocolError,
                       RemoteVersionError)
 from . import protocol as P
-from .items import Item, LocalRegion, RemoteBlock, Transfer, check_items
+from .items import Item, LocalRegion, RemoteBlock, Transfer, check_items, check_memory
 from .transport import Agent, TransferTimeout, default_agent_name
 
 __all__ = ["RemoteClient", "RemoteBlock", "LocalRegion", "Transfer", "parse_address"]
 
+_WRITE_KEYS = ("writes", "items_written", "bytes_written")  # RemoteClient._stats per op
+_READ_KEYS = ("reads", "items_read", "bytes_read")
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -454,45 +456,79 @@ class RemoteClient:
         """Copy remote blocks to local memory; items as in :meth:`write`."""
         self._run("READ", items, deadline_s)
 
-    def _normalize_batch(self, items: Sequence[Item]) -> list[tuple]:
+    def write_memory(self, pieces: Sequence[tuple[int, int, RemoteBlock, int]],
+                     deadline_s: float | None = None) -> bool:
+        """Copy host memory that is not registered to remote blocks, pieces ``(address,
+        bytes, block, block offset)`` checked as in :meth:`write`, in one transfer: the
+        memory is registered for this call only (one NIXL call for every piece) and the
+        caller keeps it alive meanwhile. False, having moved nothing, if NIXL refuses it."""
+        return self._memory("WRITE", pieces, deadline_s)
+
+    def read_memory(self, pieces: Sequence[tuple[int, int, RemoteBlock, int]],
+                    deadline_s: float | None = None) -> bool:
+        """Copy remote blocks to host memory that is not registered; as :meth:`write_memory`."""
+        return self._memory("READ", pieces, deadline_s)
+
+    def _memory(self, op: str, pieces: Sequence[tuple[int, int, RemoteBlock, int]],
+                deadline_s: float | None) -> bool:
+        self._check()
         with self._state:
-            return check_items(items, self._regions, self._blocks)
+            batch = check_memory(pieces, self._blocks)
+        dev = self.lender["device"]
+        return self._move(op, {"DRAM": ([(a, n, 0) for a, n, _, _ in batch], [
+            (b.addr + bo, n, dev) for _, n, b, bo in batch])}, len(batch),
+            sum(p[1] for p in batch), deadline_s, [(a, n) for a, n, _, _ in batch])
 
     def _run(self, op: str, items: Sequence[Item], deadline_s: float | None) -> None:
         self._check()
-        batch = self._normalize_batch(items)
-        if not batch:
-            return
+        with self._state:
+            batch = check_items(items, self._regions, self._blocks)
+        dev = self.lender["device"]
+        groups: dict[str, tuple[list, list]] = {}  # local kind -> (local rows, remote rows)
+        for r, lo, b, bo, n in batch:
+            g = groups.get(r.kind)
+            if g is None:
+                g = groups[r.kind] = ([], [])
+            g[0].append((r.addr + lo, n, r.device))
+            g[1].append((b.addr + bo, n, dev))
+        self._move(op, groups, len(batch), sum(t[4] for t in batch), deadline_s)
+
+    def _move(self, op: str, groups: dict[str, tuple[list, list]], items: int, nbytes: int,
+              deadline_s: float | None, register: list[tuple[int, int]] | None = None) -> bool:
+        """One NIXL transfer per kind of local memory of (address, bytes, device) rows, with
+        the ``register`` ranges registered around them; False if NIXL refuses those."""
+        if not items:
+            return True
         limit = self.deadline_s if deadline_s is None else float(deadline_s)
-        groups: dict[str, list[tuple]] = {}
-        for t in batch:
-            groups.setdefault(t[0].kind, []).append(t)
         assert self._agent is not None
         with self._xfer:
             self._check()
             # from here: time spent waiting for another thread's transfer is not this one's
             deadline = time.monotonic() + limit
-            dev = self.lender["device"]
-            for kind, ts in groups.items():
-                local = np.array([(r.addr + lo, n, r.device) for r, lo, _, _, n in ts],
-                                 dtype=np.uint64)
-                remote = np.array([(b.addr + bo, n, dev) for _, _, b, bo, n in ts],
-                                  dtype=np.uint64)
-                try:
-                    self._agent.transfer(op, local, kind, remote, self._peer_kind, self._peer,
-                                         deadline, self.address)
-                except TransferTimeout:
-                    self._lose(f"a {op} made no progress within {limit} s")
-                    self._check()
-                except RemoteLostError as exc:
-                    self._lose(exc.reason or "disconnected")
-                    raise
-        nbytes = sum(t[4] for t in batch)
+            try:
+                reg = self._agent.register_many(register) if register else None
+            except BackendError:
+                return False
+            try:
+                for kind, (local, remote) in groups.items():
+                    self._agent.transfer(op, np.array(local, dtype=np.uint64), kind,
+                                         np.array(remote, dtype=np.uint64), self._peer_kind,
+                                         self._peer, deadline, self.address)
+            except TransferTimeout:
+                self._lose(f"a {op} made no progress within {limit} s")
+                self._check()
+            except RemoteLostError as exc:
+                self._lose(exc.reason or "disconnected")
+                raise
+            finally:  # (kept registered if a transfer wedged: Note [Deadlines] in transport)
+                if reg is not None:
+                    self._agent.deregister(reg)
+        keys = _WRITE_KEYS if op == "WRITE" else _READ_KEYS
         with self._state:
-            key = "written" if op == "WRITE" else "read"
-            self._stats["writes" if op == "WRITE" else "reads"] += 1
-            self._stats[f"items_{key}"] += len(batch)
-            self._stats[f"bytes_{key}"] += nbytes
+            self._stats[keys[0]] += 1
+            self._stats[keys[1]] += items
+            self._stats[keys[2]] += nbytes
+        return True
 
     # ---- reclaim ---------------------------------------------------------------------------
     def _reclaim_loop(self) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Sequence, Union
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["RemoteBlock", "LocalRegion", "Transfer", "Item", "check_items"]
+__all__ = ["RemoteBlock", "LocalRegion", "Transfer", "Item", "check_items", "check_memory"]
 
 
 @dataclass(frozen=True)
@@ -85,11 +85,13 @@ def check_items(items: Sequence[Item], regions: set[int], blocks: dict[int, Remo
 
 
 def _explain(i: int, local: Any, block: Any, n: Any, loff: Any, boff: Any, regions: set[int],
-             blocks: dict[int, RemoteBlock]) -> None:
-    where = f"transfer item {i}"
-    if not isinstance(local, LocalRegion):
+             blocks: dict[int, RemoteBlock], local_ok: bool = False) -> None:
+    """Raise the error that says what is wrong with item ``i`` (``local_ok``: a memory piece,
+    whose local side was checked already)."""
+    where = f"memory piece {i}" if local_ok else f"transfer item {i}"
+    if not local_ok and not isinstance(local, LocalRegion):
         raise InvalidArgumentError(f"{where}: local must be a LocalRegion from register()")
-    if id(local) not in regions:
+    if not local_ok and id(local) not in regions:
         raise InvalidArgumentError(f"{where}: this region is not registered with this client")
     if not isinstance(block, RemoteBlock):
         raise InvalidArgumentError(f"{where}: expected a RemoteBlock, got "
@@ -102,8 +104,34 @@ def _explain(i: int, local: Any, block: Any, n: Any, loff: Any, boff: Any, regio
             raise InvalidArgumentError(f"{where}: {name} must be a non-negative int, got {v!r}")
     if n == 0:
         raise InvalidArgumentError(f"{where}: nbytes must be positive")
-    if loff + n > local.nbytes:
+    if not local_ok and loff + n > local.nbytes:
         raise InvalidArgumentError(f"{where}: {n} bytes at {loff} overrun the local region of "
                                    f"{local.nbytes} bytes")
     raise InvalidArgumentError(f"{where}: {n} bytes at {boff} overrun block {block.id} of "
                                f"{block.nbytes} bytes")
+
+
+def check_memory(pieces: Sequence[tuple[int, int, RemoteBlock, int]],
+                 blocks: dict[int, RemoteBlock]) -> list[tuple[int, int, RemoteBlock, int]]:
+    """Pieces of host memory (address, bytes, block, block offset), checked against the held
+    ``blocks``: positive address and size, an offset that keeps the piece inside its block.
+
+    Raises
+    ------
+    InvalidArgumentError
+        For the first bad piece, saying what is wrong with it.
+    """
+    out = []
+    for i, piece in enumerate(pieces):
+        if type(piece) is not tuple or len(piece) != 4:
+            raise InvalidArgumentError(f"memory piece {i}: (address, nbytes, block, offset), "
+                                       f"got {piece!r}")
+        addr, n, block, boff = piece
+        if not (type(addr) is int and type(n) is int and addr > 0 and n > 0):
+            raise InvalidArgumentError(f"memory piece {i}: a positive address and size, got "
+                                       f"{addr!r}, {n!r}")
+        if not (type(block) is RemoteBlock and blocks.get(block.id) == block
+                and type(boff) is int and boff >= 0 and boff + n <= block.nbytes):
+            _explain(i, None, block, n, 0, boff, set(), blocks, local_ok=True)
+        out.append(piece)
+    return out

@@ -17,7 +17,8 @@ Note [Staging]
 
     A host-memory piece of at least ``DIRECT_BYTES`` skips the buffer: its own memory is
     registered for the call (~10 us with UCX on host memory, against a copy of megabytes),
-    all such pieces of a call move in one transfer per lender, and are deregistered after.
+    all such pieces of a call move in one transfer per lender, registered in one NIXL call
+    before it and deregistered in one after (:meth:`RemoteClient.write_memory`).
     GPU memory always goes through the pinned buffer: registering device memory needs
     GPUDirect RDMA, which nothing here has tested. A registration NIXL refuses falls back to
     the buffer.
@@ -33,7 +34,6 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .. import _core
-from ..errors import BackendError
 from .client import RemoteClient
 from .items import RemoteBlock
 
@@ -130,11 +130,15 @@ class Staging:
                    stream: int) -> None:
         """Write (block, block offset, local pointer, bytes) to one lender: the large host
         pieces in place, the rest one ``write`` per round."""
-        pieces = self._direct("write", [(client, b, o, n, p) for b, o, p, n in pieces])
         if not pieces:
             return
+        blocks, boffs, ptrs, sizes = zip(*pieces)
+        if self._large(sizes):
+            rest = self._direct("write", [(client, b, o, n, p) for b, o, p, n in pieces])
+            if not rest:
+                return
+            _, blocks, boffs, sizes, ptrs = zip(*rest)
         c, region, base = self.clients[client], self.regions[client], self.buffer.data_ptr()
-        _, blocks, boffs, sizes, ptrs = zip(*pieces)
         total = sum(sizes)
         if total <= self.nbytes:  # the common case, one round: no piece is cut
             offs = list(itertools.accumulate(sizes, initial=0))[:-1]
@@ -161,12 +165,14 @@ class Staging:
         else:
             _core.memcpy_many(list(dsts), list(srcs), list(sizes))
 
+    def _large(self, sizes: Sequence[int]) -> bool:
+        """Whether some of these pieces move in place (Note [Staging])."""
+        return not self._cuda and max(sizes) >= DIRECT_BYTES
+
     def _direct(self, op: str, pieces: list[tuple[int, RemoteBlock, int, int, int]]
                 ) -> list[tuple[int, RemoteBlock, int, int, int]]:
         """Move the (client, block, block offset, bytes, local pointer) pieces that qualify in
         place (Note [Staging]); returns the others."""
-        if self._cuda or not any(p[3] >= DIRECT_BYTES for p in pieces):
-            return pieces
         rest = []
         by_client: dict[int, list] = {}
         for p in pieces:
@@ -175,19 +181,11 @@ class Staging:
             else:
                 rest.append(p)
         for i, group in by_client.items():
-            c, regions = self.clients[i], []
-            try:
-                try:
-                    for _, _, _, n, ptr in group:
-                        regions.append(c.register_memory(ptr, n))
-                except BackendError:  # NIXL refused the memory: through the buffer after all
-                    rest.extend(group)
-                    continue
-                items = [(r, b, boff, n) for r, (_, b, boff, n, _) in zip(regions, group)]
-                c.write(items) if op == "write" else c.read(items)
-            finally:
-                for r in regions:
-                    c.unregister(r)
+            c = self.clients[i]
+            pieces = [(ptr, n, b, boff) for _, b, boff, n, ptr in group]
+            if not (c.write_memory(pieces) if op == "write" else c.read_memory(pieces)):
+                rest.extend(group)  # NIXL refused the memory: through the buffer after all
+                continue
             nbytes = sum(p[3] for p in group)
             self._count(op, 1, nbytes)
             with self._stats_lock:
@@ -212,11 +210,15 @@ class Staging:
                   stream: int) -> None:
         """Read (client, block, block offset, bytes, local pointer) items: the large host
         pieces in place, the rest per round: one ``read`` per lender, then the copies out."""
-        reads = self._direct("read", reads)
         if not reads:
             return
-        base, regions = self.buffer.data_ptr(), self.regions
         clients, blocks, boffs, sizes, ptrs = zip(*reads)
+        if self._large(sizes):
+            reads = self._direct("read", reads)
+            if not reads:
+                return
+            clients, blocks, boffs, sizes, ptrs = zip(*reads)
+        base, regions = self.buffer.data_ptr(), self.regions
         total = sum(sizes)
         if total <= self.nbytes and clients.count(clients[0]) == len(clients):
             offs = list(itertools.accumulate(sizes, initial=0))[:-1]  # one round, one lender

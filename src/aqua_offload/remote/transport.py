@@ -76,12 +76,12 @@ class TransferTimeout(Exception):
     """A transfer did not complete within its deadline (internal; callers map it)."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: an agent finds its registrations without comparing fields
 class Registration:
-    """Memory registered with an agent: one region (address, bytes, kind, device)."""
+    """Memory registered with an agent in one call: its (address, bytes) ranges, of one kind
+    and device."""
 
-    addr: int
-    nbytes: int
+    ranges: tuple[tuple[int, int], ...]
     kind: str  # "DRAM" or "VRAM"
     device: int
     _dlist: Any = None
@@ -130,7 +130,7 @@ class Agent:
         self._mem = {"DRAM": b.DRAM_SEG, "VRAM": b.VRAM_SEG}
         self._lock = threading.Lock()  # guards _remotes and _regs
         self._remotes: set[str] = set()
-        self._regs: list[Registration] = []
+        self._regs: dict[int, Registration] = {}  # id() -> the registration
         self.wedged: list[int] = []  # request handles NIXL would not release
         self.closed = False
 
@@ -138,24 +138,30 @@ class Agent:
     def register(self, addr: int, nbytes: int, kind: str = "DRAM", device: int = 0
                  ) -> Registration:
         """Register one region (``kind`` "DRAM" or "VRAM" of CUDA ``device``)."""
-        dl = self._b.nixlRegDList(self._mem[kind], [(int(addr), int(nbytes), int(device), "")])
+        return self.register_many([(addr, nbytes)], kind, device)
+
+    def register_many(self, ranges: list[tuple[int, int]], kind: str = "DRAM", device: int = 0
+                      ) -> Registration:
+        """Register (address, bytes) ranges in one NIXL call; they are deregistered together."""
+        ranges = tuple((int(a), int(n)) for a, n in ranges)
+        dl = self._b.nixlRegDList(self._mem[kind], [(a, n, int(device), "") for a, n in ranges])
         try:
             self._agent.registerMem(dl, [self._backend])
         except Exception as exc:  # noqa: BLE001
-            raise BackendError(f"NIXL could not register {nbytes} bytes of {kind} memory at "
-                               f"0x{addr:x} ({exc})", error_name=_status_name(exc)) from None
-        reg = Registration(int(addr), int(nbytes), kind, int(device), dl)
+            what = ", ".join(f"{n} bytes at 0x{a:x}" for a, n in ranges[:4])
+            raise BackendError(f"NIXL could not register {kind} memory ({what})",
+                               error_name=_status_name(exc)) from None
+        reg = Registration(ranges, kind, int(device), dl)
         with self._lock:
-            self._regs.append(reg)
+            self._regs[id(reg)] = reg
         return reg
 
     def deregister(self, reg: Registration) -> None:
         """Deregister ``reg``; kept registered (and leaked) while a wedged transfer may still
         touch it, since deregistering under a live transfer is a use-after-free in UCX."""
         with self._lock:
-            if reg not in self._regs:
+            if self._regs.pop(id(reg), None) is not reg:
                 return
-            self._regs.remove(reg)
         if self.wedged:
             return
         try:
@@ -258,7 +264,7 @@ class Agent:
         self.closed = True
         for name in list(self._remotes):
             self.forget_remote(name)
-        for reg in list(self._regs):
+        for reg in list(self._regs.values()):
             self.deregister(reg)
 
 
