@@ -43,6 +43,9 @@ class SpillOrder:
             del self._by_prio[prio]
         return prio
 
+    def __len__(self) -> int:
+        return len(self._prio)
+
     def in_order(self) -> Iterator[tuple[int, float]]:
         """(id, priority), lowest priority first, then oldest, without a copy: nothing may be
         added or popped until the walk ends."""

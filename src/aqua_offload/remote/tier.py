@@ -262,14 +262,16 @@ class RemoteTier:
         ids = list(ids)
         with self._using(ids):
             with self._lock:
-                where = [self._remote.get(i) for i in ids]
-                cids = [self._alias.get(i, i) for i, r in zip(ids, where) if r is None]
-            if keep and any(r is not None and r.prefetched and r.block is None and r.nbytes
-                            for r in where):
+                get = self._remote.get
+                where = [get(i) for i in ids]
+                remote = [(r, d) for r, d in zip(where, dsts) if r is not None]
+                cids = [self._alias.get(i, i) for i, r in zip(ids, where) if r is None
+                        ] if len(remote) < len(ids) else []
+            if keep and any(r.prefetched and r.block is None and r.nbytes for r, _ in remote):
                 raise InvalidArgumentError(
                     "fetch(keep=True): a lender reclaimed this handle's block while it was "
                     "prefetched, so the prefetch holds its only copy; fetch it without keep")
-            self._read([(r, d) for r, d in zip(where, dsts) if r is not None], stream)
+            self._read(remote, stream)
             if cids:
                 self._core.fetch_many(cids, [d for r, d in zip(where, dsts) if r is None],
                                       stream, keep)
@@ -277,14 +279,13 @@ class RemoteTier:
                 done.append(True)  # caller finishes the batch even if interrupted
             if not keep:  # the bytes are here now: emptied blocks go back, one request a lender
                 with self._lock:
-                    self._stats["remote_fetches"] += sum(r is not None for r in where)
-                self._release([r for r in where if r is not None])
+                    self._stats["remote_fetches"] += len(remote)
+                self._release([r for r, _ in remote])
                 self._forget(ids)
             else:  # the prefetch buffers were handed out: a later fetch reads again
                 with self._lock:
-                    for r in where:
-                        if r is not None:
-                            r.prefetched = False
+                    for r, _ in remote:
+                        r.prefetched = False
 
     def prefetch_many(self, ids: list[int], dsts: list[int], stream: int) -> list[int]:
         """Remote bytes are read into the buffers now; core ids are prefetched by the core."""
@@ -477,13 +478,20 @@ class RemoteTier:
 
     def _forget(self, ids: Sequence[int]) -> None:
         with self._lock:
+            pop = self._remote.pop
             for i in ids:
-                self._remote.pop(i, None)
-                self._alias.pop(i, None)
-                self._lru.pop(i, None)
+                pop(i, None)
+            if self._alias:  # (empty unless a reclaim migrated handles into the core)
+                for i in ids:
+                    self._alias.pop(i, None)
+            if self._lru:  # (empty unless the core holds handles)
+                for i in ids:
+                    self._lru.pop(i, None)
 
     def _consume(self, bases: list[int], core: bool) -> None:
         """Bases of an incremental offload that was copied in full: their bytes are dropped."""
+        if not bases:
+            return
         for b in bases:
             with contextlib.suppress(OffloadError):
                 if core:
@@ -508,11 +516,15 @@ class RemoteTier:
         the other copies."""
         for attempt in range(2):
             reads = []
+            lost = [c.lost is not None for c in self.clients]
             for r, d in entries:
                 if r.prefetched or r.block is None:
                     continue
-                client, block, offset = replicas.source(self, r)
-                if not replicas.alive(self, client):
+                if r.mirror is None:  # (replicas.source, inline: a batch may be thousands)
+                    client, block, offset = r.client, r.block, r.offset
+                else:
+                    client, block, offset = replicas.source(self, r)
+                if lost[client]:
                     c = self.clients[client]
                     raise RemoteLostError(f"the lender at {c.address} is lost ({c.lost}): the "
                                           f"bytes it held are gone", address=c.address,
@@ -532,20 +544,21 @@ class RemoteTier:
         held: dict[tuple[int, int], list] = {}  # (client, block id) -> [block, handles]
         ranges: dict[int, list[tuple[int, int]]] = {}  # client -> ranges of its open slab
         with self._lock:
-            slabs = self._slabs
+            slab_ids = {i: s.block.id for i, s in self._slabs.items()}
             for r in entries:
                 first = (r.client, r.block, r.offset)
                 for client, block, offset in (first,) if r.mirror is None else (first, r.mirror):
                     if block is None:
                         continue
-                    slab = slabs.get(client)
-                    if slab is not None and slab.block.id == block.id and r.nbytes:
+                    key = (client, block.id)
+                    if slab_ids.get(client) == key[1] and r.nbytes:
                         ranges.setdefault(client, []).append((offset, r.nbytes))
-                    e = held.get((client, block.id))
+                    e = held.get(key)
                     if e is None:
-                        held[client, block.id] = [block, 1]
+                        held[key] = [block, 1]
                     else:
                         e[1] += 1
+            slabs = self._slabs
             for client, rs in ranges.items():  # a batch's ranges, merged first: one give
                 slabs[client].give_all(rs)
             empty: dict[int, list[RemoteBlock]] = {}
