@@ -101,3 +101,27 @@ def test_a_cuda_manager_pages_through_host_and_gpu_lenders(remote_managers_cuda)
         assert all(m.fetch(h) is t and torch.equal(t, r) for h, t, r in zip(hs, ts, refs))
         assert m.stats()["remote"]["lost_handles"] == 0
         m.close()  # before the lenders go
+
+
+def test_remote_transfers_wait_for_their_stream_not_the_device(remote_managers_cuda) -> None:
+    """A remote offload and fetch of a CUDA manager wait for their own staging copies before
+    NIXL touches the buffer, on the caller's stream only: another stream's work (a kernel
+    sleeping ~2 s, standing for another workload) is still running when they return, and the
+    bytes are right."""
+    with Lender(TOKEN, host_bytes="32MiB", segment_bytes="8MiB") as lender:
+        m = remote_managers_cuda(lender)
+        ts = [_gpu_rand(n, 90 + i) for i, n in enumerate([64 * 1024, MiB, 3 * MiB + 5])]
+        refs = [t.clone() for t in ts]
+        other = torch.cuda.Stream()
+        with torch.cuda.stream(other):
+            torch.cuda._sleep(4_000_000_000)  # cycles: ~2 s at an H100/H200's ~2 GHz
+            asleep = torch.cuda.Event()
+            asleep.record(other)
+        hs = m.offload_many(ts, release=False)
+        assert {h.tier for h in hs} == {"remote"}
+        assert not asleep.query(), "the offload waited for another stream's kernel"
+        got = m.fetch_many(hs)
+        assert not asleep.query(), "the fetch waited for another stream's kernel"
+        assert all(torch.equal(g, r) for g, r in zip(got, refs))
+        other.synchronize()
+        m.close()

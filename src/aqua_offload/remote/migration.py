@@ -136,7 +136,7 @@ def _to_core(t: "RemoteTier", group: list[tuple[int, _Remote, int]], stream: int
                     t._lru[h] = r.priority
                     done.extend(t._packs.drop(r.client, [r.block]))  # type: ignore[list-item]
                 t._stats["reclaimed_handles"] += len(batch)
-        t._stage.sync()
+        t._stage.sync(stream)
         left = [x for x in left if x not in batch]
         if not left:
             break

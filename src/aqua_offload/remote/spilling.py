@@ -137,7 +137,7 @@ def _copy(t: "RemoteTier", victims: list[tuple[int, int, int, float]], total: in
         got = placement.place(t, sizes)
         try:
             t._stage.write_fetched(got[0], got[2], sizes, lambda ptrs: (
-                t._core.fetch_many(cids, ptrs, stream, True)))
+                t._core.fetch_many(cids, ptrs, stream, True)), stream)
         except BaseException:
             placement.discard(t, got, sizes)
             raise
@@ -145,7 +145,7 @@ def _copy(t: "RemoteTier", victims: list[tuple[int, int, int, float]], total: in
     buf = torch.empty(total, dtype=torch.uint8, device=t.device)
     ptrs = list(itertools.accumulate(sizes, initial=buf.data_ptr()))[:-1]
     t._core.fetch_many(cids, ptrs, stream, True)
-    t._stage.sync()
+    t._stage.sync(stream)
     return replicas.place_and_write(t, sizes, lambda client, where: (
         t._stage.write_from(client, [(b, off, p, n) for (b, off), p, n
                                      in zip(where, ptrs, sizes)], stream)))

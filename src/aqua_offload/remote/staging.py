@@ -9,8 +9,10 @@ Note [Staging]
     batch larger than the buffer takes several rounds; one tensor larger than it is cut into
     pieces. The lock is held for one round, a transfer under the client's deadline included.
     Copies in and out are one call into the core per round, with the GIL released (memcpy on
-    emulation, the core's copies on CUDA followed by a device synchronize: NIXL must not
-    touch the buffer before the copy ended).
+    emulation; on CUDA the core's copies in one batched submission on the caller's stream,
+    waited for on that stream alone: NIXL must not touch the buffer before the copy ended,
+    and a device-wide synchronize would also wait for every other stream's work, e.g. another
+    workload's kernels).
     Within a round, items that are contiguous both in the buffer and in one block (the
     handles of a packed batch, Note [Packed blocks] in packing.py) are merged into one NIXL
     descriptor.
@@ -67,18 +69,19 @@ class Staging:
         One region is registered with each; index ``i`` of the methods names ``clients[i]``.
     device : torch.device
         The manager's device: pinned memory and the core's copies when it is a GPU.
-    raw_copy_many : callable
-        The core's ``raw_copy_many(dsts, srcs, sizes, stream)`` (used on CUDA).
+    core : _core.Store
+        The manager's core: its ``raw_copy_many`` and ``synchronize_stream`` (used on CUDA).
     nbytes : int
         Size of the buffer.
     """
 
-    def __init__(self, clients: Sequence[RemoteClient], device: torch.device,
-                 raw_copy_many: Callable[[list, list, list, int], None], nbytes: int) -> None:
+    def __init__(self, clients: Sequence[RemoteClient], device: torch.device, core: Any,
+                 nbytes: int) -> None:
         self.clients = list(clients)
         self.device = device
         self._cuda = device.type == "cuda"
-        self._raw_copy_many = raw_copy_many
+        self._raw_copy_many = core.raw_copy_many
+        self._synchronize_stream = core.synchronize_stream
         self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._cuda)
         self.regions = [c.register(self.buffer) for c in self.clients]
         self.lock = threading.Lock()  # one round at a time
@@ -90,10 +93,11 @@ class Staging:
     def nbytes(self) -> int:
         return self.buffer.numel()
 
-    def sync(self) -> None:
-        """Wait for this device's copies (before NIXL reads or writes their memory)."""
+    def sync(self, stream: int) -> None:
+        """Wait for the work on ``stream`` (the core's copies the caller ordered there), before
+        NIXL reads or writes their memory: that stream only (Note [Staging])."""
         if self._cuda:
-            torch.cuda.synchronize(self.device)
+            self._synchronize_stream(stream)
 
     def _count(self, op: str, transfers: int, nbytes: int) -> None:
         with self._stats_lock:
@@ -156,12 +160,11 @@ class Staging:
 
     def _copy_all(self, dsts: Sequence[int], srcs: Sequence[int], sizes: Sequence[int],
                   stream: int) -> None:
-        """Copy every piece in one call with the GIL released (the core's copies on CUDA,
-        then a device synchronize: NIXL reads or writes their memory next; memcpy on
-        emulation)."""
+        """Copy every piece in one call with the GIL released (on CUDA the core's copies on
+        ``stream``, returning once they ran there: NIXL reads or writes their memory next;
+        memcpy on emulation)."""
         if self._cuda:
-            self._raw_copy_many(list(dsts), list(srcs), list(sizes), stream)
-            self.sync()
+            self._raw_copy_many(list(dsts), list(srcs), list(sizes), stream, True)
         else:
             _core.memcpy_many(list(dsts), list(srcs), list(sizes))
 
@@ -193,15 +196,15 @@ class Staging:
         return rest
 
     def write_fetched(self, client: int, blocks: list[tuple[RemoteBlock, int]],
-                      sizes: list[int], fetch: Callable[[list[int]], None]) -> None:
-        """``fetch(pointers)`` fills the buffer (the core copies handles into it), then one
-        ``write`` sends it to (block, offset) ``blocks``; the sizes must fit the buffer
-        together."""
+                      sizes: list[int], fetch: Callable[[list[int]], None], stream: int) -> None:
+        """``fetch(pointers)`` fills the buffer (the core copies handles into it, ordered
+        before later work on ``stream``), then one ``write`` sends it to (block, offset)
+        ``blocks``; the sizes must fit the buffer together."""
         offs = list(itertools.accumulate(sizes, initial=0))
         base, region = self.buffer.data_ptr(), self.regions[client]
         with self.lock:
             fetch([base + x for x in offs[:-1]])
-            self.sync()
+            self.sync(stream)
             self.clients[client].write(_items(region, offs[:-1], [b for b, _ in blocks],
                                               [o for _, o in blocks], sizes))
         self._count("write", 1, offs[-1])

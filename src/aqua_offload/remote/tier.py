@@ -185,7 +185,7 @@ class RemoteTier:
                 self.clients.append(RemoteClient(
                     address, token, deadline_s,
                     on_reclaim=lambda blocks, i=i: migration.on_reclaim(self, i, blocks)))
-            self._stage = Staging(self.clients, device, core.raw_copy_many, STAGING_BYTES)
+            self._stage = Staging(self.clients, device, core, STAGING_BYTES)
         except BaseException:
             for c in self.clients:
                 c.close()
