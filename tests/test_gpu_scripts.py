@@ -47,5 +47,8 @@ def test_gpu_profile_runs_its_emulation_half(tmp_path):
              "core_64x64k"}
     assert {k.split("/")[1] for k in result["us_per_call"] if k.startswith("emulation/")} == cases
     assert all(v > 0 for v in result["us_per_call"].values())
+    copies = result["copies_us"]["emulation"]  # the batched raw copies against one by one
+    assert {k.split()[0] for k in copies} == {"raw_copy_many", "raw_copy", "torch"}
+    assert len(copies) == 7 and all(v > 0 for v in copies.values())
     text = (tmp_path / "profile.txt").read_text()
     assert all(f"emulation {c}" in text for c in cases) and "tottime" in text
