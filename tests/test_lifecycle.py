@@ -172,8 +172,9 @@ def test_an_interrupt_anywhere_in_a_batch_of_eight_is_all_or_nothing(step):
 @pytest.mark.parametrize("step", ["offload_many", "fetch_many", "fetch"])
 def test_an_interrupt_anywhere_without_swap_data_ptr_is_all_or_nothing(step):
     """The fallback of torch without _swap_data_ptr_ (Note [Without _swap_data_ptr_]) frees in
-    place and fetches with a resize and a copy: two calls, so an interrupt between them must
-    not leave a restored storage without its bytes."""
+    place, and a fetch gives the storage its memory back before the core fetches into it: an
+    interrupt between the two must leave it paged out (not restored without its bytes), and
+    one after them must finish the restore."""
     _sweep(_INTERRUPT.replace("STEP", _STEPS[step]).replace(
         "    m = aq.OffloadManager(", "    from aqua_offload import storage\n"
         "    storage.CAN_SWAP = False\n    m = aq.OffloadManager(", 1))

@@ -68,3 +68,49 @@ def test_a_dropped_tensor_gives_its_tier_bytes_back(backend, manager):
     del t
     manager.synchronize()
     assert manager.stats()["live_handles"] == before
+
+
+class _Recording:
+    """The manager's core, with fetch_many's destinations recorded (or a failure injected)."""
+
+    def __init__(self, core, fail: bool = False) -> None:
+        self._core, self.fail, self.dsts = core, fail, []
+
+    def fetch_many(self, ids, dsts, *args, **kwargs):
+        self.dsts.append(list(dsts))
+        if self.fail:
+            raise aq.BackendError("injected: the copy engine refused the fetch")
+        return self._core.fetch_many(ids, dsts, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+
+def test_a_fetch_writes_straight_into_the_storage(backend, manager, monkeypatch):
+    """No second buffer: the storage gets its memory back (resize_) and the core fetches into
+    it, so a fetch needs the tensor's bytes once, not twice (a GPU near full would otherwise
+    run out of memory paging a large state in), and copies them once."""
+    ts = [backend.tensor((n,), torch.uint8) for n in (70_000, 4096, 1, 300_000, 5, 6)]
+    refs = [t.clone() for t in ts]
+    for batch in (ts[:1], ts):  # a single fetch and a batch (C loops above four)
+        hs = manager.offload_many(batch)
+        rec = _Recording(manager._store)
+        monkeypatch.setattr(manager, "_store", rec)
+        assert manager.fetch_many(hs) == batch
+        monkeypatch.setattr(manager, "_store", rec._core)
+        assert rec.dsts == [[t.untyped_storage().data_ptr() for t in batch]]
+        assert all(same_bytes(t, r) for t, r in zip(batch, refs))
+
+
+def test_a_failed_fetch_leaves_the_storage_paged_out(backend, manager, monkeypatch):
+    t = backend.tensor((70_000,), torch.uint8)
+    ref = t.clone()
+    h = manager.offload(t)
+    core = manager._store
+    monkeypatch.setattr(manager, "_store", _Recording(core, fail=True))
+    with pytest.raises(aq.BackendError, match="injected"):
+        manager.fetch(h)
+    monkeypatch.setattr(manager, "_store", core)
+    assert t.untyped_storage().nbytes() == 0 and aq.is_offloaded(t)
+    assert h.state in ("offloaded", "in_flight")
+    assert manager.fetch(h) is t and same_bytes(t, ref)

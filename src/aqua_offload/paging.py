@@ -184,39 +184,48 @@ def fetch_claimed(m: "OffloadManager", handles: list[Handle], outs: list[Any], k
                     raise InvalidArgumentError(f"{what}: out= is for tensor snapshots; a "
                                                "released tensor is restored in place")
                 check_out(o, h, m.device)
-    dests = destinations(m, handles, outs, plain)
     done: list[bool] = []
-    kinds = set(map(type, dests)) if n > 4 else None
-    # (fresh storages are releases' own: no prefetch buffer, a tensor, among them)
-    if n > 4 and (plain or kinds <= _STORAGE
-                  or all(map(is_, map(_prefetch_of, handles), repeat(None)))) \
-            and all(map(_nbytes_of, handles)):
-        # a batch, by C loops (torch's method unbound where it can: half the cost)
-        ptrs = list(map(torch.Tensor.data_ptr if kinds <= _TENSOR else
-                        _storage_data_ptr if kinds <= _STORAGE else _data_ptr, dests))
-    else:
-        ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
-                for h, d in zip(handles, dests)]
+    dests: list[Any] = []
     results: list[Any] = [None] * n
     ids = list(map(_id_of, handles))
+    regrown: list[torch.UntypedStorage] = []  # (Note [Without _swap_data_ptr_] in storage.py)
     try:
+        dests = destinations(m, handles, outs, plain, regrown)
+        kinds = set(map(type, dests)) if n > 4 else None
+        # (fresh storages are releases' own: no prefetch buffer, a tensor, among them)
+        if n > 4 and (plain or kinds <= _STORAGE
+                      or all(map(is_, map(_prefetch_of, handles), repeat(None)))) \
+                and all(map(_nbytes_of, handles)):
+            # a batch, by C loops (torch's method unbound where it can: half the cost)
+            ptrs = list(map(torch.Tensor.data_ptr if kinds <= _TENSOR else
+                            _storage_data_ptr if kinds <= _STORAGE else _data_ptr, dests))
+        else:
+            ptrs = [0 if h._prefetch is not None or not h.nbytes else d.data_ptr()
+                    for h, d in zip(handles, dests)]
         m._store.fetch_many(ids, ptrs, current_stream(m.device), keep, done)
         restore_all(m, handles, dests, outs, keep, results, plain, ids)
     except BaseException:
         if done:  # the core fetched them: finish the Python side regardless
             restore_all(m, handles, dests, outs, keep, results, plain, ids)
+        else:  # nothing was fetched: the storages given memory for it are paged out again
+            storage.shrink(regrown)
         raise
     return results
 
 
 def destinations(m: "OffloadManager", handles: list[Handle], outs: list[torch.Tensor | None],
-                 plain: bool = False) -> list[Any]:
+                 plain: bool = False, regrown: list[torch.UntypedStorage] | None = None
+                 ) -> list[Any]:
     """:func:`destination` of each handle, in order (the first refusal raises). ``plain``:
-    :func:`plain_snapshots` holds."""
+    :func:`plain_snapshots` holds. Without ``_swap_data_ptr_`` a release's live storage is
+    its own destination (Note [Without _swap_data_ptr_] in storage.py): it gets its memory
+    back here, and is listed in ``regrown`` first, for the caller to page out again if the
+    fetch does not happen."""
     if all(map(is_not, outs, repeat(None))):  # (only snapshots take an out: checked before)
         if plain or all(map(is_, map(_prefetch_of, handles), repeat(None))):
             return list(outs)  # snapshots fetched into their outs, in one C loop
     cuda, device = m._cuda, m.device
+    in_place = not storage.CAN_SWAP
     dests: list[Any] = []
     for h, out in zip(handles, outs):
         if h._prefetch is None:  # the common cases, inline
@@ -224,6 +233,12 @@ def destinations(m: "OffloadManager", handles: list[Handle], outs: list[torch.Te
                 s = h._storage() if h._storage is not None else None
                 if s is not None and s.nbytes() != 0:
                     raise InvalidArgumentError(_RESIZED)
+                if in_place and s is not None and h.nbytes:
+                    if regrown is not None:
+                        regrown.append(s)
+                    storage.regrow(s, h.nbytes)
+                    dests.append(s)
+                    continue
                 dests.append(_EMPTY.new().resize_(h.nbytes) if not cuda  # (_fresh, inline)
                              else _fresh(h.nbytes, device, cuda))
             else:

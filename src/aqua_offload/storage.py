@@ -409,11 +409,17 @@ _wrap_exports()
 # torch 2.11 and older have no UntypedStorage._swap_data_ptr_. There a release frees the
 # storage's memory in place (resize_(0)) instead of handing it to a holder: on CUDA after
 # record_stream(copy stream), so the caching allocator reuses it only once the copy read it;
-# on emulation after waiting for the copy (paging.py). A fetch gives the storage fresh memory
-# (resize_, on the current stream) and copies the fetched bytes into it on that stream: one
-# device-local copy more. Those are two calls, so the fallback's swap_in is idempotent and a
-# re-run after an interrupt (Note [Interrupted batches] in manager.py) does it again whatever
-# the storage's size (:func:`to_swap_in`); with _swap_data_ptr_ each step is one C call.
+# on emulation after waiting for the copy (paging.py). A fetch gives the storage its memory
+# back first (:func:`regrow`: resize_, on the current stream, before the core records its
+# event) and the core fetches straight into it: the bytes are needed once and copied once (a
+# fresh buffer and a copy into the storage would need a large state twice, on a GPU that is
+# full when it pages state in). If the core's fetch does not happen (an error, an interrupt
+# before it), the caller pages the regrown storages out again (:func:`shrink`: nothing ran
+# into them, Note [Abort rule] of the core). A prefetched release still copies its prefetch
+# buffer into the storage (:func:`swap_in`); that copy and the resize_ before it are two
+# calls, so swap_in is idempotent and a re-run after an interrupt (Note [Interrupted batches]
+# in manager.py) does it again whatever the storage's size (:func:`to_swap_in`); with
+# _swap_data_ptr_ each step is one C call.
 CAN_SWAP = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
 
 
@@ -448,14 +454,31 @@ def swap_out_many(stores: list[torch.UntypedStorage], holders: list[torch.Untype
 
 def swap_in(storage: torch.UntypedStorage, filled: torch.UntypedStorage) -> None:
     """Give the empty ``storage`` the bytes of ``filled``: its memory where :data:`CAN_SWAP`
-    (``filled`` is left with 0 bytes), else a copy on the current stream."""
+    (``filled`` is left with 0 bytes), else a copy on the current stream (nothing when the
+    core fetched into ``storage`` itself, :func:`regrow`)."""
     if CAN_SWAP:
         storage._swap_data_ptr_(filled)
-    else:
+    elif filled._cdata != storage._cdata:
         if storage.nbytes() != filled.nbytes():
             storage.resize_(filled.nbytes())
         with _disable_current_modes():  # (a debug_guard would see a paged-out storage)
             storage.copy_(filled)
+
+
+def regrow(storage: torch.UntypedStorage, nbytes: int) -> None:
+    """Give a paged-out storage ``nbytes`` of memory for a fetch to fill (Note [Without
+    _swap_data_ptr_]); allocated on the current stream (CUDA)."""
+    with _disable_current_modes():  # (a debug_guard would see a paged-out storage)
+        storage.resize_(nbytes)
+
+
+def shrink(stores: list[torch.UntypedStorage]) -> None:
+    """Page storages :func:`regrow` gave memory out again: the fetch they were for did not
+    happen, so nothing was written into them (Note [Without _swap_data_ptr_])."""
+    if stores:
+        with _disable_current_modes():
+            for s in stores:
+                s.resize_(0)
 
 
 # Note [Deferred snapshots]
