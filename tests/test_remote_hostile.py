@@ -257,3 +257,47 @@ def test_two_copies_under_reclaims_while_threads_offload_prefetch_and_fetch(
     s = m.stats()["remote"]
     assert s["reclaims"] >= 1
     assert [blocks_left(m, x) for x in (a, b, c)] == [0, 0, 0]
+
+
+_TWICE = """
+import sys, torch
+import aqua_offload as aq
+from aqua_offload.remote import Lender
+MiB = 1 << 20
+with Lender(sys.argv[1], host_bytes="64MiB", segment_bytes="16MiB") as lender:
+    m = aq.OffloadManager("cpu", peers=None, host_bytes="4KiB", remote=[lender.address],
+                          remote_token=sys.argv[1])
+    agent = m._remote.clients[0]._agent
+    regs = len(agent._regs)
+    t = torch.randint(1, 256, (5 * MiB + 3,), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(7))
+    ref = t.clone()
+    back = m.fetch_many(m.offload_many([t, t], release=False))  # one range written twice
+    out = torch.empty_like(t)
+    into = m.fetch_many(m.offload_many([t, t], release=False), outs=[out, out])  # read twice
+    ok = (all(torch.equal(x, ref) for x in back) and into[0] is out and into[1] is out
+          and torch.equal(out, ref) and len(agent._regs) == regs
+          and m.stats()["remote"]["direct_bytes"] == 8 * (5 * MiB + 3))
+    m.close()
+print("OK" if ok else "WRONG")
+"""
+
+
+def test_one_large_host_range_listed_twice_in_a_transfer(tmp_path) -> None:
+    """A snapshot batch holding the same large tensor twice (tied weights), and a fetch of two
+    such snapshots into one ``out=``: its direct pieces (Note [Staging]) list the same
+    (address, bytes) twice. Registered in one NIXL call with both listed, the deregistration
+    after the transfer crashed the process (SIGSEGV in NIXL). Now each range is registered
+    once; the bytes are right both ways and nothing stays registered. In a child process, so
+    that a crash fails this test alone."""
+    import subprocess
+    import sys
+
+    from remote_helpers import child_env
+
+    script = tmp_path / "twice.py"
+    script.write_text(_TWICE)
+    proc = subprocess.run([sys.executable, str(script), TOKEN], env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), (
+        proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])

@@ -142,8 +142,10 @@ class Agent:
 
     def register_many(self, ranges: list[tuple[int, int]], kind: str = "DRAM", device: int = 0
                       ) -> Registration:
-        """Register (address, bytes) ranges in one NIXL call; they are deregistered together."""
-        ranges = tuple((int(a), int(n)) for a, n in ranges)
+        """Register (address, bytes) ranges in one NIXL call; they are deregistered together.
+        A range listed twice is registered once: NIXL crashes deregistering a list that holds
+        one twice (the same tensor twice in a batch)."""
+        ranges = tuple(dict.fromkeys((int(a), int(n)) for a, n in ranges))
         dl = self._b.nixlRegDList(self._mem[kind], [(a, n, int(device), "") for a, n in ranges])
         try:
             self._agent.registerMem(dl, [self._backend])
