@@ -46,3 +46,57 @@ def test_bench_remote_rows_and_json(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "client/raw" in out and "OffloadManager(remote=...)" in out and "snapshot" in out
     assert "vs fresh" in out
+
+
+def test_manager_rows_time_the_calls_not_their_verification(monkeypatch) -> None:
+    """The round trips' timed windows hold the call they name only: a clock that advances one
+    second at each check of the bytes (torch.equal) or of a handle's tier (Handle.tier) must
+    leave every sample near zero. Bug: the raw read into fresh memory (``vs_raw_fresh``)
+    compared the whole tensor inside its window, and a fetch's window began before the tier
+    check of its handles (a core lookup per handle): the baseline was inflated by a full
+    pass over the bytes, and a batch's fetch by a thousand lookups."""
+    import types
+
+    import torch
+
+    from aqua_offload import OffloadManager
+    from aqua_offload.bench import remote as bench
+    from aqua_offload.handle import Handle
+    from aqua_offload.remote import Lender, RemoteClient
+    from remote_helpers import TOKEN
+
+    clock = [0.0]
+    real_equal, real_tier = torch.equal, Handle.tier
+
+    def equal(a, b):
+        clock[0] += 1.0
+        return real_equal(a, b)
+
+    def tier(h):
+        clock[0] += 1.0
+        return real_tier.fget(h)
+
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(torch, "equal", equal)
+    monkeypatch.setattr(Handle, "tier", property(tier))
+    with Lender(TOKEN, host_bytes="16MiB", segment_bytes="4MiB") as lender:
+        client = RemoteClient(lender.address, TOKEN, deadline_s=30.0)
+        m = OffloadManager("cpu", peers=None, host_bytes=256, remote=[lender.address],
+                           remote_token=TOKEN)
+        try:
+            t = torch.randint(1, 256, (64 << 10,), dtype=torch.uint8)
+            ts = [x.clone() for x in torch.randint(1, 256, (8 * 4096,), dtype=torch.uint8)
+                  .split(4096)]
+            for xs, items in (([t], 1), (ts, 8)):
+                raw = bench._RawPair(client, sum(x.numel() for x in xs), items)
+                try:
+                    for mode in bench.MODES:
+                        times = bench._time_round_trips(m, xs, 1, 3, "remote", mode, raw)
+                        assert len(times) == (5 if items == 1 and mode == "release" else 4)
+                        assert all(x == 0.0 for ts_ in times for x in ts_), (mode, times)
+                finally:
+                    raw.close()
+            assert clock[0] > 0, "the checks ran"
+        finally:
+            m.close()
+            client.close()
