@@ -98,10 +98,27 @@ def _cases(dev: torch.device) -> dict[str, Callable[[], Any]]:
             core.fetch_many([cid for cid, _ in got], dsts, stream, False)
         return run
 
+    refs = {id(t): t.clone() for t in (one, rel, *many, *rel_many)}
+
+    written = {"snapshot_4k": [(one_out, one)], "release_4k": [(rel, rel)],
+               "snapshot_64x64k": list(zip(many_out, many)),
+               "release_64x64k": list(zip(rel_many, rel_many)), "core_4k": [(one_out, one)],
+               "core_64x64k": list(zip(many_out, many))}
+
+    def check(case: str) -> None:
+        """The bytes ``case`` wrote (into outputs zeroed before it ran, or restored in place)."""
+        _sync(dev)
+        if not all(torch.equal(a, refs[id(b)]) for a, b in written[case]):
+            raise RuntimeError(f"gpu_profile: {case} produced wrong bytes")
+        for o in (one_out, *many_out):
+            o.zero_()
+
+    for o in (one_out, *many_out):  # zeroed before each case: check() sees its bytes
+        o.zero_()
     return {"snapshot_4k": snapshot_4k, "release_4k": release_4k,
             "snapshot_64x64k": snapshot_64x64k, "release_64x64k": release_64x64k,
             "core_4k": core_case([one], [one_out]), "core_64x64k": core_case(many, many_out),
-            "_manager": m}  # type: ignore[dict-item]
+            "_manager": m, "_check": check}  # type: ignore[dict-item]
 
 
 def _primitives(dev: torch.device) -> dict[str, float]:
@@ -145,28 +162,33 @@ def _copy_primitives(dev: torch.device) -> dict[str, float]:
         src = torch.randint(1, 255, (4 << 20,), dtype=torch.uint8, device=dev)
         dst = torch.empty(4 << 20, dtype=torch.uint8, pin_memory=dev.type == "cuda")
         out: dict[str, float] = {}
+
+        def timed(name: str, fn: Callable[[], Any], calls: int, nbytes: int) -> None:
+            dst[:nbytes].zero_()
+            out[name] = _loop(fn, calls, dev) * 1e6
+            _sync(dev)
+            if not torch.equal(dst[:nbytes], src[:nbytes].cpu()):
+                raise RuntimeError(f"gpu_profile: {name} produced wrong bytes")
+
         for piece in (4096, 65536):
             offs = [i * piece for i in range(64)]
             d = [dst.data_ptr() + o for o in offs]
             s_ = [src.data_ptr() + o for o in offs]
             n = [piece] * 64
             kib = piece >> 10
-            out[f"raw_copy_many 64 x {kib} KiB (one batched call)"] = _loop(
-                lambda: core.raw_copy_many(d, s_, n, stream), 500, dev) * 1e6
-            out[f"raw_copy x64, {kib} KiB each (64 calls)"] = _loop(
-                lambda: [core.raw_copy(a, b, piece, stream) for a, b in zip(d, s_)], 200,
-                dev) * 1e6
+            timed(f"raw_copy_many 64 x {kib} KiB (one batched call)",
+                  lambda: core.raw_copy_many(d, s_, n, stream), 500, 64 * piece)
+            timed(f"raw_copy x64, {kib} KiB each (64 calls)",
+                  lambda: [core.raw_copy(a, b, piece, stream) for a, b in zip(d, s_)], 200,
+                  64 * piece)
             views = [src[o:o + piece] for o in offs]
             outs = [dst[o:o + piece] for o in offs]
-            out[f"torch copy_ x64, {kib} KiB each"] = _loop(
-                lambda: [o.copy_(v, non_blocking=True) for o, v in zip(outs, views)], 200,
-                dev) * 1e6
-        out["raw_copy 4 MiB (one call)"] = _loop(
-            lambda: core.raw_copy(dst.data_ptr(), src.data_ptr(), 4 << 20, stream), 500,
-            dev) * 1e6
-        _sync(dev)
-        if not torch.equal(dst, src.cpu()):
-            raise RuntimeError("gpu_profile: the copies produced wrong bytes")
+            timed(f"torch copy_ x64, {kib} KiB each",
+                  lambda: [o.copy_(v, non_blocking=True) for o, v in zip(outs, views)], 200,
+                  64 * piece)
+        timed("raw_copy 4 MiB (one call)",
+              lambda: core.raw_copy(dst.data_ptr(), src.data_ptr(), 4 << 20, stream), 500,
+              4 << 20)
         return out
 
 
@@ -186,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     for dev in devices:
         name = "cuda" if dev.type == "cuda" else "emulation"
         cases = _cases(dev)
-        m = cases.pop("_manager")
+        m, check = cases.pop("_manager"), cases.pop("_check")
         try:
             for case, fn in cases.items():
                 us = _loop(fn, args.calls, dev) * 1e6
+                check(case)  # a wrong copy is not a timing
                 result["us_per_call"][f"{name}/{case}"] = round(us, 2)
                 print(f"{name:9} {case:16} {us:9.1f} us per call", flush=True)
                 text.append(f"##### {name} {case}: {us:.1f} us per call\n"
