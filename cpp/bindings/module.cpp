@@ -112,6 +112,7 @@ py::dict store_stats_dict(const aqua::store_stats& s) {
   d["reclaim_last_bytes_moved"] = s.reclaim_last_bytes_moved;
   d["batched_submissions"] = s.batched_submissions;
   d["batch_fallbacks"] = s.batch_fallbacks;
+  d["batch_kernels"] = s.batch_kernels;
   d["live_handles"] = s.live_handles;
   d["events_created"] = s.events_created;
   return d;

@@ -56,9 +56,12 @@ void copy_engine::enqueue(const std::vector<copy_op>& ops, stream_t s, std::size
   if (dsts.size() == 1) {
     backend_->copy_async(dsts[0], srcs[0], sizes[0], s);
   } else if (dsts.size() > 1) {
-    const bool batched = backend_->copy_batch_async(dsts.data(), srcs.data(), sizes.data(),
-                                                    dsts.size(), s);
-    (batched ? batched_ : fallbacks_).fetch_add(1, std::memory_order_relaxed);
+    const batch_submit how = backend_->copy_batch_async(dsts.data(), srcs.data(), sizes.data(),
+                                                        dsts.size(), s);
+    (how == batch_submit::batched  ? batched_
+     : how == batch_submit::kernel ? kernels_
+                                   : fallbacks_)
+        .fetch_add(1, std::memory_order_relaxed);
   }
 }
 
@@ -140,7 +143,8 @@ void copy_engine::drain() noexcept {
 }
 
 copy_engine_stats copy_engine::stats() const noexcept {
-  return {batched_.load(std::memory_order_relaxed), fallbacks_.load(std::memory_order_relaxed)};
+  return {batched_.load(std::memory_order_relaxed), fallbacks_.load(std::memory_order_relaxed),
+          kernels_.load(std::memory_order_relaxed)};
 }
 
 }  // namespace aqua

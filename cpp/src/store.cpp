@@ -190,6 +190,7 @@ void store::release_resources() noexcept {
     std::lock_guard<std::mutex> lock(mutex_);
     counters_.batched_submissions = c.batched_submissions;
     counters_.batch_fallbacks = c.batch_fallbacks;
+    counters_.batch_kernels = c.batch_kernels;
   }
   engine_.reset();
   std::vector<segment_memory> memory;
@@ -638,6 +639,7 @@ store_stats store::stats() {
       const copy_engine_stats c = engine_->stats();
       s.batched_submissions = c.batched_submissions;
       s.batch_fallbacks = c.batch_fallbacks;
+      s.batch_kernels = c.batch_kernels;
     }
   }
   if (open) end_call();

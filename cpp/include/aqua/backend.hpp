@@ -84,13 +84,15 @@ class backend {
   // --- copies ---
   /// Enqueues one copy of `bytes` on `stream` (the copy engine does any chunking).
   virtual void copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) = 0;
-  /// Enqueues `count` independent copies on `stream`. Returns true when they went in one
-  /// batched submission (cudaMemcpyBatchAsync, CUDA >= 12.8; one task on emulation), false
-  /// when the runtime refused it and they went one copy each (the default).
-  virtual bool copy_batch_async(void* const* dsts, const void* const* srcs,
-                                const std::size_t* sizes, std::size_t count, stream_t stream) {
+  /// Enqueues `count` independent copies on `stream`; returns how: in one batched submission
+  /// (cudaMemcpyBatchAsync, CUDA >= 12.8; one task on emulation), by one kernel launch
+  /// (CUDA, small pieces, opt-in: cuda/copy_kernel.hpp), or one copy each (the default, and
+  /// where the runtime refused the batch).
+  virtual batch_submit copy_batch_async(void* const* dsts, const void* const* srcs,
+                                        const std::size_t* sizes, std::size_t count,
+                                        stream_t stream) {
     for (std::size_t i = 0; i < count; ++i) copy_async(dsts[i], srcs[i], sizes[i], stream);
-    return false;
+    return batch_submit::per_copy;
   }
 
   // --- testing ---

@@ -69,6 +69,7 @@ struct submission {
 struct copy_engine_stats {
   std::uint64_t batched_submissions = 0;  ///< batches of >= 2 copies in one submission
   std::uint64_t batch_fallbacks = 0;      ///< batches the runtime refused: one copy each
+  std::uint64_t batch_kernels = 0;        ///< batches copied by one kernel launch (CUDA, opt-in)
 };
 
 class copy_engine {
@@ -105,7 +106,7 @@ class copy_engine {
   std::size_t chunk_bytes_;
   event_pool& events_;
   std::vector<stream_t> streams_;  // tier * lane_count + lane; immutable after construction
-  std::atomic<std::uint64_t> batched_{0}, fallbacks_{0};
+  std::atomic<std::uint64_t> batched_{0}, fallbacks_{0}, kernels_{0};
 };
 
 }  // namespace aqua

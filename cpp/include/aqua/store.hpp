@@ -62,7 +62,7 @@ struct store_stats {
   std::uint64_t lends = 0, reclaims = 0, bytes_lent = 0, bytes_reclaimed = 0;
   double reclaim_last_s = 0, reclaim_max_s = 0, reclaim_total_s = 0;
   std::uint64_t reclaim_last_bytes_moved = 0;
-  std::uint64_t batched_submissions = 0, batch_fallbacks = 0;
+  std::uint64_t batched_submissions = 0, batch_fallbacks = 0, batch_kernels = 0;
   std::size_t live_handles = 0;
   std::size_t events_created = 0;
 };

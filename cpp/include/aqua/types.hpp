@@ -21,6 +21,13 @@ enum class lane : std::uint8_t {
 };
 inline constexpr std::size_t lane_count = 4;
 
+/// How a backend submitted a batch of copies (backend::copy_batch_async).
+enum class batch_submit : std::uint8_t {
+  per_copy,  ///< one copy each (no batch API, or the runtime refused it)
+  batched,   ///< one batched submission (cudaMemcpyBatchAsync; one task on emulation)
+  kernel,    ///< one kernel launch (CUDA, small pieces, opt-in)
+};
+
 /// Alignment of every pool block: 256 bytes, what cudaMalloc guarantees and what keeps copies
 /// on the fast path for every dtype.
 inline constexpr std::size_t block_alignment = 256;

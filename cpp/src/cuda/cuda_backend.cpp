@@ -2,9 +2,12 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "aqua/error.hpp"
+#include "cuda/copy_kernel.hpp"
 
 #define AQUA_CUDA_TRY(call)                                                                    \
   do {                                                                                          \
@@ -27,6 +30,13 @@ namespace {
 // Destructors and free_* must not throw, and at interpreter exit the runtime may already be
 // unloading (cudaErrorCudartUnloading): ignore errors there.
 void ignore(cudaError_t) noexcept { cudaGetLastError(); }
+
+// Note [Copy kernel] (copy_kernel.hpp): opt-in, read per batch so that a process (a test, a
+// profile) can compare both paths.
+bool copy_kernel_wanted() {
+  const char* v = std::getenv("AQUA_COPY_KERNEL");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
 
 stream_t to_handle(cudaStream_t s) { return reinterpret_cast<stream_t>(s); }
 cudaStream_t to_stream(stream_t s) { return reinterpret_cast<cudaStream_t>(s); }
@@ -219,9 +229,15 @@ void cuda_backend::copy_async(void* dst, const void* src, std::size_t bytes, str
   AQUA_CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, to_stream(stream)));
 }
 
-bool cuda_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
-                                    const std::size_t* sizes, std::size_t count, stream_t stream) {
-  if (count == 0) return true;
+batch_submit cuda_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
+                                            const std::size_t* sizes, std::size_t count,
+                                            stream_t stream) {
+  if (count == 0) return batch_submit::batched;
+  if (copy_kernel_wanted() &&
+      std::all_of(sizes, sizes + count, [](std::size_t n) { return n <= copy_kernel_max_piece; })) {
+    AQUA_CUDA_TRY(launch_copy_pieces(dsts, srcs, sizes, count, to_stream(stream)));
+    return batch_submit::kernel;  // Note [Copy kernel]
+  }
 #if CUDART_VERSION >= 12080
   // One submission for many small copies: the driver coalesces them instead of paying a launch
   // per copy. Stream-ordered source access: sources may be written by earlier stream work.
@@ -238,13 +254,13 @@ bool cuda_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
                            const_cast<std::size_t*>(sizes), count, &attrs, &attrs_index, 1,
                            &fail_index, to_stream(stream));
 #endif
-  if (err == cudaSuccess) return true;
+  if (err == cudaSuccess) return batch_submit::batched;
   if (err != cudaErrorNotSupported && err != cudaErrorInvalidValue)
     throw_cuda_error(err, "cudaMemcpyBatchAsync", __FILE__, __LINE__);
   cudaGetLastError();  // refused here (counted by the copy engine): one copy each
 #endif
   for (std::size_t i = 0; i < count; ++i) copy_async(dsts[i], srcs[i], sizes[i], stream);
-  return false;
+  return batch_submit::per_copy;
 }
 
 }  // namespace aqua::cuda

@@ -252,13 +252,13 @@ void emulation_backend::take_fault() {
                           "emulationInjectedFault");
 }
 
-bool emulation_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
-                                         const std::size_t* sizes, std::size_t count,
-                                         stream_t stream) {
+batch_submit emulation_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
+                                                 const std::size_t* sizes, std::size_t count,
+                                                 stream_t stream) {
   take_fault();
   if (stream == 0) {
     for (std::size_t i = 0; i < count; ++i) std::memcpy(dsts[i], srcs[i], sizes[i]);
-    return true;
+    return batch_submit::batched;
   }
   // One task for the whole batch, as one DMA descriptor list would be.
   std::vector<std::tuple<void*, const void*, std::size_t>> ops;
@@ -267,7 +267,7 @@ bool emulation_backend::copy_batch_async(void* const* dsts, const void* const* s
   as_stream(stream).enqueue([ops = std::move(ops)] {
     for (const auto& [d, s, n] : ops) std::memcpy(d, s, n);
   });
-  return true;
+  return batch_submit::batched;
 }
 
 void emulation_backend::copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) {
