@@ -7,7 +7,8 @@
 #   OUT=/path/to/out bash scripts/gpu_check.sh     # from anywhere; $OUT is what comes back
 #
 # In $OUT: <stage>.log per stage, junit_cuda.xml, pytest_failures.txt (each failure as it
-# happens), info.json, smoke.json, profile.{json,txt}, bench_*.json, and summary.txt
+# happens), info.json, smoke.json, profile.{json,txt}, bench_*.json (bench_tiers_kernel.json:
+# with the copy kernel), and summary.txt
 # (PASS/FAIL/SKIP/TIMEOUT and seconds per stage), rewritten as each stage starts and ends so
 # that a run killed midway still says how far it got. The device tool brings back only a few
 # files and a session has 15 minutes of device time, machine starts included (~40 s each): the
@@ -191,6 +192,10 @@ stage bench_copy 90 'cd / && "$PYTHON" -m aqua_offload bench copy --backend cuda
   --sizes 4KiB 256KiB 4MiB 64MiB 256MiB --no-progress --json "$OUT/bench_copy.json"'
 stage bench_tiers 90 'cd / && "$PYTHON" -m aqua_offload bench tiers --backend cuda --quick \
   --json "$OUT/bench_tiers.json"'
+# The same with the copy kernel for batches of small pieces (opt-in until measured here:
+# Note [Copy kernel] in cpp/src/cuda/copy_kernel.hpp); its rows say copy_path "kernel".
+stage bench_tiers_kernel 90 'cd / && AQUA_COPY_KERNEL=1 "$PYTHON" -m aqua_offload bench tiers \
+  --backend cuda --quick --json "$OUT/bench_tiers_kernel.json"'
 
 # 6. While the budget lasts. memcheck sees torch's allocations only without the caching
 # allocator; cases b-d in --quick mode, as everything under memcheck runs far slower.

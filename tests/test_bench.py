@@ -255,3 +255,15 @@ def test_burst_bench_json(tmp_path: Path) -> None:
     assert rows[0]["preemptions"] == 0 and rows[0]["bytes_paged"] == 0
     assert set(result["requests"]) == {"fcfs/None", "fair/host", "fair/peer"}
     assert all(len(v) == 3 for v in result["requests"].values())
+
+
+@pytest.mark.parametrize("deltas, path", [((2, 0, 0), "batched"), ((0, 3, 0), "kernel"),
+                                          ((0, 0, 1), "per-copy fallback"),
+                                          ((1, 1, 0), "mixed"), ((0, 0, 0), "none")])
+def test_copy_path_names_the_submissions_a_row_used(deltas, path) -> None:
+    from aqua_offload.bench.tiers import copy_path
+
+    keys = ("batched_submissions", "batch_kernels", "batch_fallbacks")
+    before = dict(zip(keys, (5, 7, 9)))
+    after = {k: v + d for (k, v), d in zip(before.items(), deltas)}
+    assert copy_path(before, after) == path

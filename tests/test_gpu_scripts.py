@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["environment", "build", "cuda_backend", "nixl", "pytest_cuda", "smoke", "profile",
-          "bench_copy", "bench_tiers", "bench_hf_long", "bench_hf", "bench_burst", "memcheck"]
+          "bench_copy", "bench_tiers", "bench_tiers_kernel", "bench_hf_long", "bench_hf",
+          "bench_burst", "memcheck"]
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -124,13 +124,13 @@ def _away(t: torch.Tensor, tier: str, m: OffloadManager) -> torch.Tensor:
 
 def copy_path(before: dict[str, Any], after: dict[str, Any]) -> str:
     """Which submission path the batches between two ``stats()`` took: ``"batched"`` (one
-    cudaMemcpyBatchAsync, or one task on emulation), ``"per-copy fallback"`` (the runtime
-    refused the batch API), ``"mixed"``, or ``"none"``."""
-    batched = after["batched_submissions"] - before["batched_submissions"]
-    fallback = after["batch_fallbacks"] - before["batch_fallbacks"]
-    if batched and fallback:
-        return "mixed"
-    return "batched" if batched else "per-copy fallback" if fallback else "none"
+    cudaMemcpyBatchAsync, or one task on emulation), ``"kernel"`` (one launch of the copy
+    kernel, AQUA_COPY_KERNEL=1), ``"per-copy fallback"`` (the runtime refused the batch API),
+    ``"mixed"``, or ``"none"``."""
+    used = [name for name, key in (("batched", "batched_submissions"), ("kernel", "batch_kernels"),
+                                   ("per-copy fallback", "batch_fallbacks"))
+            if after[key] - before[key]]
+    return used[0] if len(used) == 1 else "mixed" if used else "none"
 
 
 def _bookkeeping_rows(tdev: torch.device, counts: tuple[int, int], samples: int, device: str,
