@@ -18,7 +18,6 @@ import argparse
 import cProfile
 import io
 import json
-import os
 import pstats
 import sys
 import time
@@ -180,16 +179,13 @@ def _copy_primitives(dev: torch.device) -> dict[str, float]:
             timed(f"raw_copy_many 64 x {kib} KiB (one batched call)",
                   lambda: core.raw_copy_many(d, s_, n, stream), 500, 64 * piece)
             if dev.type == "cuda":  # Note [Copy kernel] (cpp/src/cuda/copy_kernel.hpp)
-                was = os.environ.get("AQUA_COPY_KERNEL")
-                os.environ["AQUA_COPY_KERNEL"] = "1"
+                was = aq._core.copy_kernel()
+                aq._core.copy_kernel(True)
                 try:
                     timed(f"raw_copy_many 64 x {kib} KiB (copy kernel)",
                           lambda: core.raw_copy_many(d, s_, n, stream), 500, 64 * piece)
                 finally:
-                    if was is None:
-                        del os.environ["AQUA_COPY_KERNEL"]
-                    else:
-                        os.environ["AQUA_COPY_KERNEL"] = was
+                    aq._core.copy_kernel(was)
             timed(f"raw_copy x64, {kib} KiB each (64 calls)",
                   lambda: [core.raw_copy(a, b, piece, stream) for a, b in zip(d, s_)], 200,
                   64 * piece)

@@ -1,15 +1,19 @@
 """The CUDA copy kernel for batches of small pieces (Note [Copy kernel] in
-cpp/src/cuda/copy_kernel.hpp; opt-in with AQUA_COPY_KERNEL=1): every piece lands bitwise, aligned
-or not, to and from each tier and through the raw copies of the remote tier's staging; a batch
-with a piece above the kernel's limit goes to the DMA engines; off by default. The kernel exists
-only on CUDA: those tests are marked ``cuda``."""
+cpp/src/cuda/copy_kernel.hpp; opt-in with AQUA_COPY_KERNEL=1, switched here with
+``_core.copy_kernel``): every piece lands bitwise, aligned or not, to and from each tier and
+through the raw copies of the remote tier's staging; a batch with a piece above the kernel's
+limit goes to the DMA engines; off by default, never taken on emulation. The kernel exists only
+on CUDA: those tests are marked ``cuda``."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 import aqua_offload as aq
+from aqua_offload import _core
 from conftest import random_tensor
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -34,10 +38,18 @@ def _kernels(m: aq.OffloadManager) -> int:
     return m.stats()["batch_kernels"]
 
 
+@pytest.fixture
+def kernel_on():
+    """The copy kernel switched on for the test, the previous setting restored after."""
+    was = _core.copy_kernel()
+    _core.copy_kernel(True)
+    yield
+    _core.copy_kernel(was)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("tier", ["peer", "host"])
-def test_snapshot_batches_through_the_copy_kernel(monkeypatch, tier):
-    monkeypatch.setenv("AQUA_COPY_KERNEL", "1")
+def test_snapshot_batches_through_the_copy_kernel(kernel_on, tier):
     dev = torch.device("cuda", 0)
     peer = 1 if torch.cuda.device_count() > 1 else 0
     with aq.OffloadManager(dev, peers=[peer] if tier == "peer" else None, peer_bytes="16MiB",
@@ -59,8 +71,7 @@ def test_snapshot_batches_through_the_copy_kernel(monkeypatch, tier):
 
 
 @pytest.mark.cuda
-def test_release_batches_through_the_copy_kernel(monkeypatch):
-    monkeypatch.setenv("AQUA_COPY_KERNEL", "1")
+def test_release_batches_through_the_copy_kernel(kernel_on):
     dev = torch.device("cuda", 0)
     with aq.OffloadManager(dev, peers=None, host_bytes="16MiB") as m:
         g = torch.Generator().manual_seed(3)
@@ -74,8 +85,7 @@ def test_release_batches_through_the_copy_kernel(monkeypatch):
 
 
 @pytest.mark.cuda
-def test_a_piece_above_the_kernels_limit_sends_the_batch_to_the_dma_engines(monkeypatch):
-    monkeypatch.setenv("AQUA_COPY_KERNEL", "1")
+def test_a_piece_above_the_kernels_limit_sends_the_batch_to_the_dma_engines(kernel_on):
     dev = torch.device("cuda", 0)
     with aq.OffloadManager(dev, peers=None, host_bytes="16MiB") as m:
         g = torch.Generator().manual_seed(4)
@@ -88,10 +98,9 @@ def test_a_piece_above_the_kernels_limit_sends_the_batch_to_the_dma_engines(monk
 
 
 @pytest.mark.cuda
-def test_staging_copies_through_the_copy_kernel(monkeypatch):
+def test_staging_copies_through_the_copy_kernel(kernel_on):
     """raw_copy_many (the remote tier's staging) of unaligned pieces, device to pinned host and
     back, waited for on its stream."""
-    monkeypatch.setenv("AQUA_COPY_KERNEL", "1")
     dev = torch.device("cuda", 0)
     with aq.OffloadManager(dev, peers=None, host_bytes="1MiB") as m:
         ts = _pieces(dev, 5)
@@ -112,11 +121,25 @@ def test_staging_copies_through_the_copy_kernel(monkeypatch):
         assert _kernels(m) - k == 2
 
 
-def test_the_copy_kernel_is_off_by_default(backend, managers, monkeypatch):
-    monkeypatch.delenv("AQUA_COPY_KERNEL", raising=False)
-    m = managers(peer=16 * MiB, host=16 * MiB)
-    ts = _pieces(backend.device, 6)
-    got = m.fetch_many(m.offload_many(ts, release=False))
-    assert all(torch.equal(g, t) for g, t in zip(got, ts))
-    s = m.stats()
-    assert s["batch_kernels"] == 0 and s["batched_submissions"] >= 2
+def test_the_copy_kernel_is_off_unless_asked_for(backend, managers):
+    assert _core.copy_kernel() == (os.environ.get("AQUA_COPY_KERNEL") == "1"
+                                   and _core.cuda_compiled())
+    was = _core.copy_kernel()
+    _core.copy_kernel(False)
+    try:
+        m = managers(peer=16 * MiB, host=16 * MiB)
+        ts = _pieces(backend.device, 6)
+        got = m.fetch_many(m.offload_many(ts, release=False))
+        assert all(torch.equal(g, t) for g, t in zip(got, ts))
+        s = m.stats()
+        assert s["batch_kernels"] == 0 and s["batched_submissions"] >= 2
+    finally:
+        _core.copy_kernel(was)
+
+
+def test_emulation_never_takes_the_copy_kernel(kernel_on):
+    with aq.OffloadManager("cpu", peers=[1], peer_bytes="16MiB", host_bytes="16MiB") as m:
+        ts = _pieces(torch.device("cpu"), 7)
+        got = m.fetch_many(m.offload_many(ts, release=False))
+        assert all(torch.equal(g, t) for g, t in zip(got, ts))
+        assert m.stats()["batch_kernels"] == 0

@@ -186,6 +186,11 @@ PYBIND11_MODULE(_core, m) {
       },
       "Installs the Python exception classes core errors are raised as.");
   m.def("cuda_compiled", &aqua::cuda_compiled, "Whether the CUDA backend is in this build.");
+  m.def(
+      "copy_kernel", [](std::optional<bool> enabled) { return aqua::copy_kernel(enabled); },
+      py::arg("enabled") = py::none(),
+      "Whether batches of small copies take the CUDA copy kernel (opt-in: AQUA_COPY_KERNEL=1, "
+      "read once; or set it here). Returns the setting in force; always False without CUDA.");
   m.def("backend_info", &backend_info, py::arg("name"),
         "Devices and peer-access matrix of a backend ('cuda' or 'emulation').");
   m.def("format_bytes", &aqua::format_bytes, py::arg("nbytes"));

@@ -2,6 +2,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "aqua/backend.hpp"
@@ -25,6 +26,15 @@ bool cuda_compiled() noexcept {
 #ifdef AQUA_HAVE_CUDA
   return true;
 #else
+  return false;
+#endif
+}
+
+bool copy_kernel(std::optional<bool> set) {
+#ifdef AQUA_HAVE_CUDA
+  return cuda::copy_kernel_setting(set);
+#else
+  (void)set;
   return false;
 #endif
 }

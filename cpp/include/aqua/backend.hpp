@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstddef>
+#include <optional>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -120,6 +121,10 @@ class device_guard {
 
 /// Whether the CUDA backend was compiled into this build.
 bool cuda_compiled() noexcept;
+/// Whether batches of small copies take the CUDA copy kernel (Note [Copy kernel] in
+/// cuda/copy_kernel.hpp): read from AQUA_COPY_KERNEL=1 on first use, or set here (tests,
+/// profiles). Returns the setting in force. Without the CUDA backend: always false.
+bool copy_kernel(std::optional<bool> set = std::nullopt);
 
 /// The process-wide backend of that name ("cuda" or "emulation"), created on first use and
 /// shared by every store; destroyed when the last store using it goes.

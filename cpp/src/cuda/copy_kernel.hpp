@@ -9,8 +9,9 @@
 // can reach: its own memory, a peer's with peer access enabled, or pinned host memory (under
 // unified addressing a host pointer is also the device's) -- which is what the copy engine
 // copies between (the tiers' pools and the device) and the remote tier's staging (pinned).
-// Opt-in (AQUA_COPY_KERNEL=1) until a GPU run has checked its bytes and its speed against
-// cudaMemcpyBatchAsync; only batches of pieces up to `copy_kernel_max_piece` take it.
+// Opt-in (AQUA_COPY_KERNEL=1, read once; _core.copy_kernel() switches it) until a GPU run has
+// checked its bytes and its speed against cudaMemcpyBatchAsync; only batches of pieces up to
+// `copy_kernel_max_piece` take it.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -31,17 +32,31 @@ namespace {
 // unloading (cudaErrorCudartUnloading): ignore errors there.
 void ignore(cudaError_t) noexcept { cudaGetLastError(); }
 
-// Note [Copy kernel] (copy_kernel.hpp): opt-in, read per batch so that a process (a test, a
-// profile) can compare both paths.
-bool copy_kernel_wanted() {
-  const char* v = std::getenv("AQUA_COPY_KERNEL");
-  return v != nullptr && v[0] == '1' && v[1] == '\0';
-}
+// Note [Copy kernel] (copy_kernel.hpp): opt-in. AQUA_COPY_KERNEL is read once (getenv races
+// with a setenv elsewhere in the process); tests and profiles switch it with copy_kernel().
+std::atomic<int> copy_kernel_on{-1};  // -1: not read yet
+
+bool copy_kernel_wanted() { return copy_kernel_setting(std::nullopt); }
 
 stream_t to_handle(cudaStream_t s) { return reinterpret_cast<stream_t>(s); }
 cudaStream_t to_stream(stream_t s) { return reinterpret_cast<cudaStream_t>(s); }
 cudaEvent_t to_event(event_t e) { return reinterpret_cast<cudaEvent_t>(e); }
 }  // namespace
+
+bool copy_kernel_setting(std::optional<bool> set) {
+  if (set) {
+    copy_kernel_on.store(*set ? 1 : 0, std::memory_order_relaxed);
+    return *set;
+  }
+  int v = copy_kernel_on.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* env = std::getenv("AQUA_COPY_KERNEL");
+    int read = env != nullptr && env[0] == '1' && env[1] == '\0' ? 1 : 0;
+    copy_kernel_on.compare_exchange_strong(v, read, std::memory_order_relaxed);
+    v = copy_kernel_on.load(std::memory_order_relaxed);
+  }
+  return v == 1;
+}
 
 cuda_backend::cuda_backend() {
   int n = 0;

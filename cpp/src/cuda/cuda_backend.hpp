@@ -10,11 +10,15 @@
 // primary context.
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include "aqua/backend.hpp"
 
 namespace aqua::cuda {
+
+/// aqua::copy_kernel(): the process-wide setting of Note [Copy kernel] (copy_kernel.hpp).
+bool copy_kernel_setting(std::optional<bool> set);
 
 class cuda_backend final : public backend {
  public:
