@@ -47,35 +47,54 @@ def kernel_on():
     _core.copy_kernel(was)
 
 
+def _aligned(dev: torch.device, seed: int, sizes: list[int] = SIZES) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [random_tensor((n,), torch.uint8, device=str(dev), generator=g) for n in sizes]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("tier", ["peer", "host"])
 def test_snapshot_batches_through_the_copy_kernel(kernel_on, tier):
+    """Tensors (allocations: 16-byte aligned, like the pools' blocks) go through the kernel
+    both ways; views at odd byte offsets are not equally aligned with their blocks, so their
+    offload goes to DMA, and so does a fetch into outs at odd offsets."""
     dev = torch.device("cuda", 0)
     peer = 1 if torch.cuda.device_count() > 1 else 0
     with aq.OffloadManager(dev, peers=[peer] if tier == "peer" else None, peer_bytes="16MiB",
                            host_bytes="16MiB") as m:
-        ts = _pieces(dev, 1)
-        refs = [t.clone() for t in ts]
-        before = m.stats()
+        ts = _aligned(dev, 1)
+        k = _kernels(m)
         hs = m.offload_many(ts, release=False)
         assert {h.tier for h in hs} == {tier}
         got = m.fetch_many(hs)
-        after = m.stats()
-        assert after["batch_kernels"] - before["batch_kernels"] == 2  # offload and fetch
-        assert after["batched_submissions"] == before["batched_submissions"]
+        assert _kernels(m) - k == 2  # offload and fetch
+        assert all(torch.equal(g, t) for g, t in zip(got, ts))
+        views = _pieces(dev, 2)
+        refs = [v.clone() for v in views]
+        k = _kernels(m)
+        got = m.fetch_many(m.offload_many(views, release=False))
+        assert _kernels(m) - k == 1  # the fetch into new tensors only
         assert all(torch.equal(g, r) for g, r in zip(got, refs))
-        # into outs at odd offsets too
-        outs = [o.fill_(0) for o in _pieces(dev, 2)]
+        base = torch.full((sum(SIZES) + 128 * len(SIZES),), 0xA5, dtype=torch.uint8,
+                          device=dev)
+        outs, covered, at = [], torch.zeros_like(base, dtype=torch.bool), 0
+        for n in SIZES:  # outs at 16-byte aligned places, 64 bytes apart: the kernel's
+            at = (at + 63) // 64 * 64
+            outs.append(base[at:at + n])
+            covered[at:at + n] = True
+            at += n + 64
+        k = _kernels(m)
         m.fetch_many(m.offload_many(ts, release=False), outs=outs)
-        assert all(torch.equal(o, r) for o, r in zip(outs, refs))
+        assert _kernels(m) - k == 2
+        assert all(torch.equal(o, t) for o, t in zip(outs, ts))
+        assert bool((base[~covered] == 0xA5).all()), "nothing is written between the outs"
 
 
 @pytest.mark.cuda
 def test_release_batches_through_the_copy_kernel(kernel_on):
     dev = torch.device("cuda", 0)
     with aq.OffloadManager(dev, peers=None, host_bytes="16MiB") as m:
-        g = torch.Generator().manual_seed(3)
-        ts = [random_tensor((n,), torch.uint8, device="cuda:0", generator=g) for n in SIZES]
+        ts = _aligned(dev, 3)
         refs = [t.clone() for t in ts]
         k = _kernels(m)
         hs = m.offload_many(ts)
@@ -85,12 +104,22 @@ def test_release_batches_through_the_copy_kernel(kernel_on):
 
 
 @pytest.mark.cuda
+def test_a_batch_of_300_pieces_through_the_copy_kernel(kernel_on):
+    """More pieces than one launch takes (128): three launches, one submission."""
+    dev = torch.device("cuda", 0)
+    with aq.OffloadManager(dev, peers=None, host_bytes="16MiB") as m:
+        ts = _aligned(dev, 8, [17 + 4096 * (i % 5) for i in range(300)])
+        k = _kernels(m)
+        got = m.fetch_many(m.offload_many(ts, release=False))
+        assert _kernels(m) - k == 2
+        assert all(torch.equal(g, t) for g, t in zip(got, ts))
+
+
+@pytest.mark.cuda
 def test_a_piece_above_the_kernels_limit_sends_the_batch_to_the_dma_engines(kernel_on):
     dev = torch.device("cuda", 0)
     with aq.OffloadManager(dev, peers=None, host_bytes="16MiB") as m:
-        g = torch.Generator().manual_seed(4)
-        ts = [random_tensor((n,), torch.uint8, device="cuda:0", generator=g)
-              for n in (4 * KiB, MiB + 256, 17)]
+        ts = _aligned(dev, 4, [4 * KiB, MiB + 256, 17])
         k = _kernels(m)
         got = m.fetch_many(m.offload_many(ts, release=False))
         assert _kernels(m) == k
@@ -98,15 +127,16 @@ def test_a_piece_above_the_kernels_limit_sends_the_batch_to_the_dma_engines(kern
 
 
 @pytest.mark.cuda
-def test_staging_copies_through_the_copy_kernel(kernel_on):
-    """raw_copy_many (the remote tier's staging) of unaligned pieces, device to pinned host and
-    back, waited for on its stream."""
+def test_raw_copies_never_take_the_copy_kernel(kernel_on):
+    """raw_copy_many (the remote tier's staging) copies the caller's pointers: DMA only (a
+    pointer the SMs cannot reach would end the CUDA context; Note [Copy kernel])."""
     dev = torch.device("cuda", 0)
     with aq.OffloadManager(dev, peers=None, host_bytes="1MiB") as m:
-        ts = _pieces(dev, 5)
-        host = torch.zeros(sum(SIZES) + 64, dtype=torch.uint8, pin_memory=True)
-        offs, at = [], 5
+        ts = _aligned(dev, 5)
+        host = torch.zeros(sum(SIZES) + 64 * len(SIZES), dtype=torch.uint8, pin_memory=True)
+        offs, at = [], 0
         for n in SIZES:
+            at = (at + 63) // 64 * 64
             offs.append(at)
             at += n
         core, stream = m._store, torch.cuda.current_stream(dev).cuda_stream
@@ -114,11 +144,7 @@ def test_staging_copies_through_the_copy_kernel(kernel_on):
         core.raw_copy_many([host.data_ptr() + o for o in offs], [t.data_ptr() for t in ts],
                            SIZES, stream, wait=True)
         assert all(torch.equal(host[o:o + n], t.cpu()) for o, n, t in zip(offs, SIZES, ts))
-        back = [torch.zeros_like(t) for t in ts]
-        core.raw_copy_many([b.data_ptr() for b in back], [host.data_ptr() + o for o in offs],
-                           SIZES, stream, wait=True)
-        assert all(torch.equal(b, t) for b, t in zip(back, ts))
-        assert _kernels(m) - k == 2
+        assert _kernels(m) == k
 
 
 def test_the_copy_kernel_is_off_unless_asked_for(backend, managers):
@@ -143,3 +169,49 @@ def test_emulation_never_takes_the_copy_kernel(kernel_on):
         got = m.fetch_many(m.offload_many(ts, release=False))
         assert all(torch.equal(g, t) for g, t in zip(got, ts))
         assert m.stats()["batch_kernels"] == 0
+
+
+def _sentinel_layout(sizes: list[int], offsets: list[int], seed: int):
+    """Source and destination buffers (destination full of a sentinel) and each piece's place
+    in them: the piece starts at byte `offset` (mod 16) in both, 64 bytes apart."""
+    g = torch.Generator().manual_seed(seed)
+    starts, at = [], 0
+    for n, off in zip(sizes, offsets):
+        at = (at + 63) // 64 * 64 + 64 + off
+        starts.append(at)
+        at += n
+    src = random_tensor((at + 64,), torch.uint8, generator=g)
+    dst = torch.full_like(src, 0xA5)
+    return src, dst, starts
+
+
+@pytest.mark.parametrize("count", [1, 7, 128, 300])  # 300: three launches of at most 128
+def test_the_kernels_threads_copy_every_piece_and_nothing_else(count):
+    """The copy kernel's per-thread code (cpp/src/cuda/copy_kernel_body.hpp) run for every
+    thread of its launches on the host: byte heads, the four-at-a-time body and its remainder,
+    tails, pieces of one block and of sixteen, all equally aligned offsets modulo 16."""
+    edges = [1, 15, 16, 17, 31, 4096, 16 * KiB - 16, 16 * KiB, 16 * KiB + 16, 64 * KiB + 1,
+             300 * KiB + 7, MiB - 1, MiB]
+    sizes = [edges[i % len(edges)] for i in range(count)]
+    offsets = [i % 16 for i in range(count)]
+    src, dst, starts = _sentinel_layout(sizes, offsets, count)
+    base_s, base_d = src.data_ptr(), dst.data_ptr()
+    assert _core._copy_kernel_on_host([base_d + a for a in starts], [base_s + a for a in starts],
+                                      sizes)
+    covered = torch.zeros_like(dst, dtype=torch.bool)
+    for a, n in zip(starts, sizes):
+        assert torch.equal(dst[a:a + n], src[a:a + n]), (a, n)
+        covered[a:a + n] = True
+    assert bool((dst[~covered] == 0xA5).all()), "a thread wrote outside its piece"
+
+
+@pytest.mark.parametrize("what", ["unequal alignment", "too large"])
+def test_pieces_the_kernel_does_not_take_are_left_to_dma(what):
+    sizes = [4096, MiB + 16 if what == "too large" else 4096]
+    src, dst, starts = _sentinel_layout(sizes, [0, 0], 9)
+    dsts = [dst.data_ptr() + a for a in starts]
+    srcs = [src.data_ptr() + a for a in starts]
+    if what == "unequal alignment":
+        srcs[1] += 1  # dst 16-byte aligned, src not: its bytes would go one at a time
+    assert not _core._copy_kernel_on_host(dsts, srcs, sizes)
+    assert bool((dst == 0xA5).all()), "nothing is copied when a piece does not fit"

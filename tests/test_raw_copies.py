@@ -98,6 +98,7 @@ def test_waiting_for_a_stream_does_not_wait_for_the_device() -> None:
     dev = torch.device("cuda", 0)
     with aq.OffloadManager(dev, peers=None, host_bytes="1MiB") as m:
         src = torch.arange(4096, device=dev, dtype=torch.int32).view(torch.uint8)
+        torch.cuda.current_stream(dev).synchronize()  # (made on torch's stream, copied on ours)
         dst = torch.zeros(src.nbytes, dtype=torch.uint8, pin_memory=True)
         other = torch.cuda.Stream(dev)
         with torch.cuda.stream(other):

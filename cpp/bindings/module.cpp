@@ -191,6 +191,22 @@ PYBIND11_MODULE(_core, m) {
       py::arg("enabled") = py::none(),
       "Whether batches of small copies take the CUDA copy kernel (opt-in: AQUA_COPY_KERNEL=1, "
       "read once; or set it here). Returns the setting in force; always False without CUDA.");
+  m.def(
+      "_copy_kernel_on_host",
+      [](const pieces& dsts, const pieces& srcs, const std::vector<std::size_t>& sizes) {
+        check_pieces(dsts, srcs, sizes, "_copy_kernel_on_host");
+        std::vector<void*> d;
+        std::vector<const void*> s;
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+          d.push_back(as_ptr(dsts[i]));
+          s.push_back(as_ptr(srcs[i]));
+        }
+        py::gil_scoped_release release;
+        return aqua::copy_kernel_on_host(d.data(), s.data(), sizes.data(), sizes.size());
+      },
+      py::arg("dsts"), py::arg("srcs"), py::arg("sizes"),
+      "Testing: every thread of the CUDA copy kernel's launches for these host pieces, run on "
+      "the host. False (nothing copied) when a piece does not fit the kernel.");
   m.def("backend_info", &backend_info, py::arg("name"),
         "Devices and peer-access matrix of a backend ('cuda' or 'emulation').");
   m.def("format_bytes", &aqua::format_bytes, py::arg("nbytes"));

@@ -1,4 +1,5 @@
 // The one place that knows which backends were compiled in (no #ifdef anywhere else).
+#include <algorithm>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -7,6 +8,7 @@
 
 #include "aqua/backend.hpp"
 #include "aqua/error.hpp"
+#include "cuda/copy_kernel_body.hpp"
 #include "host/emulation_backend.hpp"
 #ifdef AQUA_HAVE_CUDA
 #include "cuda/cuda_backend.hpp"
@@ -37,6 +39,26 @@ bool copy_kernel(std::optional<bool> set) {
   (void)set;
   return false;
 #endif
+}
+
+bool copy_kernel_on_host(void* const* dsts, const void* const* srcs, const std::size_t* sizes,
+                         std::size_t count) {
+  namespace ck = kernel_copy;
+  struct v16 {  // the host's 16-byte unit (uint4 on the device): assignment copies the bytes
+    unsigned char b[16];
+  };
+  for (std::size_t i = 0; i < count; ++i)
+    if (!ck::fits(dsts[i], srcs[i], sizes[i])) return false;
+  for (std::size_t first = 0; first < count; first += ck::max_pieces) {  // one launch each
+    const std::size_t n = std::min(ck::max_pieces, count - first);
+    const std::size_t most = *std::max_element(sizes + first, sizes + first + n);
+    const std::size_t stride = std::size_t{ck::blocks_per_piece(most)} * ck::threads;
+    for (std::size_t i = first; i < first + n; ++i)
+      for (std::size_t t = 0; t < stride; ++t)
+        ck::copy_part<v16>(static_cast<unsigned char*>(dsts[i]),
+                           static_cast<const unsigned char*>(srcs[i]), sizes[i], t, stride);
+  }
+  return true;
 }
 
 namespace {

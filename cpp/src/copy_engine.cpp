@@ -36,7 +36,8 @@ copy_engine::~copy_engine() {
   }
 }
 
-void copy_engine::enqueue(const std::vector<copy_op>& ops, stream_t s, std::size_t chunk) {
+void copy_engine::enqueue(const std::vector<copy_op>& ops, stream_t s, std::size_t chunk,
+                          bool own) {
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<std::size_t> sizes;
@@ -57,7 +58,7 @@ void copy_engine::enqueue(const std::vector<copy_op>& ops, stream_t s, std::size
     backend_->copy_async(dsts[0], srcs[0], sizes[0], s);
   } else if (dsts.size() > 1) {
     const batch_submit how = backend_->copy_batch_async(dsts.data(), srcs.data(), sizes.data(),
-                                                        dsts.size(), s);
+                                                        dsts.size(), s, own);
     (how == batch_submit::batched  ? batched_
      : how == batch_submit::kernel ? kernels_
                                    : fallbacks_)
@@ -89,7 +90,7 @@ std::vector<event_ref> copy_engine::submit(const submission& sub) {
         if (!e || !waited.insert(e.get()).second) continue;
         backend_->stream_wait(s, e.get());
       }
-      enqueue(g.ops, s, chunk_bytes_);
+      enqueue(g.ops, s, chunk_bytes_, true);  // the store's own memory: the tiers, the device
       out.push_back(events_.acquire());
       backend_->record(out.back().get(), s);
     }
@@ -113,7 +114,9 @@ std::vector<event_ref> copy_engine::submit(const submission& sub) {
 void copy_engine::copy_on(stream_t s, const std::vector<copy_op>& ops, bool wait) {
   device_guard guard(*backend_, device_);
   try {
-    enqueue(ops, s, std::numeric_limits<std::size_t>::max());  // one stream: nothing to chunk for
+    // One stream: nothing to chunk for. The caller's pointers: never the copy kernel (Note
+    // [Copy kernel] in cuda/copy_kernel.hpp: a pointer it cannot reach ends the context).
+    enqueue(ops, s, std::numeric_limits<std::size_t>::max(), false);
     if (wait) backend_->synchronize_stream(s);
   } catch (...) {
     try {  // Note [Abort rule]

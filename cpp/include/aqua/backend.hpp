@@ -87,11 +87,13 @@ class backend {
   virtual void copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) = 0;
   /// Enqueues `count` independent copies on `stream`; returns how: in one batched submission
   /// (cudaMemcpyBatchAsync, CUDA >= 12.8; one task on emulation), by one kernel launch
-  /// (CUDA, small pieces, opt-in: cuda/copy_kernel.hpp), or one copy each (the default, and
+  /// (CUDA, small pieces, opt-in, only where `own`: every pointer is the store's own, its
+  /// device's tensors and its pools; cuda/copy_kernel.hpp), or one copy each (the default, and
   /// where the runtime refused the batch).
   virtual batch_submit copy_batch_async(void* const* dsts, const void* const* srcs,
                                         const std::size_t* sizes, std::size_t count,
-                                        stream_t stream) {
+                                        stream_t stream, bool own = false) {
+    (void)own;
     for (std::size_t i = 0; i < count; ++i) copy_async(dsts[i], srcs[i], sizes[i], stream);
     return batch_submit::per_copy;
   }
@@ -125,6 +127,11 @@ bool cuda_compiled() noexcept;
 /// cuda/copy_kernel.hpp): read from AQUA_COPY_KERNEL=1 on first use, or set here (tests,
 /// profiles). Returns the setting in force. Without the CUDA backend: always false.
 bool copy_kernel(std::optional<bool> set = std::nullopt);
+/// Runs every thread of the copy kernel's launches for these pieces on the host, one after
+/// the other (tests: the kernel's arithmetic, checked bitwise without a GPU). Returns false,
+/// copying nothing, when a piece does not fit the kernel (DMA's, then).
+bool copy_kernel_on_host(void* const* dsts, const void* const* srcs, const std::size_t* sizes,
+                         std::size_t count);
 
 /// The process-wide backend of that name ("cuda" or "emulation"), created on first use and
 /// shared by every store; destroyed when the last store using it goes.

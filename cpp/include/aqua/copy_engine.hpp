@@ -9,7 +9,9 @@
 // streams keep a demand fetch from waiting on unrelated work *in software*, and chunking
 // (below) keeps it from waiting long behind a huge copy on the hardware. The demand stream is
 // created with the highest priority, which orders kernels only (CUDA: stream priorities do not
-// affect memory copies); its latency comes from the separate stream and the chunking.
+// affect memory copies); its latency comes from the separate stream and the chunking. (The
+// opt-in copy kernel for batches of small pieces is a kernel: there the priority does order
+// it, ahead of the workload's own kernels; Note [Copy kernel] in cuda/copy_kernel.hpp.)
 // Dependencies between lanes are events only.
 //
 // Note [Submission]
@@ -98,8 +100,9 @@ class copy_engine {
   copy_engine_stats stats() const noexcept;
 
  private:
-  /// Copies above `chunk` bytes in pieces of `chunk`, the others in one batched submission.
-  void enqueue(const std::vector<copy_op>& ops, stream_t s, std::size_t chunk);
+  /// Copies above `chunk` bytes in pieces of `chunk`, the others in one batched submission
+  /// (`own`: the store's own memory, which the copy kernel may take).
+  void enqueue(const std::vector<copy_op>& ops, stream_t s, std::size_t chunk, bool own);
 
   std::shared_ptr<backend> backend_;
   int device_;

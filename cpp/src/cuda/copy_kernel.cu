@@ -1,16 +1,16 @@
-// The notes this file implements are at the top of copy_kernel.hpp.
+// The notes this file implements are at the top of copy_kernel.hpp; what each thread does is
+// copy_kernel_body.hpp.
 #include <algorithm>
 #include <cstdint>
 
 #include "cuda/copy_kernel.hpp"
+#include "cuda/copy_kernel_body.hpp"
 
 namespace aqua::cuda {
 
 namespace {
 
-constexpr int max_pieces = 128;  // per launch: 3 KiB of parameters (every arch takes 4 KiB)
-constexpr int threads = 256;
-constexpr std::size_t bytes_per_block = 64 << 10;  // a piece gets a block per 64 KiB, up to 16
+namespace ck = aqua::kernel_copy;
 
 struct piece {
   unsigned char* dst;
@@ -19,32 +19,32 @@ struct piece {
 };
 
 struct pieces {
-  piece p[max_pieces];
+  piece p[ck::max_pieces];
 };
 
+// One grid row (blockIdx.x) per piece, gridDim.y blocks striding over it.
 __global__ void copy_pieces(const __grid_constant__ pieces a) {  // (read in place: no copy)
   const piece pc = a.p[blockIdx.x];
-  const std::size_t first = static_cast<std::size_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const std::size_t stride = static_cast<std::size_t>(gridDim.y) * blockDim.x;
-  const auto d = reinterpret_cast<std::uintptr_t>(pc.dst);
-  const auto s = reinterpret_cast<std::uintptr_t>(pc.src);
-  std::size_t done = 0;
-  if (((d | s) & 15) == 0) {
-    const std::size_t units = pc.bytes / 16;
-    auto* d16 = reinterpret_cast<uint4*>(pc.dst);
-    const auto* s16 = reinterpret_cast<const uint4*>(pc.src);
-    for (std::size_t i = first; i < units; i += stride) d16[i] = s16[i];
-    done = units * 16;
-  }
-  for (std::size_t i = done + first; i < pc.bytes; i += stride) pc.dst[i] = pc.src[i];
+  ck::copy_part<uint4>(pc.dst, pc.src, pc.bytes,
+                       static_cast<std::size_t>(blockIdx.y) * blockDim.x + threadIdx.x,
+                       static_cast<std::size_t>(gridDim.y) * blockDim.x);
 }
 
 }  // namespace
 
+bool copy_kernel_fits(void* const* dsts, const void* const* srcs, const std::size_t* sizes,
+                      std::size_t count) {
+  for (std::size_t i = 0; i < count; ++i)
+    if (!ck::fits(dsts[i], srcs[i], sizes[i])) return false;
+  return true;
+}
+
 cudaError_t launch_copy_pieces(void* const* dsts, const void* const* srcs,
-                               const std::size_t* sizes, std::size_t count, cudaStream_t stream) {
-  for (std::size_t first = 0; first < count; first += max_pieces) {
-    const std::size_t n = std::min<std::size_t>(max_pieces, count - first);
+                               const std::size_t* sizes, std::size_t count, cudaStream_t stream,
+                               std::size_t* launched) {
+  *launched = 0;
+  for (std::size_t first = 0; first < count; first += ck::max_pieces) {
+    const std::size_t n = std::min<std::size_t>(ck::max_pieces, count - first);
     pieces a{};
     std::size_t most = 0;
     for (std::size_t i = 0; i < n; ++i) {
@@ -52,11 +52,14 @@ cudaError_t launch_copy_pieces(void* const* dsts, const void* const* srcs,
                      static_cast<const unsigned char*>(srcs[first + i]), sizes[first + i]};
       most = std::max(most, sizes[first + i]);
     }
-    const auto per_piece = static_cast<unsigned>(
-        std::clamp<std::size_t>((most + bytes_per_block - 1) / bytes_per_block, 1, 16));
-    copy_pieces<<<dim3(static_cast<unsigned>(n), per_piece), threads, 0, stream>>>(a);
-    const cudaError_t err = cudaGetLastError();
+    void* args[] = {&a};
+    // (cudaLaunchKernel returns this launch's error, not an earlier one of this thread)
+    const cudaError_t err = cudaLaunchKernel(
+        reinterpret_cast<const void*>(&copy_pieces),
+        dim3(static_cast<unsigned>(n), ck::blocks_per_piece(most)), dim3(ck::threads), args, 0,
+        stream);
     if (err != cudaSuccess) return err;
+    *launched = first + n;
   }
   return cudaSuccess;
 }

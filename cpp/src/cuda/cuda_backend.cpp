@@ -2,7 +2,6 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -246,12 +245,21 @@ void cuda_backend::copy_async(void* dst, const void* src, std::size_t bytes, str
 
 batch_submit cuda_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
                                             const std::size_t* sizes, std::size_t count,
-                                            stream_t stream) {
+                                            stream_t stream, bool own) {
   if (count == 0) return batch_submit::batched;
-  if (copy_kernel_wanted() &&
-      std::all_of(sizes, sizes + count, [](std::size_t n) { return n <= copy_kernel_max_piece; })) {
-    AQUA_CUDA_TRY(launch_copy_pieces(dsts, srcs, sizes, count, to_stream(stream)));
-    return batch_submit::kernel;  // Note [Copy kernel]
+  if (own && copy_kernel_wanted() && copy_kernel_fits(dsts, srcs, sizes, count)) {
+    std::size_t launched = 0;  // Note [Copy kernel]
+    const cudaError_t err = launch_copy_pieces(dsts, srcs, sizes, count, to_stream(stream),
+                                               &launched);
+    if (err == cudaSuccess) return batch_submit::kernel;
+    if (err != cudaErrorNoKernelImageForDevice && err != cudaErrorInvalidDeviceFunction)
+      throw_cuda_error(err, "launch_copy_pieces", __FILE__, __LINE__);
+    cudaGetLastError();  // no image of it for this GPU: DMA from now on, this batch's rest too
+    copy_kernel_setting(false);
+    dsts += launched;
+    srcs += launched;
+    sizes += launched;
+    count -= launched;
   }
 #if CUDART_VERSION >= 12080
   // One submission for many small copies: the driver coalesces them instead of paying a launch

@@ -54,7 +54,7 @@ class cuda_backend final : public backend {
   void copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) override;
   batch_submit copy_batch_async(void* const* dsts, const void* const* srcs,
                                 const std::size_t* sizes, std::size_t count,
-                                stream_t stream) override;
+                                stream_t stream, bool own) override;
 
  private:
   void check_device(int device, const char* what) const;

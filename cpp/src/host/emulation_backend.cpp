@@ -254,7 +254,7 @@ void emulation_backend::take_fault() {
 
 batch_submit emulation_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
                                                  const std::size_t* sizes, std::size_t count,
-                                                 stream_t stream) {
+                                                 stream_t stream, bool) {
   take_fault();
   if (stream == 0) {
     for (std::size_t i = 0; i < count; ++i) std::memcpy(dsts[i], srcs[i], sizes[i]);

@@ -12,7 +12,9 @@ Note [Staging]
     emulation; on CUDA the core's copies in one batched submission on the caller's stream,
     waited for on that stream alone: NIXL must not touch the buffer before the copy ended,
     and a device-wide synchronize would also wait for every other stream's work, e.g. another
-    workload's kernels).
+    workload's kernels; on torch's legacy default stream the wait also covers earlier work of
+    the process's blocking streams, as everything on that stream does, but not torch's side
+    streams or the core's, which are non-blocking).
     Within a round, items that are contiguous both in the buffer and in one block (the
     handles of a packed batch, Note [Packed blocks] in packing.py) are merged into one NIXL
     descriptor.
