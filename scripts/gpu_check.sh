@@ -175,6 +175,7 @@ fi
 # faulthandler_timeout: a test stuck for a minute prints every thread's stack into the log.
 stage pytest_cuda 240 '
   cd "$ROOT" && AQUA_TEST_FAILLOG="$OUT/pytest_failures.txt" "$PYTHON" -m pytest -m cuda --maxfail=10 -q -p no:cacheprovider --durations=10 \
+    --ignore=tests/test_copy_kernel.py \
     -o faulthandler_timeout=60 --junitxml="$OUT/junit_cuda.xml" && "$PYTHON" -c "import sys, xml.etree.ElementTree as E
 s = E.parse(sys.argv[1]).getroot(); s = s if s.tag == \"testsuite\" else s[0]
 ran = int(s.get(\"tests\")) - int(s.get(\"skipped\"))
@@ -182,6 +183,11 @@ print(ran, \"cuda tests ran,\", s.get(\"skipped\"), \"skipped\"); sys.exit(ran =
 
 # 4. Races and leaks the tests do not reach (exit 2: no usable GPU).
 stage smoke 75 'cd "$ROOT" && "$PYTHON" scripts/gpu_smoke.py --out "$OUT/smoke.json"'
+
+# The opt-in copy kernel's GPU tests, in a process of their own: a wrong pointer in a kernel is a
+# sticky fault that ends the CUDA context, which must not take the suite above with it.
+stage pytest_kernel 60 'cd "$ROOT" && AQUA_TEST_FAILLOG="$OUT/pytest_failures_kernel.txt" \
+  "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider tests/test_copy_kernel.py'
 
 # Where the host time of small calls goes, CUDA against emulation (scripts/gpu_profile.py).
 stage profile 60 'cd "$ROOT" && "$PYTHON" scripts/gpu_profile.py --out "$OUT"'

@@ -88,20 +88,14 @@ def _cases(dev: torch.device) -> dict[str, Callable[[], Any]]:
     from aqua_offload.devices import current_stream
     core = m._store
 
-    def core_case(srcs: list[torch.Tensor], outs: list[torch.Tensor],
-                  kernel: bool = False) -> Callable[[], None]:
+    def core_case(srcs: list[torch.Tensor], outs: list[torch.Tensor]) -> Callable[[], None]:
         items = [(t.data_ptr(), t.nbytes, 0.0, 0) for t in srcs]
         dsts = [o.data_ptr() for o in outs]
 
         def run() -> None:
             stream = current_stream(dev)
-            was = aq._core.copy_kernel()
-            aq._core.copy_kernel(kernel)  # Note [Copy kernel] (cpp/src/cuda/copy_kernel.hpp)
-            try:
-                got = core.offload_many(items, stream, True)
-                core.fetch_many([cid for cid, _ in got], dsts, stream, False)
-            finally:
-                aq._core.copy_kernel(was)
+            got = core.offload_many(items, stream, True)
+            core.fetch_many([cid for cid, _ in got], dsts, stream, False)
         return run
 
     refs = {id(t): t.clone() for t in (one, rel, *many, *rel_many)}
@@ -109,8 +103,7 @@ def _cases(dev: torch.device) -> dict[str, Callable[[], Any]]:
     written = {"snapshot_4k": [(one_out, one)], "release_4k": [(rel, rel)],
                "snapshot_64x64k": list(zip(many_out, many)),
                "release_64x64k": list(zip(rel_many, rel_many)), "core_4k": [(one_out, one)],
-               "core_64x64k": list(zip(many_out, many)),
-               "core_64x64k_kernel": list(zip(many_out, many))}
+               "core_64x64k": list(zip(many_out, many))}
 
     def check(case: str) -> None:
         """The bytes ``case`` wrote (into outputs zeroed before it ran, or restored in place)."""
@@ -125,8 +118,6 @@ def _cases(dev: torch.device) -> dict[str, Callable[[], Any]]:
     return {"snapshot_4k": snapshot_4k, "release_4k": release_4k,
             "snapshot_64x64k": snapshot_64x64k, "release_64x64k": release_64x64k,
             "core_4k": core_case([one], [one_out]), "core_64x64k": core_case(many, many_out),
-            # the same batch through the copy kernel (CUDA; emulation never takes it)
-            "core_64x64k_kernel": core_case(many, many_out, kernel=True),
             "_manager": m, "_check": check}  # type: ignore[dict-item]
 
 
@@ -164,8 +155,9 @@ def _copy_primitives(dev: torch.device) -> dict[str, float]:
     """Microseconds per call (device time included: each loop is synchronized at its end) of
     the copies a batch makes, device to (pinned) host: on CUDA, whether a batch's cost per
     piece is the driver's (one cudaMemcpyBatchAsync of 64 pieces against 64 cudaMemcpyAsync)
-    or ours (the copy kernel's figure is the core_64x64k_kernel case: raw copies never take
-    it); on emulation the same calls, for comparison."""
+    or ours (the copy kernel is timed by gpu_check's bench_tiers_kernel stage, a process of its
+    own: a fault there must not end this one's CUDA context); on emulation the same calls, for
+    comparison."""
     from aqua_offload.devices import current_stream
     with aq.OffloadManager(dev, peers=None, host_bytes="1MiB") as m:
         core, stream = m._store, current_stream(dev)

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["environment", "build", "cuda_backend", "nixl", "pytest_cuda", "smoke", "profile",
-          "bench_copy", "bench_tiers", "bench_tiers_kernel", "bench_hf_long", "bench_hf",
-          "bench_burst", "memcheck"]
+STAGES = ["environment", "build", "cuda_backend", "nixl", "pytest_cuda", "smoke", "pytest_kernel",
+          "profile", "bench_copy", "bench_tiers", "bench_tiers_kernel", "bench_hf_long",
+          "bench_hf", "bench_burst", "memcheck"]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -45,7 +45,7 @@ def test_gpu_profile_runs_its_emulation_half(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "profile.json").read_text())
     cases = {"snapshot_4k", "release_4k", "snapshot_64x64k", "release_64x64k", "core_4k",
-             "core_64x64k", "core_64x64k_kernel"}
+             "core_64x64k"}
     assert {k.split("/")[1] for k in result["us_per_call"] if k.startswith("emulation/")} == cases
     assert all(v > 0 for v in result["us_per_call"].values())
     copies = result["copies_us"]["emulation"]  # the batched raw copies against one by one
