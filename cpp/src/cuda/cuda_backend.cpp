@@ -7,7 +7,9 @@
 #include <string>
 
 #include "aqua/error.hpp"
+#ifdef AQUA_HAVE_CUDA_KERNELS
 #include "cuda/copy_kernel.hpp"
+#endif
 
 #define AQUA_CUDA_TRY(call)                                                                    \
   do {                                                                                          \
@@ -31,11 +33,13 @@ namespace {
 // unloading (cudaErrorCudartUnloading): ignore errors there.
 void ignore(cudaError_t) noexcept { cudaGetLastError(); }
 
+#ifdef AQUA_HAVE_CUDA_KERNELS
 // Note [Copy kernel] (copy_kernel.hpp): opt-in. AQUA_COPY_KERNEL is read once (getenv races
 // with a setenv elsewhere in the process); tests and profiles switch it with copy_kernel().
 std::atomic<int> copy_kernel_on{-1};  // -1: not read yet
 
 bool copy_kernel_wanted() { return copy_kernel_setting(std::nullopt); }
+#endif
 
 stream_t to_handle(cudaStream_t s) { return reinterpret_cast<stream_t>(s); }
 cudaStream_t to_stream(stream_t s) { return reinterpret_cast<cudaStream_t>(s); }
@@ -43,6 +47,10 @@ cudaEvent_t to_event(event_t e) { return reinterpret_cast<cudaEvent_t>(e); }
 }  // namespace
 
 bool copy_kernel_setting(std::optional<bool> set) {
+#ifndef AQUA_HAVE_CUDA_KERNELS
+  (void)set;
+  return false;  // built without a CUDA compiler: no kernel to switch on
+#else
   if (set) {
     copy_kernel_on.store(*set ? 1 : 0, std::memory_order_relaxed);
     return *set;
@@ -55,6 +63,7 @@ bool copy_kernel_setting(std::optional<bool> set) {
     v = copy_kernel_on.load(std::memory_order_relaxed);
   }
   return v == 1;
+#endif
 }
 
 cuda_backend::cuda_backend() {
@@ -247,6 +256,7 @@ batch_submit cuda_backend::copy_batch_async(void* const* dsts, const void* const
                                             const std::size_t* sizes, std::size_t count,
                                             stream_t stream, bool own) {
   if (count == 0) return batch_submit::batched;
+#ifdef AQUA_HAVE_CUDA_KERNELS
   if (own && copy_kernel_wanted() && copy_kernel_fits(dsts, srcs, sizes, count)) {
     std::size_t launched = 0;  // Note [Copy kernel]
     const cudaError_t err = launch_copy_pieces(dsts, srcs, sizes, count, to_stream(stream),
@@ -261,6 +271,9 @@ batch_submit cuda_backend::copy_batch_async(void* const* dsts, const void* const
     sizes += launched;
     count -= launched;
   }
+#else
+  (void)own;
+#endif
 #if CUDART_VERSION >= 12080
   // One submission for many small copies: the driver coalesces them instead of paying a launch
   // per copy. Stream-ordered source access: sources may be written by earlier stream work.
