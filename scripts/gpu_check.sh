@@ -157,6 +157,7 @@ backend = aq.info()[\"backend\"]
 print(\"cuda_compiled:\", c.cuda_compiled(), \"backend:\", backend)
 assert c.cuda_compiled(), \"CUDA backend MISSING: the installed aqua_offload was built without it\"
 assert backend == \"cuda\", f\"backend is {backend!r}, not cuda: the CUDA backend sees no usable GPU\"
+was = c.copy_kernel(); print(\"copy kernel built:\", c.copy_kernel(True)); c.copy_kernel(was)
 print(\"OK: CUDA backend in\", aq.__file__)"' \
   || abort "the installed aqua_offload has no usable CUDA backend (cuda_backend.log)"
 
