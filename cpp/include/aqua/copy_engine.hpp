@@ -71,7 +71,7 @@ struct submission {
 struct copy_engine_stats {
   std::uint64_t batched_submissions = 0;  ///< batches of >= 2 copies in one submission
   std::uint64_t batch_fallbacks = 0;      ///< batches the runtime refused: one copy each
-  std::uint64_t batch_kernels = 0;        ///< batches copied by one kernel launch (CUDA, opt-in)
+  std::uint64_t batch_kernels = 0;        ///< batches copied by the copy kernel (CUDA, opt-in)
 };
 
 class copy_engine {
@@ -87,9 +87,9 @@ class copy_engine {
   std::vector<event_ref> submit(const submission& s);
   /// Copies on a caller's stream, not a tier's (staging buffers, raw baselines): batched like
   /// a group, not chunked (chunks keep a demand fetch from queueing behind a huge copy on the
-  /// tiers' streams; a caller's stream has no such neighbour), no event. With `wait`, returns once they ran (that stream only:
-  /// never the whole device, whose other streams may run unrelated work for long). Throws
-  /// after synchronising `s` (Note [Abort rule]).
+  /// tiers' streams; a caller's stream has no such neighbour), no event. With `wait`, returns
+  /// once they ran (that stream only: never the whole device, whose other streams may run
+  /// unrelated work for long). Throws after synchronising `s` (Note [Abort rule]).
   void copy_on(stream_t s, const std::vector<copy_op>& ops, bool wait);
   stream_t stream(std::size_t tier, aqua::lane l) const { return streams_.at(tier * lane_count + static_cast<std::size_t>(l)); }
   /// Blocks until everything enqueued on every lane so far has run.

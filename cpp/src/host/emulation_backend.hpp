@@ -66,8 +66,9 @@ class emulation_backend final : public backend {
   void wait(event_t event) override;
   void stream_wait(stream_t stream, event_t event) override;
   void copy_async(void* dst, const void* src, std::size_t bytes, stream_t stream) override;
-  batch_submit copy_batch_async(void* const* dsts, const void* const* srcs, const std::size_t* sizes,
-                        std::size_t count, stream_t stream, bool own) override;
+  batch_submit copy_batch_async(void* const* dsts, const void* const* srcs,
+                                const std::size_t* sizes, std::size_t count, stream_t stream,
+                                bool own) override;
   void inject_copy_faults(int count) override;
   void set_device_memory(int device, std::size_t bytes) override;
 

@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import (BackendError, InvalidArgumentError, OffloadError, OutOfMemoryError, RemoteAuthError,
-                      RemoteConnectError, RemoteLostError, RemoteProtocolError,
+from ..errors import (BackendError, InvalidArgumentError, OffloadError, OutOfMemoryError,
+                      RemoteAuthError, RemoteConnectError, RemoteLostError, RemoteProtocolError,
                       RemoteVersionError)
 from . import protocol as P
 from .items import Item, LocalRegion, RemoteBlock, Transfer, check_items, check_memory
