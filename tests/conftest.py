@@ -352,6 +352,13 @@ def small_manager():
 
 
 @pytest.fixture
+def m(small_manager):
+    """``small_manager`` by the short name of the TimeSlicer suites (test_timeslice*.py,
+    test_slice_state.py)."""
+    return small_manager
+
+
+@pytest.fixture
 def checked_manager(small_manager):
     """``small_manager``, and at teardown every handle given back (:func:`check_no_leak`)."""
     yield small_manager

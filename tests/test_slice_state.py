@@ -29,13 +29,6 @@ TEST_TIMEOUT_S = 60.0
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def m():
-    mgr = aq.OffloadManager("cpu", peers="auto", peer_bytes="2MiB", host_bytes="8MiB")
-    yield mgr
-    mgr.close()
-
-
 def enter_and_leave(ts: aq.TimeSlicer, state, name: str, **kw) -> None:
     with ts.slice(state=state, name=name, **kw):
         pass
