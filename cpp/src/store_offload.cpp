@@ -12,7 +12,6 @@
 // snapshot's source) can be kept for the new handle instead. The core trusts the prefix
 // contract; it does not compare bytes.
 #include <algorithm>
-#include <limits>
 #include <optional>
 #include <string>
 #include <unordered_set>
@@ -21,10 +20,6 @@
 #include "aqua/store.hpp"
 
 namespace aqua {
-
-namespace {
-constexpr std::size_t no_offset = std::numeric_limits<std::size_t>::max();
-}
 
 placement store::place(std::size_t nbytes, std::uint64_t owner) {
   std::unique_lock<std::mutex> lock(mutex_);

@@ -161,12 +161,14 @@ class store {
   void synchronize_stream(stream_t stream);
 
  private:
+  static constexpr std::size_t no_offset = static_cast<std::size_t>(-1);  ///< entry: no block
+  static constexpr std::size_t prefetch_read = 0, demand_read = 1;  ///< entry::read slots
   struct entry {
     entry(std::size_t n, double prio, std::uint64_t clock)
         : nbytes(n), priority(prio), inserted(clock), last_use(clock) {}
     handle_state state = handle_state::submitting;
     std::size_t tier = 0;
-    std::size_t offset = static_cast<std::size_t>(-1);  ///< no block
+    std::size_t offset = no_offset;
     std::byte* ptr = nullptr;
     std::size_t nbytes;
     double priority;
