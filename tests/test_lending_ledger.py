@@ -28,6 +28,8 @@ MiB = 1 << 20
 
 @pytest.fixture
 def ledger_path(tmp_path, monkeypatch):
+    """A private ledger with the default lease chunk (conftest's leases in 1 MiB chunks; the
+    CLI test's figures follow the default)."""
     path = tmp_path / "ledger"
     monkeypatch.setenv("AQUA_OFFLOAD_LEDGER", str(path))
     return path

@@ -9,20 +9,11 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from aqua_offload import lending
 from aqua_offload.lending import liveness
 from aqua_offload.lending.liveness import identity, is_alive, proc_start
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def ledger_path(tmp_path, monkeypatch):
-    path = tmp_path / "ledger"
-    monkeypatch.setenv("AQUA_OFFLOAD_LEDGER", str(path))
-    return path
 
 
 def test_liveness_uses_start_time_and_sees_zombies():
