@@ -39,10 +39,13 @@ def _kernels(m: aq.OffloadManager) -> int:
 
 
 @pytest.fixture
-def kernel_on():
-    """The copy kernel switched on for the test, the previous setting restored after."""
+def kernel_on(request):
+    """The copy kernel switched on for the test, the previous setting restored after. A GPU
+    test on a build without the kernel (AQUA_CUDA_KERNELS=OFF or no CUDA compiler, as in
+    gpu_check.sh's fallback build) skips with that reason: it would only count no launches."""
     was = _core.copy_kernel()
-    _core.copy_kernel(True)
+    if not _core.copy_kernel(True) and request.node.get_closest_marker("cuda"):
+        pytest.skip("this build has no copy kernel (AQUA_CUDA_KERNELS=OFF or no CUDA compiler)")
     yield
     _core.copy_kernel(was)
 
@@ -158,7 +161,10 @@ def test_the_copy_kernel_is_off_unless_asked_for(backend, managers):
         got = m.fetch_many(m.offload_many(ts, release=False))
         assert all(torch.equal(g, t) for g, t in zip(got, ts))
         s = m.stats()
-        assert s["batch_kernels"] == 0 and s["batched_submissions"] >= 2
+        # (on CUDA the runtime may refuse cudaMemcpyBatchAsync: a batch then counts as a
+        # fallback, one copy each; either way it is a batch, and not the kernel's)
+        batches = s["batched_submissions"] + (s["batch_fallbacks"] if backend.cuda else 0)
+        assert s["batch_kernels"] == 0 and batches >= 2
     finally:
         _core.copy_kernel(was)
 
