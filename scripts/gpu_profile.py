@@ -15,6 +15,7 @@ Not a benchmark (no baseline, no targets): a diagnosis for the next change.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -159,7 +160,12 @@ def _copy_primitives(dev: torch.device) -> dict[str, float]:
     own: a fault there must not end this one's CUDA context); on emulation the same calls, for
     comparison."""
     from aqua_offload.devices import current_stream
-    with aq.OffloadManager(dev, peers=None, host_bytes="1MiB") as m:
+    # On CUDA a side stream, never torch's default one: that is the legacy NULL stream, which
+    # cudaMemcpyBatchAsync refuses, so raw_copy_many there would time 64 cudaMemcpyAsync
+    # under the batch's name. The source is made and torch's copy_ runs on that stream too.
+    side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    with aq.OffloadManager(dev, peers=None, host_bytes="1MiB") as m, \
+            (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
         core, stream = m._store, current_stream(dev)
         src = torch.randint(1, 255, (4 << 20,), dtype=torch.uint8, device=dev)
         dst = torch.empty(4 << 20, dtype=torch.uint8, pin_memory=dev.type == "cuda")
