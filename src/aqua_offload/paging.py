@@ -42,10 +42,11 @@ def page_out(m: "OffloadManager", tensors: list[torch.Tensor], dtypes: list[torc
     # holder is an empty tensor, swapped through its storage: record_stream takes the tensor
     # as it is (a bare storage would need a tensor made around it, per storage). On the CPU
     # a bare storage, made below (once reserve() has refused storages without an allocator,
-    # such as numpy's, on which s.new() crashes).
+    # such as numpy's, on which s.new() crashes). On CUDA without _swap_data_ptr_ (torch <=
+    # 2.11) none: the storage itself is freed after record_stream (_free_after_copy).
     holders: list[Any] = []
     holder_stores: list[torch.UntypedStorage] = []
-    if m._cuda:
+    if m._cuda and storage.CAN_SWAP:
         holders = [torch.empty(0, dtype=torch.uint8, device=m.device) for _ in stores]
         holder_stores = list(map(torch.Tensor.untyped_storage, holders))
     sizes = list(map(_storage_nbytes, stores))
