@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["environment", "build", "cuda_backend", "nixl", "pytest_cuda", "smoke", "pytest_kernel",
           "profile", "bench_copy", "bench_tiers", "bench_tiers_kernel", "bench_hf_long",
@@ -53,3 +55,45 @@ def test_gpu_profile_runs_its_emulation_half(tmp_path):
     assert len(copies) == 7 and all(v > 0 for v in copies.values())
     text = (tmp_path / "profile.txt").read_text()
     assert all(f"emulation {c}" in text for c in cases) and "tottime" in text
+
+
+def _fake_python(tmp_path: Path, kernels_build_fails: bool, plain_build_fails: bool) -> Path:
+    """An interpreter whose ``-m pip install`` fails or passes by the build's kernel setting
+    (logging each call), and which is this Python for everything else."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [[ "$1 $2 $3" == "-m pip install" ]]; then
+  echo "$*" >> {tmp_path / 'pip_calls.txt'}
+  [[ "$*" == *"AQUA_CUDA_KERNELS=ON"* ]] && exit {int(kernels_build_fails)}
+  [[ "$*" == *"AQUA_CUDA_KERNELS=OFF"* ]] && exit {int(plain_build_fails)}
+  exit 3
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize("plain_build_fails", [False, True])
+def test_gpu_check_retries_a_failed_build_without_the_copy_kernel(tmp_path, plain_build_fails):
+    """enable_language(CUDA) or the kernel's compile failing on the GPU image must not end
+    the session: the build is retried once without the kernels, in a directory of its own;
+    only when that fails too does the check stop."""
+    out = tmp_path / "out"
+    skip = " ".join(s for s in STAGES if s != "build")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True,
+                          text=True, timeout=60,
+                          env=_env(OUT=str(out), GPU_CHECK_SKIP=skip,
+                                   PYTHON=str(_fake_python(tmp_path, True, plain_build_fails))))
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the failed build is reported
+    calls = (tmp_path / "pip_calls.txt").read_text().splitlines()
+    assert len(calls) == 2 and "AQUA_CUDA_KERNELS=ON" in calls[0]
+    assert "AQUA_CUDA_KERNELS=OFF" in calls[1] and "-Cbuild-dir=build/no_kernels" in calls[1]
+    rows = {line.split()[0]: line.split()[1] for line in
+            (out / "summary.txt").read_text().splitlines()[2:] if line.split()}
+    assert rows["build"] == "FAIL"
+    assert rows["build_nokernel"] == ("FAIL" if plain_build_fails else "PASS")
+    if plain_build_fails:
+        assert rows["ABORTED"] == "after" and "cuda_backend" not in rows
+    else:
+        assert rows["cuda_backend"] == "SKIP" and rows["RESULT:"] == "FAIL"
