@@ -18,6 +18,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 import torch
@@ -34,6 +36,42 @@ JOIN_TIMEOUT_S = 60.0
 
 
 # -- bytes ----------------------------------------------------------------------------------
+def run_threads(targets, timeout: float = JOIN_TIMEOUT_S, stagger_s: float = 0.0
+                ) -> list[BaseException | None]:
+    """Run each target in a daemon thread (``stagger_s`` apart); return what each raised, in
+    order of target (None: it returned). Fails the test if a thread is still alive after
+    ``timeout`` (a deadlock fails instead of hanging the run)."""
+    errors: list[BaseException | None] = [None] * len(targets)
+
+    def wrap(k, fn):
+        def body():
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - reported to the main thread
+                errors[k] = e
+        return body
+
+    threads = [threading.Thread(target=wrap(k, fn), daemon=True, name=f"worker-{k}")
+               for k, fn in enumerate(targets)]
+    for t in threads:
+        t.start()
+        if stagger_s:
+            time.sleep(stagger_s)
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"threads did not finish within {timeout} s (deadlock?): {stuck}"
+    return errors
+
+
+def no_errors(errors: list[BaseException | None]) -> None:
+    """Raise the first exception :func:`run_threads` reported, if any."""
+    real = [e for e in errors if e is not None]
+    if real:
+        raise real[0]
+
+
 def align(n: int) -> int:
     return (n + A - 1) // A * A
 

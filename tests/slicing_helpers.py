@@ -1,10 +1,10 @@
-"""Helpers of the TimeSlicer suites (test_timeslice*.py, test_state_walk.py): threads under
-hard timeouts, busy work that holds the GIL, drained-manager checks, and states of every kind a
-slice can carry (tensors, containers, modules, objects with attributes or slots)."""
+"""Helpers of the TimeSlicer suites (test_timeslice*.py, test_state_walk.py): busy work that
+holds the GIL, waiting until every slice queued, drained-manager checks, and states of every
+kind a slice can carry (tensors, containers, modules, objects with attributes or slots). Threads
+under hard timeouts: helpers.run_threads."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import torch
@@ -12,7 +12,6 @@ import torch
 import aqua_offload as aq
 from conftest import random_tensor, wait_until
 
-JOIN_TIMEOUT_S = 30.0
 CPU = torch.device("cpu")
 
 
@@ -22,40 +21,6 @@ def spin(seconds: float) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
-
-
-def run_threads(targets, timeout: float = JOIN_TIMEOUT_S, stagger_s: float = 0.0
-                ) -> list[BaseException]:
-    """Run each target in a daemon thread; return the exceptions they raised (in order of
-    target). Fails the test if a thread is still alive after ``timeout``."""
-    errors: list[BaseException | None] = [None] * len(targets)
-
-    def wrap(k, fn):
-        def body():
-            try:
-                fn()
-            except BaseException as e:  # noqa: BLE001 - reported to the main thread
-                errors[k] = e
-        return body
-
-    threads = [threading.Thread(target=wrap(k, fn), daemon=True, name=f"worker-{k}")
-               for k, fn in enumerate(targets)]
-    for t in threads:
-        t.start()
-        if stagger_s:
-            time.sleep(stagger_s)
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    stuck = [t.name for t in threads if t.is_alive()]
-    assert not stuck, f"threads did not finish within {timeout} s (deadlock?): {stuck}"
-    return errors
-
-
-def no_errors(errors: list) -> None:
-    real = [e for e in errors if e is not None]
-    if real:
-        raise real[0]
 
 
 def everyone_queued(ts: aq.TimeSlicer, n: int) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import aqua_offload as aq
-from helpers import JOIN_TIMEOUT_S
+from helpers import JOIN_TIMEOUT_S, no_errors, run_threads
 from helpers import bits as tensor_bytes
 from helpers import storage_bits as storage_bytes
 
@@ -34,30 +34,6 @@ def random_tensor(rng: random.Random, gen: torch.Generator, max_bytes: int,
     if n >= 6 and rng.random() < 0.5:
         t = t[: n - n % 6].view(-1, 6)
     return t
-
-
-def run_threads(targets, timeout: float = JOIN_TIMEOUT_S) -> list[BaseException]:
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def wrap(fn):
-        def body():
-            try:
-                fn()
-            except BaseException as e:  # noqa: BLE001 - reported to the main thread
-                with lock:
-                    errors.append(e)
-        return body
-
-    threads = [threading.Thread(target=wrap(fn), daemon=True) for fn in targets]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    stuck = [t.name for t in threads if t.is_alive()]
-    assert not stuck, f"threads did not finish within {timeout} s (deadlock?): {stuck}"
-    return errors
 
 
 def assert_drained(m: aq.OffloadManager) -> dict:
@@ -171,7 +147,7 @@ def test_thread_stress_shared_manager(backend):
         stop.set()
         mon.join(JOIN_TIMEOUT_S)
     assert not mon.is_alive()
-    assert not errors, errors[:3]
+    no_errors(errors)
     assert not mon_errors, mon_errors
     s = assert_drained(m)
     total = {k: sum(c[k] for c in counts) for k in counts[0]}
@@ -303,7 +279,7 @@ def test_racing_fetches_of_one_handle(backend, release):
                 results[i] = ("err", e)
 
         errors = run_threads([lambda i=i: racer(i) for i in range(2)], timeout=30)
-        assert not errors, errors
+        no_errors(errors)
         oks = [r[1] for r in results if r[0] == "ok"]
         errs = [r[1] for r in results if r[0] == "err"]
         assert len(oks) == 1 and len(errs) == 1, (round_, results)
@@ -342,7 +318,7 @@ def test_racing_fetch_and_free_of_one_handle(backend, release):
                 results[kind] = ("err", e)
 
         errors = run_threads([lambda: do("fetch"), lambda: do("free")], timeout=30)
-        assert not errors, errors
+        no_errors(errors)
         winners = [k for k, r in results.items() if r[0] == "ok"]
         assert len(winners) == 1, (round_, results)
         loser = "free" if winners[0] == "fetch" else "fetch"
@@ -571,7 +547,7 @@ def test_reclaim_and_lend_race_offload_and_fetch(backend):
 
     errors = run_threads([lambda k=k: worker(k) for k in range(n_workers)] + [lender],
                          timeout=60)
-    assert not errors, errors[:3]
+    no_errors(errors)
     m.synchronize()
     s = m.stats()
     assert s["live_handles"] == 0 and s["prefetched_bytes"] == 0
@@ -669,7 +645,7 @@ def test_concurrent_prefetches_of_one_handle(backend):
             m.prefetch(h)
 
         errors = run_threads([pre, pre], timeout=30)
-        assert not errors, errors
+        no_errors(errors)
         assert m.stats()["prefetched_bytes"] == t.numel()
         assert torch.equal(m.fetch(h), t)
         assert m.stats()["prefetched_bytes"] == 0

@@ -13,8 +13,8 @@ import torch
 
 import aqua_offload as aq
 from conftest import same_bytes, wait_until
-from slicing_helpers import (JOIN_TIMEOUT_S, assert_drained, by_name, clone_all,
-                             everyone_queued, make_state, no_errors, run_threads, spin)
+from helpers import JOIN_TIMEOUT_S, no_errors, run_threads
+from slicing_helpers import (assert_drained, by_name, clone_all, everyone_queued, make_state, spin)
 
 
 # -- faults ------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import torch
 import aqua_offload as aq
 from aqua_offload.state import collect_tensors
 from conftest import same_bytes, wait_until
-from slicing_helpers import (CPU, JOIN_TIMEOUT_S, assert_drained, by_name, clone_all,
-                             everyone_queued, make_state, no_errors, run_threads, spin)
+from helpers import JOIN_TIMEOUT_S, no_errors, run_threads
+from slicing_helpers import (CPU, assert_drained, by_name, clone_all, everyone_queued, make_state,
+                             spin)
 
 
 # -- policies under threads -----------------------------------------------------------------------
