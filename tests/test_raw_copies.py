@@ -113,3 +113,63 @@ def test_waiting_for_a_stream_does_not_wait_for_the_device() -> None:
         core.synchronize_stream(core.copy_stream(0, "to_tier"))
         assert not asleep.query(), "synchronize_stream waited for another stream's kernel"
         other.synchronize()
+
+
+@pytest.fixture
+def batchless_stream(backend):
+    """A caller's stream the backend cannot batch on (Note [Relay] in copy_engine.hpp): torch's
+    default stream on CUDA (the legacy default stream, which cudaMemcpyBatchAsync refuses); on
+    emulation its host stream 0, made to refuse batches the same way."""
+    from aqua_offload.devices import current_stream
+
+    if backend.cuda:
+        stream = current_stream(backend.device)
+        assert stream == 0, "torch's current stream here is its default (legacy) stream"
+        yield stream
+        return
+    _core.refuse_host_stream_batches(True)
+    try:
+        yield 0
+    finally:
+        _core.refuse_host_stream_batches(False)
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_a_batch_on_a_stream_that_refuses_batches_is_relayed_in_its_order(
+        backend, batchless_stream, wait) -> None:
+    """raw_copy_many on a stream the batch API refuses goes as one batch on the engine's relay
+    stream, not one copy per piece: counted as a batched submission, never a fallback. It
+    follows the caller's earlier work on that stream (a write of the source queued behind a
+    long kernel there) and precedes its later work (a read of the destination), as on the
+    caller's stream itself; with ``wait`` the bytes are there when it returns."""
+    m = backend.manager(peers=None, host_bytes="1MiB")
+    src, dst, sizes, offs, dsts, srcs = _pieces(5)
+    fresh = random_tensor(tuple(src.shape), torch.uint8,
+                          generator=torch.Generator().manual_seed(6))
+    if backend.cuda:
+        src_dev = torch.full_like(src, 9, device=backend.device)
+        dst = dst.to(backend.device)
+        srcs = [src_dev.data_ptr() + o for o in offs]
+        dsts = [dst.data_ptr() + 40000 - o - n for o, n in zip(offs, sizes)]
+        fresh_dev = fresh.to(backend.device)
+        torch.cuda.synchronize(backend.device)
+        torch.cuda._sleep(200_000_000)  # ~0.1 s on the default stream, then the source's bytes
+        src_dev.copy_(fresh_dev)
+    else:
+        src.copy_(fresh)
+    # Whether the runtime takes a batch on a stream of its own at all (a driver may refuse the
+    # batch API everywhere: then the relayed batch is a fallback too, one copy each there).
+    probe = torch.full((512,), 3, dtype=torch.uint8, device=backend.device)
+    before = m.stats()
+    m._store.raw_copy_many([probe.data_ptr(), probe.data_ptr() + 256], [probe.data_ptr() + 128,
+                           probe.data_ptr() + 384], [128, 128], m._store.copy_stream(0, "to_tier"),
+                           wait=True)
+    refused_everywhere = m.stats()["batch_fallbacks"] - before["batch_fallbacks"]
+    before = m.stats()
+    m._store.raw_copy_many(dsts, srcs, sizes, batchless_stream, wait=wait)
+    landed = dst.clone()  # the caller's later work on that stream (a device kernel on CUDA)
+    after = m.stats()
+    batches = (after["batched_submissions"] - before["batched_submissions"],
+               after["batch_fallbacks"] - before["batch_fallbacks"])
+    assert batches == ((0, 1) if refused_everywhere else (1, 0))
+    _check(fresh, landed.cpu(), sizes, offs)

@@ -239,6 +239,12 @@ PYBIND11_MODULE(_core, m) {
       py::arg("count"),
       "Emulation backend: make the next `count` copy submissions fail (tests of failure paths).");
   m.def(
+      "refuse_host_stream_batches",
+      [](bool refuse) { aqua::make_backend("emulation")->refuse_host_stream_batches(refuse); },
+      py::arg("refuse"),
+      "Emulation backend: batches on its host stream 0 are relayed as CUDA's legacy default "
+      "stream's are (Note [Relay] in copy_engine.hpp; tests of that path).");
+  m.def(
       "set_device_memory",
       [](int device, std::size_t bytes) {
         aqua::make_backend("emulation")->set_device_memory(device, bytes);

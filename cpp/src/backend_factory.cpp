@@ -20,6 +20,11 @@ void backend::inject_copy_faults(int) {
   AQUA_FAIL(invalid_argument_error, "fault injection is supported by the emulation backend only");
 }
 
+void backend::refuse_host_stream_batches(bool) {
+  AQUA_FAIL(invalid_argument_error,
+            "refuse_host_stream_batches is supported by the emulation backend only");
+}
+
 void backend::set_device_memory(int, std::size_t) {
   AQUA_FAIL(invalid_argument_error, "set_device_memory is supported by the emulation backend only");
 }

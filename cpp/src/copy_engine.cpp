@@ -15,12 +15,13 @@ copy_engine::copy_engine(std::shared_ptr<backend> b, int device, std::size_t tie
   AQUA_EXPECTS(chunk_bytes_ >= block_alignment, invalid_argument_error,
                "chunk_bytes must be at least 256");
   device_guard guard(*backend_, device_);
-  streams_.reserve(tiers * lane_count);
+  streams_.reserve(tiers * lane_count + 1);
   try {
     for (std::size_t t = 0; t < tiers; ++t)
       for (std::size_t l = 0; l < lane_count; ++l)
         streams_.push_back(
             backend_->create_stream(device_, static_cast<lane>(l) == lane::demand));
+    streams_.push_back(backend_->create_stream(device_));  // the relay (Note [Relay])
   } catch (...) {
     for (stream_t s : streams_) backend_->destroy_stream(s);
     throw;
@@ -113,15 +114,32 @@ std::vector<event_ref> copy_engine::submit(const submission& sub) {
 
 void copy_engine::copy_on(stream_t s, const std::vector<copy_op>& ops, bool wait) {
   device_guard guard(*backend_, device_);
+  const bool relay =
+      !backend_->batches_on(s) &&
+      std::count_if(ops.begin(), ops.end(), [](const copy_op& op) { return op.bytes > 0; }) > 1;
+  const stream_t on = relay ? streams_.back() : s;  // Note [Relay]
   try {
+    event_ref after;
+    if (relay) {
+      event_ref before = events_.acquire();
+      backend_->record(before.get(), s);
+      backend_->stream_wait(on, before.get());
+    }
     // One stream: nothing to chunk for. The caller's pointers: never the copy kernel (Note
     // [Copy kernel] in cuda/copy_kernel.hpp: a pointer it cannot reach ends the context).
-    enqueue(ops, s, std::numeric_limits<std::size_t>::max(), false);
-    if (wait) backend_->synchronize_stream(s);
+    enqueue(ops, on, std::numeric_limits<std::size_t>::max(), false);
+    if (relay) {
+      after = events_.acquire();
+      backend_->record(after.get(), on);
+      backend_->stream_wait(s, after.get());
+    }
+    if (wait) relay ? backend_->wait(after.get()) : backend_->synchronize_stream(s);
   } catch (...) {
-    try {  // Note [Abort rule]
-      backend_->synchronize_stream(s);
-    } catch (...) {
+    for (stream_t used : {on, s}) {  // Note [Abort rule]
+      try {
+        backend_->synchronize_stream(used);
+      } catch (...) {
+      }
     }
     throw;
   }

@@ -98,7 +98,19 @@ class backend {
     return batch_submit::per_copy;
   }
 
+  /// Whether copy_batch_async can submit one batch on `stream`. Not on CUDA's legacy default
+  /// stream (torch's default stream), which cudaMemcpyBatchAsync refuses outright: the copy
+  /// engine relays a batch for it through a stream of its own (Note [Relay] in
+  /// copy_engine.hpp).
+  virtual bool batches_on(stream_t stream) const noexcept {
+    (void)stream;
+    return true;
+  }
+
   // --- testing ---
+  /// Makes batches_on(0) false on emulation (its host stream 0 standing in for CUDA's legacy
+  /// default stream), so that the copy engine's relay runs there. Emulation only.
+  virtual void refuse_host_stream_batches(bool refuse);
   /// Makes the next `count` copy submissions fail with a backend_error, to exercise failure
   /// paths (migration, reclaim). Only the emulation backend supports it.
   virtual void inject_copy_faults(int count);

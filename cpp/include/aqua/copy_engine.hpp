@@ -24,6 +24,16 @@
 // group. With fence_user, the user's stream then waits for every group's event and for the
 // extra `user_waits` (e.g. a prefetch that already ran). Nothing waits on the host.
 //
+// Note [Relay]
+// A caller's stream the backend cannot batch on (CUDA's legacy default stream, torch's default
+// stream: cudaMemcpyBatchAsync refuses it outright) would get one copy per piece, a launch
+// each. copy_on() then relays the batch through a stream of the engine's own: one event
+// recorded on the caller's stream, which the relay stream waits for; the batch there; one event
+// recorded after it, which the caller's stream waits for. So the copies follow the caller's
+// earlier work and precede its later work, as on the caller's stream itself, and a `wait`
+// waits for that event only (not for other calls' relayed copies). A single copy needs no
+// batch and is not relayed.
+//
 // Note [Abort rule]
 // If any step of a submission fails, every stream it touched is synchronised before the error
 // propagates (errors while synchronising are ignored: a stream that cannot sync runs nothing
@@ -89,7 +99,8 @@ class copy_engine {
   /// a group, not chunked (chunks keep a demand fetch from queueing behind a huge copy on the
   /// tiers' streams; a caller's stream has no such neighbour), no event. With `wait`, returns
   /// once they ran (that stream only: never the whole device, whose other streams may run
-  /// unrelated work for long). Throws after synchronising `s` (Note [Abort rule]).
+  /// unrelated work for long). A stream the backend cannot batch on is relayed (Note
+  /// [Relay]). Throws after synchronising the streams it used (Note [Abort rule]).
   void copy_on(stream_t s, const std::vector<copy_op>& ops, bool wait);
   stream_t stream(std::size_t tier, aqua::lane l) const { return streams_.at(tier * lane_count + static_cast<std::size_t>(l)); }
   /// Blocks until everything enqueued on every lane so far has run.
@@ -108,7 +119,8 @@ class copy_engine {
   int device_;
   std::size_t chunk_bytes_;
   event_pool& events_;
-  std::vector<stream_t> streams_;  // tier * lane_count + lane; immutable after construction
+  std::vector<stream_t> streams_;  // tier * lane_count + lane, then the relay (Note [Relay]);
+                                   // immutable after construction
   std::atomic<std::uint64_t> batched_{0}, fallbacks_{0}, kernels_{0};
 };
 

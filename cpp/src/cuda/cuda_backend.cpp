@@ -252,6 +252,17 @@ void cuda_backend::copy_async(void* dst, const void* src, std::size_t bytes, str
   AQUA_CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, to_stream(stream)));
 }
 
+bool cuda_backend::batches_on(stream_t stream) const noexcept {
+#if CUDART_VERSION >= 12080
+  // cudaMemcpyBatchAsync refuses the legacy default stream outright (torch's default stream;
+  // the per-thread default stream is a real stream to the driver and is accepted).
+  return stream != 0 && to_stream(stream) != cudaStreamLegacy;
+#else
+  (void)stream;
+  return true;  // no batch API: one copy each on any stream, nothing to relay for
+#endif
+}
+
 batch_submit cuda_backend::copy_batch_async(void* const* dsts, const void* const* srcs,
                                             const std::size_t* sizes, std::size_t count,
                                             stream_t stream, bool own) {

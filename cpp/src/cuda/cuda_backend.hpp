@@ -55,6 +55,7 @@ class cuda_backend final : public backend {
   batch_submit copy_batch_async(void* const* dsts, const void* const* srcs,
                                 const std::size_t* sizes, std::size_t count,
                                 stream_t stream, bool own) override;
+  bool batches_on(stream_t stream) const noexcept override;
 
  private:
   void check_device(int device, const char* what) const;

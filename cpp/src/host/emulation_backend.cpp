@@ -258,7 +258,8 @@ batch_submit emulation_backend::copy_batch_async(void* const* dsts, const void* 
   take_fault();
   if (stream == 0) {
     for (std::size_t i = 0; i < count; ++i) std::memcpy(dsts[i], srcs[i], sizes[i]);
-    return batch_submit::batched;
+    // refused there as on CUDA's legacy default stream (refuse_host_stream_batches, tests)
+    return refuse_host_batches_.load() ? batch_submit::per_copy : batch_submit::batched;
   }
   // One task for the whole batch, as one DMA descriptor list would be.
   std::vector<std::tuple<void*, const void*, std::size_t>> ops;

@@ -69,7 +69,11 @@ class emulation_backend final : public backend {
   batch_submit copy_batch_async(void* const* dsts, const void* const* srcs,
                                 const std::size_t* sizes, std::size_t count, stream_t stream,
                                 bool own) override;
+  bool batches_on(stream_t stream) const noexcept override {
+    return stream != 0 || !refuse_host_batches_.load();
+  }
   void inject_copy_faults(int count) override;
+  void refuse_host_stream_batches(bool refuse) override { refuse_host_batches_.store(refuse); }
   void set_device_memory(int device, std::size_t bytes) override;
 
  private:
@@ -91,6 +95,9 @@ class emulation_backend final : public backend {
 
   int devices_;
   std::atomic<int> faults_{0};
+  // refuse_host_stream_batches (tests): process-wide, as a test may set it before any store
+  // exists (the backend is made with the first store and goes with the last)
+  static inline std::atomic<bool> refuse_host_batches_{false};
 
 };
 
