@@ -301,3 +301,39 @@ def test_one_large_host_range_listed_twice_in_a_transfer(tmp_path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), (
         proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+def test_a_reclaim_with_nothing_left_to_take_completes_at_once(lenders) -> None:
+    """``Lender.reclaim`` when no segment is left to drain (the arena already taken back, or
+    0 bytes asked): its ticket used to stay pending forever (only a released segment sets it
+    done), so ``ticket.wait()`` hung and ``reclaims_pending`` counted it for good. Found by
+    the stateful test (two reclaims of a whole lender in a row)."""
+    (a,) = lenders(1)
+    assert a.reclaim(8 * MiB).wait(30)  # no borrower: both segments go at once
+    assert a.stats()["arena_bytes"] == 0
+    for nbytes in (8 * MiB, 0):
+        ticket = a.reclaim(nbytes)
+        assert ticket.wait(5) and ticket.nbytes == 0 and ticket.seconds == 0.0
+    s = a.stats()
+    assert s["reclaims_pending"] == 0 and s["reclaim_pending_bytes"] == 0
+    a.grow(4 * MiB)  # and the lender still grows and serves reclaims after that
+    assert a.reclaim(4 * MiB).wait(30) and a.stats()["arena_bytes"] == 0
+
+
+def test_live_handles_counts_the_handles_on_lenders(remote_lender, lender_managers) -> None:
+    """``stats()["live_handles"]`` (docs/stats.md: handles offloaded and not yet fetched or
+    freed) came from the core alone, so handles the lenders held did not count: a batch of two
+    snapshots on a lender read 0. Found by the stateful test."""
+    m = lender_managers(remote_lender)  # a 4 KiB host tier: both go to the lender
+    ts, refs = _tensors(2, 9)
+    hs = m.offload_many(ts, release=False)
+    assert [h.tier for h in hs] == ["remote", "remote"]
+    assert m.stats()["live_handles"] == 2
+    small = random_tensor((100,), torch.uint8)
+    h_host = m.offload(small, release=False)  # and one the core holds
+    assert h_host.tier == "host" and m.stats()["live_handles"] == 3
+    assert torch.equal(m.fetch(hs[0]), refs[0])
+    assert m.stats()["live_handles"] == 2
+    m.free(hs[1])
+    m.free(h_host)
+    assert m.stats()["live_handles"] == 0

@@ -225,6 +225,10 @@ class Lender:
             ticket = ReclaimTicket(self._next_reclaim, len(segs) * self.segment_bytes,
                                    time.monotonic(), {s.id for s in segs})
             self._next_reclaim += 1
+            if not segs:  # nothing left to take (0 bytes, or every segment drains already):
+                ticket.seconds = 0.0  # done now; only _collect would ever set it otherwise
+                ticket.done.set()
+                return ticket
             self._reclaims[ticket.id] = ticket
             self._stats["reclaims"] += 1
             asks: dict[int, list[int]] = {}
