@@ -426,6 +426,7 @@ class RemoteTier:
                 "lent_segments": 0, "fenced": 0, "handles": len(mine),
                 "lost": c.lost})
         s["tiers"] = list(s["tiers"]) + remote_tiers
+        s["live_handles"] += len(entries)  # the core counts only the handles it holds
         with self._lock:
             cached = sum(b.nbytes for bs in self._cache.values() for b in bs)
         out.update(order=self.order, copies=self.copies, cached_bytes=cached,
