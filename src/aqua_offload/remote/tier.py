@@ -505,7 +505,7 @@ class RemoteTier:
 
     def _gone(self, r: _Remote) -> bool:
         """Whether no live copy of the entry's bytes is left (a prefetch buffer counts)."""
-        if r.prefetched and r.block is None:
+        if r.prefetched:  # its fetch reads the prefetch buffer, not a lender (_read)
             return False
         client, block, _ = replicas.source(self, r)
         return block is not None and not replicas.alive(self, client)
