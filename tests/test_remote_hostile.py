@@ -361,3 +361,23 @@ def test_a_prefetched_handle_outlives_its_lender_and_close_restores_it(lenders,
     run_with_timeout(m.close, 60)
     assert ts[1].untyped_storage().nbytes() == refs[1].numel()  # (reading it would crash)
     assert torch.equal(ts[1], refs[1])
+
+
+def test_a_prefetched_handle_of_a_lost_lender_is_not_kept(lenders, lender_managers) -> None:
+    """A snapshot prefetched from a lender that then dies: ``fetch(keep=True)`` handed the
+    prefetch buffer out and left the handle naming only the dead lender's copy, so the kept
+    handle was lost at once (its next fetch raised ``RemoteLostError``). As when a reclaim
+    takes a prefetched handle's block, the prefetch holds the only copy: keep is refused with
+    a typed error, and a plain fetch returns the bytes. Found by the stateful test."""
+    a, b = lenders(2)
+    m = lender_managers(a, b, remote_deadline_s=2.0)
+    (t,), (ref,) = _tensors(1, 11)
+    h = m.offload(t, release=False)
+    assert h.location == a.address
+    m.prefetch(h)
+    a.close()
+    wait_until(lambda: m.stats()["tiers"][1]["lost"] is not None, 30, "lender a lost")
+    with pytest.raises(InvalidArgumentError, match="prefetch"):
+        run_with_timeout(lambda: m.fetch(h, keep=True), 60)
+    assert h.state == "offloaded" and m.stats()["remote"]["lost_handles"] == 0
+    assert torch.equal(run_with_timeout(lambda: m.fetch(h), 60), ref)

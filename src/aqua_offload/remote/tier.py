@@ -267,10 +267,13 @@ class RemoteTier:
                 remote = [(r, d) for r, d in zip(where, dsts) if r is not None]
                 cids = [self._alias.get(i, i) for i, r in zip(ids, where) if r is None
                         ] if len(remote) < len(ids) else []
-            if keep and any(r.prefetched and r.block is None and r.nbytes for r, _ in remote):
+            if keep and any(r.prefetched and r.nbytes and (
+                    r.block is None or not replicas.alive(self, replicas.source(self, r)[0]))
+                    for r, _ in remote):
                 raise InvalidArgumentError(
-                    "fetch(keep=True): a lender reclaimed this handle's block while it was "
-                    "prefetched, so the prefetch holds its only copy; fetch it without keep")
+                    "fetch(keep=True): a lender reclaimed this handle's block, or was lost, "
+                    "while it was prefetched, so the prefetch holds its only copy; fetch it "
+                    "without keep")
             self._read(remote, stream)
             if cids:
                 self._core.fetch_many(cids, [d for r, d in zip(where, dsts) if r is None],
