@@ -99,6 +99,13 @@ class RemoteMachine(RuleBasedStateMachine):
         self.m = aq.OffloadManager("cpu", peers=None, host_bytes=HOST_BYTES,
                                    remote=[x.address for x in self.lenders], remote_token=TOKEN,
                                    remote_deadline_s=DEADLINE_S, **self.KW)
+        self.asks = [0] * self.LENDERS  # RECLAIM asks each client received
+        for i, c in enumerate(self.m._remote.clients):
+            def counted(job, *a, _put=c._reclaims.put, _i=i, **k):
+                if job is not None:
+                    self.asks[_i] += 1
+                return _put(job, *a, **k)
+            c._reclaims.put = counted
         self.recs: list[Rec] = []
         self.tickets: list[tuple[int, object]] = []  # refused reclaims still pending
         self.copies = self.KW.get("remote_copies", 1)
@@ -135,9 +142,17 @@ class RemoteMachine(RuleBasedStateMachine):
         return e is not None and e.nbytes > 0 and r.prefetched and (
             e.block is None or self.lenders_of(r) <= self.dead)
 
-    def settled_lender(self, i: int) -> dict:
-        self.m.synchronize()
-        return self.lenders[i].stats()
+    def settle_reclaims(self) -> None:
+        """Wait until every live client answered every RECLAIM it got: a ticket can be done
+        (the blocks came back) while the callback still writes new mirrors (Note [Replicas]),
+        and the model reads where copies are."""
+        def answered() -> bool:
+            for i, c in enumerate(self.m._remote.clients):
+                s = c.stats()
+                if c.lost is None and s["reclaims"] + s["reclaim_refusals"] != self.asks[i]:
+                    return False
+            return True
+        wait_until(answered, HANG_S, "every reclaim answered")
 
     def tensors(self, sizes: list[int], dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
         return [make_tensor(n, dtype, seed + k) for k, n in enumerate(sizes)]
@@ -304,6 +319,7 @@ class RemoteMachine(RuleBasedStateMachine):
         wait_until(lambda: ticket.done.is_set()
                    or self.m.stats()["remote"]["reclaim_refusals"] > refusals, HANG_S,
                    "the reclaim completed or was refused")
+        self.settle_reclaims()
         if ticket.done.is_set():
             event("lender reclaim completed")
             return
@@ -317,6 +333,7 @@ class RemoteMachine(RuleBasedStateMachine):
             self.call(lambda r=r: self.m.free(r.h))
             self.recs.remove(r)
         assert ticket.wait(HANG_S), "the reclaim completes once the handles let go"
+        self.settle_reclaims()
 
     @precondition(lambda self: self.alive())
     @rule(data=st.data())
@@ -335,6 +352,7 @@ class RemoteMachine(RuleBasedStateMachine):
         if really:
             return
         # the lender holding the most handles, so that handles are lost (one copy)
+        self.settle_reclaims()  # (a pending reclaim may complete on a fetch or free)
         held = [sum(i in self.lenders_of(r) for r in self.recs) for i in range(self.LENDERS)]
         i = max(self.alive(), key=lambda i: held[i])
         lender = self.lenders[i]
@@ -364,8 +382,9 @@ class RemoteMachine(RuleBasedStateMachine):
         before = self.m.stats()
         with pytest.raises(RemoteLostError):
             self.call(lambda: self.m.fetch_many([x.h for x in batch]))
+        keep = data.draw(st.booleans())  # (drawn here: never in another thread)
         with pytest.raises(RemoteLostError):
-            self.call(lambda: self.m.fetch(r.h, keep=data.draw(st.booleans())))
+            self.call(lambda: self.m.fetch(r.h, keep=keep))
         after = self.m.stats()
         assert after["live_handles"] == before["live_handles"]
         assert after["fetches"] == before["fetches"]
