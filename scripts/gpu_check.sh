@@ -98,6 +98,7 @@ stage() {
   if ((rc == 0)); then status=PASS
   elif ((rc == 124 || (rc == 137 && secs >= limit))); then status=TIMEOUT  # 137 alone: OOM kill
   else status=FAIL; fi
+  LAST_STATUS=$status  # (what the caller of a stage that returned non-zero branches on)
   local last; last="$(grep -v '^[[:space:]]*$' "$log" | tail -n 1)"
   [[ $status == TIMEOUT ]] && last="killed at its ${limit}s limit; last output: $last"
   record "$name" "$status" "$secs" "rc=$rc: $last"
@@ -152,7 +153,8 @@ else
       -Ccmake.define.AQUA_CUDA_ARCHITECTURES=90 -Ccmake.define.AQUA_CUDA_KERNELS="$KERNELS" \
       ${KDIR:+-Cbuild-dir="$KDIR"} .'
   stage build 240 "$BUILD"; rc=$?
-  if ((rc != 0 && rc != 124 && rc != 137)); then  # failed, not out of time: once more
+  # failed, not out of time (stage's verdict: 137 before the limit is a kill, e.g. OOM): again
+  if ((rc != 0)) && [[ $LAST_STATUS == FAIL ]]; then
     KERNELS=OFF KDIR="${BUILD_DIR:-build}/no_kernels"
     stage build_nokernel 180 "$BUILD" \
       || abort "the build/install failed, with and without the copy kernel (build*.log)"

@@ -57,13 +57,18 @@ def test_gpu_profile_runs_its_emulation_half(tmp_path):
     assert all(f"emulation {c}" in text for c in cases) and "tottime" in text
 
 
-def _fake_python(tmp_path: Path, kernels_build_fails: bool, plain_build_fails: bool) -> Path:
+def _fake_python(tmp_path: Path, kernels_build_fails: bool, plain_build_fails: bool,
+                 kernels_build_killed: bool = False) -> Path:
     """An interpreter whose ``-m pip install`` fails or passes by the build's kernel setting
-    (logging each call), and which is this Python for everything else."""
+    (logging each call), and which is this Python for everything else. With
+    ``kernels_build_killed`` the kernels' build is killed by SIGKILL at once (as by the OOM
+    killer: status 137 long before the stage's time limit)."""
     fake = tmp_path / "python"
+    killed = int(kernels_build_killed)
     fake.write_text(f"""#!/usr/bin/env bash
 if [[ "$1 $2 $3" == "-m pip install" ]]; then
   echo "$*" >> {tmp_path / 'pip_calls.txt'}
+  [[ {killed} == 1 && "$*" == *"AQUA_CUDA_KERNELS=ON"* ]] && kill -KILL $$
   [[ "$*" == *"AQUA_CUDA_KERNELS=ON"* ]] && exit {int(kernels_build_fails)}
   [[ "$*" == *"AQUA_CUDA_KERNELS=OFF"* ]] && exit {int(plain_build_fails)}
   exit 3
@@ -97,3 +102,23 @@ def test_gpu_check_retries_a_failed_build_without_the_copy_kernel(tmp_path, plai
         assert rows["ABORTED"] == "after" and "cuda_backend" not in rows
     else:
         assert rows["cuda_backend"] == "SKIP" and rows["RESULT:"] == "FAIL"
+
+
+def test_gpu_check_retries_a_build_killed_before_its_time_limit(tmp_path):
+    """A build killed by a signal long before its limit (status 137: the OOM killer, nvcc's
+    memory) failed; it did not run out of time. stage() records it as FAIL, and it is retried
+    without the copy kernel like any other failure, not aborted as "ran out of time"."""
+    out = tmp_path / "out"
+    skip = " ".join(s for s in STAGES if s != "build")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True,
+                          text=True, timeout=60,
+                          env=_env(OUT=str(out), GPU_CHECK_SKIP=skip,
+                                   PYTHON=str(_fake_python(tmp_path, True, False,
+                                                           kernels_build_killed=True))))
+    summary = (out / "summary.txt").read_text()
+    calls = (tmp_path / "pip_calls.txt").read_text().splitlines()
+    assert len(calls) == 2 and "AQUA_CUDA_KERNELS=OFF" in calls[1], summary
+    rows = {line.split()[0]: line.split()[1] for line in summary.splitlines()[2:] if line.split()}
+    assert rows["build"] == "FAIL" and "rc=137" in summary, summary
+    assert rows["build_nokernel"] == "PASS" and "ABORTED" not in rows, summary
+    assert "ran out of time" not in proc.stdout + summary
