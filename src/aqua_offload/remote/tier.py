@@ -67,7 +67,7 @@ from ..errors import (InvalidArgumentError, InvalidHandleError, OffloadError, Ou
 from . import migration
 from .client import RemoteClient
 from .items import RemoteBlock
-from . import placement, replicas, spilling
+from . import placement, replicas, spilling, tier_stats
 from .packing import Packs
 from .protocol import TOKEN_ENV
 from .staging import Staging
@@ -403,41 +403,9 @@ class RemoteTier:
             self._core.fence_source(self._alias.get(handle, handle), stream)
 
     def stats(self) -> dict[str, Any]:
-        """The core's stats, a ``remote`` entry per lender in ``tiers``, and ``remote``."""
-        s = self._core.stats()
-        with self._lock:
-            entries = list(self._remote.values())
-            out = dict(self._stats)
-        out.update(self._stage.stats)
-        copies = [(r.client, r.block) for r in entries] + [r.mirror[:2] for r in entries
-                                                           if r.mirror is not None]
-        gone = [r for r in entries if self._gone(r)]
-        gone_ids = {id(r) for r in gone}
-        degraded = sum(1 for r in entries if self.copies > 1 and id(r) not in gone_ids and (
-            r.mirror is None or not (replicas.alive(self, r.client)
-                                     and replicas.alive(self, r.mirror[0]))))
-        remote_tiers = []
-        for i, c in enumerate(self.clients):
-            mine = [b for ci, b in copies if ci == i]
-            blocks = {b.id: b.nbytes for b in mine if b is not None}
-            used = sum(blocks.values())
-            capacity = int(c.lender.get("arena_bytes", 0))
-            remote_tiers.append({
-                "tier": "remote", "location": c.address, "capacity": capacity, "used": used,
-                "peak": used, "free": max(0, capacity - used), "largest_free": 0,
-                "fragmentation": 0.0, "blocks": len(blocks), "free_ranges": 0, "segments": 0,
-                "lent_segments": 0, "fenced": 0, "handles": len(mine),
-                "lost": c.lost})
-        s["tiers"] = list(s["tiers"]) + remote_tiers
-        s["live_handles"] += len(entries)  # the core counts only the handles it holds
-        with self._lock:
-            cached = sum(b.nbytes for bs in self._cache.values() for b in bs)
-        out.update(order=self.order, copies=self.copies, cached_bytes=cached,
-                   lost_handles=len(gone),
-                   lost_bytes=sum(r.nbytes for r in gone), degraded_handles=degraded,
-                   lenders=[c.stats() for c in self.clients])
-        s["remote"] = out
-        return s
+        """The core's stats, a ``remote`` entry per lender in ``tiers``, and ``remote``
+        (tier_stats.py)."""
+        return tier_stats.stats(self)
 
     def close(self) -> None:
         """Close the core, then every client (the lenders free what this manager held)."""
