@@ -30,9 +30,10 @@
 // each. copy_on() then relays the batch through a stream of the engine's own: one event
 // recorded on the caller's stream, which the relay stream waits for; the batch there; one event
 // recorded after it, which the caller's stream waits for. So the copies follow the caller's
-// earlier work and precede its later work, as on the caller's stream itself, and a `wait`
-// waits for that event only (not for other calls' relayed copies). A single copy needs no
-// batch and is not relayed.
+// earlier work and precede its later work, as on the caller's stream itself. A `wait` waits
+// for that event: this batch and, the relay being one stream, the relayed batches queued on it
+// before (each behind its own caller's work), never the caller's later work or another stream.
+// A single copy needs no batch and is not relayed.
 //
 // Note [Abort rule]
 // If any step of a submission fails, every stream it touched is synchronised before the error

@@ -302,7 +302,10 @@ batch_submit cuda_backend::copy_batch_async(void* const* dsts, const void* const
                            &fail_index, to_stream(stream));
 #endif
   if (err == cudaSuccess) return batch_submit::batched;
-  if (err != cudaErrorNotSupported && err != cudaErrorInvalidValue)
+  // Refusals: the API unsupported here, arguments it does not take, or a driver older than the
+  // runtime that has the entry point (the static runtime on a pre-12.8 driver).
+  if (err != cudaErrorNotSupported && err != cudaErrorInvalidValue &&
+      err != cudaErrorCallRequiresNewerDriver)
     throw_cuda_error(err, "cudaMemcpyBatchAsync", __FILE__, __LINE__);
   cudaGetLastError();  // refused here (counted by the copy engine): one copy each
 #endif
