@@ -10,6 +10,7 @@ import pytest
 import torch
 from remote_helpers import TOKEN, needs_nixl
 
+import aqua_offload as aq
 from aqua_offload.errors import InvalidArgumentError, RemoteLostError
 from aqua_offload.remote import Lender
 from conftest import random_tensor, run_with_timeout, wait_until, workers_while
@@ -381,3 +382,35 @@ def test_a_prefetched_handle_of_a_lost_lender_is_not_kept(lenders, lender_manage
         run_with_timeout(lambda: m.fetch(h, keep=True), 60)
     assert h.state == "offloaded" and m.stats()["remote"]["lost_handles"] == 0
     assert torch.equal(run_with_timeout(lambda: m.fetch(h), 60), ref)
+
+
+COUNTERS = ("offloads", "bytes_offloaded", "fetches", "bytes_fetched", "prefetches", "frees")
+
+
+def test_call_counters_count_the_handles_on_lenders(remote_lender, lender_managers) -> None:
+    """``offloads``, ``fetches``, ``prefetches``, ``frees`` and their bytes (docs/stats.md)
+    came from the core alone: three offloads that went to a lender read ``offloads`` 0. The
+    same calls on a manager whose host tier holds everything give the same counters."""
+    ts, refs = _tensors(4, 11)
+    got = []
+    plain = aq.OffloadManager("cpu", peers=None, host_bytes="8MiB")
+    for m in (lender_managers(remote_lender), plain):
+        hs = m.offload_many(ts[:3], release=False)
+        h_free = m.offload(ts[3], release=False)
+        where = {h.tier for h in hs + [h_free]}
+        m.prefetch(hs[0])
+        outs = m.fetch_many(hs)
+        assert all(torch.equal(a, b) for a, b in zip(outs, refs))
+        h_keep = m.offload(ts[1], release=False)
+        assert torch.equal(m.fetch(h_keep, keep=True), refs[1])
+        m.free(h_keep)
+        m.free(h_free)
+        s = m.stats()
+        got.append((where, {k: s[k] for k in COUNTERS}))
+    plain.close()
+    (remote_where, remote), (host_where, host) = got
+    assert remote_where == {"remote"} and host_where == {"host"}
+    assert remote == host
+    assert remote["offloads"] == 5 and remote["fetches"] == 4 and remote["prefetches"] == 1
+    assert remote["frees"] == 2
+    assert remote["bytes_fetched"] == sum(t.nbytes for t in ts[:3]) + ts[1].nbytes

@@ -179,6 +179,10 @@ class RemoteTier:
                        "direct_offloads": 0, "remote_fetches": 0, "reclaims": 0,
                        "reclaimed_handles": 0, "reclaim_refusals": 0, "reclaim_last_s": 0.0,
                        "reclaim_max_s": 0.0, "lost_freed": 0}  # LOCK: _lock
+        # the core's top-level counters for the calls on handles the lenders hold, added to
+        # the core's in stats() (tier_stats.py)
+        self._counts = dict.fromkeys(("offloads", "bytes_offloaded", "fetches", "bytes_fetched",
+                                      "prefetches", "frees"), 0)  # LOCK: _lock
         self.clients: list[RemoteClient] = []
         try:
             for i, address in enumerate(addresses):
@@ -275,9 +279,13 @@ class RemoteTier:
                     "while it was prefetched, so the prefetch holds its only copy; fetch it "
                     "without keep")
             self._read(remote, stream)
+            read = sum(r.nbytes for r, _ in remote if not r.prefetched)  # (a prefetch counted)
             if cids:
                 self._core.fetch_many(cids, [d for r, d in zip(where, dsts) if r is None],
                                       stream, keep)
+            with self._lock:
+                self._counts["fetches"] += len(remote)
+                self._counts["bytes_fetched"] += read
             if done is not None:  # at once, as the core's binding does: from here on the
                 done.append(True)  # caller finishes the batch even if interrupted
             if not keep:  # the bytes are here now: emptied blocks go back, one request a lender
@@ -301,6 +309,9 @@ class RemoteTier:
             tiers = iter(self._core.prefetch_many([c for c, _ in core], [d for _, d in core],
                                                   stream) if core else [])
             with self._lock:
+                new = [r for r in where if r is not None and not r.prefetched and r.nbytes]
+                self._counts["prefetches"] += len(new)
+                self._counts["bytes_fetched"] += sum(r.nbytes for r in new)
                 for r in where:
                     if r is not None:
                         r.prefetched = True
@@ -341,6 +352,8 @@ class RemoteTier:
                 self._core.free(self._alias.get(handle, handle))
             else:
                 self._release([r])
+                with self._lock:
+                    self._counts["frees"] += 1
             self._forget([handle])
 
     def synchronize(self) -> None:
@@ -590,6 +603,8 @@ class RemoteTier:
             if out is not None:
                 out.extend(done)
             self._stats["direct_offloads"] += len(items)
+            self._counts["offloads"] += len(items)
+            self._counts["bytes_offloaded"] += sum(sizes)
         for client, blocks, _ in got:
             placement.settled(self, client, blocks)
         return done

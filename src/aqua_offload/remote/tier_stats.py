@@ -25,6 +25,8 @@ def stats(t: "RemoteTier") -> dict[str, Any]:
     with t._lock:
         entries = list(t._remote.values())
         out = dict(t._stats)
+        for key, n in t._counts.items():  # the calls on the lenders' handles, as the core's
+            s[key] += n
     out.update(t._stage.stats)
     copies = [(r.client, r.block) for r in entries] + [r.mirror[:2] for r in entries
                                                        if r.mirror is not None]
