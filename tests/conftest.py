@@ -343,6 +343,24 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+class AllQueued:
+    """A stopping criterion shared by the requests of one ``generate_many`` (tests): its first
+    call, from the request that got the turn first, waits until the other ``n - 1`` requests
+    queue for the turn, so that a zero quantum preempts at the next token whatever the load (on
+    a loaded machine a short request can otherwise finish before the others enter). Only the
+    turn holder calls it; it never stops a request."""
+
+    def __init__(self, slicer: aq.TimeSlicer, n: int) -> None:
+        self.slicer, self.n, self.waited = slicer, n, False
+
+    def __call__(self, input_ids: torch.Tensor, scores: object, **kwargs: object) -> torch.Tensor:
+        if not self.waited:
+            self.waited = True
+            wait_until(lambda: self.slicer.policy.waiting() >= self.n - 1,
+                       what="every request queued for the turn")
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @pytest.fixture
 def small_manager():
     """An emulation manager sized for tiny models' caches (2 MiB peer, 8 MiB host)."""

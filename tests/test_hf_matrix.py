@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 import hf_models  # noqa: E402
 from aqua_offload.hf import OffloadedCache, cache_kwarg, generate_many, offloaded_cache_for  # noqa: E402
-from conftest import run_with_timeout  # noqa: E402
+from conftest import AllQueued, run_with_timeout  # noqa: E402
 
 ARCHS = list(hf_models.FACTORIES)
 MODES = ["greedy_padded", "beam", "sample_seeded", "two_turn", "crop", "dict_scores"]
@@ -176,6 +176,8 @@ def test_generate_many_matches_solo(arch, policy, manager):
     seeds = [None, 5, None]
     want = [_solo(model, r, s) for r, s in zip(requests, seeds)]
     slicer = aq.TimeSlicer(quantum_ms=0, manager=manager, policy=policy)
+    queued = transformers.StoppingCriteriaList([AllQueued(slicer, len(requests))])
+    requests = [{**r, "stopping_criteria": queued} for r in requests]  # (preemptions, below)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         results = run_with_timeout(lambda: generate_many(
