@@ -180,8 +180,8 @@ class RemoteTier:
                        "reclaimed_handles": 0, "reclaim_refusals": 0, "reclaim_last_s": 0.0,
                        "reclaim_max_s": 0.0, "lost_freed": 0}  # LOCK: _lock
         # the core's top-level counters for the calls on handles the lenders hold, added to
-        # the core's in stats() (tier_stats.py)
-        self._counts = dict.fromkeys(("offloads", "bytes_offloaded", "fetches", "bytes_fetched",
+        # the core's in stats() (tier_stats.py; their offloads are direct_offloads above)
+        self._counts = dict.fromkeys(("bytes_offloaded", "fetches", "bytes_fetched",
                                       "prefetches", "frees"), 0)  # LOCK: _lock
         self.clients: list[RemoteClient] = []
         try:
@@ -603,7 +603,6 @@ class RemoteTier:
             if out is not None:
                 out.extend(done)
             self._stats["direct_offloads"] += len(items)
-            self._counts["offloads"] += len(items)
             self._counts["bytes_offloaded"] += sum(sizes)
         for client, blocks, _ in got:
             placement.settled(self, client, blocks)

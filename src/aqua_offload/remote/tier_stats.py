@@ -27,6 +27,7 @@ def stats(t: "RemoteTier") -> dict[str, Any]:
         out = dict(t._stats)
         for key, n in t._counts.items():  # the calls on the lenders' handles, as the core's
             s[key] += n
+        s["offloads"] += t._stats["direct_offloads"]
     out.update(t._stage.stats)
     copies = [(r.client, r.block) for r in entries] + [r.mirror[:2] for r in entries
                                                        if r.mirror is not None]
