@@ -170,6 +170,24 @@ def test_it_binds_only_the_given_address() -> None:
                 socket.create_connection((addr, lender.port), timeout=2).close()
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this host")
+def test_it_serves_on_an_ipv6_address(remote_clients) -> None:
+    with Lender(TOKEN, host_bytes="4MiB", segment_bytes="4MiB", address="::1") as lender:
+        lender.start()
+        assert lender.host == "::1" and lender.address == f"[::1]:{lender.port}"
+        with pytest.raises(OSError):  # the v4 loopback is another address: not bound
+            socket.create_connection(("127.0.0.1", lender.port), timeout=2).close()
+        _still_serves(lender, remote_clients)
+
+
 def _own_addresses() -> list[str]:
     try:
         return sorted({i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None,

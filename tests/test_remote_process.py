@@ -118,6 +118,26 @@ def test_cli_usage_errors(args, capsys) -> None:
     assert "aqua-offload lend:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("address,port,want", [
+    (None, None, ("127.0.0.1", 0)), ("10.0.0.5", None, ("10.0.0.5", 0)),
+    ("10.0.0.5:7000", None, ("10.0.0.5", 7000)), ("10.0.0.5:7000", 7000, ("10.0.0.5", 7000)),
+    ("node-3", 7001, ("node-3", 7001)), ("::1", None, ("::1", 0)), ("[::1]", 9, ("::1", 9)),
+    ("[fe80::1]:7000", None, ("fe80::1", 7000))])
+def test_cli_address_may_carry_the_port(address, port, want) -> None:
+    from aqua_offload.remote.__main__ import listen_address
+
+    assert listen_address(address, port) == want  # as a borrower names the lender
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5:7000", "10.0.0.5:x", "10.0.0.5:70000", ":7000",
+                                     "[::1", "[::1]7000", "[]:7000"])
+def test_cli_refuses_a_malformed_address_before_starting(address, capsys) -> None:
+    from aqua_offload.remote.__main__ import main
+
+    assert main(["--host-bytes", "1MiB", "--address", address, "--port", "7001"]) == 2
+    assert "--address" in capsys.readouterr().err
+
+
 def test_cli_refuses_a_short_token(monkeypatch, capsys) -> None:
     from aqua_offload.remote.__main__ import main
 

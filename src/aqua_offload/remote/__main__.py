@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with --host-bytes/--bytes is then the most ever lent")
     # None, not the defaults: --ledger must tell given NIXL options from absent ones
     parser.add_argument("--address", default=None,
-                        help="address to listen on (default 127.0.0.1; only it is bound)")
+                        help="address to listen on, optionally with the port (HOST, "
+                        "HOST:PORT, [V6]:PORT; default 127.0.0.1; only it is bound)")
     parser.add_argument("--port", type=int, default=None,
                         help="TCP port (default: any free one)")
     parser.add_argument("--segment", type=_size, default=64 << 20, metavar="SIZE",
@@ -80,6 +81,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the memory back (default 30)")
 
 
+def listen_address(address: str | None, port: int | None) -> tuple[str, int]:
+    """``--address`` and ``--port`` as (host, port). ``--address`` may carry the port, as a
+    borrower names the lender: ``host:port``, ``[v6]:port``; a bare IPv6 address (``::1``) or
+    ``[v6]`` is a host alone. Raises ValueError on a malformed port or two different ones."""
+    if address is None:
+        return "127.0.0.1", 0 if port is None else port
+    host, given = address, None
+    if address.startswith("["):
+        inner, sep, rest = address[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"--address {address!r}: expected [v6] or [v6]:port")
+        host, given = inner, rest[1:] if rest else None
+    elif address.count(":") == 1:
+        host, given = address.split(":")
+    if not host:
+        raise ValueError(f"--address {address!r} names no host")
+    if given is not None:
+        if not (given.isascii() and given.isdigit() and int(given) <= 65535):
+            raise ValueError(f"--address {address!r}: the port must be 0..65535")
+        if port is not None and port != int(given):
+            raise ValueError(f"--address {address!r} and --port {port} name two ports")
+        port = int(given)
+    return host, 0 if port is None else port
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; see the module docstring for the exit status."""
     if args.ledger is not None:
@@ -102,8 +128,11 @@ def run(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         return usage("--interval must be positive")
     cap = args.nbytes if args.device is not None else args.host_bytes
-    args.address = "127.0.0.1" if args.address is None else args.address
-    args.port = 0 if args.port is None else args.port
+    try:
+        host, port = listen_address(args.address, args.port)
+    except ValueError as exc:
+        return usage(str(exc))
+    args.address, args.port = host, port
     try:
         token = load_token(token_file=args.token_file, token_env=args.token_env)
         start = 0 if args.keep is not None else cap

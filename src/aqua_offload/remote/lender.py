@@ -151,7 +151,8 @@ class Lender:
             "reclaim_refused_blocks": 0, "refused_connections": 0,
         }
         try:
-            self._listener = socket.create_server((address, port), backlog=64)
+            family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]  # v4/v6
+            self._listener = socket.create_server((address, port), family=family, backlog=64)
         except (OSError, UnicodeError) as exc:
             self._agent.close()
             raise InvalidArgumentError(f"cannot listen on {address}:{port}: {exc}") from None
