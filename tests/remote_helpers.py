@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -55,12 +56,14 @@ def child_env(**extra: str) -> dict[str, str]:
 class LenderProcess:
     """``aqua-offload lend`` in a child process; :attr:`address` once it serves."""
 
-    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+                 prefix: Sequence[str] = ()) -> None:
+        """``prefix``: a command that runs the lender (``ip netns exec NS``)."""
         self.ready = tmp_path / f"ready-{time.monotonic_ns()}.json"
         self.log_path = tmp_path / f"lender-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aqua_offload.remote", "--ready-file", str(self.ready),
+            [*prefix, sys.executable, "-m", "aqua_offload.remote", "--ready-file", str(self.ready),
              *args], env=env or child_env(), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + SPAWN_TIMEOUT_S
         while not self.ready.exists():
