@@ -36,6 +36,7 @@ else:  # the borrower, in its namespace: this file's directory is on sys.path
 
 CHILD_TIMEOUT_S = 180.0  # a child's hard limit; the lender starts in ~1 s, the borrower in ~3 s
 DEADLINE_S = 3.0  # the borrower's transfer deadline
+BLIP_DEADLINE_S = 20.0  # a 1 s outage: TCP's retransmissions (200 ms, doubling) end well inside
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -84,6 +85,9 @@ class TwoHosts:
     def pull_cable(self) -> None:
         """The link down: both ends lose carrier; nothing crosses it any more."""
         _ip("-n", self.lender, "link", "set", self.lender_if, "down")
+
+    def plug_cable(self) -> None:
+        _ip("-n", self.lender, "link", "set", self.lender_if, "up")
 
     def remove(self) -> None:
         for ns in (self.lender, self.borrower):
@@ -182,6 +186,40 @@ def test_a_pulled_cable_is_a_typed_loss_and_the_host_tier_still_works(two_hosts,
         lender.kill()
 
 
+@requires_nixl
+def test_a_blip_shorter_than_the_deadline_loses_nothing(two_hosts, tmp_path) -> None:
+    # The link down for 1 s in the middle of a fetch, then up: TCP retransmits, the transfer
+    # ends within the deadline, and nothing is marked lost.
+    lender = LenderProcess(tmp_path, "--host-bytes", "32MiB", "--segment", "16MiB",
+                           "--address", two_hosts.LENDER_IP,
+                           env=_env(two_hosts.lender_if, "tcp"),
+                           prefix=["ip", "netns", "exec", two_hosts.lender])
+    try:
+        proc, out = _borrower(two_hosts, tmp_path, "blip", lender.address, "tcp")
+        ready = tmp_path / "ready"
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        while not ready.exists():
+            assert proc.poll() is None, (tmp_path / "blip.log").read_text()
+            assert time.monotonic() < deadline, "the borrower never got ready"
+            time.sleep(0.05)
+        two_hosts.pull_cable()
+        (tmp_path / "pulled").touch()
+        fetching = tmp_path / "fetching"  # written just before the fetch, into a dead link
+        while not fetching.exists():
+            assert proc.poll() is None, (tmp_path / "blip.log").read_text()
+            assert time.monotonic() < deadline, "the borrower never fetched"
+            time.sleep(0.01)
+        time.sleep(1.0)
+        two_hosts.plug_cable()
+        got = _result(proc, out, tmp_path, "blip")
+        # The fetch cannot end before the link is up again (no other path: TCP on the veth
+        # only), so it spanned the outage: this is what the test is about, not a speed.
+        assert got.pop("fetch_s") >= 0.9, got
+        assert got == {"bitwise": True, "lost_handles": 0, "lender_lost": False}, got
+    finally:
+        lender.kill()
+
+
 # ---- the borrower: this file run as a script in the borrower's namespace -------------------
 def _scenario_round_trips(address: str, tmp: Path) -> dict:
     import torch
@@ -263,9 +301,41 @@ def _scenario_cable_pull(address: str, tmp: Path) -> dict:
     return out
 
 
+def _scenario_blip(address: str, tmp: Path) -> dict:
+    import torch
+
+    import aqua_offload as aq
+    from conftest import random_tensor
+
+    token = os.environ["AQUA_OFFLOAD_REMOTE_TOKEN"]
+    g = torch.Generator().manual_seed(7)
+    m = aq.OffloadManager("cpu", peers=None, host_bytes=256, remote=[address],
+                          remote_token=token, remote_deadline_s=BLIP_DEADLINE_S)
+    try:
+        far = random_tensor((6 << 20,), torch.uint8, generator=g)
+        ref = far.clone()
+        h = m.offload(far, release=True)
+        assert h.tier == "remote", h.tier
+        (tmp / "ready").touch()
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        while not (tmp / "pulled").exists():
+            assert time.monotonic() < deadline, "the cable was never pulled"
+            time.sleep(0.01)
+        (tmp / "fetching").touch()
+        t0 = time.monotonic()
+        m.fetch(h)
+        fetch_s = time.monotonic() - t0
+        st = m.stats()
+        (tier,) = [t for t in st["tiers"] if t["tier"] == "remote"]
+        return {"bitwise": torch.equal(far, ref), "lost_handles": st["remote"]["lost_handles"],
+                "lender_lost": bool(tier["lost"]), "fetch_s": fetch_s}
+    finally:
+        m.close()
+
+
 if __name__ == "__main__":
     scenario, address, tmp_dir = sys.argv[1:4]
     tmp = Path(tmp_dir)
     result = {"round_trips": _scenario_round_trips,
-              "cable_pull": _scenario_cable_pull}[scenario](address, tmp)
+              "cable_pull": _scenario_cable_pull, "blip": _scenario_blip}[scenario](address, tmp)
     (tmp / f"{scenario}.json").write_text(json.dumps(result))
