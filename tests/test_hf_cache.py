@@ -1,7 +1,12 @@
 """OffloadedCache (aqua_offload.hf): a transformers DynamicCache whose full-attention layers live
 offloaded between their uses. The acceptance criterion is correctness: greedy decoding gives
 token-for-token the tokens of the default cache, whatever the model family, batch, tier sizes
-or cache operations; and the cache gives every byte back to the tiers when it is done."""
+or cache operations; and the cache gives every byte back to the tiers when it is done.
+
+This file: greedy tokens, offloaded between uses, no leak, iteration, tier fallback, arguments
+and import isolation. The cache operations (crop, batch selection, beam search...) are in
+test_hf_cache_ops.py, the cache in a TimeSlicer in test_hf_cache_timeslice.py; the models and
+checks they share in hf_cache_helpers.py."""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ import math
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -19,117 +23,17 @@ import aqua_offload as aq
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
-from aqua_offload.hf import OffloadedCache, cache_kwarg, generate_many  # noqa: E402
+from aqua_offload.hf import OffloadedCache  # noqa: E402
 from aqua_offload.hf.layers import raw_keys, raw_values  # noqa: E402
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
+from transformers.cache_utils import DynamicSlidingWindowLayer  # noqa: E402
 
-from conftest import run_with_timeout, same_bytes  # noqa: E402
-import hf_models  # noqa: E402
-
-VOCAB = 384
-WINDOW = 8  # sliding window of the sliding models: shorter than prompt + generation
-
+from conftest import same_bytes  # noqa: E402
+from hf_cache_helpers import (WINDOW, _assert_same_cache, assert_no_leak, full_layers,  # noqa: E402
+                              gen, model_of, offloaded_full, prompts, sliding_layers,
+                              small_manager)
+from hf_models import _finish  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
-
-
-# -- tiny models with random weights -------------------------------------------------------
-# eos_token_id=None: generation never stops early, so every request makes max_new_tokens.
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-               max_position_embeddings=256, eos_token_id=None, bos_token_id=None, pad_token_id=0)
-
-
-def _finish(model):
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.eval()
-
-
-def make_llama():
-    """Llama with grouped-query attention (2 kv heads for 4 query heads)."""
-    cfg = transformers.LlamaConfig(num_hidden_layers=3, num_key_value_heads=2, **_COMMON)
-    torch.manual_seed(0)
-    return _finish(transformers.LlamaForCausalLM(cfg))
-
-
-def make_gpt2():
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=64, n_layer=2,
-                                  n_head=4, eos_token_id=None, bos_token_id=None,
-                                  pad_token_id=0)
-    torch.manual_seed(1)
-    return _finish(transformers.GPT2LMHeadModel(cfg))
-
-
-def make_qwen2_mixed():
-    """Qwen2 with sliding-window layers around a full-attention one."""
-    cfg = transformers.Qwen2Config(num_hidden_layers=3, num_key_value_heads=2,
-                                   sliding_window=WINDOW, use_sliding_window=True,
-                                   layer_types=["sliding_attention", "full_attention",
-                                                "sliding_attention"], **_COMMON)
-    torch.manual_seed(2)
-    return _finish(transformers.Qwen2ForCausalLM(cfg))
-
-
-def make_mistral():
-    """Mistral: every layer slides."""
-    cfg = transformers.MistralConfig(num_hidden_layers=2, num_key_value_heads=2,
-                                     sliding_window=WINDOW, **_COMMON)
-    torch.manual_seed(3)
-    return _finish(transformers.MistralForCausalLM(cfg))
-
-
-_FACTORIES = {"llama_gqa": make_llama, "gpt2": make_gpt2, "qwen2_sliding": make_qwen2_mixed,
-              "mistral_sliding": make_mistral}
-_MODELS: dict[str, torch.nn.Module] = {}
-
-
-def model_of(family: str):
-    if family not in _MODELS:
-        _MODELS[family] = _FACTORIES[family]()
-    return _MODELS[family]
-
-
-def prompts(batch: int, length: int, seed: int, padded: bool = False) -> dict[str, torch.Tensor]:
-    return hf_models.prompts(batch, length, seed, padded, vocab=VOCAB)
-
-
-def gen(model, inputs, n, kv=None, **kw):
-    """Greedy generate; ``kv``: the cache, under the keyword this transformers wants."""
-    if kv is not None:
-        kw[cache_kwarg()] = kv
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)
-
-
-def full_layers(cache) -> int:
-    return sum(isinstance(layer, DynamicLayer) and not isinstance(layer, DynamicSlidingWindowLayer)
-               for layer in cache.layers)
-
-
-def sliding_layers(cache) -> int:
-    return sum(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
-
-
-def offloaded_full(cache) -> bool:
-    """Every full-attention layer of ``cache`` lives in the tiers (placeholders on meta)."""
-    return all(cache.is_offloaded(i) and raw_keys(layer).device.type == "meta"
-               for i, layer in enumerate(cache.layers)
-               if isinstance(layer, DynamicLayer)
-               and not isinstance(layer, DynamicSlidingWindowLayer))
-
-
-def assert_no_leak(m: aq.OffloadManager) -> None:
-    m.synchronize()
-    st = m.stats()
-    assert [t["used"] for t in st["tiers"]] == [0] * len(st["tiers"]), st["tiers"]
-    assert st["live_handles"] == 0
-    assert st["prefetched_bytes"] == 0
-
-
-def small_manager(**kw) -> aq.OffloadManager:
-    kw.setdefault("peer_bytes", "4MiB")
-    kw.setdefault("host_bytes", "4MiB")
-    return aq.OffloadManager("cpu", **kw)
 
 
 # -- 1. greedy decoding gives the tokens of the default cache ---------------------------
@@ -314,164 +218,7 @@ def test_iteration_matches_dynamic_cache(family, offload_sliding):
     m.close()
 
 
-# -- 5. cache operations ------------------------------------------------------------------
-def _assert_same_cache(cache, ref_cache):
-    assert cache.get_seq_length() == ref_cache.get_seq_length()
-    for (k, v, _), (rk, rv, _) in zip(list(cache), list(ref_cache)):
-        assert same_bytes(k, rk) and same_bytes(v, rv)
-
-
-def _decoded_pair(family, offload_sliding=False, batch=3, p=6, n=14, seed=71):
-    model = model_of(family)
-    inputs = prompts(batch, p, seed=seed)
-    ref_cache = transformers.DynamicCache(config=model.config)
-    seqs = gen(model, inputs, n, kv=ref_cache)
-    m = small_manager()
-    cache = OffloadedCache(m, config=model.config, offload_sliding=offload_sliding)
-    assert torch.equal(gen(model, inputs, n, kv=cache), seqs)
-    return model, m, cache, ref_cache, seqs
-
-
-def _continue(model, cache, ref_cache, ids, n=10):
-    """Generate further from both caches (only the uncached tokens are fed): same tokens."""
-    out = gen(model, {"input_ids": ids}, n, kv=cache)
-    ref = gen(model, {"input_ids": ids}, n, kv=ref_cache)
-    assert torch.equal(out, ref)
-    assert out.shape[-1] == ids.shape[-1] + n
-    _assert_same_cache(cache, ref_cache)
-    return out
-
-
-def _finish_cache(m, cache):
-    layers = full_layers(cache)
-    assert cache.stats()["offloaded_layers"] >= layers
-    assert offloaded_full(cache)
-    cache.close()
-    assert_no_leak(m)
-    m.close()
-
-
-def test_crop_matches_and_continues():
-    model, m, cache, ref_cache, seqs = _decoded_pair("llama_gqa")
-    length = cache.get_seq_length()
-    cache.crop(-5)
-    ref_cache.crop(-5)
-    assert cache.get_seq_length() == length - 5
-    _assert_same_cache(cache, ref_cache)
-    st = cache.stats()
-    # Rewritten whole: one segment per layer, the cache offloaded again.
-    assert st["offloaded_layers"] == model.config.num_hidden_layers
-    assert st["segments"] == model.config.num_hidden_layers
-    # Continue from the cropped cache: the cache holds length - 5 tokens of seqs; feed two
-    # more tokens of seqs (uncached) and decode further.
-    _continue(model, cache, ref_cache, seqs[:, : length - 5 + 2])
-    # Crop by zero is a no-op.
-    before = [(k.clone(), v.clone()) for k, v, _ in cache]
-    cache.crop(0)
-    assert all(same_bytes(k, bk) and same_bytes(v, bv)
-               for (k, v, _), (bk, bv) in zip(cache, before))
-    _finish_cache(m, cache)
-
-
-@pytest.mark.parametrize("family,offload_sliding", [("llama_gqa", False), ("gpt2", False),
-                                                    ("qwen2_sliding", True)])
-def test_batch_select_indices_matches_and_continues(family, offload_sliding):
-    model, m, cache, ref_cache, seqs = _decoded_pair(family, offload_sliding)
-    idx = torch.tensor([2, 0])
-    cache.batch_select_indices(idx)
-    ref_cache.batch_select_indices(idx)
-    _assert_same_cache(cache, ref_cache)
-    assert next(iter(cache))[0].shape[0] == 2
-    out = _continue(model, cache, ref_cache, seqs[idx])
-    assert torch.equal(out[:, : seqs.shape[-1]], seqs[idx])
-    _finish_cache(m, cache)
-
-
-@pytest.mark.parametrize("family,offload_sliding", [("llama_gqa", False),
-                                                    ("qwen2_sliding", True)])
-def test_reorder_cache_matches_and_continues(family, offload_sliding):
-    model, m, cache, ref_cache, seqs = _decoded_pair(family, offload_sliding)
-    beam = torch.tensor([1, 2, 0])
-    cache.reorder_cache(beam)
-    ref_cache.reorder_cache(beam)
-    _assert_same_cache(cache, ref_cache)
-    _continue(model, cache, ref_cache, seqs[beam])
-    _finish_cache(m, cache)
-
-
-@pytest.mark.parametrize("family,offload_sliding", [("llama_gqa", False),
-                                                    ("qwen2_sliding", True)])
-def test_batch_repeat_interleave_matches_and_continues(family, offload_sliding):
-    model, m, cache, ref_cache, seqs = _decoded_pair(family, offload_sliding, batch=2)
-    cache.batch_repeat_interleave(2)
-    ref_cache.batch_repeat_interleave(2)
-    _assert_same_cache(cache, ref_cache)
-    assert next(iter(cache))[0].shape[0] == 4
-    _continue(model, cache, ref_cache, seqs.repeat_interleave(2, dim=0))
-    _finish_cache(m, cache)
-
-
-def test_beam_search_matches_default_cache():
-    """Beam search drives reorder_cache / batch_repeat_interleave from inside generate."""
-    model = model_of("llama_gqa")
-    inputs = prompts(2, 5, seed=81)
-    ref = gen(model, inputs, 10, num_beams=3)
-    m = small_manager()
-    cache = OffloadedCache(m, config=model.config)
-    out = gen(model, inputs, 10, num_beams=3, kv=cache)
-    assert torch.equal(out, ref)
-    cache.close()
-    assert_no_leak(m)
-    m.close()
-
-
-def test_prompt_lookup_decoding_crops_inside_generate():
-    """Prompt-lookup (assisted) decoding crops the cache after rejected candidates, from
-    inside generate: same tokens as the default cache."""
-    model = model_of("llama_gqa")
-    base = prompts(1, 6, seed=85)["input_ids"]
-    inputs = {"input_ids": torch.cat([base, base, base], dim=-1)}
-    ref_cache = transformers.DynamicCache(config=model.config)
-    ref = gen(model, inputs, 20, prompt_lookup_num_tokens=3, kv=ref_cache)
-    assert torch.equal(ref, gen(model, inputs, 20, prompt_lookup_num_tokens=3))
-    m = small_manager()
-    cache = OffloadedCache(m, config=model.config)
-    assert torch.equal(gen(model, inputs, 20, prompt_lookup_num_tokens=3,
-                           kv=cache), ref)
-    _assert_same_cache(cache, ref_cache)
-    _finish_cache(m, cache)
-
-
-@pytest.mark.parametrize("p,n", [(1, 1), (1, 8), (6, 1)])
-def test_short_prompts_and_single_token(p, n):
-    model = model_of("llama_gqa")
-    inputs = prompts(2, p, seed=87)
-    ref_cache = transformers.DynamicCache(config=model.config)
-    ref = gen(model, inputs, n, kv=ref_cache)
-    m = small_manager()
-    cache = OffloadedCache(m, config=model.config)
-    assert torch.equal(gen(model, inputs, n, kv=cache), ref)
-    assert cache.get_seq_length() == p + n - 1
-    _assert_same_cache(cache, ref_cache)
-    _finish_cache(m, cache)
-
-
-def test_half_precision_is_bitwise():
-    """bfloat16 keys/values survive the byte packing of segments bit for bit."""
-    model = make_llama().to(torch.bfloat16)
-    inputs = prompts(2, 5, seed=89)
-    ref_cache = transformers.DynamicCache(config=model.config)
-    ref = gen(model, inputs, 12, kv=ref_cache)
-    m = small_manager()
-    cache = OffloadedCache(m, config=model.config)
-    assert torch.equal(gen(model, inputs, 12, kv=cache), ref)
-    assert all(layer.keys.dtype == torch.bfloat16 for layer in cache.layers)
-    _assert_same_cache(cache, ref_cache)
-    assert next(iter(cache))[0].dtype == torch.bfloat16
-    _finish_cache(m, cache)
-
-
-# -- 6. tier fallback ---------------------------------------------------------------------
+# -- 5. tier fallback ---------------------------------------------------------------------
 def test_host_tier_fallback_gives_the_same_tokens():
     model = model_of("llama_gqa")
     inputs = prompts(2, 6, seed=91)
@@ -537,7 +284,7 @@ def test_partly_full_tiers_give_the_same_tokens():
     m.close()
 
 
-# -- 7. arguments ---------------------------------------------------------------------------
+# -- 6. arguments ---------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", ["cpu", object(), 0])
 def test_manager_must_be_an_offload_manager(bad):
     with pytest.raises(aq.InvalidArgumentError):
@@ -563,7 +310,7 @@ def test_close_of_a_never_used_cache():
     assert "OffloadedCache" in repr(cache)
 
 
-# -- 8. import isolation ------------------------------------------------------------------
+# -- 7. import isolation ------------------------------------------------------------------
 def test_import_aqua_offload_does_not_import_transformers():
     # the aqua_offload this test imported (a source tree with the extension, or an install)
     where = os.path.dirname(os.path.dirname(os.path.abspath(aq.__file__)))
@@ -574,96 +321,3 @@ def test_import_aqua_offload_does_not_import_transformers():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
-
-
-# -- 9. in a TimeSlicer ---------------------------------------------------------------------
-@pytest.mark.parametrize("family,offload_sliding", [("llama_gqa", False),
-                                                    ("qwen2_sliding", False),
-                                                    ("qwen2_sliding", True)])
-def test_time_sliced_offloaded_caches_give_solo_tokens(family, offload_sliding):
-    model = model_of(family)
-    reqs = [prompts(1, 5, seed=121)["input_ids"], prompts(1, 9, seed=122)["input_ids"],
-            prompts(2, 6, seed=123)]
-    solo = [gen(model, {"input_ids": reqs[0]}, 20), gen(model, {"input_ids": reqs[1]}, 20),
-            gen(model, reqs[2], 20)]
-    m = small_manager(host_bytes="8MiB")
-    slicer = aq.TimeSlicer(quantum_ms=0, manager=m, policy="rr")
-    caches: list[OffloadedCache] = []
-
-    def make():
-        c = OffloadedCache(m, config=model.config, offload_sliding=offload_sliding)
-        caches.append(c)
-        return c
-
-    results = run_with_timeout(lambda: generate_many(
-        model, reqs, slicer=slicer, cache_factory=make, max_new_tokens=20, do_sample=False))
-    assert len(caches) == 3
-    for r, want in zip(results, solo):
-        assert torch.equal(r.sequences, want)
-    assert sum(r.preemptions for r in results) > 0
-    if family == "qwen2_sliding" and not offload_sliding:
-        # the resident sliding layers were paged out by the slicer at preemptions
-        assert sum(r.bytes_paged_out for r in results) > 0
-    # generate_many closed every cache; nothing is left in the tiers
-    assert all(c.stats()["segments"] == 0 for c in caches)
-    assert_no_leak(m)
-    st = slicer.stats()
-    assert [s["status"] for s in st["slices"]] == ["done"] * 3
-    slicer.close()
-    m.close()
-
-
-def test_time_sliced_fair_quantum_1ms():
-    """The brief's setting: a fair slicer with a 1 ms quantum, two requests."""
-    model = model_of("llama_gqa")
-    reqs = [prompts(1, 6, seed=131)["input_ids"], prompts(1, 4, seed=132)["input_ids"]]
-    solo = [gen(model, {"input_ids": r}, 24) for r in reqs]
-    m = small_manager()
-    slicer = aq.TimeSlicer(quantum_ms=1, manager=m, policy="fair")
-    results = run_with_timeout(lambda: generate_many(
-        model, reqs, slicer=slicer, cache_factory=lambda: OffloadedCache(m, config=model.config),
-        max_new_tokens=24, do_sample=False))
-    assert [r.name for r in results] == ["req-0", "req-1"]
-    for r, want in zip(results, solo):
-        assert torch.equal(r.sequences, want)
-        assert r.new_tokens == 24
-    assert_no_leak(m)
-    slicer.close()
-    m.close()
-
-
-def test_aqua_preempt_drops_the_prefetched_layer():
-    model = model_of("llama_gqa")
-    m = small_manager()
-    cache = OffloadedCache(m, config=model.config, prefetch=True)
-    inputs = prompts(1, 6, seed=141)
-    ref_cache = transformers.DynamicCache(config=model.config)
-    gen(model, inputs, 12, kv=ref_cache)
-    gen(model, inputs, 12, kv=cache)
-    # The last layer's update prefetched the first layer for the next step.
-    assert m.stats()["prefetched_bytes"] > 0
-    cache.aqua_preempt()
-    assert m.stats()["prefetched_bytes"] == 0
-    assert cache.stats()["offloaded_layers"] == model.config.num_hidden_layers
-    _assert_same_cache(cache, ref_cache)
-    cache.close()
-    assert_no_leak(m)
-    m.close()
-
-
-def test_prefetch_off_gives_the_same_tokens():
-    model = model_of("gpt2")
-    inputs = prompts(2, 5, seed=151)
-    m = small_manager()
-    with OffloadedCache(m, config=model.config, prefetch=False) as cache:
-        assert torch.equal(gen(model, inputs, 16, kv=cache), gen(model, inputs, 16))
-        assert m.stats()["prefetched_bytes"] == 0
-        assert m.stats()["prefetches"] == 0
-    assert_no_leak(m)
-    m.close()
-
-
-@pytest.mark.parametrize("priority", [float("nan"), "high", True])
-def test_bad_priority_is_refused(priority):
-    with pytest.raises(aq.InvalidArgumentError):
-        OffloadedCache(aq.OffloadManager("cpu"), priority=priority)
