@@ -100,3 +100,37 @@ def test_manager_rows_time_the_calls_not_their_verification(monkeypatch) -> None
         finally:
             m.close()
             client.close()
+
+
+def test_bench_remote_against_a_running_lender(tmp_path, monkeypatch, capsys) -> None:
+    # --lender: a lender already serving (another node's, in use) instead of a child process.
+    from remote_helpers import TOKEN
+
+    from aqua_offload.remote import Lender
+
+    monkeypatch.setenv("AQUA_OFFLOAD_REMOTE_TOKEN", TOKEN)
+    with Lender(TOKEN, host_bytes="32MiB", segment_bytes="8MiB") as lender:
+        lender.start()
+        out = tmp_path / "remote.json"
+        assert main(["remote", "--lender", lender.address, "--sizes", "64KiB", "--samples", "3",
+                     "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["lender"] == lender.address
+        assert [r["bytes"] for r in result["rows"]] == [65536, 65536, 4096000, 4096000]
+        assert {r["tier"] for r in result["manager_rows"]} == {"remote", "host"}
+        assert lender.stats()["connections"] >= 3  # its bytes went there: nothing spawned
+        assert lender.stats()["blocks"] == 0  # and it got every block back
+        capsys.readouterr()
+        # Too small for the sizes asked (a segment of 8 MiB, 64 MiB asked): refused up front.
+        assert main(["remote", "--lender", lender.address, "--sizes", "64MiB"]) == 2
+        assert "segments of at least 64.00 MiB" in capsys.readouterr().err
+        # A wrong token, from a file: refused with the lender's word, nothing measured.
+        bad = tmp_path / "token"
+        bad.write_text("not-the-token-" + "y" * 20)
+        assert main(["remote", "--lender", lender.address, "--token-file", str(bad)]) == 2
+        assert "token" in capsys.readouterr().err.lower()
+
+
+def test_bench_remote_token_options_need_a_lender(capsys) -> None:
+    assert main(["remote", "--token-env", "X"]) == 2
+    assert "go with --lender" in capsys.readouterr().err

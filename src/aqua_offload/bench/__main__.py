@@ -190,12 +190,21 @@ def _run_burst(a: argparse.Namespace) -> int:
 
 
 def _add_remote(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("remote", help="remote client vs raw NIXL vs memcpy (loopback lender)",
+    p = sub.add_parser("remote", help="remote client vs raw NIXL vs memcpy (a loopback "
+                       "lender, or --lender)",
                        description=(remote.__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="4 KiB, 1 MiB, 16 MiB")
     p.add_argument("--sizes", nargs="+", type=_size_arg, metavar="SIZE")
     p.add_argument("--samples", type=_int_at_least(3), default=5)
-    p.add_argument("--tls", metavar="UCX_TLS", help="UCX transports of both sides (e.g. tcp)")
+    p.add_argument("--tls", metavar="UCX_TLS", help="UCX transports of both sides (e.g. tcp; "
+                   "with --lender, of this side)")
+    p.add_argument("--lender", metavar="HOST:PORT",
+                   help="a running lender to measure against (e.g. `aqua-offload lend` on "
+                   "another node) instead of a child process on loopback")
+    p.add_argument("--token-file", metavar="PATH", help="with --lender: the shared token's file")
+    p.add_argument("--token-env", metavar="NAME",
+                   help="with --lender: the token's environment variable (default "
+                   "AQUA_OFFLOAD_REMOTE_TOKEN)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     p.set_defaults(func=_run_remote, backend="auto", plot=None)
 
@@ -207,8 +216,24 @@ def _run_remote(a: argparse.Namespace) -> int:
     if reason is not None:
         print(f"aqua_offload.bench remote: {reason}", file=sys.stderr)
         return 2
+    token = None
+    if a.lender is None and (a.token_file or a.token_env):
+        print("aqua_offload.bench remote: --token-file/--token-env go with --lender",
+              file=sys.stderr)
+        return 2
+    if a.lender is not None:
+        from ..errors import OffloadError
+        from ..remote.protocol import load_token
+
+        try:
+            token = load_token(token_file=a.token_file, token_env=a.token_env)
+            remote.check_lender(a.lender, token, remote.sizes_for(a.sizes, a.quick)).close()
+        except OffloadError as exc:  # a bad address or token, no lender, one too small
+            print(f"aqua_offload.bench remote: {exc}", file=sys.stderr)
+            return 2
     return _run("remote", a, lambda: remote.run_remote_benchmark(
-        a.sizes, quick=a.quick, samples=a.samples, tls=a.tls), remote.format_remote_table)
+        a.sizes, quick=a.quick, samples=a.samples, tls=a.tls, lender=a.lender, token=token),
+        remote.format_remote_table)
 
 
 def add_benchmarks(sub: argparse._SubParsersAction) -> None:

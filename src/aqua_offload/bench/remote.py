@@ -46,7 +46,8 @@ import torch
 from ..sizes import format_size
 from .measure import VerificationError, random_bytes
 
-__all__ = ["run_remote_benchmark", "format_remote_table", "DEFAULT_SIZES", "QUICK_SIZES"]
+__all__ = ["run_remote_benchmark", "check_lender", "sizes_for", "format_remote_table", "DEFAULT_SIZES",
+           "QUICK_SIZES"]
 
 KiB, MiB = 1 << 10, 1 << 20
 DEFAULT_SIZES = (4 * KiB, 64 * KiB, MiB, 16 * MiB, 64 * MiB)
@@ -54,6 +55,7 @@ QUICK_SIZES = (4 * KiB, MiB, 16 * MiB)
 BATCH_ITEMS, BATCH_ITEM = 1000, 4 * KiB
 MODES = ("release", "snapshot")
 START_TIMEOUT_S = 60.0
+STAGING_SLACK = 16 * MiB  # what the manager rows hold at the lender besides the sizes
 
 
 def _repeats(nbytes: int) -> int:
@@ -119,27 +121,42 @@ def _start_lender(nbytes: int, segment: int, token: str, tls: str | None,
     return proc, json.loads(ready.read_text())["address"]
 
 
+def sizes_for(sizes: list[int] | None, quick: bool) -> list[int]:
+    """The sizes a run measures: those given, else the quick or the default ones; sorted."""
+    return sorted(sizes or (QUICK_SIZES if quick else DEFAULT_SIZES))
+
+
 def run_remote_benchmark(sizes: list[int] | None = None, *, quick: bool = False,
                          samples: int = 5, tls: str | None = None,
+                         lender: str | None = None, token: bytes | str | None = None,
                          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure; see the module docstring. Needs NIXL (the ``remote`` extra)."""
-    from ..remote import RemoteClient, nixl_unavailable
+    """Measure; see the module docstring. Needs NIXL (the ``remote`` extra).
+
+    ``lender``: a running lender's ``"host:port"`` (e.g. on another node) to measure against,
+    with its ``token``, instead of a child process on loopback. Its segment must hold the
+    largest size and its arena about three of them (:func:`check_lender`); ``tls`` then sets
+    this side's transports only (the lender's are its own)."""
+    from ..remote import nixl_unavailable
     from ..sysinfo import info
 
     reason = nixl_unavailable()
     if reason is not None:
         raise RuntimeError(reason)
-    sizes = sorted(sizes or (QUICK_SIZES if quick else DEFAULT_SIZES))
+    sizes = sizes_for(sizes, quick)
     segment = max(64 * MiB, ((max(sizes) + MiB - 1) // MiB) * MiB)
-    token = secrets.token_hex(32)
     old_tls = os.environ.get("UCX_TLS")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="aqua-bench-remote-") as tmp:
-        proc, address = _start_lender(4 * segment, segment, token, tls, Path(tmp))
+        proc = None
+        if lender is None:
+            token = secrets.token_hex(32)
+            proc, address = _start_lender(4 * segment, segment, token, tls, Path(tmp))
+        else:
+            address = lender
         try:
             if tls:
                 os.environ["UCX_TLS"] = tls  # this side's agent uses the same transports
-            client = RemoteClient(address, token, deadline_s=60.0)
+            client = check_lender(address, token, sizes)
             try:
                 for n in sizes:
                     if progress:
@@ -159,17 +176,47 @@ def run_remote_benchmark(sizes: list[int] | None = None, *, quick: bool = False,
                     os.environ.pop("UCX_TLS", None)
                 else:
                     os.environ["UCX_TLS"] = old_tls
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     data = info()
-    return {"benchmark": "remote", "lender": f"child process on loopback ({address})",
+    where = f"child process on loopback ({address})" if proc is not None else address
+    return {"benchmark": "remote", "lender": where,
             "transports": tls or "UCX default", "samples": samples,
             "machine": {k: data.get(k) for k in ("platform", "cpu", "python", "torch")
                         if k in data},
             "rows": rows, "manager_rows": manager_rows}
+
+
+def check_lender(address: str, token: bytes | str | None, sizes: list[int]) -> Any:
+    """A client of the lender at ``address``, once it is known to hold what the benchmark
+    allocates at once: a block of the largest size (its segment) and about three of them with
+    the batch's block beside (its arena).
+
+    Raises
+    ------
+    InvalidArgumentError
+        The lender is too small; also a malformed address or no token.
+    RemoteError
+        Cannot connect, or the tokens differ.
+    """
+    from ..errors import InvalidArgumentError
+    from ..remote import RemoteClient
+
+    client = RemoteClient(address, token, deadline_s=60.0)
+    largest = max(max(sizes), 2 * BATCH_ITEMS * BATCH_ITEM)
+    need = 3 * max(sizes) + 2 * BATCH_ITEMS * BATCH_ITEM + STAGING_SLACK
+    segment, arena = int(client.lender["segment_bytes"]), int(client.lender["arena_bytes"])
+    if segment < largest or arena < need:
+        client.close()
+        raise InvalidArgumentError(
+            f"the lender at {address} lends {format_size(arena)} in segments of "
+            f"{format_size(segment)}; these sizes need segments of at least "
+            f"{format_size(largest)} and {format_size(need)} in all")
+    return client
 
 
 def _size_rows(client: Any, n: int, samples: int) -> list[dict[str, Any]]:
