@@ -1,5 +1,5 @@
 """Helpers shared by the store suites (test_cascade.py, test_migration.py, test_prefetch.py,
-test_incremental.py, test_batch.py, test_lend_reclaim.py, test_stats.py, test_threads.py,
+test_incremental.py, test_batch.py, test_lend_reclaim.py, test_stats.py, test_threads*.py,
 test_stateful.py): sizes, random bytes, bitwise comparison on any device, and checks of the pool
 accounting against the handles' own view of where they live.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -110,6 +111,25 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
 
 
+# Thread suites (test_threads*.py): tensors of any of these dtypes, up to a byte budget.
+MIXED_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8,
+                torch.complex64, torch.int32]
+
+
+def rand_mixed(rng: random.Random, gen: torch.Generator, max_bytes: int,
+               device: torch.device) -> torch.Tensor:
+    """A random tensor of a random dtype of :data:`MIXED_DTYPES` and at most ``max_bytes``
+    (possibly empty), half of the time 2-D (rows of 6)."""
+    dtype = rng.choice(MIXED_DTYPES)
+    es = torch.empty(0, dtype=dtype).element_size()
+    n = rng.randrange(0, max_bytes // es + 1)
+    raw = torch.randint(0, 256, (n * es,), dtype=torch.uint8, generator=gen).to(device)
+    t = raw.view(dtype)
+    if n >= 6 and rng.random() < 0.5:
+        t = t[: n - n % 6].view(-1, 6)
+    return t
+
+
 # -- pool accounting ------------------------------------------------------------------------
 def tier_of(m: aq.OffloadManager, location: str) -> dict:
     return next(t for t in m.stats()["tiers"] if t["location"] == location)
@@ -146,6 +166,22 @@ def check_drained(m: aq.OffloadManager) -> dict:
         assert t["free"] == t["capacity"], t
         assert t["free_ranges"] == t["segments"], t
         assert t["fenced"] == 0, t
+    return s
+
+
+def assert_drained(m: aq.OffloadManager) -> dict:
+    """Nothing live, one free range per tier, and (every copy done) no byte fenced: stricter
+    than :func:`check_drained` on the ranges (for managers that never lent a segment), and it
+    does not look at prefetched bytes."""
+    m.synchronize()
+    s = m.stats()
+    assert s["live_handles"] == 0
+    for t in s["tiers"]:
+        assert t["used"] == 0, t
+        assert t["fenced"] == 0, t
+        assert t["blocks"] == 0 and t["handles"] == 0, t
+        assert t["used"] + t["free"] == t["capacity"]
+        assert t["free_ranges"] == 1 and t["largest_free"] == t["capacity"], t
     return s
 
 
