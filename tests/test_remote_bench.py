@@ -18,6 +18,8 @@ def test_bench_remote_rows_and_json(tmp_path, capsys) -> None:
     assert main(["remote", "--sizes", "4KiB", "64KiB", "--samples", "3", "--json",
                  str(out)]) == 0
     result = json.loads(out.read_text())
+    machine = result["machine"]  # what the figures name
+    assert "CPU x" in machine["host"] and machine["platform"] and machine["torch"]
     rows = [(r["op"], r["bytes"], r["items"]) for r in result["rows"]]
     assert rows == [("write", 4096, 1), ("read", 4096, 1), ("write", 65536, 1),
                     ("read", 65536, 1), ("write", 1000 * 4096, 1000),

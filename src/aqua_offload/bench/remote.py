@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import secrets
 import statistics
 import subprocess
@@ -186,8 +187,8 @@ def run_remote_benchmark(sizes: list[int] | None = None, *, quick: bool = False,
     where = f"child process on loopback ({address})" if proc is not None else address
     return {"benchmark": "remote", "lender": where,
             "transports": tls or "UCX default", "samples": samples,
-            "machine": {k: data.get(k) for k in ("platform", "cpu", "python", "torch")
-                        if k in data},
+            "machine": {"host": f"{platform.machine() or 'cpu'} CPU x{os.cpu_count()}",
+                        "platform": platform.platform(), **data["versions"]},
             "rows": rows, "manager_rows": manager_rows}
 
 
