@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 import aqua_offload.hf.generate as hf_generate  # noqa: E402
 from aqua_offload.hf import GenerateResult, OffloadedCache, generate_many, summarize  # noqa: E402
-from conftest import run_with_timeout  # noqa: E402
+from conftest import AllQueued, run_with_timeout  # noqa: E402
 
 VOCAB = 320
 NEW = 24
@@ -81,8 +81,10 @@ def test_policies_give_solo_tokens_in_input_order(model, manager, policy):
     names = ["alpha", "beta", "gamma", "delta"]
     want = [solo(model, r) for r in reqs]
     slicer = aq.TimeSlicer(quantum_ms=1, manager=manager, policy=policy)
+    queued = transformers.StoppingCriteriaList([AllQueued(slicer, len(reqs))])  # (preemptions)
     results = run_with_timeout(lambda: generate_many(
-        model, reqs, slicer=slicer, names=names, max_new_tokens=NEW, do_sample=False))
+        model, reqs, slicer=slicer, names=names, max_new_tokens=NEW, do_sample=False,
+        stopping_criteria=queued))
     assert [r.name for r in results] == names
     for r, w, req in zip(results, want, reqs):
         assert torch.equal(r.sequences, w)
@@ -138,9 +140,10 @@ def test_token_order_follows_the_policy(model, manager, policy):
     reqs = [ids(4, 11), ids(6, 12), ids(5, 13)]
     rec = _Recorder(reqs)
     slicer = aq.TimeSlicer(quantum_ms=0, manager=manager, policy=policy)
+    queued = AllQueued(slicer, len(reqs))  # every request queued before the first runs on
     results = run_with_timeout(lambda: generate_many(
         model, reqs, slicer=slicer, max_new_tokens=NEW, do_sample=False,
-        stopping_criteria=transformers.StoppingCriteriaList([rec])))
+        stopping_criteria=transformers.StoppingCriteriaList([queued, rec])))
     assert sorted(rec.events) == sorted(list(range(3)) * NEW)
     if policy == "fcfs":
         assert _runs(rec.events) == 3
@@ -166,9 +169,10 @@ def test_default_slicer(model):
 def test_offloaded_cache_requests(model, manager):
     reqs = [ids(6, 31), ids(3, 32)]
     slicer = aq.TimeSlicer(quantum_ms=0, manager=manager, policy="rr")
+    queued = transformers.StoppingCriteriaList([AllQueued(slicer, len(reqs))])  # (preemptions)
     results = run_with_timeout(lambda: generate_many(
         model, reqs, slicer=slicer, cache_factory=lambda: OffloadedCache(manager, config=model.config),
-        max_new_tokens=NEW, do_sample=False))
+        max_new_tokens=NEW, do_sample=False, stopping_criteria=queued))
     for r, req in zip(results, reqs):
         assert torch.equal(r.sequences, solo(model, req))
     assert sum(r.preemptions for r in results) > 0

@@ -10,6 +10,7 @@ import torch
 
 import aqua_offload as aq
 from aqua_offload.state import collect_tensors
+from conftest import AllQueued
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
@@ -61,6 +62,10 @@ def test_time_sliced_decoding_gives_the_same_tokens():
     alone = [decode(p) for p in prompts]
     m = aq.OffloadManager("cpu", peer_bytes="2MiB", host_bytes="8MiB")
     ts = aq.TimeSlicer(quantum_ms=0, manager=m, policy="rr")
+    # The first to hold the turn waits there until the other queues (generate would call it as
+    # a stopping criterion): a zero quantum then preempts whatever the load, where the first
+    # loop could otherwise finish before the second thread entered its slice.
+    queued = AllQueued(ts, 2)
     results: dict[int, list[int]] = {}
     errors: list[BaseException] = []
 
@@ -75,6 +80,7 @@ def test_time_sliced_decoding_gives_the_same_tokens():
                     for _ in range(12):
                         nxt = logits[:, -1].argmax(-1, keepdim=True)
                         out.append(int(nxt))
+                        queued(nxt, logits)
                         logits = model(nxt, **kv(cache), use_cache=True).logits
                 results[k] = out
         except BaseException as exc:
