@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from aqua_offload.hf import OffloadedCache, generate_many  # noqa: E402
 
-from conftest import run_with_timeout  # noqa: E402
+from conftest import AllQueued, run_with_timeout  # noqa: E402
 from hf_cache_helpers import (_assert_same_cache, assert_no_leak, gen, model_of,  # noqa: E402
                               prompts, small_manager)
 
@@ -39,8 +39,10 @@ def test_time_sliced_offloaded_caches_give_solo_tokens(family, offload_sliding):
         caches.append(c)
         return c
 
+    queued = transformers.StoppingCriteriaList([AllQueued(slicer, len(reqs))])  # (preemptions)
     results = run_with_timeout(lambda: generate_many(
-        model, reqs, slicer=slicer, cache_factory=make, max_new_tokens=20, do_sample=False))
+        model, reqs, slicer=slicer, cache_factory=make, max_new_tokens=20, do_sample=False,
+        stopping_criteria=queued))
     assert len(caches) == 3
     for r, want in zip(results, solo):
         assert torch.equal(r.sequences, want)
