@@ -269,7 +269,7 @@ def test_dropping_a_manager_with_in_flight_snapshots_is_safe(backend):
 
 
 def test_process_exit_with_copies_in_flight(backend):
-    """sys.exit(0) right after offloading 64-256 MiB tensors (releases and a snapshot, an
+    """sys.exit(0) right after offloading 64-256 MiB tensors (releases and snapshots, an
     eviction's migration and a prefetch queued too): the process ends with code 0, promptly,
     without a crash or a message from a dying runtime. The atexit hook waits for the copies
     before the pools (and on CUDA the runtime) go away. The child checks that some copy was
@@ -280,7 +280,7 @@ def test_process_exit_with_copies_in_flight(backend):
         mib = 1 << 20
         m = aq.OffloadManager(dev, peers=[peer], peer_bytes="256MiB", host_bytes="512MiB")
         ts = [torch.empty(n * mib, dtype=torch.uint8, device=dev).fill_(i + 1)
-              for i, n in enumerate((64, 128, 256))]
+              for i, n in enumerate((64, 128, 256, 64))]
         if dev.startswith("cuda"):  # keep the current stream busy: the copies wait for it
             a = torch.randn(4096, 4096, device=dev)
             for _ in range(20):
@@ -288,6 +288,10 @@ def test_process_exit_with_copies_in_flight(backend):
                 a = a / a.norm()
         # 64 and 128 MiB go to the peer; 256 MiB needs the whole peer: both move down
         hs = [m.offload(ts[0]), m.offload(ts[1], release=False), m.offload(ts[2])]
+        # a deferred snapshot last: nothing waits for its copy on any backend (on torch without
+        # _swap_data_ptr_ an emulated release waits for its own, Note [Without _swap_data_ptr_],
+        # and with it the copies queued before it)
+        hs.append(m.offload(ts[3], release=False, fence="deferred"))
         m.prefetch(hs[1])
         ready = [h.ready() for h in hs]
         print("exiting", [h.tier for h in hs], ready, flush=True)
