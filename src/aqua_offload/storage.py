@@ -27,7 +27,8 @@ dies: a paged-out tensor dropped with its handle then gives its tier bytes back.
 ``weakref.finalize``: ten times the cost, paid per storage by a batch of small tensors.) A
 released storage whose handle was freed (or closed without restoring) stays registered as
 *discarded* until it dies: it has no data, touching it would crash, so the guard refuses it and
-so does a new offload.
+so does a new offload. On torch 2.9 and older the registry also holds the storage objects
+strongly (Note [Storage objects and the cyclic GC] in storage_pins.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from . import storage_pins as pins
 from .errors import InvalidArgumentError, PagedOutError
 
 if TYPE_CHECKING:
@@ -172,13 +174,17 @@ def reserve(stores: list[torch.UntypedStorage], what: str, reserved: list[tuple[
     # anything else, or a few storages, takes the loop below, which finds the first problem,
     # with its message.
     keys = list(map(_cdata_of, stores)) if len(stores) > 4 else None
-    stale = []  # dead storages' entries at reused addresses: replaced, dropped outside the lock
+    stale: list[Any] = []  # dead storages' entries at reused addresses: dropped outside the lock
     with _lock:
+        if pins.ENABLED:  # (Note [Storage objects and the cyclic GC] in storage_pins.py)
+            stale += pins.sweep()
         if (keys is not None and all(map(_resizable, stores)) and _exported.isdisjoint(keys)
                 and (not any(map(_is_shared, stores)) or not any(map(_shared, stores)))
                 and _registry.keys().isdisjoint(keys) and len(set(keys)) == len(keys)):
             reserved.extend(zip(keys, repeat(token)))
             _registry.update(zip(keys, repeat(token)))
+            if pins.ENABLED:
+                pins.hold(keys, stores)
             ws = list(map(_watched.get, keys))
             if all(map(is_not, ws, repeat(None))) and all(map(is_, map(_referent, ws), stores)):
                 watches.extend(ws)  # watched since an earlier release: the same weak references
@@ -209,6 +215,8 @@ def reserve(stores: list[torch.UntypedStorage], what: str, reserved: list[tuple[
                 stale.append(entry)
             reserved.append((key, token))
             _registry[key] = token
+            if pins.ENABLED:
+                pins.hold([key], [s])
             w = _watched.get(key)
             if w is None or w() is not s:  # (a dead one: its callback was interrupted)
                 # one line: no traced interrupt between making the watch and keeping it
@@ -231,8 +239,13 @@ def _storage_died(watch: _Watch) -> None:
     try:
         key = watch.key
         with _lock:
-            if _watched.get(key) is watch:
-                del _watched[key]
+            # Only the current watch of the address speaks for its entry. A storage object
+            # can die after its StorageImpl did (kept in a reference cycle, e.g. by an
+            # exception's traceback, and collected late: seen on torch 2.3), when a live
+            # storage at the reused address is registered with a watch of its own.
+            if _watched.get(key) is not watch:
+                return
+            del _watched[key]
             if not isinstance(_registry.get(key), _Reservation):
                 entry = _registry.pop(key, None)
     except Exception:  # noqa: BLE001 - interpreter teardown: the module is half gone
@@ -241,9 +254,12 @@ def _storage_died(watch: _Watch) -> None:
 
 
 def unregister(key: int, expected: Any) -> None:
+    held = None
     with _lock:
         entry = _registry.pop(key) if _registry.get(key) is expected else None
-    del entry
+        if entry is not None and pins.ENABLED:
+            held = pins.let_go(key)
+    del entry, held
 
 
 def unregister_many(pairs: Iterable[tuple[int, Any]]) -> None:
@@ -253,6 +269,8 @@ def unregister_many(pairs: Iterable[tuple[int, Any]]) -> None:
         for key, expected in pairs:  # a loop: an interrupted comprehension can skip the
             if _registry.get(key) is expected:  # lock's exit on 3.12 (paging.page_out)
                 entries.append(_registry.pop(key))
+                if pins.ENABLED:
+                    entries.append(pins.let_go(key))
     del entries
 
 
@@ -263,7 +281,7 @@ def discard(key: int, expected: Any) -> None:
             storage = expected._storage() if expected._storage is not None else None
             if storage is not None:  # replaced in one step: an interrupt between a pop and a
                 _registry[key] = _Discarded(storage)  # new entry left it unmarked, touchable
-            else:
+            else:  # (dead: nothing held for it)
                 del _registry[key]
 
 

@@ -1,0 +1,78 @@
+"""The paging registry's strong references to storage objects, on torch whose cyclic garbage
+collector can clear the weak references of a storage that is still in use (torch <= 2.9).
+
+Note [Storage objects and the cyclic GC]
+The paging registry watches each paged storage's Python object with a weak reference, and
+drops the storage's entry when that object dies (Note [Paging registry] in storage.py). On
+torch 2.9 and older, Python's cyclic collector can find a storage object unreachable while
+tensors still use its StorageImpl. One reference cycle holding the object is enough; an
+exception's traceback holding the storage object in a frame is one. The collector then clears
+the object's weak references and runs their callbacks, and torch resurrects the object. The
+watch would report a death that did not happen: the live paged-out storage loses its entry,
+``is_offloaded`` turns False, and its handle can die and free the only copy of the bytes.
+That was seen here: the Hypothesis state machine lost a paged-out tensor's bytes on torch 2.3.
+torch 2.10 and newer keep a storage object that C++ still uses out of the collector's reach;
+probes of 2.3.1, 2.7.1, 2.8.0 and 2.9.1 cleared the weak reference, 2.10.0, 2.11.0, 2.13.0
+and 2.15.0 did not (tests/test_storage_pins.py checks the running torch).
+
+Where torch is affected (:data:`ENABLED`), the registry also holds every registered storage's
+Python object strongly, here, so the collector never finds it unreachable. That would keep a
+paged-out storage alive after its last tensor died, and with it its handle's tier bytes (a
+tensor dropped while paged out gives them back, Note [Paging registry]). So a sweep, run by
+:func:`storage.reserve` once as many storages were held since the last one as are held now
+(amortized O(1) per release), lets go of the storages no tensor uses any more: their use
+count is 1, the reference of the Python object held here. They then die as on newer torch, and their watches
+drop their entries.
+
+Every function here is called with ``storage._lock`` held.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["ENABLED", "affected", "hold", "let_go", "sweep"]
+
+
+def affected(version: str) -> bool:
+    """Whether torch ``version`` lets the cyclic collector clear a live storage's weak
+    references (Note [Storage objects and the cyclic GC])."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return found is not None and (int(found[1]), int(found[2])) < (2, 10)
+
+
+ENABLED = affected(torch.__version__)
+
+_held: dict[int, torch.UntypedStorage] = {}  # StorageImpl address -> its storage object
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+MIN_SWEEP = 64
+_since_sweep = 0  # storages held since the last sweep
+
+
+def hold(keys: list[int], stores: list[torch.UntypedStorage]) -> None:
+    """Hold each storage object of ``stores`` (registered at ``keys``)."""
+    global _since_sweep
+    _held.update(zip(keys, stores))
+    _since_sweep += len(stores)
+
+
+def let_go(key: int) -> torch.UntypedStorage | None:
+    """Stop holding the storage at ``key``; returns it, for the caller to drop outside the
+    lock (its death runs the registry's callback)."""
+    return _held.pop(key, None)
+
+
+def sweep() -> list[torch.UntypedStorage]:
+    """Let go of the storages no tensor uses any more, when due; returns them, for the caller
+    to drop outside the lock. Due once as many storages were held since the last sweep as
+    are held now (at least :data:`MIN_SWEEP`): a sweep's cost is spread over as many
+    releases, and what dropped paged-out tensors hold is bounded by the releases between two
+    sweeps. Never where torch has no use count (then a storage is held until unregistered)."""
+    global _since_sweep
+    if _since_sweep < max(MIN_SWEEP, len(_held)) or _use_count is None:
+        return []
+    _since_sweep = 0
+    unused = [key for key, s in _held.items() if _use_count(s._cdata) <= 1]
+    return [_held.pop(key) for key in unused]

@@ -1,0 +1,116 @@
+"""The paging registry on torch whose cyclic garbage collector clears the weak references of a
+storage still in use (torch <= 2.9; Note [Storage objects and the cyclic GC] in
+storage_pins.py): which torch is affected, that a paged-out storage survives a collected
+reference cycle on any torch, and that the strong references held on affected torch (forced
+here on whatever torch runs the suite) keep paging's guarantees and are let go of."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import aqua_offload as aq
+from aqua_offload import storage, storage_pins
+from conftest import random_tensor
+
+
+def _in_a_cycle(obj: object) -> None:
+    """Leave ``obj`` referenced from a reference cycle only (as an exception's traceback can)."""
+    box: list = [obj]
+    box.append(box)
+
+
+@pytest.mark.parametrize("version,want", [
+    ("2.3.1+cu121", True), ("2.7.1", True), ("2.9.1+cu128", True), ("2.9.0a0+gitabc", True),
+    ("2.10.0", False), ("2.11.0+cu130", False), ("2.13.0+cpu", False), ("2.15.0", False),
+    ("3.0.0", False), ("1.13.1", True), ("nightly", False)])
+def test_which_torch_is_affected(version, want):
+    assert storage_pins.affected(version) is want
+
+
+def test_the_running_torch_behaves_as_its_version_says():
+    # The probe itself: a storage object in a collected cycle while its tensor lives.
+    t = torch.empty(4)
+    s = t.untyped_storage()
+    fired: list[int] = []
+    w = weakref.ref(s, lambda _: fired.append(1))
+    _in_a_cycle(s)
+    del s
+    gc.collect()
+    assert bool(fired) is storage_pins.affected(torch.__version__), torch.__version__
+    assert t.untyped_storage() is not None and (w() is None) is bool(fired)
+    assert storage_pins.ENABLED is storage_pins.affected(torch.__version__)
+
+
+@pytest.fixture(params=["as_is", "pinned"])
+def pins(request, monkeypatch):
+    """The running torch as it is, and with the strong references forced on; swept early."""
+    if request.param == "pinned":
+        monkeypatch.setattr(storage_pins, "ENABLED", True)
+    monkeypatch.setattr(storage_pins, "MIN_SWEEP", 2)  # (where pins are on at all)
+    monkeypatch.setattr(storage_pins, "_since_sweep", 0)
+    yield request.param
+    assert not storage_pins._held or request.param == "as_is"  # every test lets all go
+
+
+def test_a_paged_out_storage_survives_a_collected_cycle(m, pins):
+    t = random_tensor((3000,), torch.float32, generator=torch.Generator().manual_seed(1))
+    ref = t.clone()
+    h = m.offload(t)
+    _in_a_cycle(t.untyped_storage())  # the storage object, unreachable but for the cycle
+    del h  # the registry alone holds the handle now
+    gc.collect()
+    assert aq.is_offloaded(t)  # still paged out, still fetchable through the tensor
+    assert m.fetch(t) is t and torch.equal(t, ref)
+    assert not aq.is_offloaded(t)
+    m.synchronize()
+    assert m.stats()["live_handles"] == 0
+
+
+def test_a_dropped_paged_out_tensor_gives_its_bytes_back(m, pins):
+    gen = torch.Generator().manual_seed(2)
+    base = m.stats()["tiers"][0]["used"]
+    for _ in range(6):  # each release sweeps what the ones before left behind
+        t = random_tensor((4096,), torch.uint8, generator=gen)
+        m.offload(t)  # handle and tensor dropped at once, while paged out
+        del t
+    keep = random_tensor((4096,), torch.uint8, generator=gen)
+    ref = keep.clone()
+    h = m.offload(keep)
+    gc.collect()
+    m.synchronize()
+    st = m.stats()
+    assert st["live_handles"] <= (3 if pins == "pinned" else 1)  # swept, not piling up
+    if pins == "pinned":  # one more release sweeps the rest
+        extra = random_tensor((16,), torch.uint8, generator=gen)
+        m.fetch(m.offload(extra))
+        m.synchronize()
+        assert m.stats()["live_handles"] == 1
+    assert m.fetch(h) is keep and torch.equal(keep, ref)
+    m.synchronize()
+    assert m.stats()["live_handles"] == 0 and m.stats()["tiers"][0]["used"] == base
+
+
+def test_a_discarded_storage_stays_refused_until_it_dies(m, pins):
+    gen = torch.Generator().manual_seed(3)
+    t = random_tensor((2048,), torch.float32, generator=gen)
+    h = m.offload(t)
+    m.free(h)  # the data is gone for good: the storage stays marked while it lives
+    _in_a_cycle(t.untyped_storage())
+    for _ in range(4):  # sweeps run: a storage a tensor still uses is kept
+        m.fetch(m.offload(random_tensor((64,), torch.uint8, generator=gen)))
+    gc.collect()
+    assert aq.is_discarded(t)
+    with pytest.raises(aq.InvalidArgumentError, match="paged out and its handle freed"):
+        m.offload(t)
+    key = storage.storage_key(t)
+    del t
+    gc.collect()
+    for _ in range(4):  # once no tensor uses it, a sweep lets it go and it dies
+        m.fetch(m.offload(random_tensor((64,), torch.uint8, generator=gen)))
+    gc.collect()
+    assert storage._registry.get(key) is None
+    assert key not in storage_pins._held
