@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import aqua_offload as aq
+from aqua_offload import storage
 from helpers import JOIN_TIMEOUT_S, assert_drained, no_errors, run_threads
 from helpers import bits as tensor_bytes
 from helpers import rand_mixed as random_tensor
@@ -183,8 +184,11 @@ def test_gil_released_while_blocked(backend, call):
         refs = [t.clone() for t in tensors]
         if call == "wait":
             # release offloads return at once; the copies queue on one stream, so the last
-            # handle completes only after all of them
-            hs = [m.offload(t) for t in tensors]
+            # handle completes only after all of them. (On torch without _swap_data_ptr_ an
+            # emulated release waits for its copy: there deferred snapshots, which never wait.)
+            release = storage.CAN_SWAP or backend.cuda
+            hs = [m.offload(t, release, fence="now" if release else "deferred")
+                  for t in tensors]
             start, end, count, gap = _main_thread_progress_while(hs[-1].wait)
             assert hs[-1].ready()
             outs = [m.fetch(h) for h in hs]
