@@ -114,3 +114,15 @@ def test_a_discarded_storage_stays_refused_until_it_dies(m, pins):
     gc.collect()
     assert storage._registry.get(key) is None
     assert key not in storage_pins._held
+
+
+def test_synchronize_gives_a_dropped_paged_out_tensors_bytes_back(m, pins):
+    # (Pinned: whatever the sweep schedule, synchronize() sweeps; as on newer torch at once.)
+    before = m.stats()["tiers"][0]["used"]
+    t = random_tensor((4096,), torch.uint8, generator=torch.Generator().manual_seed(4))
+    m.offload(t)
+    assert m.stats()["tiers"][0]["used"] > before
+    del t
+    m.synchronize()
+    st = m.stats()
+    assert st["live_handles"] == 0 and st["tiers"][0]["used"] == before

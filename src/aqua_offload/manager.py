@@ -445,6 +445,7 @@ class OffloadManager:
         with self._gate.call("synchronize"):
             self._store.synchronize()
             self._holders.reap()
+        storage.sweep_pins()  # (torch <= 2.9: dropped paged-out tensors' bytes come back)
         orphans.free(self)
 
     def stats(self) -> dict[str, Any]:

@@ -253,6 +253,15 @@ def _storage_died(watch: _Watch) -> None:
     del entry  # outside the lock: the handle may die now, and its __del__ frees its block
 
 
+def sweep_pins() -> None:
+    """Let go of the held storage objects no tensor uses any more (torch <= 2.9; Note
+    [Storage objects and the cyclic GC] in storage_pins.py); a no-op elsewhere."""
+    if pins.ENABLED:
+        with _lock:
+            gone = pins.sweep(force=True)
+        gone.clear()  # outside the lock: their deaths drop their entries, and handles die
+
+
 def unregister(key: int, expected: Any) -> None:
     held = None
     with _lock:

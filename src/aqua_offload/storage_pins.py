@@ -18,11 +18,12 @@ and 2.15.0 did not (tests/test_storage_pins.py checks the running torch).
 Where torch is affected (:data:`ENABLED`), the registry also holds every registered storage's
 Python object strongly, here, so the collector never finds it unreachable. That would keep a
 paged-out storage alive after its last tensor died, and with it its handle's tier bytes (a
-tensor dropped while paged out gives them back, Note [Paging registry]). So a sweep, run by
-:func:`storage.reserve` once as many storages were held since the last one as are held now
-(amortized O(1) per release), lets go of the storages no tensor uses any more: their use
-count is 1, the reference of the Python object held here. They then die as on newer torch, and their watches
-drop their entries.
+tensor dropped while paged out gives them back, Note [Paging registry]). So a sweep lets go
+of the storages no tensor uses any more (their use count is 1, the reference of the Python
+object held here), which then die as on newer torch, and their watches drop their entries. :func:`storage.reserve` runs one once as many
+storages were held since the last one as are held now (amortized O(1) per release);
+``OffloadManager.synchronize`` runs one always. On torch 2.9 and older a paged-out tensor
+dropped with its handle therefore gives its tier bytes back at the next sweep, not at once.
 
 Every function here is called with ``storage._lock`` held.
 """
@@ -64,14 +65,15 @@ def let_go(key: int) -> torch.UntypedStorage | None:
     return _held.pop(key, None)
 
 
-def sweep() -> list[torch.UntypedStorage]:
-    """Let go of the storages no tensor uses any more, when due; returns them, for the caller
-    to drop outside the lock. Due once as many storages were held since the last sweep as
-    are held now (at least :data:`MIN_SWEEP`): a sweep's cost is spread over as many
-    releases, and what dropped paged-out tensors hold is bounded by the releases between two
-    sweeps. Never where torch has no use count (then a storage is held until unregistered)."""
+def sweep(force: bool = False) -> list[torch.UntypedStorage]:
+    """Let go of the storages no tensor uses any more, when due (or ``force``); returns them,
+    for the caller to drop outside the lock. Due once as many storages were held since the
+    last sweep as are held now (at least :data:`MIN_SWEEP`): a sweep's cost is spread over as
+    many releases, and what dropped paged-out tensors hold is bounded by the releases between
+    two sweeps; ``OffloadManager.synchronize`` forces one. Never where torch has no use count
+    (then a storage is held until unregistered)."""
     global _since_sweep
-    if _since_sweep < max(MIN_SWEEP, len(_held)) or _use_count is None:
+    if (not force and _since_sweep < max(MIN_SWEEP, len(_held))) or _use_count is None:
         return []
     _since_sweep = 0
     unused = [key for key, s in _held.items() if _use_count(s._cdata) <= 1]
