@@ -139,13 +139,28 @@ def _result(proc: subprocess.Popen, out: Path, tmp_path: Path, scenario: str) ->
     return json.loads(out.read_text())
 
 
+def _lender(hosts: TwoHosts, tmp_path: Path, address: str, tls: str | None,
+            *args: str) -> LenderProcess:
+    """``aqua-offload lend`` in the lender's namespace, on ``address``."""
+    return LenderProcess(tmp_path, *args, "--address", address,
+                         env=_env(hosts.lender_if, tls),
+                         prefix=["ip", "netns", "exec", hosts.lender])
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, tmp_path: Path, scenario: str) -> None:
+    """Until the borrower writes ``path`` (it stops there for the test's next move)."""
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while not path.exists():
+        assert proc.poll() is None, (tmp_path / f"{scenario}.log").read_text()
+        assert time.monotonic() < deadline, f"the borrower never wrote {path.name}"
+        time.sleep(0.01)
+
+
 @requires_nixl
 @pytest.mark.parametrize("tls", ["tcp", None], ids=["tcp", "default"])
 def test_offload_and_fetch_across_the_link(two_hosts, tmp_path, tls) -> None:
-    lender = LenderProcess(tmp_path, "--host-bytes", "96MiB", "--segment", "32MiB",
-                           "--address", f"{two_hosts.LENDER_IP}:0",
-                           env=_env(two_hosts.lender_if, tls),
-                           prefix=["ip", "netns", "exec", two_hosts.lender])
+    lender = _lender(two_hosts, tmp_path, f"{two_hosts.LENDER_IP}:0", tls,
+                     "--host-bytes", "96MiB", "--segment", "32MiB")
     try:
         assert lender.address.startswith(f"{two_hosts.LENDER_IP}:")
         proc, out = _borrower(two_hosts, tmp_path, "round_trips", lender.address, tls)
@@ -161,18 +176,11 @@ def test_offload_and_fetch_across_the_link(two_hosts, tmp_path, tls) -> None:
 @requires_nixl
 def test_a_pulled_cable_is_a_typed_loss_and_the_host_tier_still_works(two_hosts,
                                                                        tmp_path) -> None:
-    lender = LenderProcess(tmp_path, "--host-bytes", "32MiB", "--segment", "16MiB",
-                           "--address", two_hosts.LENDER_IP,
-                           env=_env(two_hosts.lender_if, "tcp"),
-                           prefix=["ip", "netns", "exec", two_hosts.lender])
+    lender = _lender(two_hosts, tmp_path, two_hosts.LENDER_IP, "tcp",
+                     "--host-bytes", "32MiB", "--segment", "16MiB")
     try:
         proc, out = _borrower(two_hosts, tmp_path, "cable_pull", lender.address, "tcp")
-        ready = tmp_path / "ready"
-        deadline = time.monotonic() + CHILD_TIMEOUT_S
-        while not ready.exists():  # the borrower offloaded and waits for the cable to go
-            assert proc.poll() is None, (tmp_path / "cable_pull.log").read_text()
-            assert time.monotonic() < deadline, "the borrower never got ready"
-            time.sleep(0.05)
+        _wait_for(tmp_path / "ready", proc, tmp_path, "cable_pull")  # offloaded, waiting
         two_hosts.pull_cable()
         (tmp_path / "pulled").touch()
         got = _result(proc, out, tmp_path, "cable_pull")
@@ -190,25 +198,15 @@ def test_a_pulled_cable_is_a_typed_loss_and_the_host_tier_still_works(two_hosts,
 def test_a_blip_shorter_than_the_deadline_loses_nothing(two_hosts, tmp_path) -> None:
     # The link down for 1 s in the middle of a fetch, then up: TCP retransmits, the transfer
     # ends within the deadline, and nothing is marked lost.
-    lender = LenderProcess(tmp_path, "--host-bytes", "32MiB", "--segment", "16MiB",
-                           "--address", two_hosts.LENDER_IP,
-                           env=_env(two_hosts.lender_if, "tcp"),
-                           prefix=["ip", "netns", "exec", two_hosts.lender])
+    lender = _lender(two_hosts, tmp_path, two_hosts.LENDER_IP, "tcp",
+                     "--host-bytes", "32MiB", "--segment", "16MiB")
     try:
         proc, out = _borrower(two_hosts, tmp_path, "blip", lender.address, "tcp")
-        ready = tmp_path / "ready"
-        deadline = time.monotonic() + CHILD_TIMEOUT_S
-        while not ready.exists():
-            assert proc.poll() is None, (tmp_path / "blip.log").read_text()
-            assert time.monotonic() < deadline, "the borrower never got ready"
-            time.sleep(0.05)
+        _wait_for(tmp_path / "ready", proc, tmp_path, "blip")
         two_hosts.pull_cable()
         (tmp_path / "pulled").touch()
-        fetching = tmp_path / "fetching"  # written just before the fetch, into a dead link
-        while not fetching.exists():
-            assert proc.poll() is None, (tmp_path / "blip.log").read_text()
-            assert time.monotonic() < deadline, "the borrower never fetched"
-            time.sleep(0.01)
+        # written just before the fetch, into a dead link
+        _wait_for(tmp_path / "fetching", proc, tmp_path, "blip")
         time.sleep(1.0)
         two_hosts.plug_cable()
         got = _result(proc, out, tmp_path, "blip")
