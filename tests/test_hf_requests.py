@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 import hf_models  # noqa: E402
 from aqua_offload.hf import OffloadedCache, cache_kwarg, generate_many  # noqa: E402
-from conftest import run_with_timeout  # noqa: E402
+from conftest import AllQueued, run_with_timeout  # noqa: E402
 
 NEW = 6
 
@@ -190,8 +190,10 @@ def test_seeded_sampling_gives_solo_tokens_time_sliced(manager, policy):
     assert not torch.equal(want[0], solo(model, reqs[0], seed=124, n=12))  # seeds matter
     for _ in range(2):
         slicer = aq.TimeSlicer(quantum_ms=0, manager=manager, policy=policy)
+        queued = transformers.StoppingCriteriaList([AllQueued(slicer, len(reqs))])
         results = run_with_timeout(lambda: generate_many(
-            model, reqs, slicer=slicer, seeds=seeds, max_new_tokens=12))
+            model, reqs, slicer=slicer, seeds=seeds, max_new_tokens=12,
+            stopping_criteria=queued))  # (every request queued before the first decodes on)
         slicer.close()
         assert sum(r.preemptions for r in results) > 0
         for r, w in zip(results[:2], want):
