@@ -31,6 +31,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
                                  rule)
 
 import aqua_offload as aq
+from aqua_offload import storage, storage_pins
 from conftest import Backend
 from helpers import align
 from helpers import bits as tensor_bytes
@@ -645,6 +646,21 @@ def machine_for(name: str):
 
 TestOffloadMachineEmulation = machine_for("emulation")
 TestOffloadMachineCuda = machine_for("cuda")
+
+
+class TestOffloadMachineOldTorch(machine_for("emulation")):
+    """The machine with what torch 2.9 and older take, forced on whatever torch runs the suite:
+    release without ``_swap_data_ptr_`` (Note [Without _swap_data_ptr_] in storage.py) and the
+    registry holding storage objects, swept often (Note [Storage objects and the cyclic GC] in
+    storage_pins.py; on torch 2.3 this machine lost a tensor's bytes before that note)."""
+
+    def setUp(self) -> None:
+        self._old = (storage.CAN_SWAP, storage_pins.ENABLED, storage_pins.MIN_SWEEP)
+        storage.CAN_SWAP, storage_pins.ENABLED, storage_pins.MIN_SWEEP = False, True, 4
+
+    def tearDown(self) -> None:
+        storage.sweep_pins()
+        storage.CAN_SWAP, storage_pins.ENABLED, storage_pins.MIN_SWEEP = self._old
 
 
 def test_zero_byte_handles_live_on_tier_zero(backend):
