@@ -101,8 +101,7 @@ def test_a_discarded_storage_stays_refused_until_it_dies(m, pins):
     h = m.offload(t)
     m.free(h)  # the data is gone for good: the storage stays marked while it lives
     _in_a_cycle(t.untyped_storage())
-    for _ in range(4):  # sweeps run: a storage a tensor still uses is kept
-        m.fetch(m.offload(random_tensor((64,), torch.uint8, generator=gen)))
+    m.synchronize()  # a sweep: a storage a tensor still uses is kept
     gc.collect()
     assert aq.is_discarded(t)
     with pytest.raises(aq.InvalidArgumentError, match="paged out and its handle freed"):
@@ -110,11 +109,31 @@ def test_a_discarded_storage_stays_refused_until_it_dies(m, pins):
     key = storage.storage_key(t)
     del t
     gc.collect()
-    for _ in range(4):  # once no tensor uses it, a sweep lets it go and it dies
-        m.fetch(m.offload(random_tensor((64,), torch.uint8, generator=gen)))
+    m.synchronize()  # once no tensor uses it, a sweep lets it go and it dies
     gc.collect()
     assert storage._registry.get(key) is None
     assert key not in storage_pins._held
+
+
+def test_a_sweep_is_due_once_as_many_were_held_as_are_held(monkeypatch):
+    monkeypatch.setattr(storage_pins, "_held", {})
+    monkeypatch.setattr(storage_pins, "_since_sweep", 0)
+    monkeypatch.setattr(storage_pins, "MIN_SWEEP", 4)
+    used = [torch.empty(8) for _ in range(3)]  # their storages: in use by these tensors
+    stores = [t.untyped_storage() for t in used] + [torch.empty(8).untyped_storage()
+                                                    for _ in range(3)]  # unused: objects only
+    keys = [s._cdata for s in stores]
+    storage_pins.hold(keys[:3], stores[:3])
+    assert storage_pins.sweep() == []  # 3 held since the last sweep: not yet due (4)
+    storage_pins.hold(keys[3:], stores[3:])
+    gone = storage_pins.sweep()  # 6 held since, 6 held: due; the unused three go
+    assert sorted(map(id, gone)) == sorted(map(id, stores[3:]))
+    assert set(storage_pins._held) == set(keys[:3])
+    assert storage_pins.sweep() == []  # nothing held since
+    assert {s._cdata for s in storage_pins.sweep(force=True)} == set()  # all still used
+    del used
+    assert {s._cdata for s in storage_pins.sweep(force=True)} == set(keys[:3])
+    assert storage_pins._held == {}
 
 
 def test_synchronize_gives_a_dropped_paged_out_tensors_bytes_back(m, pins):
