@@ -146,3 +146,23 @@ def test_synchronize_gives_a_dropped_paged_out_tensors_bytes_back(m, pins):
     m.synchronize()
     st = m.stats()
     assert st["live_handles"] == 0 and st["tiers"][0]["used"] == before
+
+
+def test_an_offload_that_finds_no_room_sweeps_first(m, pins, monkeypatch):
+    # Paged-out tensors dropped since the last sweep hold their tier bytes (pinned); an offload
+    # that finds no room lets go of them and tries again, as newer torch never ran out here.
+    monkeypatch.setattr(storage_pins, "MIN_SWEEP", 1 << 20)  # no sweep on the schedule
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(14):  # 14 MiB through 10 MiB of tiers, one 1 MiB tensor at a time
+        t = random_tensor((1 << 20,), torch.uint8, generator=gen)
+        m.offload(t)
+        del t
+    snap = random_tensor((1 << 20,), torch.uint8, generator=gen)
+    for _ in range(10):  # snapshots need the room too
+        t = random_tensor((1 << 20,), torch.uint8, generator=gen)
+        m.offload(t)
+        del t
+    h = m.offload(snap, release=False)
+    assert torch.equal(m.fetch(h), snap)
+    m.synchronize()
+    assert m.stats()["live_handles"] == 0

@@ -42,7 +42,7 @@ import torch
 from . import _core, claims, orphans, paging, prefetching, snapshots, storage
 from .devices import (DeviceLike, current_stream, external_stream, parse_peer, record_stream,
                       resolve_device)
-from .errors import InvalidArgumentError, RemoteLostError
+from .errors import InvalidArgumentError, OutOfMemoryError, RemoteLostError
 from .handle import Handle, check_priority as _check_priority
 from .calls import CallGate
 from .checks import as_list, check_base, check_offload
@@ -239,9 +239,19 @@ class OffloadManager:
                         [0 if b is None else self._check_base(b, t)._id
                          for b, t in zip(bases, tensors)])
             self._holders.reap()
-            if release:
-                return paging.page_out(self, tensors, dtypes, prio, bases, base_ids, what)
-            return snapshots.take(self, tensors, dtypes, prio, bases, base_ids, fence, specs)
+            for retry in (True, False):
+                try:
+                    if release:
+                        return paging.page_out(self, tensors, dtypes, prio, bases, base_ids,
+                                               what)
+                    return snapshots.take(self, tensors, dtypes, prio, bases, base_ids, fence,
+                                          specs)
+                except OutOfMemoryError:  # (nothing offloaded: all or nothing)
+                    # torch <= 2.9: paged-out tensors dropped since the last sweep still hold
+                    # their tier bytes (Note [Storage objects and the cyclic GC])
+                    if not retry or not storage.sweep_pins():
+                        raise
+            raise AssertionError("unreachable")
 
     def _fence(self, handle: Handle) -> None:
         """Order the current stream after the copy that read a deferred snapshot's source."""

@@ -253,13 +253,17 @@ def _storage_died(watch: _Watch) -> None:
     del entry  # outside the lock: the handle may die now, and its __del__ frees its block
 
 
-def sweep_pins() -> None:
+def sweep_pins() -> bool:
     """Let go of the held storage objects no tensor uses any more (torch <= 2.9; Note
-    [Storage objects and the cyclic GC] in storage_pins.py); a no-op elsewhere."""
-    if pins.ENABLED:
-        with _lock:
-            gone = pins.sweep(force=True)
-        gone.clear()  # outside the lock: their deaths drop their entries, and handles die
+    [Storage objects and the cyclic GC] in storage_pins.py); a no-op elsewhere. Whether it
+    let go of any."""
+    if not pins.ENABLED:
+        return False
+    with _lock:
+        gone = pins.sweep(force=True)
+    found = bool(gone)
+    gone.clear()  # outside the lock: their deaths drop their entries, and handles die
+    return found
 
 
 def unregister(key: int, expected: Any) -> None:

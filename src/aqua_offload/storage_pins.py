@@ -22,7 +22,8 @@ tensor dropped while paged out gives them back, Note [Paging registry]). So a sw
 of the storages no tensor uses any more (their use count is 1, the reference of the Python
 object held here), which then die as on newer torch, and their watches drop their entries. :func:`storage.reserve` runs one once as many
 storages were held since the last one as are held now (amortized O(1) per release);
-``OffloadManager.synchronize`` runs one always. On torch 2.9 and older a paged-out tensor
+``OffloadManager.synchronize`` runs one always, and an offload that finds no tier with room
+runs one before it tries once more (dropped tensors' bytes would otherwise run the tiers out). On torch 2.9 and older a paged-out tensor
 dropped with its handle therefore gives its tier bytes back at the next sweep, not at once.
 
 Every function here is called with ``storage._lock`` held.
