@@ -53,7 +53,13 @@ def _netns_unavailable() -> str | None:
     made = _ip("netns", "add", name, check=False)
     if made.returncode != 0:
         return f"cannot make a network namespace: {made.stderr.strip()}"
-    _ip("netns", "del", name, check=False)
+    try:  # a veth pair too (a container may allow namespaces but not the veth driver)
+        veth = _ip("-n", name, "link", "add", "aqp0", "type", "veth", "peer", "name", "aqp1",
+                   check=False)
+        if veth.returncode != 0:
+            return f"cannot make a veth pair: {veth.stderr.strip()}"
+    finally:
+        _ip("netns", "del", name, check=False)
     return None
 
 
