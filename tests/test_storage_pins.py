@@ -166,3 +166,20 @@ def test_an_offload_that_finds_no_room_sweeps_first(m, pins, monkeypatch):
     assert torch.equal(m.fetch(h), snap)
     m.synchronize()
     assert m.stats()["live_handles"] == 0
+
+
+def test_close_does_not_restore_dropped_paged_out_tensors(pins, monkeypatch):
+    # What no tensor uses any more is not fetched back at close (pinned: it was, 3 MiB).
+    monkeypatch.setattr(storage_pins, "MIN_SWEEP", 1 << 20)
+    m = aq.OffloadManager("cpu", peer_bytes="2MiB", host_bytes="8MiB")
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        t = random_tensor((1 << 20,), torch.uint8, generator=gen)
+        m.offload(t)
+        del t
+    keep = random_tensor((1000,), torch.uint8, generator=gen)
+    ref = keep.clone()
+    m.offload(keep)
+    m.close()
+    assert torch.equal(keep, ref) and not aq.is_offloaded(keep)
+    assert m.stats()["bytes_fetched"] == 1000

@@ -509,6 +509,8 @@ class OffloadManager:
         if not self._gate.begin_close():
             return
         try:
+            if restore:  # (torch <= 2.9: no fetch of what dropped paged-out tensors leave held)
+                storage.sweep_pins()
             for last in (False, True):  # a lender found lost meanwhile: once more without it
                 if not restore or self._store.closed:
                     break
