@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import multiprocessing
+import multiprocessing.context
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -177,6 +179,17 @@ def _cell_job(args: tuple[SweepBase, SweepGrid, Any]) -> dict[str, Any]:
     return run_cell(*args)
 
 
+def _workers() -> multiprocessing.context.BaseContext:
+    """Worker processes started by a fork server that imported this module once: not forked
+    from the caller, whose threads (the library's, NIXL's, torch's) may hold locks at fork;
+    Python 3.14 makes it the default on Linux. Spawn where there is no fork server."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def _progress(total: int, enabled: bool) -> Any:
     """A tqdm bar on stderr when tqdm is installed and ``enabled``; else None (silently)."""
     if not enabled:
@@ -204,7 +217,7 @@ def run_sweep(grid: SweepGrid = DEFAULT_GRID, base: SweepBase = SweepBase(), *, 
                 if bar is not None:
                     bar.update(1)
         else:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=_workers()) as pool:
                 for rec in pool.map(_cell_job, [(base, grid, c) for c in cells]):
                     out.append(rec)
                     if bar is not None:
