@@ -126,9 +126,13 @@ def test_a_sweep_is_due_once_as_many_were_held_as_are_held(monkeypatch):
     storage_pins.hold(keys[:3], stores[:3])
     assert storage_pins.sweep() == []  # 3 held since the last sweep: not yet due (4)
     storage_pins.hold(keys[3:], stores[3:])
-    gone = storage_pins.sweep()  # 6 held since, 6 held: due; the unused three go
-    assert sorted(map(id, gone)) == sorted(map(id, stores[3:]))
-    assert set(storage_pins._held) == set(keys[:3])
+    kept = stores[5]  # an object held elsewhere too: a tensor can be made on it again
+    del stores
+    gone = storage_pins.sweep()  # 6 held since, 6 held: due; the unused two go
+    assert sorted(s._cdata for s in gone) == sorted(keys[3:5])
+    del gone, kept
+    assert set(storage_pins._held) == set(keys[:3] + keys[5:])
+    assert [s._cdata for s in storage_pins.sweep(force=True)] == keys[5:]  # now unused
     assert storage_pins.sweep() == []  # nothing held since
     assert {s._cdata for s in storage_pins.sweep(force=True)} == set()  # all still used
     del used
@@ -183,3 +187,28 @@ def test_close_does_not_restore_dropped_paged_out_tensors(pins, monkeypatch):
     m.close()
     assert torch.equal(keep, ref) and not aq.is_offloaded(keep)
     assert m.stats()["bytes_fetched"] == 1000
+
+
+def test_a_storage_object_held_alone_stays_pinned(m, pins):
+    # No tensor uses the paged-out storage, but its object is held (use count 1): a tensor can
+    # be made on it again, so a sweep keeps it (on affected torch, let go, a collected cycle
+    # holding it then dropped the live storage's entry: is_offloaded False, the bytes gone).
+    t = random_tensor((1000,), torch.float32, generator=torch.Generator().manual_seed(7))
+    ref = t.clone()
+    m.offload(t)
+    s = t.untyped_storage()
+    key = s._cdata
+    del t
+    m.synchronize()  # a sweep
+    if storage_pins.ENABLED:
+        assert key in storage_pins._held
+    t2 = torch.empty(0).set_(s)  # a tensor on it again (0 elements: the storage has 0 bytes)
+    _in_a_cycle(s)
+    del s
+    gc.collect()
+    assert aq.is_offloaded(t2)
+    back = m.fetch(t2)  # (the tensor the handle restores: t2 has no elements)
+    assert back.untyped_storage()._cdata == key and torch.equal(back, ref)
+    del t2, back
+    m.synchronize()
+    assert m.stats()["live_handles"] == 0 and key not in storage_pins._held

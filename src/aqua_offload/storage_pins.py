@@ -32,6 +32,7 @@ Every function here is called with ``storage._lock`` held.
 from __future__ import annotations
 
 import re
+from sys import getrefcount
 
 import torch
 
@@ -67,8 +68,8 @@ def let_go(key: int) -> torch.UntypedStorage | None:
 
 
 def sweep(force: bool = False) -> list[torch.UntypedStorage]:
-    """Let go of the storages no tensor uses any more, when due (or ``force``); returns them,
-    for the caller to drop outside the lock. Due once as many storages were held since the
+    """Let go of the storages no tensor uses any more and whose object nothing else holds,
+    when due (or ``force``); returns them, for the caller to drop outside the lock. Due once as many storages were held since the
     last sweep as are held now (at least :data:`MIN_SWEEP`): a sweep's cost is spread over as
     many releases, and what dropped paged-out tensors hold is bounded by the releases between
     two sweeps; ``OffloadManager.synchronize`` forces one. Never where torch has no use count
@@ -77,5 +78,18 @@ def sweep(force: bool = False) -> list[torch.UntypedStorage]:
     if (not force and _since_sweep < max(MIN_SWEEP, len(_held))) or _use_count is None:
         return []
     _since_sweep = 0
-    unused = [key for key, s in _held.items() if _use_count(s._cdata) <= 1]
+    unused = [key for key, n in _references(_held) if n <= _ONLY_HELD
+              and _use_count(_held[key]._cdata) <= 1]
     return [_held.pop(key) for key in unused]
+
+
+def _references(held: dict[int, object]) -> list[tuple[int, int]]:
+    """(key, references to its object) of each of ``held``."""
+    return [(key, getrefcount(s)) for key, s in held.items()]
+
+
+# The references an object that ``held`` alone holds has in _references (its own: the loop's,
+# the call's...). One with more is held elsewhere too (e.g. ``s = t.untyped_storage()``): a
+# tensor can be made on it again (``set_``), so it is no storage no tensor uses; let go, the
+# collector could then clear its watch while that tensor lives.
+_ONLY_HELD = _references({0: object()})[0][1]
