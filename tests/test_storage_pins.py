@@ -212,3 +212,20 @@ def test_a_storage_object_held_alone_stays_pinned(m, pins):
     del t2, back
     m.synchronize()
     assert m.stats()["live_handles"] == 0 and key not in storage_pins._held
+
+
+def test_an_exported_storage_stays_refused_after_a_collected_cycle(m, pins):
+    np = pytest.importorskip("numpy")
+    t = random_tensor((1000,), torch.float32, generator=torch.Generator().manual_seed(8))
+    alias = np.from_dlpack(t)  # numpy writes into t's memory from now on
+    key = storage.storage_key(t)
+    _in_a_cycle(t.untyped_storage())
+    gc.collect()
+    with pytest.raises(aq.InvalidArgumentError, match="exported"):
+        m.offload(t)  # paging it out would leave the alias on freed memory
+    assert not aq.is_offloaded(t) and alias[0] == t[0].item()
+    del t, alias
+    gc.collect()
+    m.synchronize()  # no tensor or array uses it now: let go, it dies, the mark with it
+    gc.collect()
+    assert key not in storage._exported and key not in storage_pins._held

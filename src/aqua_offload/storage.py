@@ -348,6 +348,8 @@ def _mark_exported(t: torch.Tensor) -> None:
     with _lock:
         fresh = key not in _exported
         _exported.add(key)
+        if fresh and pins.ENABLED:  # (a collected cycle could clear the mark: storage_pins)
+            pins.hold([key], [storage])
     if fresh:
         weakref.finalize(storage, _exported.discard, key)
 

@@ -69,11 +69,12 @@ def let_go(key: int) -> torch.UntypedStorage | None:
 
 def sweep(force: bool = False) -> list[torch.UntypedStorage]:
     """Let go of the storages no tensor uses any more and whose object nothing else holds,
-    when due (or ``force``); returns them, for the caller to drop outside the lock. Due once as many storages were held since the
-    last sweep as are held now (at least :data:`MIN_SWEEP`): a sweep's cost is spread over as
-    many releases, and what dropped paged-out tensors hold is bounded by the releases between
-    two sweeps; ``OffloadManager.synchronize`` forces one. Never where torch has no use count
-    (then a storage is held until unregistered)."""
+    when due (or ``force``); returns them, for the caller to drop outside the lock. Due once
+    as many storages were held since the last sweep as are held now (at least
+    :data:`MIN_SWEEP`): a sweep's cost is spread over as many releases, and what dropped
+    paged-out tensors hold is bounded by the releases between two sweeps;
+    ``OffloadManager.synchronize`` forces one. Never where torch has no use count (then a
+    storage is held until unregistered)."""
     global _since_sweep
     if (not force and _since_sweep < max(MIN_SWEEP, len(_held))) or _use_count is None:
         return []
