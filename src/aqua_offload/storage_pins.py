@@ -16,15 +16,18 @@ probes of 2.3.1, 2.7.1, 2.8.0 and 2.9.1 cleared the weak reference, 2.10.0, 2.11
 and 2.15.0 did not (tests/test_storage_pins.py checks the running torch).
 
 Where torch is affected (:data:`ENABLED`), the registry also holds every registered storage's
-Python object strongly, here, so the collector never finds it unreachable. That would keep a
-paged-out storage alive after its last tensor died, and with it its handle's tier bytes (a
-tensor dropped while paged out gives them back, Note [Paging registry]). So a sweep lets go
-of the storages no tensor uses any more (their use count is 1, the reference of the Python
-object held here), which then die as on newer torch, and their watches drop their entries. :func:`storage.reserve` runs one once as many
-storages were held since the last one as are held now (amortized O(1) per release);
-``OffloadManager.synchronize`` runs one always, and an offload that finds no tier with room
-runs one before it tries once more (dropped tensors' bytes would otherwise run the tiers out). On torch 2.9 and older a paged-out tensor
-dropped with its handle therefore gives its tier bytes back at the next sweep, not at once.
+Python object strongly, here (and every storage exported to numpy or DLPack, whose mark a
+collected cycle could clear the same way), so the collector never finds it unreachable. That
+would keep a paged-out storage alive after its last tensor died, and with it its handle's tier
+bytes (a tensor dropped while paged out gives them back, Note [Paging registry]). So a sweep
+lets go of the storages no tensor uses any more and whose object nothing else holds (use count
+1, the reference of the object held here), which then die as on newer torch, and their
+watches drop their entries. :func:`storage.reserve` runs one once as many storages were held
+since the last one as are held now (amortized O(1) per release); ``OffloadManager.synchronize``
+and ``close`` run one always, and an offload that finds no tier with room runs one before it
+tries once more (dropped tensors' bytes would otherwise run the tiers out). On torch 2.9 and
+older a paged-out tensor dropped with its handle therefore gives its tier bytes back at the
+next sweep, not at once.
 
 Every function here is called with ``storage._lock`` held.
 """
