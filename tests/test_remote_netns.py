@@ -127,11 +127,11 @@ def _env(device: str, tls: str | None) -> dict[str, str]:
 def _borrower(hosts: TwoHosts, tmp_path: Path, scenario: str, address: str,
               tls: str | None) -> tuple[subprocess.Popen, Path]:
     out = tmp_path / f"{scenario}.json"
-    log = open(tmp_path / f"{scenario}.log", "w")
-    return subprocess.Popen(
-        ["ip", "netns", "exec", hosts.borrower, sys.executable, os.path.abspath(__file__),
-         scenario, address, str(tmp_path)], env=_env(hosts.borrower_if, tls), stdout=log,
-        stderr=subprocess.STDOUT), out
+    with open(tmp_path / f"{scenario}.log", "w") as log:  # (the child keeps its own copy)
+        return subprocess.Popen(
+            ["ip", "netns", "exec", hosts.borrower, sys.executable, os.path.abspath(__file__),
+             scenario, address, str(tmp_path)], env=_env(hosts.borrower_if, tls), stdout=log,
+            stderr=subprocess.STDOUT), out
 
 
 def _result(proc: subprocess.Popen, out: Path, tmp_path: Path, scenario: str) -> dict:
