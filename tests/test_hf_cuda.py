@@ -14,6 +14,7 @@ pytestmark = pytest.mark.cuda
 transformers = pytest.importorskip("transformers")
 
 from aqua_offload.hf import OffloadedCache, cache_kwarg, generate_many  # noqa: E402
+from conftest import AllQueued  # noqa: E402
 
 DEV = "cuda:0"
 
@@ -70,8 +71,9 @@ def test_generate_many_time_sliced_on_gpu(gpu_manager):
     solo = [model.generate(r, max_new_tokens=24, do_sample=False) for r in reqs]
     for cache in (None, lambda: OffloadedCache(gpu_manager, config=model.config)):
         slicer = aq.TimeSlicer(quantum_ms=0, manager=gpu_manager, policy="rr")
+        queued = transformers.StoppingCriteriaList([AllQueued(slicer, len(reqs))])
         res = generate_many(model, reqs, slicer=slicer, cache_factory=cache, max_new_tokens=24,
-                            do_sample=False)
+                            do_sample=False, stopping_criteria=queued)  # (preemptions)
         slicer.close()
         assert all(torch.equal(r.sequences, s) for r, s in zip(res, solo))
         assert sum(r.preemptions for r in res) > 0
