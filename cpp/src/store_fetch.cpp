@@ -33,7 +33,7 @@ void store::fetch_many(const std::vector<std::uint64_t>& ids, const std::vector<
   submission sub;
   sub.user = user;
   sub.fence_user = true;
-  std::vector<std::size_t> group_of(tier_count_, no_offset);
+  std::vector<std::size_t> group_of(tier_count_, submission::no_group);
   {
     std::unique_lock<std::mutex> lock(mutex_);
     claim_all_locked(lock, ids, "fetch");  // every handle is checked before any is claimed
@@ -52,11 +52,7 @@ void store::fetch_many(const std::vector<std::uint64_t>& ids, const std::vector<
         continue;
       }
       if (e.nbytes == 0) continue;
-      if (group_of[e.tier] == no_offset) {
-        group_of[e.tier] = sub.groups.size();
-        sub.groups.push_back(copy_group{e.tier, lane::demand, {}, {}});
-      }
-      copy_group& g = sub.groups[group_of[e.tier]];
+      copy_group& g = sub.group_for(group_of, e.tier, lane::demand);
       g.after.push_back(e.done);  // the offload (or migration) that wrote it
       g.ops.push_back(copy_op{dsts[i], e.ptr, e.nbytes});
     }
@@ -115,7 +111,7 @@ std::vector<std::size_t> store::prefetch_many(const std::vector<std::uint64_t>& 
   std::vector<std::uint64_t> started;
   submission sub;
   sub.user = user;  // the destinations were allocated there: the copies follow it
-  std::vector<std::size_t> group_of(tier_count_, no_offset);
+  std::vector<std::size_t> group_of(tier_count_, submission::no_group);
   {
     std::unique_lock<std::mutex> lock(mutex_);
     claim_all_locked(lock, unique, "prefetch");
@@ -131,11 +127,7 @@ std::vector<std::size_t> store::prefetch_many(const std::vector<std::uint64_t>& 
       unlist_locked(unique[i], e);
       e.busy = true;
       started.push_back(unique[i]);
-      if (group_of[e.tier] == no_offset) {
-        group_of[e.tier] = sub.groups.size();
-        sub.groups.push_back(copy_group{e.tier, lane::prefetch, {}, {}});
-      }
-      copy_group& g = sub.groups[group_of[e.tier]];
+      copy_group& g = sub.group_for(group_of, e.tier, lane::prefetch);
       g.after.push_back(e.done);
       g.ops.push_back(copy_op{unique_dsts[i], e.ptr, e.nbytes});
     }

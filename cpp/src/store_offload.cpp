@@ -118,7 +118,7 @@ std::vector<offload_result> store::offload_many(const std::vector<offload_item>&
   submission sub;
   sub.user = user;
   sub.fence_user = fence_user;
-  std::vector<std::size_t> group_of(tier_count_, no_offset), tier_of(n, 0);
+  std::vector<std::size_t> group_of(tier_count_, submission::no_group), tier_of(n, 0);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     for (std::size_t i = 0; i < n; ++i) {
@@ -142,12 +142,7 @@ std::vector<offload_result> store::offload_many(const std::vector<offload_item>&
       } else {
         continue;  // nothing to copy
       }
-      std::size_t& g = group_of[tier_of[i]];
-      if (g == no_offset) {
-        g = sub.groups.size();
-        sub.groups.push_back(copy_group{tier_of[i], lane::to_tier, {}, {}});
-      }
-      auto& group = sub.groups[g];
+      copy_group& group = sub.group_for(group_of, tier_of[i], lane::to_tier);
       group.after.insert(group.after.end(), after.begin(), after.end());
       group.ops.push_back(op);
     }

@@ -72,11 +72,25 @@ struct copy_group {
 };
 
 struct submission {
+  static constexpr std::size_t no_group = static_cast<std::size_t>(-1);
+
   stream_t user = 0;
   bool after_user = true;  ///< the copies follow the work enqueued on `user` so far
   bool fence_user = false;  ///< later work on `user` follows the copies
   std::vector<copy_group> groups;
   std::vector<event_ref> user_waits;  ///< with fence_user: more events `user` waits for
+
+  /// The group of `tier`, opened on `lane` by its first copy. `index` maps each tier to its
+  /// group's position in `groups` (`no_group` until it has one), for the caller to find the
+  /// group's event among submit()'s results.
+  copy_group& group_for(std::vector<std::size_t>& index, std::size_t tier, aqua::lane lane) {
+    std::size_t& g = index[tier];
+    if (g == no_group) {
+      g = groups.size();
+      groups.push_back(copy_group{tier, lane, {}, {}});
+    }
+    return groups[g];
+  }
 };
 
 struct copy_engine_stats {
