@@ -144,10 +144,15 @@ def test_generate_matches_default_cache(arch, mode, manager):
             ref_kv.activate_past_recording()
             _assert_same(_gen(model, inputs, kv), _gen(model, inputs, ref_kv))
             length = ref_kv.get_seq_length()
-            kv.crop(-2)
-            ref_kv.crop(-2)
-            assert kv.get_seq_length() == ref_kv.get_seq_length() == length - 2
-            _assert_same_layers(kv, ref_kv)
+            try:
+                ref_kv.crop(-2)
+            except TypeError as e:  # transformers 5.20's own crop of nemotron_h's conv states
+                with pytest.raises(type(e)):  # the same refusal, not another error
+                    kv.crop(-2)
+            else:
+                kv.crop(-2)
+                assert kv.get_seq_length() == ref_kv.get_seq_length() == length - 2
+                _assert_same_layers(kv, ref_kv)
         else:  # prompt-lookup decoding crops the cache after each rejected candidate
             rep = {k: torch.cat([v, v, v], -1) for k, v in inputs.items()}
             kw = {"prompt_lookup_num_tokens": 3}
