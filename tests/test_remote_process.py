@@ -138,6 +138,18 @@ def test_cli_refuses_a_malformed_address_before_starting(address, capsys) -> Non
     assert "--address" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_gpu_where_torch_sees_none(monkeypatch, capsys) -> None:
+    from aqua_offload.remote.__main__ import main
+
+    # It was torch's AssertionError ("Torch not compiled with CUDA enabled") from the first
+    # segment's allocation, a traceback instead of the exit status of a failed start.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("AQUA_OFFLOAD_REMOTE_TOKEN", TOKEN)
+    assert main(["--device", "cuda:0", "--bytes", "64MiB"]) == 2  # one whole segment
+    err = capsys.readouterr().err
+    assert "aqua-offload lend:" in err and "no CUDA device" in err and "--host-bytes" in err
+
+
 def test_cli_refuses_a_short_token(monkeypatch, capsys) -> None:
     from aqua_offload.remote.__main__ import main
 

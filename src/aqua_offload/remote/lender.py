@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import (InvalidArgumentError, OffloadError, OutOfMemoryError, RemoteProtocolError,
-                      RemoteVersionError)
+from ..errors import (BackendError, InvalidArgumentError, OffloadError, OutOfMemoryError,
+                      RemoteProtocolError, RemoteVersionError)
 from ..sizes import parse_size
 from . import protocol as P
 from .arena import Arena, Segment
@@ -568,5 +568,14 @@ def _cuda_index(device: str) -> int:
     text = str(device)
     if not text.startswith("cuda:") or not text[5:].isdigit() or not text[5:].isascii():
         raise InvalidArgumentError(f"device must be 'cuda:N', got {device!r}")
-    return int(text[5:])
+    import torch  # checked here: torch's own refusal is an AssertionError from deep inside
+
+    index = int(text[5:])
+    if not torch.cuda.is_available():
+        raise BackendError(f"{device!r}: torch sees no CUDA device (lend host memory with "
+                           "host_bytes / --host-bytes)", error_name="cudaErrorNoDevice")
+    if index >= torch.cuda.device_count():
+        raise InvalidArgumentError(
+            f"{device!r} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    return index
 
