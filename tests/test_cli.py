@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +117,49 @@ def test_unwritable_output_is_refused_before_the_run(tmp_path: Path,
                "--no-progress", "--no-overlap", "--json", blocker / "out.json"])
     captured = capsys.readouterr()
     assert rc == 2 and str(blocker) in captured.err and captured.out == ""
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import aqua_offload.sim.__main__ as sim_main
+    from aqua_offload.bench import copy as copy_bench
+    from aqua_offload.bench.__main__ import main as bench_main
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C does, wherever the run is
+
+    monkeypatch.setattr(copy_bench, "run_copy_benchmark", interrupt)
+    monkeypatch.setattr(sim_main, "run", interrupt)
+    copy_args = ["copy", "--backend", "emulation", "--sizes", "4KiB", "--samples", "3",
+                 "--no-progress"]
+    for run, argv, prog in ((main, ["bench", *copy_args], "aqua-offload"),
+                            (bench_main, copy_args, "python -m aqua_offload.bench"),
+                            (main, ["sim", "--list"], "aqua-offload"),
+                            (sim_main.main, ["--list"], "python -m aqua_offload.sim")):
+        assert run(argv) == 130
+        captured = capsys.readouterr()
+        assert captured.err == f"{prog}: interrupted\n" and captured.out == ""
+
+
+def test_ctrl_c_stops_a_parallel_sweep_without_tracebacks() -> None:
+    # The whole process group gets SIGINT, as from a terminal: the sweep's workers too.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aqua_offload", "sim", "sweep", "--jobs", "2", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), start_new_session=True,
+        # a shell's background job ignores SIGINT, and Python would then keep ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        time.sleep(4)  # the default grid runs for minutes: well inside it, workers started
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip() == "python -m aqua_offload: interrupted"
+    assert out == ""
 
 
 def test_console_script_is_declared() -> None:

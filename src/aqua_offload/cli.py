@@ -77,10 +77,24 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str | os.PathLike[str]] | None = None, prog: str | None = None) -> int:
     """Run ``aqua-offload`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
-    Exit status: 0 on success, 1 when a benchmark verified wrong results, 2 for a usage error.
+    Exit status: 0 on success, 1 when a benchmark verified wrong results, 2 for a usage error,
+    130 when interrupted (Ctrl-C).
     """
-    args = build_parser(prog).parse_args(None if argv is None else [os.fspath(a) for a in argv])
-    return int(args.func(args))
+    parser = build_parser(prog)
+    args = parser.parse_args(None if argv is None else [os.fspath(a) for a in argv])
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return _interrupted(parser.prog)
+
+
+def _interrupted(prog: str) -> int:
+    """Ctrl-C ended a command: say so in one line and give the shell's status for SIGINT.
+
+    What ran was cleaned up on the way out (managers close in their ``with`` blocks); a
+    traceback from wherever the signal landed would tell the user nothing."""
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

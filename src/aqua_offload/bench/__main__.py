@@ -271,10 +271,15 @@ def main(argv: Sequence[str | os.PathLike[str]] | None = None, prog: str | None 
     -------
     int
         Exit status: 0 on success, 1 when a copy produced wrong bytes, 2 for a usage error
-        (argparse exits with 2 itself on bad arguments).
+        (argparse exits with 2 itself on bad arguments), 130 when interrupted (Ctrl-C).
     """
-    args = build_parser(prog).parse_args(None if argv is None else [os.fspath(a) for a in argv])
-    return int(args.func(args))
+    parser = build_parser(prog)
+    args = parser.parse_args(None if argv is None else [os.fspath(a) for a in argv])
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:  # one line, not a traceback from wherever the signal landed
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

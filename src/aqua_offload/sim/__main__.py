@@ -8,7 +8,7 @@ against a naive one (:mod:`aqua_offload.sim.placer`), ``long-decode`` times Flex
 of a 32k-token prompt with the overflowing KV cache on a peer GPU vs host memory
 (:mod:`aqua_offload.sim.offloaded_decode`). ``--json`` without a path prints only the
 JSON document, on stdout. Exit status: 0 done, 1 validation out of tolerance, 2 unusable
-scenario or arguments (a message on stderr, no traceback).
+scenario or arguments (a message on stderr, no traceback), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -292,7 +292,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         description="Simulate an N-GPU server serving LLMs: admission control vs time slicing "
                     "with paging to host or peer GPUs (see docs/simulation.md).")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # one line, not a traceback from wherever the signal landed
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

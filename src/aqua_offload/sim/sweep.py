@@ -26,6 +26,7 @@ import itertools
 import math
 import multiprocessing
 import multiprocessing.context
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -190,6 +191,12 @@ def _workers() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C (sent to the whole process group) to the caller, which stops the
+    sweep; each worker would otherwise print a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _progress(total: int, enabled: bool) -> Any:
     """A tqdm bar on stderr when tqdm is installed and ``enabled``; else None (silently)."""
     if not enabled:
@@ -217,7 +224,8 @@ def run_sweep(grid: SweepGrid = DEFAULT_GRID, base: SweepBase = SweepBase(), *, 
                 if bar is not None:
                     bar.update(1)
         else:
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=_workers()) as pool:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=_workers(),
+                                     initializer=_ignore_sigint) as pool:
                 for rec in pool.map(_cell_job, [(base, grid, c) for c in cells]):
                     out.append(rec)
                     if bar is not None:
