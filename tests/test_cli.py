@@ -162,6 +162,35 @@ def test_ctrl_c_stops_a_parallel_sweep_without_tracebacks() -> None:
     assert out == ""
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["copy", "--plot", "{tmp}/copy.txt"], "unknown image format '.txt'"),
+    (["copy", "--json", "{tmp}"], "is a directory"),
+    (["hf", "--model", "{tmp}/no-such-model"], "is not a preset (tiny, small)"),
+    (["burst", "--model", "no such model"], "no local checkpoint loads"),
+])
+def test_bench_refuses_what_would_fail_with_one_line_before_the_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+        message: str) -> None:
+    # Each was a traceback (matplotlib's ValueError after the whole run, transformers' OSError).
+    quick = ["--sizes", "4KiB", "--samples", "3", "--no-progress", "--no-overlap"] \
+        if argv[0] == "copy" else ["--quick", "--no-progress"]
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(["bench", *argv, "--backend", "emulation", *quick]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""  # nothing was measured
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag,value", [("--quantum-ms", "-1"), ("--quantum-ms", "nan"),
+                                        ("--spread-s", "-0.5"), ("--spread-s", "inf")])
+def test_bench_burst_refuses_negative_times_as_usage_errors(
+        capsys: pytest.CaptureFixture[str], flag: str, value: str) -> None:
+    with pytest.raises(SystemExit) as exc:  # was InvalidArgumentError from inside the run
+        main(["bench", "burst", "--quick", "--backend", "emulation", f"{flag}={value}"])
+    assert exc.value.code == 2 and "expected a finite number >= 0" in capsys.readouterr().err
+
+
 def test_console_script_is_declared() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     scripts = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]

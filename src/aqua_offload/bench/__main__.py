@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..devices import cuda_usable
+from ..errors import InvalidArgumentError
 from ..sizes import parse_size
 from . import burst, copy, hf, plot, remote, tiers
 
 __all__ = ["add_benchmarks", "build_parser", "main"]
+
+PLOT_FORMATS = (".png", ".pdf", ".svg")  # what matplotlib's savefig infers from the suffix
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -29,6 +32,17 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
         return int(text)
     return parse
+
+
+def _seconds_or_ms(text: str) -> float:
+    """A finite number >= 0 (a quantum, a spread between arrivals)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def _size_arg(text: str) -> int:
@@ -44,7 +58,8 @@ def _size_arg(text: str) -> int:
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     p.add_argument("--plot", type=Path, metavar="PATH",
-                   help="also draw the results into this PNG (needs matplotlib)")
+                   help="also draw the results into this image (.png, .pdf or .svg; needs "
+                        "matplotlib)")
 
 
 def _add_copy(sub: argparse._SubParsersAction) -> None:
@@ -80,11 +95,16 @@ def _run(name: str, args: argparse.Namespace, run: Callable[[], dict],
 
     if args.backend == "cuda" and not cuda_usable():
         return usage_error("--backend cuda needs a GPU and a CUDA build")
+    if args.plot is not None and args.plot.suffix.lower() not in PLOT_FORMATS:
+        return usage_error(f"--plot {args.plot}: unknown image format "
+                           f"{args.plot.suffix or '(no suffix)'!r} (use {', '.join(PLOT_FORMATS)})")
     try:
         if args.plot is not None:
             plot.require_matplotlib()
         for path in (args.json, args.plot):
             if path is not None:
+                if path.is_dir():
+                    raise IsADirectoryError(f"{path} is a directory")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if not os.access(path.parent, os.W_OK):
                     raise PermissionError(f"cannot write into {path.parent}")
@@ -92,6 +112,8 @@ def _run(name: str, args: argparse.Namespace, run: Callable[[], dict],
         return usage_error(str(exc))
     try:
         result = run()
+    except InvalidArgumentError as exc:  # e.g. --model names nothing that loads
+        return usage_error(str(exc))
     except copy.VerificationError as exc:
         print(f"aqua_offload.bench {name}: FAILED: {exc}", file=sys.stderr)
         return 1
@@ -167,8 +189,8 @@ def _add_burst(sub: argparse._SubParsersAction) -> None:
                        description=(burst.__doc__ or "").split("\n\n")[0])
     _add_model_args(p)
     p.add_argument("--requests", type=_int_at_least(1), metavar="N")
-    p.add_argument("--quantum-ms", type=float, default=20.0)
-    p.add_argument("--spread-s", type=float, default=0.0,
+    p.add_argument("--quantum-ms", type=_seconds_or_ms, default=20.0)
+    p.add_argument("--spread-s", type=_seconds_or_ms, default=0.0,
                    help="seconds between arrivals (default 0: all at once)")
     p.add_argument("--validate", action="store_true",
                    help="instead: one small workload through the real TimeSlicer and through "

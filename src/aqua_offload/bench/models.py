@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ..errors import InvalidArgumentError
+
 __all__ = ["PRESETS", "build_model", "bench_device", "device_label", "random_prompts",
            "cpu_threads"]
 
@@ -40,6 +42,11 @@ def build_model(name: str | None, device: torch.device | str, *, seed: int = 0) 
     device : torch.device or str
     seed : int
         Seeds the random weights of a preset.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``name`` is neither a preset nor a checkpoint that loads without a download.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -52,7 +59,13 @@ def build_model(name: str | None, device: torch.device | str, *, seed: int = 0) 
         model = LlamaForCausalLM(LlamaConfig(**PRESETS[name], torch_dtype=dtype))
         model = model.to(device=device, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError) as exc:  # transformers' own words, not about our presets
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InvalidArgumentError(
+                f"model {name!r} is not a preset ({', '.join(PRESETS)}) and no local checkpoint "
+                f"loads by that name or path ({reason})") from None
         model = model.to(device)
     model.eval()
     # Random weights emit any token, EOS included: never stop early, so runs are comparable.
