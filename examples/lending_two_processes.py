@@ -62,15 +62,21 @@ def producer(t0: float, device: str, nbytes: int, reclaim_bytes: int, events: di
     q.put(("producer", s))
 
 
-def consumer(t0: float, device: str, tensor_bytes: int, events: dict, q) -> None:
+def consumer(t0: float, device: str, offered: int, tensor_bytes: int, events: dict, q) -> None:
     import torch
 
     import aqua_offload as aq
 
     m = aq.OffloadManager(device, peers="lent", host_bytes=f"{256 if device == 'cpu' else 4096}MiB")
     deadline = time.monotonic() + 60
-    while not m.stats()["lending"]["leased_bytes"] and time.monotonic() < deadline:
-        time.sleep(0.01)  # the producer may start after us: the offer wakes our thread
+    # The producer may start after us: its offer wakes our thread, which leases one segment
+    # at a time. Wait for the whole offer, else the tensors fill only the first segments and
+    # the reclaim takes back empty ones (nothing would migrate).
+    while time.monotonic() < deadline:
+        s = m.stats()["lending"]
+        if s["leased_bytes"] >= offered or (s["leased_bytes"] and s["lease_failures"]):
+            break
+        time.sleep(0.01)
     leased = m.stats()["lending"]["leased"]
     log(t0, "consumer", f"leased {', '.join(f'{v // MiB} MiB on {k}' for k, v in leased.items())}")
     gen = torch.Generator().manual_seed(0)
@@ -123,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     events = {k: ctx.Event() for k in ("filled", "reclaimed", "verified")}
     q = ctx.Queue()
     t0 = time.monotonic()
-    procs = [ctx.Process(target=consumer, args=(t0, cdev, args.tensor_mib * MiB, events, q)),
+    procs = [ctx.Process(target=consumer, args=(t0, cdev, args.mib * MiB, args.tensor_mib * MiB,
+                                                events, q)),
              ctx.Process(target=producer, args=(t0, pdev, args.mib * MiB,
                                                 args.reclaim_mib * MiB, events, q))]
     for p in procs:
