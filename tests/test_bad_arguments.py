@@ -237,6 +237,25 @@ def test_odd_devices_are_a_typed_error(device):
     assert _manager_count() == before
 
 
+# ids without the word alone: a "cuda" keyword would skip the test with the GPU tests
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"], ids=["type-only", "with-index"])
+def test_a_cuda_device_where_torch_sees_none_names_the_emulation_way(monkeypatch, device):
+    # README's example says device="cuda:0"; on a machine without a GPU the error must say
+    # what to pass instead, not only that there is no GPU.
+    from aqua_offload import _core
+    from aqua_offload.errors import BackendError
+
+    monkeypatch.setattr(_core, "cuda_compiled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    before = _manager_count()
+    with pytest.raises(BackendError) as info:
+        aq.OffloadManager(device, host_bytes="1MiB")
+    e = _typed(info, BackendError)
+    assert e.error_name == "cudaErrorNoDevice"
+    assert "device='cpu'" in str(e) and "emulation" in str(e)
+    assert _manager_count() == before
+
+
 @pytest.mark.parametrize("device", [1.0, True, [1], b"emu:1", "emu:x", None])
 def test_odd_offer_devices_are_a_typed_error(ledger_path, device):
     with pytest.raises(InvalidArgumentError) as info:

@@ -78,7 +78,8 @@ def resolve_device(device: DeviceLike | None) -> tuple[str, int, torch.device]:
             "(built without a CUDA toolkit or with AQUA_CUDA=OFF); use device='cpu' for emulation",
             error_name="cudaBackendNotCompiled")
     if not torch.cuda.is_available():
-        raise BackendError(f"{device!r}: torch sees no CUDA device", error_name="cudaErrorNoDevice")
+        raise BackendError(f"{device!r}: torch sees no CUDA device; use device='cpu' (or no "
+                           "device) for the emulation backend", error_name="cudaErrorNoDevice")
     index = torch.cuda.current_device() if dev.index is None else dev.index
     if index >= torch.cuda.device_count():
         raise InvalidArgumentError(
