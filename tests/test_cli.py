@@ -302,6 +302,22 @@ def test_nvlink_unknown_is_reported_not_raised() -> None:
     assert old.shutdown == 1
 
 
+def test_help_names_every_benchmark_and_shows_no_rest_markup(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from aqua_offload.bench.__main__ import build_parser as bench_parser
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    bench_line = next(line for line in capsys.readouterr().out.splitlines()
+                      if line.strip().startswith("bench "))
+    names = bench_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert all(name in bench_line for name in names), (bench_line, list(names))
+    for command in ("sim", "lending", "lend"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "``" not in capsys.readouterr().out, command
+
+
 def test_sim_and_lending_are_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sim", "--list"]) == 0
     out = capsys.readouterr().out

@@ -57,7 +57,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="PATH",
                    help="also write it as JSON to PATH ('-': only JSON, on stdout)")
     p.set_defaults(func=_info)
-    p = sub.add_parser("bench", help="run a benchmark (copy, tiers, hf, burst)",
+    p = sub.add_parser("bench", help="run a benchmark (copy, tiers, hf, burst, remote)",
                        description=DESCRIPTION)
     add_benchmarks(p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK"))
     for name, module, text in (
@@ -68,7 +68,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             ("lend", "aqua_offload.remote.__main__",
              "lend host or GPU memory over NIXL, or GPU memory through the ledger")):
         mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=text, description=(mod.__doc__ or text).split("\n\n")[0])
+        # the docstring's first paragraph, without its reST literal quotes
+        description = (mod.__doc__ or text).split("\n\n")[0].replace("``", "")
+        p = sub.add_parser(name, help=text, description=description)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
     return parser
