@@ -196,18 +196,21 @@ def _own_addresses() -> list[str]:
         return []
 
 
-@pytest.mark.parametrize("kw", [
-    dict(host_bytes="4MiB", port=70000),
-    dict(host_bytes="4MiB", address="203.0.113.7"),     # not an address of this host
-    dict(host_bytes="4MiB", address="bad host name!"),
-    dict(host_bytes="4MiB", device="cuda:0", nbytes="4MiB"),
-    dict(device="gpu0", nbytes="4MiB"),
-    dict(nbytes="4MiB"),
-    dict(host_bytes="lots"),
-    dict(host_bytes="4MiB", segment_bytes=1000),
+@pytest.mark.parametrize("kw, says", [
+    (dict(host_bytes="4MiB", segment_bytes="4MiB", port=70000), "port"),
+    (dict(host_bytes="4MiB", segment_bytes="4MiB", address="203.0.113.7"),  # not this host's
+     "cannot listen"),
+    (dict(host_bytes="4MiB", segment_bytes="4MiB", address="bad host name!"), "cannot listen"),
+    (dict(host_bytes="4MiB", device="cuda:0", nbytes="4MiB"), "either host_bytes"),
+    (dict(device="gpu0", nbytes="4MiB"), "gpu0"),
+    (dict(nbytes="4MiB"), "nbytes is for a GPU arena"),
+    (dict(host_bytes="lots"), "host_bytes"),
+    (dict(host_bytes="4MiB", segment_bytes=1000), "segment"),
+    (dict(host_bytes="4MiB"), "less than one segment"),  # the default segment is 64 MiB
+    (dict(host_bytes="12MiB", segment_bytes="16MiB"), "less than one segment"),
 ])
-def test_bad_arguments_are_typed(kw) -> None:
-    with pytest.raises(InvalidArgumentError):
+def test_bad_arguments_are_typed(kw, says) -> None:
+    with pytest.raises(InvalidArgumentError, match=says):
         Lender(TOKEN, **kw).close()
 
 

@@ -150,6 +150,18 @@ def test_cli_refuses_a_gpu_where_torch_sees_none(monkeypatch, capsys) -> None:
     assert "aqua-offload lend:" in err and "no CUDA device" in err and "--host-bytes" in err
 
 
+@pytest.mark.parametrize("args", [["--host-bytes", "1MiB"],
+                                  ["--host-bytes", "3MiB", "--segment", "4MiB"],
+                                  ["--keep", "1GiB", "--host-bytes", "1MiB"]])
+def test_cli_refuses_an_arena_of_less_than_one_segment(args, monkeypatch, capsys) -> None:
+    from aqua_offload.remote.__main__ import main
+
+    # Rounded down to whole segments, it would serve 0 bytes (or, with --keep, never lend).
+    monkeypatch.setenv("AQUA_OFFLOAD_REMOTE_TOKEN", TOKEN)
+    assert main(args) == 2
+    assert "less than one segment" in capsys.readouterr().err
+
+
 def test_cli_refuses_a_short_token(monkeypatch, capsys) -> None:
     from aqua_offload.remote.__main__ import main
 

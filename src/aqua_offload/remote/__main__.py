@@ -135,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
     args.address, args.port = host, port
     try:
         token = load_token(token_file=args.token_file, token_env=args.token_env)
+        if cap is not None and 0 < cap < args.segment:  # (--keep too: it would never lend)
+            return usage(f"{'--bytes' if args.device is not None else '--host-bytes'} {cap} "
+                         f"is less than one segment (--segment {args.segment}): nothing to "
+                         f"lend")
         start = 0 if args.keep is not None else cap
         if args.device is not None:
             lender = Lender(token, device=args.device, nbytes=start, address=args.address,

@@ -101,7 +101,7 @@ class Lender:
         TCP port (0: any free one; read :attr:`port`).
     segment_bytes : int or str
         Granule of growth and reclaim, and the largest block (default 64 MiB). Arena sizes are
-        rounded down to whole segments.
+        rounded down to whole segments; a positive size of less than one is refused.
     pinned : bool, optional
         Pin host memory (default: when CUDA is usable).
     """
@@ -129,6 +129,11 @@ class Lender:
             size = parse_size(nbytes if nbytes is not None else 0, name="nbytes")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise InvalidArgumentError(f"port must be 0..65535, got {port!r}")
+        if 0 < size < self.segment_bytes:  # (0 is an empty lender that grows later: elastic)
+            raise InvalidArgumentError(
+                f"an arena of {size} bytes is less than one segment ({self.segment_bytes} "
+                f"bytes) and would lend nothing: lend at least segment_bytes, or give a "
+                f"smaller segment_bytes")
         self._pinned = pinned
         self._handshake_timeout = float(handshake_timeout_s)
         self._max_connections = int(max_connections)
