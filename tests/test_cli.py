@@ -312,10 +312,12 @@ def test_help_names_every_benchmark_and_shows_no_rest_markup(
                       if line.strip().startswith("bench "))
     names = bench_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert all(name in bench_line for name in names), (bench_line, list(names))
-    for command in ("sim", "lending", "lend"):
+    for command in ("sim", "lending", "lend", *(["bench", name] for name in names)):
+        argv = [command] if isinstance(command, str) else command
         with pytest.raises(SystemExit):
-            main([command, "--help"])
-        assert "``" not in capsys.readouterr().out, command
+            main([*argv, "--help"])
+        out = capsys.readouterr().out
+        assert "``" not in out and ":class:" not in out and ":meth:" not in out, command
 
 
 def test_sim_and_lending_are_subcommands(capsys: pytest.CaptureFixture[str]) -> None:

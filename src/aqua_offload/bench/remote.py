@@ -1,4 +1,4 @@
-"""Remote transfers: :class:`~aqua_offload.remote.RemoteClient` writes and reads vs the raw NIXL
+"""Remote transfers: the borrower's RemoteClient writes and reads vs the raw NIXL
 transfer of the same bytes vs a plain memcpy, on a loopback lender in a child process.
 
 For each size, the client's ``write``/``read`` of one item (checks, one NIXL request, post,
