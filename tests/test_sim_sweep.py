@@ -89,3 +89,53 @@ def test_bad_grids_are_refused():
         run_sweep(QUICK_GRID, jobs=0)
     with pytest.raises(SystemExit):
         main(["sweep", "--pressures", "0"])
+
+
+_INTERRUPTED_SWEEP = r"""
+import os, signal, sys, threading, time
+import aqua_offload.sim.sweep as sweep
+
+class Pool(sweep.ProcessPoolExecutor):
+    def map(self, *args, **kwargs):
+        it = super().map(*args, **kwargs)  # every cell submitted, the workers started
+        print(*[p.pid for p in self._processes.values()], flush=True)
+        threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C, in a cell
+        return it
+
+sweep.ProcessPoolExecutor = Pool
+grid = sweep.SweepGrid(requests=(2048,), prompts=((64, 256),), outputs=((768, 1280),),
+                       pressures=(1.0, 2.0, 4.0, 8.0))  # each cell about 30 s on 2 cores
+try:
+    sweep.run_sweep(grid, jobs=2, progress=False)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_stops_the_running_cells_instead_of_waiting_for_them():
+    # The pool's shutdown waited for the cells already running (and the one queued behind
+    # them): seconds to minutes after Ctrl-C, with workers that ignore SIGINT.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_SWEEP], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert len(workers) == 2 and "interrupted" in out, (out, err)
+    assert took < 15, f"the sweep ended {took:.0f} s after its workers started"
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "workers left running"

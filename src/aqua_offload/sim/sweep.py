@@ -197,6 +197,17 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the cells still running: a shutdown would wait for them (and for the one queued
+    behind them), seconds to minutes after Ctrl-C, since the workers ignore SIGINT."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+
+
 def _progress(total: int, enabled: bool) -> Any:
     """A tqdm bar on stderr when tqdm is installed and ``enabled``; else None (silently)."""
     if not enabled:
@@ -224,12 +235,18 @@ def run_sweep(grid: SweepGrid = DEFAULT_GRID, base: SweepBase = SweepBase(), *, 
                 if bar is not None:
                     bar.update(1)
         else:
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=_workers(),
-                                     initializer=_ignore_sigint) as pool:
+            pool = ProcessPoolExecutor(max_workers=jobs, mp_context=_workers(),
+                                       initializer=_ignore_sigint)
+            try:
                 for rec in pool.map(_cell_job, [(base, grid, c) for c in cells]):
                     out.append(rec)
                     if bar is not None:
                         bar.update(1)
+            except BaseException:
+                _stop_workers(pool)  # Ctrl-C or a failed cell: the sweep's result is lost
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         if bar is not None:
             bar.close()
