@@ -267,3 +267,37 @@ def test_copy_path_names_the_submissions_a_row_used(deltas, path) -> None:
     before = dict(zip(keys, (5, 7, 9)))
     after = {k: v + d for (k, v), d in zip(before.items(), deltas)}
     assert copy_path(before, after) == path
+
+
+def test_ctrl_c_while_the_remote_lender_starts_ends_the_lender(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A KeyboardInterrupt while waiting for the child lender's ready file left the child
+    # serving after the benchmark ended (only a timeout or a dead child killed it).
+    import subprocess
+    import types
+
+    from aqua_offload.bench import remote as bench_remote
+
+    started: list[subprocess.Popen] = []
+
+    class Popen(subprocess.Popen):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt  # Ctrl-C, sent to this process only (kill -INT PID)
+
+    monkeypatch.setattr(bench_remote.subprocess, "Popen", Popen)
+    monkeypatch.setattr(bench_remote, "time", types.SimpleNamespace(
+        monotonic=time.monotonic, sleep=interrupt))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench_remote._start_lender(64 << 20, 64 << 20, "0" * 64, None, tmp_path)
+        assert len(started) == 1
+        assert started[0].poll() is not None, "the lender outlived the interrupted benchmark"
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -114,12 +114,16 @@ def _start_lender(nbytes: int, segment: int, token: str, tls: str | None,
                              str(nbytes), "--segment", str(segment), "--ready-file", str(ready)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("the benchmark's lender did not start")
-        time.sleep(0.05)
-    return proc, json.loads(ready.read_text())["address"]
+    try:
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the benchmark's lender did not start")
+            time.sleep(0.05)
+        return proc, json.loads(ready.read_text())["address"]
+    except BaseException:  # Ctrl-C too: the child must not outlive the benchmark
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def sizes_for(sizes: list[int] | None, quick: bool) -> list[int]:
