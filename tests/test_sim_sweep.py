@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -139,3 +140,63 @@ def test_ctrl_c_stops_the_running_cells_instead_of_waiting_for_them():
     while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "workers left running"
+
+
+_FORK_SERVER_SIGINT = r"""
+from multiprocessing import forkserver
+import aqua_offload.sim.sweep as sweep
+
+sweep._workers()
+pid = forkserver._forkserver._forkserver_pid  # at once: it is still importing the sweep
+with open(f"/proc/{pid}/status") as f:
+    print(next(line.split()[1] for line in f if line.startswith("SigIgn:")), flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
+def test_the_fork_server_ignores_ctrl_c_while_it_imports_the_sweep():
+    # It set SIGINT to ignored only after importing its preload (torch: a second or more,
+    # more on a loaded machine); a Ctrl-C then printed its KeyboardInterrupt traceback under
+    # the sweep's one line, and its workers inherited the handler until their initializer.
+    import os
+    import signal
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _FORK_SERVER_SIGINT], capture_output=True,
+                         text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout, 16) & (1 << (signal.SIGINT - 1)), f"SigIgn {out.stdout.strip()}"
+
+
+_INTERRUPTED_LAUNCH = r"""
+import os, signal
+import multiprocessing.popen_forkserver as popen
+import aqua_offload.sim.sweep as sweep
+
+launch = popen.Popen._launch
+
+def _launch(self, process_obj):
+    launch(self, process_obj)  # the fork server made the worker and sent it its start
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C before the pool has recorded it
+
+popen.Popen._launch = _launch
+try:
+    sweep.run_sweep(sweep.QUICK_GRID, jobs=2, progress=False)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="the sweep's workers come from a fork server")
+def test_ctrl_c_while_a_worker_starts_leaves_no_half_started_worker():
+    # Interrupted there, the pool lost the worker; it outlived the caller and failed to read
+    # its start (FileNotFoundError from a semaphore the caller had removed), a traceback.
+    import os
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _INTERRUPTED_LAUNCH], capture_output=True,
+                         text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert out.stdout == "interrupted\n" and "Traceback" not in out.stderr, out.stderr

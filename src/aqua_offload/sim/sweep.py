@@ -22,12 +22,14 @@ trace; ``p50_gain`` and ``p99_gain`` are admission's TTFT percentile over the co
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import multiprocessing
 import multiprocessing.context
 import signal
 import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable, Iterator, Sequence
@@ -188,13 +190,49 @@ def _workers() -> multiprocessing.context.BaseContext:
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
+    _start_fork_server()
     return ctx
+
+
+def _start_fork_server() -> None:
+    """Start the fork server with SIGINT ignored, a setting its exec keeps: it ignores SIGINT
+    itself only after importing its preload (torch: a second or more), and a Ctrl-C in that
+    time printed its KeyboardInterrupt traceback. Its workers inherit the setting too."""
+    from multiprocessing import forkserver
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is None):  # a handler we could not put back
+        return  # (the pool starts it; the workers' initializer still ignores SIGINT)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()  # a Ctrl-C within these milliseconds is lost
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _ignore_sigint() -> None:
     """Workers leave Ctrl-C (sent to the whole process group) to the caller, which stops the
     sweep; each worker would otherwise print a traceback of its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block ends, then deliver it: interrupted while it starts
+    a worker, the pool loses track of a child the fork server already made, which then
+    fails, with a traceback, to read what the pool had sent it after the caller exited."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is None):
+        yield
+        return
+    caught: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # now, to the handler the caller had
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
@@ -238,7 +276,9 @@ def run_sweep(grid: SweepGrid = DEFAULT_GRID, base: SweepBase = SweepBase(), *, 
             pool = ProcessPoolExecutor(max_workers=jobs, mp_context=_workers(),
                                        initializer=_ignore_sigint)
             try:
-                for rec in pool.map(_cell_job, [(base, grid, c) for c in cells]):
+                with _sigint_deferred():  # submits every cell and starts the workers
+                    records = pool.map(_cell_job, [(base, grid, c) for c in cells])
+                for rec in records:
                     out.append(rec)
                     if bar is not None:
                         bar.update(1)
