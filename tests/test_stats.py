@@ -71,6 +71,42 @@ def test_every_key_a_manager_reports_is_documented():
     assert not missing, missing
 
 
+def test_every_key_a_lent_remote_or_forked_manager_reports_has_a_row(monkeypatch, tmp_path):
+    # `lending`, `remote` and `forked_child` were named only in prose: the test above makes
+    # a plain manager, which reports none of them.
+    import aqua_offload as aq
+    from aqua_offload.remote import nixl_unavailable
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "stats.md")).read()
+    rows = "\n".join(line for line in doc.splitlines() if line.startswith("|"))
+    monkeypatch.setenv("AQUA_OFFLOAD_LEDGER", str(tmp_path / "ledger"))
+    keys = set()
+    with aq.OffloadManager("cpu", peers="lent", host_bytes="1MiB") as m:
+        keys |= set(m.stats())
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child reports its stats' keys and leaves at once
+            os.write(w, " ".join(m.stats()).encode())
+            os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        with os.fdopen(r) as f:
+            forked = f.read().split()
+    assert "forked_child" in forked, forked
+    keys |= set(forked)
+    if nixl_unavailable() is None:
+        from aqua_offload.remote.lender import Lender
+
+        token = "t" * 64
+        with Lender(token, host_bytes="16MiB", segment_bytes="16MiB") as lender:
+            with aq.OffloadManager("cpu", peers=None, host_bytes="1MiB",
+                                   remote=[lender.address], remote_token=token) as m:
+                keys |= set(m.stats())
+        assert "remote" in keys
+    missing = sorted(k for k in keys if f"`{k}`" not in rows)
+    assert not missing, missing
+
+
 def test_peak_and_fragmentation(backend, managers):
     m = managers()
     hs = [m.offload(rand_tensor(SLOT, device=backend.device), release=False) for _ in range(4)]
