@@ -209,7 +209,7 @@ def test_cli_checks_outputs_before_simulating(tmp_path, capsys, monkeypatch):
         assert re.search(match, err) and "Traceback" not in err, err
         assert "admission" not in out  # nothing was simulated
 
-    refused(["--plot", str(tmp_path / "r.jpg")], r"unknown image format '\.jpg'")
+    refused(["--plot", str(tmp_path / "r.txt")], r"unknown image format '\.txt'")
     refused(["--plot", str(tmp_path / "r")], "unknown image format")
     refused(["--json", str(tmp_path)], "is a directory")
     blocker = write(tmp_path, "", "file")  # a parent that is a file cannot be made
@@ -224,6 +224,9 @@ def test_cli_checks_outputs_before_simulating(tmp_path, capsys, monkeypatch):
     svg = tmp_path / "plots" / "r.svg"
     assert main([str(scen), "--policies", "fcfs", "--plot", str(svg)]) == 0
     assert b"<svg" in svg.read_bytes()[:400]
+    jpg = tmp_path / "plots" / "r.jpg"  # any format matplotlib writes, not only png/pdf/svg
+    assert main([str(scen), "--policies", "fcfs", "--plot", str(jpg)]) == 0
+    assert jpg.read_bytes()[:3] == b"\xff\xd8\xff"
 
 
 def test_importing_the_package_does_not_import_the_simulator():

@@ -18,12 +18,11 @@ from typing import Callable, Sequence
 
 from ..devices import cuda_usable
 from ..errors import InvalidArgumentError
+from ..outputs import output_problem, plot_problem
 from ..sizes import parse_size
 from . import burst, copy, hf, plot, remote, tiers
 
 __all__ = ["add_benchmarks", "build_parser", "main"]
-
-PLOT_FORMATS = (".png", ".pdf", ".svg")  # what matplotlib's savefig infers from the suffix
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -58,8 +57,8 @@ def _size_arg(text: str) -> int:
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     p.add_argument("--plot", type=Path, metavar="PATH",
-                   help="also draw the results into this image (.png, .pdf or .svg; needs "
-                        "matplotlib)")
+                   help="also draw the results into this image (.png, .svg, .pdf, ...: its "
+                        "suffix; needs matplotlib)")
 
 
 def _add_copy(sub: argparse._SubParsersAction) -> None:
@@ -95,21 +94,13 @@ def _run(name: str, args: argparse.Namespace, run: Callable[[], dict],
 
     if args.backend == "cuda" and not cuda_usable():
         return usage_error("--backend cuda needs a GPU and a CUDA build")
-    if args.plot is not None and args.plot.suffix.lower() not in PLOT_FORMATS:
-        return usage_error(f"--plot {args.plot}: unknown image format "
-                           f"{args.plot.suffix or '(no suffix)'!r} (use {', '.join(PLOT_FORMATS)})")
-    try:
-        if args.plot is not None:
-            plot.require_matplotlib()
-        for path in (args.json, args.plot):
-            if path is not None:
-                if path.is_dir():
-                    raise IsADirectoryError(f"{path} is a directory")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if not os.access(path.parent, os.W_OK):
-                    raise PermissionError(f"cannot write into {path.parent}")
-    except (ImportError, OSError) as exc:
-        return usage_error(str(exc))
+    problems = [plot_problem(args.plot) if args.plot is not None else None,
+                *(output_problem(path, what) for what, path in (("--json", args.json),
+                                                                ("--plot", args.plot))
+                  if path is not None)]
+    problem = next((p for p in problems if p), None)
+    if problem:
+        return usage_error(problem)
     try:
         result = run()
     except InvalidArgumentError as exc:  # e.g. --model names nothing that loads

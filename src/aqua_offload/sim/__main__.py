@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InvalidArgumentError
+from ..outputs import output_problem, plot_problem
 from .scenario import POLICIES, TIERS, builtin_scenarios, load_scenario
 
 __all__ = ["add_arguments", "run", "main"]
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the results as JSON (no PATH or '-': only the JSON, on "
                              "stdout)")
     parser.add_argument("--plot", type=Path, metavar="PATH",
-                        help="write an image (.png, .pdf or .svg): TTFT CDF and p99 per "
+                        help="write an image (.png, .svg, .pdf, ...: its suffix): TTFT CDF and p99 per "
                              "policy/tier; sweep: heatmaps; place: per-model TTFT p99 (needs "
                              "matplotlib)")
     parser.add_argument("--policies", nargs="+", choices=POLICIES, metavar="POLICY",
@@ -105,23 +105,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-PLOT_FORMATS = (".png", ".pdf", ".svg")
 PSEUDO = ("validate", "sweep", "place", "long-decode")
-
-
-def _output_problem(path: Path, what: str) -> str | None:
-    """Why ``path`` cannot be written (its parent folders are made first), or None."""
-    if path.is_dir():
-        return f"{what} {path}: is a directory"
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"{what} {path}: cannot create {parent}: {exc.strerror or exc}"
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and
-                                                     not os.access(path, os.W_OK)):
-        return f"{what} {path}: not writable"
-    return None
 
 
 def check_outputs(args: argparse.Namespace) -> str | None:
@@ -132,17 +116,13 @@ def check_outputs(args: argparse.Namespace) -> str | None:
         return "--spec is for 'place' only"
     if plot is not None and args.scenario == "long-decode":
         return "--plot: long-decode draws no plot (use --json)"
-    if plot is not None:
-        if plot.suffix.lower() not in PLOT_FORMATS:
-            return (f"--plot {plot}: unknown image format {plot.suffix or '(no suffix)'!r} "
-                    f"(use {', '.join(PLOT_FORMATS)})")
-        try:
-            import matplotlib  # noqa: F401  (only with --plot: the plain run does without)
-        except ImportError:
-            return "--plot needs matplotlib (pip install matplotlib)"
+    if plot is not None:  # (matplotlib only with --plot: the plain run does without)
+        problem = plot_problem(plot)
+        if problem:
+            return problem
     for what, path in (("--json", args.json), ("--plot", plot)):
         if path is not None and str(path) != "-":
-            problem = _output_problem(path, what)
+            problem = output_problem(path, what)
             if problem:
                 return problem
     return None
