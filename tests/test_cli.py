@@ -327,3 +327,17 @@ def test_sim_and_lending_are_subcommands(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as exc:
         main(["lending", "--help"])
     assert exc.value.code == 0 and "ledger" in capsys.readouterr().out
+
+
+def test_bench_reports_only_an_unknown_model_as_a_usage_error(monkeypatch) -> None:
+    """Another InvalidArgumentError from inside a run is a bug: its traceback must show, not
+    an exit status 2 that blames the command line."""
+    from aqua_offload.bench import hf
+    from aqua_offload.errors import InvalidArgumentError
+
+    def broken(*args, **kwargs):
+        raise InvalidArgumentError("a library bug")
+
+    monkeypatch.setattr(hf, "build_model", broken)
+    with pytest.raises(InvalidArgumentError, match="a library bug"):
+        main(["bench", "hf", "--quick", "--no-progress", "--backend", "emulation"])

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..devices import cuda_usable
-from ..errors import InvalidArgumentError
 from ..outputs import output_problem, plot_problem
 from ..sizes import parse_size
-from . import burst, copy, hf, plot, remote, tiers
+from . import burst, copy, hf, models, plot, remote, tiers
 
 __all__ = ["add_benchmarks", "build_parser", "main"]
 
@@ -103,7 +102,7 @@ def _run(name: str, args: argparse.Namespace, run: Callable[[], dict],
         return usage_error(problem)
     try:
         result = run()
-    except InvalidArgumentError as exc:  # e.g. --model names nothing that loads
+    except models.ModelNotFound as exc:  # found only when the run loads it
         return usage_error(str(exc))
     except copy.VerificationError as exc:
         print(f"aqua_offload.bench {name}: FAILED: {exc}", file=sys.stderr)

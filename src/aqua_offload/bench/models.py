@@ -18,8 +18,15 @@ import torch
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["PRESETS", "build_model", "bench_device", "device_label", "random_prompts",
-           "cpu_threads"]
+__all__ = ["PRESETS", "ModelNotFound", "build_model", "bench_device", "device_label",
+           "random_prompts", "cpu_threads"]
+
+
+class ModelNotFound(InvalidArgumentError):
+    """A model name that is neither a preset nor a local checkpoint: the benchmark commands
+    report it as a usage error, and only it (another InvalidArgumentError from inside a run is
+    a bug, whose traceback must show)."""
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -45,7 +52,7 @@ def build_model(name: str | None, device: torch.device | str, *, seed: int = 0) 
 
     Raises
     ------
-    InvalidArgumentError
+    ModelNotFound
         ``name`` is neither a preset nor a checkpoint that loads without a download.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -63,7 +70,7 @@ def build_model(name: str | None, device: torch.device | str, *, seed: int = 0) 
             model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
         except (OSError, ValueError) as exc:  # transformers' own words, not about our presets
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InvalidArgumentError(
+            raise ModelNotFound(
                 f"model {name!r} is not a preset ({', '.join(PRESETS)}) and no local checkpoint "
                 f"loads by that name or path ({reason})") from None
         model = model.to(device)
